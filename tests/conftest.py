@@ -1,0 +1,57 @@
+import os
+from pathlib import Path
+
+# Before jax is imported anywhere: a persistent compilation cache shared by every test run.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".cache" / "jax"))
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+from tests import tiny_models  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    has_gpu = any(d.platform == "gpu" for d in jax.devices())
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(pytest.mark.skip(reason="slow: run with --runslow"))
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a GPU"))
+
+
+@pytest.fixture(scope="session", params=tiny_models.FLAVOURS)
+def flavour(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """flavour -> (folder in diffusers layout, the PyTorch pipeline it was saved from)."""
+    cache = {}
+
+    def get(flavour: str):
+        if flavour not in cache:
+            root = tmp_path_factory.mktemp(f"tiny_{flavour}")
+            pipe = tiny_models.build_pipeline(flavour, root / "tokenizer_src")
+            pipe.save_pretrained(root / "pipeline", safe_serialization=True)
+            cache[flavour] = (root / "pipeline", pipe)
+        return cache[flavour]
+
+    return get
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

@@ -1,0 +1,89 @@
+"""Tiny random PyTorch reference models (diffusers / transformers), built inside the tests.
+
+Two flavours cover the architecture switches: ``sd1`` (conv proj_in/out, int heads, quick_gelu
+text encoder padded with <|endoftext|>, epsilon) and ``sd2`` (linear projection, per-block heads,
+upcast attention, gelu text encoder padded with id 0, v-prediction).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from unguide_jax.tokenizer import write_clip_tokenizer
+
+TINY_MERGES = [("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>"), ("o", "f</w>"), ("p", "h"), ("ph", "o")]
+VOCAB_SIZE = 512 + len(TINY_MERGES) + 2
+FLAVOURS = ("sd1", "sd2")
+
+
+def unet_kwargs(flavour: str) -> dict:
+    common = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1)
+    if flavour == "sd1":
+        return dict(common, block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=4)
+    return dict(common, block_out_channels=(16, 32, 32), norm_num_groups=8,
+                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=48, attention_head_dim=(2, 4, 4), use_linear_projection=True, upcast_attention=True)
+
+
+def text_encoder_kwargs(flavour: str) -> dict:
+    common = dict(vocab_size=VOCAB_SIZE, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+                  max_position_embeddings=77, bos_token_id=VOCAB_SIZE - 2, eos_token_id=VOCAB_SIZE - 1)
+    if flavour == "sd1":
+        return dict(common, hidden_size=32, hidden_act="quick_gelu", pad_token_id=VOCAB_SIZE - 1)
+    return dict(common, hidden_size=48, hidden_act="gelu", pad_token_id=0)
+
+
+def vae_kwargs(flavour: str) -> dict:
+    return dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=32,
+                block_out_channels=(16, 32) if flavour == "sd1" else (16, 32, 32), norm_num_groups=8,
+                down_block_types=("DownEncoderBlock2D",) * (2 if flavour == "sd1" else 3),
+                up_block_types=("UpDecoderBlock2D",) * (2 if flavour == "sd1" else 3))
+
+
+def scheduler_kwargs(flavour: str) -> dict:
+    return dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                prediction_type="epsilon" if flavour == "sd1" else "v_prediction")
+
+
+def perturb_(module: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
+    """Random weights everywhere (norms near 1), so zero-initialised layers cannot hide a bug."""
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen) * scale
+            p.copy_(1.0 + noise if "norm" in name and name.endswith("weight") else p + noise)
+    return module.eval()
+
+
+def build_unet(flavour: str):
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(0)
+    return perturb_(UNet2DConditionModel(**unet_kwargs(flavour)))
+
+
+def build_text_encoder(flavour: str):
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(1)
+    return perturb_(CLIPTextModel(CLIPTextConfig(**text_encoder_kwargs(flavour))))
+
+
+def build_vae(flavour: str):
+    from diffusers import AutoencoderKL
+    torch.manual_seed(2)
+    return perturb_(AutoencoderKL(**vae_kwargs(flavour)))
+
+
+def build_pipeline(flavour: str, tokenizer_dir: Path):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+    write_clip_tokenizer(tokenizer_dir, TINY_MERGES, pad_token="<|endoftext|>" if flavour == "sd1" else "!")
+    return StableDiffusionPipeline(
+        vae=build_vae(flavour), text_encoder=build_text_encoder(flavour),
+        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir), unet=build_unet(flavour),
+        scheduler=DDIMScheduler(**scheduler_kwargs(flavour)),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )

@@ -1,0 +1,92 @@
+"""Building blocks shared by the UNet, the VAE and the text encoder.
+
+Module names follow diffusers/transformers exactly (``to_out.0``, ``resnets.1``): Linen accepts
+dots in names, so a parameter's path joined with '.' *is* its PyTorch state-dict key up to the
+leaf name. The converter relies on that and never rewrites names.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+PAD_1 = ((1, 1), (1, 1))  # torch padding=1; 'SAME' differs from torch for stride-2 convs
+
+
+class DtypeMixin:
+    """Compute dtype and parameter dtype, set separately (e.g. fp32 params, bf16 compute)."""
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+
+def dense(features: int, name: str, mod: DtypeMixin, use_bias: bool = True) -> nn.Dense:
+    return nn.Dense(features, use_bias=use_bias, dtype=mod.dtype, param_dtype=mod.param_dtype, name=name)
+
+
+def conv(features: int, kernel: int, name: str, mod: DtypeMixin, stride: int = 1, padding: Any = None) -> nn.Conv:
+    if padding is None:
+        padding = PAD_1 if kernel == 3 else "VALID"
+    return nn.Conv(
+        features, (kernel, kernel), strides=(stride, stride), padding=padding,
+        dtype=mod.dtype, param_dtype=mod.param_dtype, name=name,
+    )
+
+
+def group_norm(groups: int, eps: float, name: str, mod: DtypeMixin) -> nn.GroupNorm:
+    # Flax defaults (eps 1e-6, fast variance) differ from torch: set both explicitly.
+    return nn.GroupNorm(
+        num_groups=groups, epsilon=eps, use_fast_variance=False,
+        dtype=mod.dtype, param_dtype=mod.param_dtype, name=name,
+    )
+
+
+def layer_norm(eps: float, name: str, mod: DtypeMixin) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=eps, use_fast_variance=False, dtype=mod.dtype, param_dtype=mod.param_dtype, name=name,
+    )
+
+
+def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, is_causal: bool = False) -> jax.Array:
+    """(B, T, H*D) projections in, (B, T, H*D) out. Logits and softmax run in fp32."""
+    b, t, c = q.shape
+    s = k.shape[1]
+    out = jax.nn.dot_product_attention(
+        q.reshape(b, t, heads, c // heads),
+        k.reshape(b, s, heads, c // heads),
+        v.reshape(b, s, heads, v.shape[-1] // heads),
+        is_causal=is_causal,
+    )
+    return out.reshape(b, t, -1)
+
+
+def timestep_embedding(
+    timesteps: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float, max_period: float = 10000.0
+) -> jax.Array:
+    """Sinusoidal embedding of diffusion timesteps, as diffusers' ``get_timestep_embedding`` (fp32)."""
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    args = jnp.asarray(timesteps, jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    sin, cos = jnp.sin(args), jnp.cos(args)
+    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+def upsample_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """torch ``F.interpolate(mode='nearest')`` to an explicit (H, W), NHWC."""
+    b, h, w, c = x.shape
+    rows = (jnp.arange(size[0]) * h) // size[0]
+    cols = (jnp.arange(size[1]) * w) // size[1]
+    return x[:, rows][:, :, cols]
+
+
+def abstract_params(module: nn.Module, *example_args, method: str | None = None) -> dict:
+    """Shapes and dtypes of ``module``'s parameters, without allocating them."""
+    init = lambda: module.init(jax.random.key(0), *example_args, method=method)  # noqa: E731
+    return jax.eval_shape(init)["params"]
