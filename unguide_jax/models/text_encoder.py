@@ -1,0 +1,145 @@
+"""CLIP text encoder of Stable Diffusion 1.x (quick_gelu) / 2.x (gelu) in Flax Linen.
+
+Parameter paths are transformers' ``CLIPTextModel`` keys without the ``text_model.`` prefix, so the
+table-driven converter maps them 1:1. ``rename_torch_key`` accepts both spellings: transformers 5.x
+builds the model without the prefix (and saves a freshly built one without it), while files made
+by transformers 4.x, including every SD checkpoint on the Hub, have it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..convert import flax_to_torch
+from .config_io import ConfigError, config_from_dict
+from .layers import DtypeMixin, dense, layer_norm, multi_head_attention
+
+TORCH_PREFIX = "text_model."
+ACTIVATIONS = ("quick_gelu", "gelu")
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextConfig:
+    # Defaults are transformers' CLIPTextConfig defaults, so a sparse config.json reads the same.
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    bos_token_id: int = 49406
+    eos_token_id: int = 49407
+    pad_token_id: int = 1
+    projection_dim: int = 512  # used by CLIPModel's projection only, kept for round trips
+
+    def __post_init__(self):
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported (supported: {ACTIVATIONS!r})")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}")
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "text encoder config") -> "CLIPTextConfig":
+        return config_from_dict(cls, raw, required_defaults=_CLIP_FIXED, ignored=_CLIP_IGNORED, source=source)
+
+
+# Bookkeeping, initialisation, training-only (dropout) and output-selection keys: none changes the
+# inference forward pass. `torch_dtype`/`dropout` come from transformers 4.x files.
+_CLIP_IGNORED = frozenset({
+    "architectures", "model_type", "dtype", "torch_dtype", "transformers_version", "initializer_range",
+    "initializer_factor", "attention_dropout", "dropout", "output_attentions", "output_hidden_states",
+    "return_dict", "id2label", "label2id", "problem_type", "chunk_size_feed_forward",
+})
+_CLIP_FIXED = {"is_encoder_decoder": False}
+
+
+def _activation(name: str):
+    if name == "quick_gelu":
+        return lambda x: x * jax.nn.sigmoid(1.702 * x)
+    return lambda x: jax.nn.gelu(x, approximate=False)
+
+
+class CLIPEncoderLayer(nn.Module, DtypeMixin):
+    config: CLIPTextConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        width = cfg.hidden_size
+        h = layer_norm(cfg.layer_norm_eps, "layer_norm1", self)(x)
+        q, k, v = (dense(width, f"self_attn.{n}_proj", self)(h) for n in "qkv")
+        h = multi_head_attention(q, k, v, cfg.num_attention_heads, is_causal=True)
+        x = x + dense(width, "self_attn.out_proj", self)(h)
+        h = layer_norm(cfg.layer_norm_eps, "layer_norm2", self)(x)
+        h = _activation(cfg.hidden_act)(dense(cfg.intermediate_size, "mlp.fc1", self)(h))
+        return x + dense(width, "mlp.fc2", self)(h)
+
+
+class CLIPTextModel(nn.Module, DtypeMixin):
+    """``__call__(input_ids (B, L), skip_last_layers=0) -> (last_hidden_state (B, L, D), pooled (B, D))``.
+
+    ``skip_last_layers=N`` (diffusers' ``clip_skip``) returns ``final_layer_norm`` of the output of
+    layer ``num_hidden_layers - N``; the last N layers are not run. ``pooled`` is gathered from the
+    returned sequence at the EOS position, as transformers' ``pooler_output`` (N=0).
+    """
+
+    config: CLIPTextConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def init_inputs(self, batch: int = 1) -> tuple[jax.Array]:
+        """Placeholder inputs for ``init``/``eval_shape``."""
+        return (jnp.zeros((batch, self.config.max_position_embeddings), jnp.int32),)
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, skip_last_layers: int = 0) -> tuple[jax.Array, jax.Array]:
+        cfg = self.config
+        if not 0 <= skip_last_layers < cfg.num_hidden_layers:
+            raise ValueError(f"skip_last_layers={skip_last_layers} must be in [0, {cfg.num_hidden_layers})")
+        length = input_ids.shape[-1]
+        if length > cfg.max_position_embeddings:
+            raise ValueError(f"sequence length {length} exceeds max_position_embeddings={cfg.max_position_embeddings}")
+        embed = lambda n, name: nn.Embed(  # noqa: E731
+            n, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        x = embed(cfg.vocab_size, "embeddings.token_embedding")(input_ids)
+        x = x + embed(cfg.max_position_embeddings, "embeddings.position_embedding")(jnp.arange(length))[None]
+        for i in range(cfg.num_hidden_layers - skip_last_layers):
+            x = CLIPEncoderLayer(cfg, dtype=self.dtype, param_dtype=self.param_dtype, name=f"encoder.layers.{i}")(x)
+        x = layer_norm(cfg.layer_norm_eps, "final_layer_norm", self)(x)
+        if cfg.eos_token_id == 2:
+            # transformers' legacy rule for configs predating its eos fix (the SD Hub configs
+            # say eos_token_id=2): EOS is the highest id in the sequence.
+            eos_pos = jnp.argmax(input_ids, axis=-1)
+        else:
+            eos_pos = jnp.argmax(input_ids == cfg.eos_token_id, axis=-1)  # first EOS, 0 if none
+        pooled = jnp.take_along_axis(x, eos_pos[:, None, None], axis=1)[:, 0]
+        return x, pooled
+
+
+def rename_torch_key(key: str) -> str | None:
+    """transformers key (with or without ``text_model.``) -> ours; drops the ``position_ids`` buffer
+    that older files contain. Anything else is kept, so a stray tensor is reported as unexpected."""
+    key = key.removeprefix(TORCH_PREFIX)
+    return None if key == "embeddings.position_ids" else key
+
+
+def to_torch_state_dict(params: Mapping, *, dtype: Any = None) -> dict[str, np.ndarray]:
+    """Flax params -> ``text_model.``-prefixed numpy state dict: the Hub layout, which
+    ``CLIPTextModel.from_pretrained`` loads in transformers 4.x and 5.x alike."""
+    return {TORCH_PREFIX + k: v for k, v in flax_to_torch(params, dtype=dtype).items()}
+
+
+def config_to_transformers_dict(config: CLIPTextConfig) -> dict:
+    """The ``config.json`` that ``transformers.CLIPTextModel.from_pretrained`` reads."""
+    out = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model"}
+    out.update(dataclasses.asdict(config))
+    return out
