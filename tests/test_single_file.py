@@ -144,7 +144,8 @@ def read_configs(folder):
 @pytest.fixture(scope="module")
 def pipeline_folder(tiny_pipeline_dir, tmp_path_factory):
     """flavour -> (diffusers folder, torch pipeline). A copy of the shared tiny folder whose tokenizer/
-    also has the slow-tokenizer files (vocab.json, merges.txt): transformers 5 saves only tokenizer.json."""
+    also has vocab.json + merges.txt, as real SD folders do (transformers 5 saves only tokenizer.json),
+    so the loader's BPE-files path is covered too."""
     cache = {}
 
     def get(flavour):

@@ -1,6 +1,7 @@
 """The job behind ``sample.py``: requests -> batched jitted generation -> PNGs, grid, manifest."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from pathlib import Path
@@ -14,6 +15,18 @@ from .outputs import image_grid, save_png, slug, write_manifest
 from .prompts import Request, collect_requests
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("unguide-jax", "jax", "jaxlib", "flax", "transformers"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = None
+    return out
 
 
 def _dtype(name: str):
@@ -64,8 +77,8 @@ def run_sampling(config: dict) -> Path:
                             height=int(results[i].shape[0]), width=int(results[i].shape[1]), source=req.source))
     if len({im.shape for im in images}) == 1:
         save_png(out_dir / "grid.png", image_grid(images, int(config["grid_cols"])))
-    settings = {k: v for k, v in config.items()}
-    settings.update(sampler="DDIM", scheduler=vars(sd.scheduler) if hasattr(sd.scheduler, "__dict__") else str(sd.scheduler),
+    settings = dict(config)
+    settings.update(sampler="DDIM", scheduler=dataclasses.asdict(sd.scheduler), versions=versions(),
                     seconds=round(time.perf_counter() - started, 2))
     manifest = write_manifest(out_dir, settings, records)
     return manifest
