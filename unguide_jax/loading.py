@@ -78,6 +78,15 @@ def load_tokenizer(folder: str | Path):
     return CLIPTokenizer.from_pretrained(str(folder))
 
 
+def check_compatible(unet_config: UNetConfig, text_config, where) -> None:
+    """The UNet cross-attends to the text encoder's hidden states: their widths must agree."""
+    if text_config.hidden_size != unet_config.cross_attention_dim:
+        raise ValueError(
+            f"{where}: text encoder width {text_config.hidden_size} != UNet cross_attention_dim "
+            f"{unet_config.cross_attention_dim}"
+        )
+
+
 def load_pipeline(
     path: str | Path, *, dtype=jnp.float32, param_dtype=jnp.float32, allow_pickle: bool = False,
     variant: str | None = None, clip_skip: int = 0,
@@ -100,11 +109,7 @@ def load_pipeline(
     vae, vae_params = load_component(root / "vae", "vae", **kw)
     scheduler_file = root / "scheduler" / "scheduler_config.json"
     scheduler = SchedulerConfig.from_dict(read_json(scheduler_file), source=str(scheduler_file))
-    if text_encoder.config.hidden_size != unet.config.cross_attention_dim:
-        raise ValueError(
-            f"{root}: text encoder width {text_encoder.config.hidden_size} != UNet cross_attention_dim "
-            f"{unet.config.cross_attention_dim}"
-        )
+    check_compatible(unet.config, text_encoder.config, root)
     return StableDiffusion(
         unet=unet, text_encoder=text_encoder, vae=vae, tokenizer=load_tokenizer(root / "tokenizer"),
         scheduler=scheduler, params={"unet": unet_params, "text_encoder": text_params, "vae": vae_params},

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .convert import ConversionError
-from .loading import COMPONENTS, build_module, load_tokenizer, params_from_state_dict
+from .loading import COMPONENTS, build_module, check_compatible, load_tokenizer, params_from_state_dict
 from .models.config_io import read_json
 from .pipeline import StableDiffusion
 from .schedulers import SchedulerConfig
@@ -91,11 +91,7 @@ def load_single_file(
     parsed = {name: COMPONENTS[name].config_cls.from_dict(configs[name], source=str(config_folder / CONFIG_FILES[name]))
               for name in ("unet", "text_encoder", "vae")}
     scheduler = SchedulerConfig.from_dict(configs["scheduler"], source=str(config_folder / CONFIG_FILES["scheduler"]))
-    if parsed["text_encoder"].hidden_size != parsed["unet"].cross_attention_dim:
-        raise SingleFileError(
-            f"{config_folder}: text encoder width {parsed['text_encoder'].hidden_size} != UNet "
-            f"cross_attention_dim {parsed['unet'].cross_attention_dim}"
-        )
+    check_compatible(parsed["unet"], parsed["text_encoder"], config_folder)
     tokenizer = load_tokenizer(config_folder / "tokenizer")
     if checkpoint_path.suffix in PICKLE_SUFFIXES and not allow_pickle:
         read_pickle(checkpoint_path, allow_pickle=False)  # raises PickledWeightsRefused, explaining why
