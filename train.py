@@ -1,17 +1,29 @@
 #!/usr/bin/env python
-"""UnGuide LoRA training: not implemented yet.
+"""Train an UnGuide LoRA that erases a concept from a Flax Stable Diffusion model.
 
-This entry point is reserved for the UnGuide trainer (jitted, mesh-sharded, Orbax-checkpointed);
-it is tracked as its own issue and is not part of this release. It exits with an error rather
-than pretend to train.
+    python train.py --config configs/unguide.py
+    python train.py --config configs/unguide.py:sd15-object --config.model=PATH --config.concept=dog
+    python train.py --config configs/unguide.py --config.resume=true
+
+Writes config.json, metrics.jsonl, checkpoints/, adapter.safetensors (and export/) to config.run_dir.
 """
 import sys
 
+from unguide_jax.config import parse_cli
+from unguide_jax.runtime import setup_runtime
 
-def main() -> int:
-    print("train.py: UnGuide training is not implemented yet (see the project's issue tracker). "
-          "Available now: the Flax SD stack and sample.py.", file=sys.stderr)
-    return 2
+
+def main(argv=None) -> int:
+    config = parse_cli(sys.argv[1:] if argv is None else argv, "configs/unguide.py")
+    setup_runtime()
+    from unguide_jax.unguide.sharding import maybe_initialize_distributed
+
+    maybe_initialize_distributed()
+    from unguide_jax.train_job import run_training
+
+    run_dir = run_training(config)
+    print(f"wrote {run_dir / 'adapter.safetensors'}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -79,3 +79,23 @@ def test_sample_cli_rejects_conflicting_inputs(tiny_pipeline_dir, tmp_path):
     with pytest.raises(ValueError, match="exactly one of prompt"):
         sample.main(["--config", f"{REPO}/configs/sample.py", f"--config.model={folder}", "--config.prompt=a",
                      "--config.prompt_file=x.txt", f"--config.out_dir={tmp_path}"])
+
+
+def test_embedded_preset_samples_the_shipped_model_and_classifies_its_images(tmp_path, capsys):
+    out = tmp_path / "embedded"
+    assert sample.main(["--config", f"{REPO}/configs/sample.py:embedded", f"--config.out_dir={out}",
+                        "--config.num_steps=10", "--config.images_per_prompt=1", "--config.batch_size=10"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["images"]) == 10 and (out / "grid.png").is_file()
+    first = manifest["images"][0]
+    assert first["prompted_class"] == "circle" and first["predicted_class"] and first["predicted_style"]
+    evaluation = manifest["settings"]["evaluation"]
+    assert evaluation["images_naming_a_class"] == 10
+    assert f"{evaluation['classified_as_prompted']} of 10 images" in capsys.readouterr().out
+
+
+def test_unknown_evaluator_is_an_error(tiny_pipeline_dir, tmp_path):
+    folder, _ = tiny_pipeline_dir("sd1")
+    with pytest.raises(ValueError, match="unknown evaluator 'clip'"):
+        sample.main(["--config", f"{REPO}/configs/sample.py", f"--config.model={folder}", "--config.prompt=a",
+                     "--config.num_steps=1", "--config.evaluator=clip", f"--config.out_dir={tmp_path}"])

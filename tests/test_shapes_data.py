@@ -51,3 +51,13 @@ def test_styles_change_the_image_but_not_the_layout():
     solid_px = (np.abs(solid - background).sum(-1) > 60).sum()
     outlined_px = (np.abs(outlined - background).sum(-1) > 60).sum()
     assert 0 < outlined_px < 0.8 * solid_px
+
+
+def test_class_named_in_finds_names_and_synonyms_as_whole_words():
+    from unguide_jax.data.shapes import class_named_in
+
+    assert class_named_in("a photo of the half moon") == CLASSES.index("crescent")
+    assert class_named_in("An image of a PLUS SIGN") == CLASSES.index("cross")
+    assert class_named_in("a striped loop") == CLASSES.index("ring")
+    assert class_named_in("a photo of a cat") is None
+    assert class_named_in("a gemstone") is None  # "gem" only as a whole word

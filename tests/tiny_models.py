@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import torch
 
 from unguide_jax.tokenizer import write_clip_tokenizer
@@ -87,3 +90,29 @@ def build_pipeline(flavour: str, tokenizer_dir: Path):
         scheduler=DDIMScheduler(**scheduler_kwargs(flavour)),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+
+
+def flax_unet(context_dim: int = 16, context_len: int = 5, seed: int = 0):
+    """The smallest Flax UNet with cross-attention (one down block, the mid block, one up block) and
+    random parameters drawn in numpy from its abstract shapes: Flax's init would cost a compile as
+    large as the model's. For tests of our own JAX code that need no PyTorch counterpart."""
+    from unguide_jax.models.layers import abstract_params
+    from unguide_jax.models.unet import UNet2DConditionModel, UNetConfig
+
+    config = UNetConfig(sample_size=8, block_out_channels=(16,), layers_per_block=1, norm_num_groups=8,
+                        cross_attention_dim=context_dim, attention_head_dim=2,
+                        down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",))
+    unet = UNet2DConditionModel(config)
+    abstract = abstract_params(unet, *unet.init_inputs(context_len=context_len))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name == "scale":
+            return jnp.asarray(1.0 + 0.05 * rng.standard_normal(leaf.shape), leaf.dtype)
+        if name == "bias":
+            return jnp.asarray(0.05 * rng.standard_normal(leaf.shape), leaf.dtype)
+        fan_in = int(np.prod(leaf.shape[:-1])) or 1
+        return jnp.asarray(rng.standard_normal(leaf.shape) / np.sqrt(fan_in), leaf.dtype)
+
+    return unet, jax.tree_util.tree_map_with_path(draw, abstract)

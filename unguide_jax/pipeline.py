@@ -90,8 +90,16 @@ class StableDiffusion:
         width: int | None = None,
         negative_prompt: str = "",
         latents: np.ndarray | None = None,
+        edit=None,
+        w: float | Sequence[float] | None = None,
+        fused: bool = True,
     ) -> Generation:
-        """Generate one image per prompt; prompt i uses ``seeds[i]`` (default: i) and its own scale."""
+        """Generate one image per prompt; prompt i uses ``seeds[i]`` (default: i) and its own scale.
+
+        ``edit`` (``unguide_jax.edits.Edit``): sample the edited model; with ``w`` as well (one per
+        prompt, or one for all), UnGuidance w·CFG_base + (1 − w)·CFG_edit. ``fused``: base and edited
+        predictions in one UNet call per step (see ``sampling.unguided_prediction``).
+        """
         n = len(prompts)
         seeds = np.arange(n) if seeds is None else np.asarray(seeds)
         if seeds.shape != (n,):
@@ -103,9 +111,12 @@ class StableDiffusion:
             # fp32 whatever the compute dtype: the same seed gives the same x_T, and the DDIM state
             # stays fp32 between steps (the UNet casts its own input).
             latents = initial_latents(seeds, self.latent_shape(height, width))
+        if w is not None:
+            w = jnp.asarray(np.broadcast_to(np.asarray(w, np.float32), (n,)))
         z = sample_latents(
             self.unet, self.scheduler, num_steps, float(eta), self.params["unet"], cond, uncond,
             jnp.asarray(latents, jnp.float32), jnp.asarray(scales), jnp.asarray(seeds, jnp.uint32),
+            edit, w, fused=bool(fused),
         )
         pixels = decode_to_pixels(self.vae, self.params["vae"], z)
         images = np.asarray(jnp.round(pixels * 255)).astype(np.uint8)

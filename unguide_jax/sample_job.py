@@ -1,20 +1,39 @@
-"""The job behind ``sample.py``: requests -> batched jitted generation -> PNGs, grid, manifest."""
+"""The job behind ``sample.py``: requests -> (probe) -> batched jitted generation -> PNGs, grid, manifest.
+
+Modes (``config.mode``), with the edits of ``config.adapters`` (several add up):
+    base      the model alone (no adapters)
+    adapter   the edited model alone
+    unguide   UnGuidance: w·CFG_base + (1 − w)·CFG_edit, w per prompt from the probe (spec §4)
+    fixed     UnGuidance with ``config.w`` for every prompt
+    auto      base without adapters, unguide with them
+
+``out_dir`` gets one PNG per image (written as batches finish), ``grid.png``, ``manifest.json`` (the
+settings, and per image its prompt, seed, guidance, w, D(p), D("")), and in unguide mode
+``probe.json``. A rerun with the same settings skips the images already written and reuses the
+probe; a rerun with other settings is an error unless ``overwrite=true``.
+"""
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import hashlib
+import json
 import time
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
+from PIL import Image
 
+from .generation import ImageRequest, generate_images
 from .loading import load_pipeline
 from .outputs import image_grid, save_png, slug, write_manifest
 from .prompts import Request, collect_requests
+from .weights import write_json
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+MODES = ("auto", "base", "adapter", "unguide", "fixed")
+# Keys that do not change what an image looks like: a rerun may change them and still skip done images.
+NOT_IMAGE_KEYS = ("out_dir", "batch_size", "grid_cols", "evaluator", "overwrite", "create_random_model")
 
 
 def versions() -> dict:
@@ -35,50 +54,180 @@ def _dtype(name: str):
     return DTYPES[name]
 
 
+def resolve_mode(mode: str, has_edit: bool) -> str:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
+    if mode == "auto":
+        return "unguide" if has_edit else "base"
+    if mode == "base" and has_edit:
+        raise ValueError("mode=base samples the model alone: drop config.adapters, or choose another mode")
+    if mode != "base" and not has_edit:
+        raise ValueError(f"mode={mode} needs config.adapters (an adapter file, a train.py run folder, a checkpoint, "
+                         "or a PEFT/kohya LoRA)")
+    return mode
+
+
+def _content_digest(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (names and contents): an adapter retrained in place is new."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        digest.update(file.relative_to(path).as_posix().encode() if file != path else b"")
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+def image_settings(config: dict, mode: str) -> dict:
+    """What the images depend on; its fingerprint is stored in the manifest and compared on a rerun."""
+    out = {k: v for k, v in config.items() if k not in NOT_IMAGE_KEYS and k not in ("probe", "w", "mode")}
+    out["mode"] = mode
+    out["adapter_digests"] = [_content_digest(Path(a)) for a in config["adapters"]]
+    if mode == "unguide":
+        out["probe"] = {k: v for k, v in config["probe"].items() if k != "prompt_chunk"}
+    if mode == "fixed":
+        out["w"] = config["w"]
+    return out
+
+
+def _fingerprint(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _check_previous_run(out_dir: Path, fingerprint: str, overwrite: bool) -> bool:
+    """Whether images already in out_dir may be kept; an error if they were made with other settings."""
+    manifest = out_dir / "manifest.json"
+    if not manifest.is_file():
+        return not overwrite
+    previous = json.loads(manifest.read_text()).get("settings", {}).get("fingerprint")
+    if previous == fingerprint:
+        return not overwrite
+    if overwrite:
+        return False
+    raise FileExistsError(f"{out_dir} holds images made with other settings (manifest fingerprint {previous}, now "
+                          f"{fingerprint}): choose another out_dir, or pass --config.overwrite=true")
+
+
+def image_name(index: int, request: Request) -> str:
+    return f"{index:05d}_{slug(request.prompt)}_s{request.seed}.png"
+
+
+def _probe_weights(config: dict, sd, edit, requests: list[Request], out_dir: Path) -> tuple[list[float], dict]:
+    """w per request from the probe (each distinct prompt and guidance probed once; cached in probe.json)."""
+    from .unguide.probe import ProbeConfig, WProbe
+
+    probe_config = ProbeConfig(**config["probe"])
+    cache_file = out_dir / "probe.json"
+    key_of = lambda r: f"{r.guidance_scale}|{r.prompt}"  # noqa: E731
+    cached = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    if cached.get("fingerprint") != config["_fingerprint"]:
+        cached = {"fingerprint": config["_fingerprint"], "prompts": {}}
+    probes: dict[tuple, WProbe] = {}
+    todo: dict[tuple, dict[str, Request]] = {}
+    for r in requests:
+        if key_of(r) not in cached["prompts"]:
+            todo.setdefault(sd.latent_shape(r.height, r.width), {})[key_of(r)] = r
+    started = time.perf_counter()
+    for shape, by_key in todo.items():
+        probe = probes.setdefault(shape, WProbe(sd, edit, probe_config, latent_shape=shape))
+        result = probe.run([r.prompt for r in by_key.values()], [r.guidance_scale for r in by_key.values()])
+        for key, record in zip(by_key, result.records()):
+            cached["prompts"][key] = record
+        write_json(cache_file, cached)
+    summary = {"probe_seconds": round(time.perf_counter() - started, 2),
+               "probe_unet_rows": sum(p.unet_calls for p in probes.values())}
+    return [cached["prompts"][key_of(r)] for r in requests], summary
+
+
 def run_sampling(config: dict) -> Path:
     if config.get("create_random_model"):
         from .smoke import ensure_random_model
 
         ensure_random_model(config["model"], seed=int(config["seed"]))
     if not config["model"]:
-        raise ValueError("config.model is empty: give a diffusers-layout Stable Diffusion folder")
+        raise ValueError("config.model is empty: give a diffusers-layout Stable Diffusion folder or 'embedded'")
     requests = collect_requests(config)
+    if config["mode"] not in MODES:
+        raise ValueError(f"unknown mode {config['mode']!r}; use one of {MODES}")
     out_dir = Path(config["out_dir"])
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from .embedded import resolve_model_path
+
     sd = load_pipeline(
-        config["model"], dtype=_dtype(config["dtype"]), param_dtype=_dtype(config["param_dtype"]),
+        resolve_model_path(config["model"]), dtype=_dtype(config["dtype"]), param_dtype=_dtype(config["param_dtype"]),
         allow_pickle=bool(config["allow_pickle"]), clip_skip=int(config["clip_skip"]),
     )
+    from .adapter_sources import load_edit
+
+    edit, adapter_info = load_edit(list(config["adapters"]), sd.params["unet"])
+    mode = resolve_mode(config["mode"], edit is not None)
+    fingerprint = _fingerprint(image_settings(config, mode))
+    keep_existing = _check_previous_run(out_dir, fingerprint, bool(config["overwrite"]))
+    # Written first, so that images of an interrupted run are known to belong to these settings.
+    write_manifest(out_dir, {"fingerprint": fingerprint, "status": "running"}, [])
+    started = time.perf_counter()
+    probe_records, probe_summary = [None] * len(requests), {}
+    if mode == "unguide":
+        probe_records, probe_summary = _probe_weights(dict(config, _fingerprint=fingerprint), sd, edit, requests, out_dir)
+        ws = [p["w"] for p in probe_records]
+    elif mode == "fixed":
+        ws = [float(config["w"])] * len(requests)
+    else:
+        ws = [None] * len(requests)
+
+    names = [image_name(i, r) for i, r in enumerate(requests)]
+    todo = [i for i, name in enumerate(names) if not (keep_existing and (out_dir / name).is_file())]
     height, width = int(config["height"]) or None, int(config["width"]) or None
-    batch_size = int(config["batch_size"])
-    # Same-size requests share a compiled sampler; the last batch is padded so nothing recompiles.
-    size_of = lambda r: (r.height or height or sd.default_size, r.width or width or sd.default_size)  # noqa: E731
-    records, images, started = [], [], time.perf_counter()
-    order = sorted(range(len(requests)), key=lambda i: size_of(requests[i]))
-    batches = [list(g) for _, g in itertools.groupby(order, key=lambda i: size_of(requests[i]))]
-    batches = [b[i:i + batch_size] for b in batches for i in range(0, len(b), batch_size)]
-    results: dict[int, np.ndarray] = {}
-    for batch in tqdm(batches, desc="sampling", unit="batch"):
-        padded = batch + [batch[-1]] * (batch_size - len(batch))
-        reqs: list[Request] = [requests[i] for i in padded]
-        h, w = size_of(reqs[0])
-        gen = sd.generate(
-            [r.prompt for r in reqs], [r.seed for r in reqs], guidance_scale=[r.guidance_scale for r in reqs],
-            num_steps=int(config["num_steps"]), eta=float(config["eta"]), height=h, width=w,
-            negative_prompt=config["negative_prompt"],
-        )
-        for i, image in zip(batch, gen.images):
-            results[i] = image
-    for i, req in enumerate(requests):
-        name = f"{i:05d}_{slug(req.prompt)}_s{req.seed}.png"
-        save_png(out_dir / name, results[i])
-        images.append(results[i])
-        records.append(dict(file=name, prompt=req.prompt, seed=req.seed, guidance_scale=req.guidance_scale,
-                            height=int(results[i].shape[0]), width=int(results[i].shape[1]), source=req.source))
+    image_requests = [ImageRequest(requests[i].prompt, requests[i].seed, requests[i].guidance_scale, ws[i],
+                                   requests[i].height or height, requests[i].width or width) for i in todo]
+
+    def save_batch(indices, images):
+        for j, image in zip(indices, images):
+            save_png(out_dir / names[todo[j]], image)
+
+    generate_images(sd, image_requests, batch_size=int(config["batch_size"]), num_steps=int(config["num_steps"]),
+                    eta=float(config["eta"]), negative_prompt=config["negative_prompt"],
+                    edit=None if mode == "base" else edit, fused=bool(config["fused"]), on_batch=save_batch)
+    images = [np.asarray(Image.open(out_dir / name).convert("RGB")) for name in names]
+    records = []
+    for i, (req, image) in enumerate(zip(requests, images)):
+        record = dict(file=names[i], prompt=req.prompt, seed=req.seed, guidance_scale=req.guidance_scale,
+                      height=int(image.shape[0]), width=int(image.shape[1]), source=req.source, mode=mode)
+        if ws[i] is not None:
+            record["w"] = ws[i]
+        if probe_records[i] is not None:
+            record.update(D=probe_records[i]["D"], D_empty=probe_records[i]["D_empty"])
+        records.append(record)
+    evaluation = _evaluate(config.get("evaluator", ""), images, records)
     if len({im.shape for im in images}) == 1:
         save_png(out_dir / "grid.png", image_grid(images, int(config["grid_cols"])))
-    settings = dict(config)
-    settings.update(sampler="DDIM", scheduler=dataclasses.asdict(sd.scheduler), versions=versions(),
-                    seconds=round(time.perf_counter() - started, 2))
-    manifest = write_manifest(out_dir, settings, records)
-    return manifest
+    summary = dict(config)
+    summary.update(mode=mode, fingerprint=fingerprint, status="done", adapters_loaded=adapter_info, sampler="DDIM",
+                   scheduler=dataclasses.asdict(sd.scheduler), versions=versions(),
+                   images_generated=len(todo), images_kept=len(requests) - len(todo),
+                   seconds=round(time.perf_counter() - started, 2), **probe_summary)
+    if evaluation:
+        summary["evaluation"] = evaluation
+    return write_manifest(out_dir, summary, records)
+
+
+def _evaluate(evaluator: str, images: list[np.ndarray], records: list[dict]) -> dict | None:
+    """With the embedded evaluator: each record gets the predicted class and style; returns a summary."""
+    if not evaluator:
+        return None
+    if evaluator != "embedded":
+        raise ValueError(f"unknown evaluator {evaluator!r}: the only one is 'embedded' (the shapes classifier)")
+    from .data.shapes import CLASSES, STYLES, class_named_in
+    from .embedded import load_evaluator
+
+    predicted_class, predicted_style = load_evaluator().predict(np.stack(images))
+    hits = []
+    for record, c, st in zip(records, predicted_class, predicted_style):
+        prompted = class_named_in(record["prompt"])
+        record.update(predicted_class=CLASSES[c], predicted_style=STYLES[st],
+                      prompted_class=None if prompted is None else CLASSES[prompted])
+        if prompted is not None:
+            hits.append(int(c) == prompted)
+    summary = {"evaluator": "embedded shapes classifier", "images_naming_a_class": len(hits),
+               "classified_as_prompted": int(sum(hits))}
+    if hits:
+        summary["accuracy"] = round(float(np.mean(hits)), 4)
+    return summary

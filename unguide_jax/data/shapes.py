@@ -48,7 +48,7 @@ SHAPES: dict[str, Mask] = {
     "heart": lambda x, y: ((1.2 * x) ** 2 + (1.2 * y + 0.25) ** 2 - 1) ** 3 - (1.2 * x) ** 2 * (1.2 * y + 0.25) ** 3 < 0,
     "crescent": lambda x, y: (x**2 + y**2 < 0.9) & ((x - 0.45) ** 2 + (y - 0.2) ** 2 > 0.55),
     "arrow": _polygon(np.array([[-0.95, 0.22], [0.15, 0.22], [0.15, 0.6], [0.95, 0.0], [0.15, -0.6], [0.15, -0.22], [-0.95, -0.22]])),
-    "ring": lambda x, y: (x**2 + y**2 < 0.9) & (x**2 + y**2 > 0.3),
+    "ring": lambda x, y: (x**2 + y**2 < 0.9) & (x**2 + y**2 > 0.12),  # a thick band: an outlined circle is thin
     "diamond": lambda x, y: np.abs(x) / 0.65 + np.abs(y) < 0.95,
 }
 
@@ -79,6 +79,16 @@ class Example:
     name_used: str  # the class word in the caption (the class name or a synonym)
 
 
+def class_named_in(prompt: str) -> int | None:
+    """The class a prompt names (by its name or a synonym, whole words, longest match first), or None."""
+    text = prompt.lower()
+    words = sorted(((w, i) for i, c in enumerate(CLASSES) for w in (c, *SYNONYMS[c])), key=lambda p: -len(p[0]))
+    for word, index in words:
+        if re.search(rf"\b{re.escape(word)}\b", text):
+            return index
+    return None
+
+
 def caption_for(rng: np.random.Generator, cls: str, style: str, synonym_prob: float = 0.3,
                 style_prob: float = 0.5) -> tuple[str, str]:
     name = rng.choice(SYNONYMS[cls]) if rng.random() < synonym_prob else cls
@@ -95,12 +105,23 @@ def _colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
             return background, colour
 
 
+def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary erosion by a (2r+1)² square; outside the image counts as background."""
+    h, w = mask.shape
+    padded = np.pad(mask, radius, constant_values=False)
+    out = mask.copy()
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            out &= padded[dy:dy + h, dx:dx + w]
+    return out
+
+
 def render(rng: np.random.Generator, cls: str, style: str, size: int = 32, supersample: int = 2) -> np.ndarray:
     """Draw one shape with random colour, size, position, rotation and background."""
     n = size * supersample
     coords = (np.arange(n) + 0.5) / n * 2 - 1  # [-1, 1]
     gx, gy = np.meshgrid(coords, -coords)
-    scale = rng.uniform(0.45, 0.8)
+    scale = rng.uniform(0.5, 0.8)
     cx, cy = rng.uniform(-(1 - scale), 1 - scale, 2)
     angle = rng.uniform(0, 2 * np.pi)
     c, s = np.cos(angle), np.sin(angle)
@@ -109,11 +130,12 @@ def render(rng: np.random.Generator, cls: str, style: str, size: int = 32, super
     shape = SHAPES[cls]
     inside = shape(x, y)
     if style == "outlined":
-        inside &= ~shape(x * 1.35, y * 1.35)
+        # Erosion, not a shrunken copy: a shrunken ring or crescent is not the inside of its outline.
+        inside &= ~_erode(inside, max(1, round(0.18 * scale * n / 2)))
     elif style == "striped":
         inside &= np.sin(x * 2.2 * np.pi / 0.45) > -0.2
     elif style == "dotted":
-        inside &= (np.mod(x, 0.4) - 0.2) ** 2 + (np.mod(y, 0.4) - 0.2) ** 2 < 0.012
+        inside &= (np.mod(x, 0.3) - 0.15) ** 2 + (np.mod(y, 0.3) - 0.15) ** 2 < 0.01
     background, colour = _colour_pair(rng)
     shade = 1 + 0.15 * (gy[..., None] * rng.uniform(-1, 1))  # a mild gradient on the background
     image = np.where(inside[..., None], colour, np.clip(background * shade, 0, 1))

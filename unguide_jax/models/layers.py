@@ -51,14 +51,19 @@ def layer_norm(eps: float, name: str, mod: DtypeMixin) -> nn.LayerNorm:
     )
 
 
-def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, is_causal: bool = False) -> jax.Array:
-    """(B, T, H*D) projections in, (B, T, H*D) out. Logits and softmax run in fp32."""
+def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, is_causal: bool = False,
+                         key_mask: jax.Array | None = None) -> jax.Array:
+    """(B, T, H*D) projections in, (B, T, H*D) out. Logits and softmax run in fp32.
+
+    ``key_mask`` (B, S) bool, optional: which keys each batch row may attend to.
+    """
     b, t, c = q.shape
     s = k.shape[1]
     out = jax.nn.dot_product_attention(
         q.reshape(b, t, heads, c // heads),
         k.reshape(b, s, heads, c // heads),
         v.reshape(b, s, heads, v.shape[-1] // heads),
+        mask=None if key_mask is None else key_mask[:, None, None, :],
         is_causal=is_causal,
     )
     return out.reshape(b, t, -1)

@@ -126,8 +126,12 @@ class Attention(nn.Module, DtypeMixin):
         q = dense(inner, "to_q", self, use_bias=False)(x)
         k = dense(inner, "to_k", self, use_bias=False)(context)
         v = dense(inner, "to_v", self, use_bias=False)(context)
-        out = multi_head_attention(q, k, v, self.heads)
-        return dense(x.shape[-1], "to_out.0", self)(out)
+        return dense(x.shape[-1], "to_out.0", self)(self.attend(q, k, v))
+
+    def attend(self, q, k, v):
+        """Heads concatenated, before ``to_out``. A method of its own so that edits can intercept it
+        (extra key/value tokens with a per-row mask, activation capture); see ``unguide_jax.edits``."""
+        return multi_head_attention(q, k, v, self.heads)
 
 
 class GEGLU(nn.Module, DtypeMixin):

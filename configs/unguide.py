@@ -1,0 +1,51 @@
+"""UnGuide LoRA training. Presets: default (erase the circle from the embedded shapes model),
+tiny (tests: give --config.model), sd15-object (erase "cat" from an SD 1.x folder),
+sd15-nudity (explicit content, ESD-u-style targets, from an SD 1.x folder).
+
+python train.py --config configs/unguide.py
+python train.py --config configs/unguide.py --config.concept=shapes-star --config.run_dir=runs/unguide-star
+python train.py --config configs/unguide.py:sd15-object --config.model=/path/to/stable-diffusion-v1-4
+python train.py --config configs/unguide.py --config.resume=true      # continue from the latest checkpoint
+"""
+
+
+def get_config(preset: str = "default") -> dict:
+    config = dict(
+        model="embedded",        # "embedded" (the shipped shapes model) or a diffusers-layout SD folder
+        concept="shapes-circle",  # a shipped name (configs/concepts/<name>.json) or a path to a concept JSON
+        lora=dict(
+            rank=1,
+            alpha=8.0,           # multiplies A @ B directly (UnGuide's convention, not PEFT's alpha / r)
+            targets="object",    # "object" (attn2.to_k/to_v), "explicit" (ESD-u style), or a regex over module paths
+        ),
+        objective=dict(          # spec unguide.md §3, §5
+            start_guidance=9.0,
+            negative_guidance=2.0,
+            ddim_steps=50,
+            timestep_mode="corrected",  # "corrected" (query at the true timestep) or "reference" (the paper's code)
+            samples_per_step=1,
+        ),
+        learning_rate=3e-5,      # Adam (0.9, 0.999, 1e-8), no schedule, no clipping
+        iterations=200,
+        seed=0,                  # LoRA init and every per-step draw (x_T, t_enc, t)
+        dtype="float32",         # compute dtype: float32 | bfloat16
+        param_dtype="float32",   # stored base weights; the adapter and Adam state are always fp32
+        allow_pickle=False,      # load pickled .bin weights (torch.load weights_only=True)
+        checkpoint_every=50,     # Orbax checkpoint every N steps (0: only the final one)
+        keep=3,                  # checkpoints kept (the newest ones)
+        resume=False,            # continue from run_dir/checkpoints' latest complete checkpoint
+        mesh=dict(data=-1, fsdp=1),  # device mesh; -1 takes the remaining devices
+        run_dir="runs/unguide-shapes-circle",
+        export=[],               # also write the adapter for PyTorch users, e.g. ["peft", "kohya"]
+    )
+    if preset == "tiny":
+        config.update(model="", iterations=4, checkpoint_every=2, keep=2, run_dir="runs/unguide-tiny",
+                      objective=dict(config["objective"], ddim_steps=4), learning_rate=1e-3)
+    elif preset == "sd15-object":
+        config.update(model="", concept="cat", run_dir="runs/unguide-sd15-cat")
+    elif preset == "sd15-nudity":
+        config.update(model="", concept="nudity", lora=dict(config["lora"], targets="explicit"),
+                      run_dir="runs/unguide-sd15-nudity")
+    elif preset != "default":
+        raise ValueError(f"unknown preset {preset!r} (default, tiny, sd15-object, sd15-nudity)")
+    return config

@@ -1,0 +1,169 @@
+"""The shipped shapes model and evaluator: they load (ours and diffusers), agree, and do their job."""
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from unguide_jax.data import shapes
+from unguide_jax.embedded import EMBEDDED_MODEL, EVALUATOR, RECIPE_RECORD, load_embedded_model, load_evaluator
+from unguide_jax.embedded import pretrain
+from unguide_jax.embedded.classifier import evaluate_on_fresh_images, load_classifier
+from unguide_jax.loading import load_component, load_tokenizer, save_component
+from unguide_jax.models.vae import AutoencoderKL
+from unguide_jax.schedulers import SchedulerConfig
+from unguide_jax.smoke import MERGES
+from unguide_jax.tokenizer import write_clip_tokenizer
+
+# Seeds the recipe never used (its evaluator trained on 101 and was scored on 102).
+FRESH_SEED = 90210
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return load_embedded_model()
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    return load_evaluator()
+
+
+def test_shipped_weights_are_fp16_and_small():
+    files = list(EMBEDDED_MODEL.rglob("*.safetensors")) + list(EVALUATOR.rglob("*.safetensors"))
+    assert len(files) == 4
+    assert sum(f.stat().st_size for f in files) <= 20 * 2**20
+    from safetensors import safe_open
+
+    for f in files:
+        with safe_open(f, "np") as st:
+            assert {st.get_slice(k).get_dtype() for k in st.keys()} == {"F16"}, f
+
+
+def test_shipped_tokenizer_is_the_real_clip_tokenizer(embedded):
+    ids = embedded.tokenize(["a photo of a cat"])[0]
+    assert list(ids[:7]) == [49406, 320, 1125, 539, 320, 2368, 49407]  # open_clip's ids
+    assert len(embedded.tokenizer) == 49408 and embedded.tokenizer.model_max_length == 77
+
+
+def test_clip_tokenizer_built_offline_from_open_clip(tmp_path, embedded):
+    pytest.importorskip("open_clip", reason="pip install --no-deps open_clip_torch (README test command does)")
+    from unguide_jax.tokenizer import open_clip_merges
+
+    tokenizer = load_tokenizer(write_clip_tokenizer(tmp_path, open_clip_merges()))
+    captions = ["a photo of the striped intersection mark", "An image of a DOTTED half-moon!", ""]
+    assert tokenizer(captions).input_ids == embedded.tokenizer(captions).input_ids
+
+
+def test_diffusers_loads_the_shipped_model_and_draws_the_same_image(embedded):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(EMBEDDED_MODEL), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a photo of the star", "a photo of the striped heart"]
+    x_t = np.random.default_rng(0).standard_normal((2, *embedded.latent_shape(None, None)), dtype=np.float32)
+    with torch.no_grad():
+        expected = pipe(prompts, num_inference_steps=20, guidance_scale=7.5, output_type="np", eta=0.0,
+                        latents=torch.from_numpy(x_t.transpose(0, 3, 1, 2).copy())).images
+    got = embedded.generate(prompts, [0, 1], guidance_scale=7.5, num_steps=20, latents=x_t).images
+    assert np.abs(got.astype(int) - np.round(expected * 255).astype(int)).max() <= 2
+
+
+def test_evaluator_accuracy_on_fresh_procedural_images(evaluator):
+    metrics = evaluate_on_fresh_images(evaluator, FRESH_SEED, 1000)
+    assert metrics["class_accuracy"] >= 0.98, metrics
+    assert metrics["style_accuracy"] >= 0.98, metrics
+
+
+def test_evaluator_folder_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_classifier(tmp_path)
+
+
+def test_recipe_record_ships_with_the_model():
+    quality = json.loads((RECIPE_RECORD / "quality.json").read_text())
+    assert quality["settings"]["guidance_scale"] == 7.5 and quality["settings"]["num_steps"] == 50
+    assert quality["settings"]["images_per_prompt"] >= 32
+    recipe = json.loads((RECIPE_RECORD / "recipe.json").read_text())
+    assert set(recipe["stages"]) == {"tokenizer", "evaluator", "vae", "diffusion", "quality"}
+
+
+def test_embedded_model_draws_the_prompted_class(embedded, evaluator):
+    """A small live version of the quality gate: 4 images each of 3 classes, CFG 7.5, 50 steps."""
+    classes = ["circle", "star", "arrow"]
+    prompts = [f"a photo of the {c}" for c in classes for _ in range(4)]
+    images = embedded.generate(prompts, list(range(len(prompts))), guidance_scale=7.5, num_steps=50).images
+    predicted, _ = evaluator.predict(images)
+    expected = np.repeat([shapes.CLASSES.index(c) for c in classes], 4)
+    assert (predicted == expected).mean() >= 0.75
+
+
+# --- the recipe's training stages, on tiny configs --------------------------------------------------
+
+TINY_VAE = dict(block_out_channels=[8, 8], layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                steps=40, batch_size=4, learning_rate=2e-3, warmup=2, kl_weight=1e-6, data_seed=5)
+
+
+def test_vae_stage_lowers_its_loss():
+    _, _, metrics = pretrain.train_vae(TINY_VAE, 16, seed=0, log=lambda record: None)
+    assert metrics["final_loss"] < 0.8 * metrics["first_loss"], metrics
+
+
+def test_a_training_loop_cut_off_midway_resumes_to_the_same_weights(tmp_path):
+    """The VAE loop checkpoints every 2 steps; the last checkpoint of a 6-step run (after step 4), resumed, must end
+    exactly where the uninterrupted run ended."""
+    cfg = dict(TINY_VAE, steps=6)
+    checkpoint = pretrain.LoopCheckpoint(tmp_path / "loop.safetensors", every=2)
+    _, uninterrupted, _ = pretrain.train_vae(cfg, 16, seed=0, log=lambda record: None, checkpoint=checkpoint)
+    logs = []
+    _, resumed, _ = pretrain.train_vae(cfg, 16, seed=0, log=logs.append, checkpoint=checkpoint)
+    assert {"stage": "vae", "resumed_at": 4} in logs
+    jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
+    with pytest.raises(ValueError, match="written by another configuration"):
+        pretrain.train_vae(dict(cfg, block_out_channels=[8]), 16, seed=0, log=lambda r: None, checkpoint=checkpoint)
+
+
+def test_diffusion_stage_lowers_its_loss(tmp_path):
+    vae_cfg = pretrain.vae_config(TINY_VAE, 16)
+    vae = AutoencoderKL(vae_cfg)
+    vae_params = jax.jit(vae.init)(jax.random.key(0), *vae.init_inputs())["params"]
+    save_component(tmp_path / "vae", "vae", vae_cfg, vae_params)  # the stage's hand-over goes through disk
+    vae, vae_params = load_component(tmp_path / "vae", "vae")
+    images, captions, _, _ = shapes.batch(7, 0, 16, 16)
+    mean, logvar = pretrain.encode_dataset(vae, vae_params, images)
+    tokenizer = load_tokenizer(write_clip_tokenizer(tmp_path / "tokenizer", MERGES))
+    data = pretrain.DiffusionData(mean, logvar, pretrain.tokenize_captions(tokenizer, captions),
+                                  pretrain.tokenize_captions(tokenizer, [""])[0])
+    text_cfg = pretrain.text_config(dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+                                    len(tokenizer), tokenizer.model_max_length)
+    unet_cfg = pretrain.unet_config(dict(block_out_channels=[16, 32], attention_heads=[2, 2], layers_per_block=1,
+                                         norm_num_groups=8), mean.shape[1], mean.shape[-1], text_cfg.hidden_size)
+    cfg = dict(steps=60, batch_size=8, learning_rate=2e-3, warmup=2, ema_decay=0.9, caption_dropout=0.1)
+    *_, metrics = pretrain.train_diffusion(cfg, unet_cfg, text_cfg, vae_cfg, SchedulerConfig(), data, seed=0,
+                                           log=lambda record: None)
+    assert metrics["final_loss"] < 0.8 * metrics["first_loss"], metrics
+
+
+def test_recipe_reuses_a_finished_stage_only_with_the_same_settings(tmp_path):
+    from unguide_jax.config import load_config_file
+    from unguide_jax.embedded.recipe import run_recipe
+
+    config = load_config_file(str(Path(__file__).resolve().parent.parent / "configs" / "embedded.py") + ":tiny")
+    config.update(work_dir=str(tmp_path), stages=["vae"])
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "recipe.json").write_text(json.dumps(dict(config, vae=dict(config["vae"], steps=99))))
+    with pytest.raises(ValueError, match=r"vae was made with other settings of \['vae'\]"):
+        run_recipe(config)
+    with pytest.raises(ValueError, match="unknown recipe stages"):
+        run_recipe(dict(config, stages=["vea"]))
+
+
+def test_blur_augmentation_keeps_sigma_zero_images_and_mean_colour():
+    from unguide_jax.embedded.classifier import blur_matrices
+
+    ops = np.asarray(blur_matrices(jax.numpy.asarray([0.0, 1.2]), 16))
+    np.testing.assert_allclose(ops[0], np.eye(16), atol=1e-6)
+    np.testing.assert_allclose(ops[1].sum(-1), 1.0, atol=1e-5)
+    assert ops[1][8, 8] < 0.5 and ops[1][8, 7] > 0.1

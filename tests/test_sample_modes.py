@@ -1,0 +1,104 @@
+"""sample.py with edits: base / adapter / unguide / fixed modes, adapter sources, probe records, reruns."""
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sample
+from unguide_jax.adapter_file import save_adapter
+from unguide_jax.lora import LoraConfig, init_lora
+from unguide_jax.loading import load_pipeline
+
+REPO = Path(__file__).resolve().parent.parent
+LORA = LoraConfig(rank=1, alpha=8.0, targets="object")
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_pipeline_dir, tmp_path_factory):
+    folder, _ = tiny_pipeline_dir("sd1")
+    sd = load_pipeline(folder)
+    fresh = init_lora(jax.random.key(0), sd.params["unet"], LORA)
+    rng = np.random.default_rng(0)
+    adapter = {p: {"lora_A": ab["lora_A"], "lora_B": jnp.asarray(0.05 * rng.standard_normal(ab["lora_B"].shape))}
+               for p, ab in fresh.items()}
+    root = tmp_path_factory.mktemp("adapters")
+    save_adapter(root / "adapter.safetensors", adapter, LORA, extra={"concept": {"name": "cat"}})
+    from unguide_jax.lora_io import export_peft
+
+    export_peft(root / "peft", adapter, LORA.alpha, sd.params["unet"])
+    return dict(folder=folder, adapter_file=root / "adapter.safetensors", peft=root / "peft")
+
+
+def run(setup, out, *overrides):
+    args = ["--config", f"{REPO}/configs/sample.py", f"--config.model={setup['folder']}", "--config.num_steps=3",
+            '--config.prompts=["a photo of the cat", "the cat", "of the"]', "--config.batch_size=2",
+            "--config.probe.draws=2", "--config.probe.ddim_steps=10", "--config.probe.t_enc=7",
+            f"--config.out_dir={out}", *overrides]
+    assert sample.main(args) == 0
+    return json.loads((Path(out) / "manifest.json").read_text())
+
+
+def test_unguide_mode_records_w_and_d_and_reruns_skip_done_images(setup, tmp_path):
+    out = tmp_path / "ug"
+    manifest = run(setup, out, f"--config.adapters=[\"{setup['adapter_file']}\"]")
+    assert manifest["settings"]["mode"] == "unguide" and manifest["settings"]["images_generated"] == 3
+    probe = json.loads((out / "probe.json").read_text())["prompts"]
+    for record in manifest["images"]:
+        assert record["w"] in (-1.0, 2.0)
+        assert record["w"] == (-1.0 if record["D"] > record["D_empty"] else 2.0)
+        assert probe[f"7.5|{record['prompt']}"]["D"] == record["D"]
+    assert len({r["D_empty"] for r in manifest["images"]}) == 1
+    assert manifest["settings"]["adapters_loaded"][0]["concept"] == {"name": "cat"}
+
+    (out / manifest["images"][1]["file"]).unlink()
+    again = run(setup, out, f"--config.adapters=[\"{setup['adapter_file']}\"]", "--config.batch_size=3")
+    assert again["settings"]["images_generated"] == 1 and again["settings"]["images_kept"] == 2
+    assert [r["w"] for r in again["images"]] == [r["w"] for r in manifest["images"]]
+
+    with pytest.raises(FileExistsError, match="other settings"):
+        run(setup, out, f"--config.adapters=[\"{setup['adapter_file']}\"]", "--config.mode=adapter")
+    overwritten = run(setup, out, f"--config.adapters=[\"{setup['adapter_file']}\"]", "--config.mode=adapter",
+                      "--config.overwrite=true")
+    assert overwritten["settings"]["images_generated"] == 3 and "w" not in overwritten["images"][0]
+
+
+def test_fixed_w_of_one_is_the_base_model_and_zero_the_adapter(setup, tmp_path):
+    """w = 1 keeps only CFG_base, w = 0 only CFG_edit: the same images as the base and adapter modes (PNGs are
+    rounded to uint8, so equal up to one level)."""
+    from PIL import Image
+
+    def images(out, *overrides):
+        manifest = run(setup, out, *overrides)
+        return np.stack([np.asarray(Image.open(Path(out) / r["file"])).astype(int) for r in manifest["images"]])
+
+    adapters = f"--config.adapters=[\"{setup['peft']}\"]"  # a PEFT export, imported back
+    base = images(tmp_path / "base")
+    edited = images(tmp_path / "adapter", adapters, "--config.mode=adapter")
+    assert np.abs(base - edited).max() > 2
+    assert np.abs(images(tmp_path / "w1", adapters, "--config.mode=fixed", "--config.w=1.0") - base).max() <= 1
+    assert np.abs(images(tmp_path / "w0", adapters, "--config.mode=fixed", "--config.w=0.0") - edited).max() <= 1
+    split = images(tmp_path / "w0split", adapters, "--config.mode=fixed", "--config.w=0.0", "--config.fused=false")
+    assert np.abs(split - edited).max() <= 1
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    (["--config.mode=adapter"], ValueError, "mode=adapter needs config.adapters"),
+    (["--config.mode=sideways"], ValueError, "unknown mode 'sideways'"),
+    (["--config.adapters=[\"/no/such/adapter.safetensors\"]"], FileNotFoundError, "missing adapter"),
+    (["--config.probe.draws=0", "--config.adapters=[\"ADAPTER\"]"], ValueError, "probe draws must be >= 1"),
+])
+def test_bad_modes_and_adapters_are_named(setup, tmp_path, overrides, error, message):
+    overrides = [o.replace("ADAPTER", str(setup["adapter_file"])) for o in overrides]
+    with pytest.raises(error, match=message):
+        run(setup, tmp_path / "bad", *overrides)
+
+
+def test_an_adapter_of_another_model_is_refused(setup, tmp_path):
+    other = {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k":
+             {"lora_A": np.zeros((7, 1), np.float32), "lora_B": np.zeros((1, 64), np.float32)}}
+    save_adapter(tmp_path / "other.safetensors", other, LORA)
+    with pytest.raises(ValueError, match="does not fit down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"):
+        run(setup, tmp_path / "out", f"--config.adapters=[\"{tmp_path / 'other.safetensors'}\"]")

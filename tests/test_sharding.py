@@ -1,0 +1,148 @@
+"""Mesh, partition rules, and the train step on 8 (CPU) devices vs 1.
+
+XLA_FLAGS must be set before jax is imported, so the multi-device run is a subprocess. It trains the
+same 3 steps twice, on a 1 x 1 mesh (one device) and on a data=2 x fsdp=4 mesh with two samples per
+step, and reports the adapters and the placements it saw.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec as P
+
+from unguide_jax.unguide.sharding import FSDP, PARTITION_RULES, fsdp_spec, make_mesh, partition_spec, path_name
+
+REPO = Path(__file__).resolve().parent.parent
+
+_EIGHT_DEVICE_RUN = textwrap.dedent("""
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    jax.config.update("jax_default_matmul_precision", "highest")
+    from unguide_jax.lora import LoraConfig
+    from unguide_jax.schedulers import SchedulerConfig
+    from unguide_jax.unguide import sharding
+    from unguide_jax.unguide.objective import ConceptEmbeddings, ObjectiveConfig
+    from unguide_jax.unguide.train_step import init_train_state, make_optimizer, make_train_step
+    from tests.test_unguide_train_step import tiny_unet
+
+    assert len(jax.devices()) == 8, jax.devices()
+    unet, params = tiny_unet(context_dim=16, context_len=5)
+    keys = jax.random.split(jax.random.key(3), 3)
+    embeddings = ConceptEmbeddings(target=jax.random.normal(keys[0], (2, 5, 16)),
+                                   reference=jax.random.normal(keys[1], (2, 5, 16)),
+                                   uncond=jax.random.normal(keys[2], (1, 5, 16)))
+    lora_config = LoraConfig(rank=2, alpha=8.0)
+    # Few DDIM steps: the test is about placement, not the trajectory (checked elsewhere).
+    objective = ObjectiveConfig(ddim_steps=10, samples_per_step=2, timestep_mode="reference")
+    optimizer = make_optimizer(1e-2)
+
+    def train(mesh):
+        step = make_train_step(unet, SchedulerConfig(), lora_config, objective, optimizer, mesh=mesh)
+        state = init_train_state(jax.random.key(5), params, lora_config, optimizer)
+        base = sharding.shard(params, mesh)
+        losses = []
+        for _ in range(3):
+            state, metrics = step(state, base, embeddings)
+            losses.append(float(metrics["loss"]))
+        return state, base, losses
+
+    # The same code on one device: a 1 x 1 mesh.
+    single, _, single_losses = train(sharding.make_mesh(data=1, fsdp=1, devices=jax.devices()[:1]))
+    mesh = sharding.make_mesh(data=2, fsdp=4)
+    multi, base, multi_losses = train(mesh)
+    kernel = base["down_blocks.0.attentions.0"]["transformer_blocks.0"]["ff"]["net.0"]["proj"]["kernel"]
+    adapter_leaf = next(iter(multi.adapter.values()))["lora_A"]
+    np.savez(sys.argv[1], **{f"single/{k}/{n}": np.asarray(v) for k, ab in single.adapter.items() for n, v in ab.items()},
+             **{f"multi/{k}/{n}": np.asarray(v) for k, ab in multi.adapter.items() for n, v in ab.items()})
+    print(json.dumps(dict(
+        single_losses=single_losses, multi_losses=multi_losses, steps=int(multi.step),
+        kernel_shape=list(kernel.shape), kernel_spec=str(kernel.sharding.spec),
+        kernel_shard_shape=list(kernel.addressable_shards[0].data.shape),
+        adapter_spec=str(adapter_leaf.sharding.spec), adapter_devices=len(adapter_leaf.sharding.device_set),
+    )))
+""")
+
+
+@pytest.fixture(scope="module")
+def eight_device_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharding") / "adapters.npz"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".cache" / "jax"))
+    result = subprocess.run([sys.executable, "-c", _EIGHT_DEVICE_RUN, str(out)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    with np.load(out) as arrays:
+        report["adapters"] = dict(arrays)
+    return report
+
+
+def test_eight_devices_train_the_same_adapter_as_one(eight_device_run):
+    run = eight_device_run
+    assert run["steps"] == 3
+    np.testing.assert_allclose(run["multi_losses"], run["single_losses"], rtol=1e-5)
+    adapters = run["adapters"]
+    names = [k.split("/", 1)[1] for k in adapters if k.startswith("single/")]
+    assert names
+    moved = 0.0
+    for name in names:
+        np.testing.assert_allclose(adapters[f"multi/{name}"], adapters[f"single/{name}"], atol=1e-5)
+        if name.endswith("lora_B"):
+            moved = max(moved, float(np.abs(adapters[f"single/{name}"]).max()))
+    assert moved > 1e-3  # the adapter did train (B starts at zero)
+
+
+def test_base_weights_are_split_over_fsdp_and_the_adapter_replicated(eight_device_run):
+    run = eight_device_run
+    assert run["kernel_spec"] == str(P(None, "fsdp"))  # (16, 128): the largest axis divisible by 4
+    assert run["kernel_shard_shape"] == [run["kernel_shape"][0], run["kernel_shape"][1] // 4]
+    assert run["adapter_spec"] == str(P()) and run["adapter_devices"] == 8
+
+
+# --- rules, without devices ------------------------------------------------------------------------------
+
+def test_fsdp_spec_takes_the_largest_divisible_axis():
+    assert fsdp_spec((3, 3, 32, 64), 4) == P(None, None, None, "fsdp")
+    assert fsdp_spec((64, 6), 4) == P("fsdp")
+    assert fsdp_spec((6, 5), 4) == P()         # nothing divisible: replicated
+    assert fsdp_spec((), 4) == P()             # scalars
+    assert fsdp_spec((64, 32), 1) == P()
+
+
+def test_partition_rules_over_train_state_paths():
+    mesh = AbstractMesh((2, 4), ("data", "fsdp"))
+    paths = {
+        "down_blocks.0.attentions.0/transformer_blocks.0/attn2/to_k/kernel": ((16, 32), P(None, "fsdp")),
+        "adapter/down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k/lora_A": ((16, 4), P()),
+        "opt_state/0/mu/down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k/lora_B": ((4, 32), P()),
+        "opt_state/0/count": ((), P()),
+        "step": ((), P()),
+        "key": ((), P()),
+    }
+    for path, (shape, spec) in paths.items():
+        assert partition_spec(path, shape, mesh) == spec, path
+    with pytest.raises(ValueError, match="no partition rule matches parameter 'x'"):
+        partition_spec("x", (4,), mesh, rules=((r"^y$", FSDP),))
+    assert PARTITION_RULES[-1] == (r".*", FSDP)
+
+
+def test_path_names_join_dict_keys_and_attributes():
+    tree = {"down_blocks.0": {"kernel": np.zeros(2)}, "t": (np.zeros(1),)}
+    names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    assert names == ["down_blocks.0/kernel", "t/0"]
+
+
+def test_mesh_sizes_must_fit_the_devices():
+    n = len(jax.devices())
+    mesh = make_mesh()
+    assert mesh.axis_names == ("data", "fsdp") and mesh.shape["data"] == n and mesh.shape["fsdp"] == 1
+    with pytest.raises(ValueError, match="needs"):
+        make_mesh(data=n + 1, fsdp=1)
+    with pytest.raises(ValueError, match="does not divide"):
+        make_mesh(data=-1, fsdp=n + 1)

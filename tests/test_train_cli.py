@@ -1,0 +1,104 @@
+"""train.py end to end on a tiny random SD1-flavour model: the run folder, resume == uninterrupted,
+and bad input that stops before any training with a message naming the problem."""
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import train
+from unguide_jax.adapter_file import load_adapter, read_adapter_metadata
+from unguide_jax.checkpoints import RunCheckpoints
+from unguide_jax.config import ConfigKeyError
+from unguide_jax.lora import LoraConfig
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = f"{REPO}/configs/unguide.py:tiny"
+
+
+def train_args(folder, run_dir, *extra):
+    return ["--config", TINY, f"--config.model={folder}", f"--config.run_dir={run_dir}", *extra]
+
+
+def test_run_folder_and_a_resumed_run_matches_an_uninterrupted_one(tiny_pipeline_dir, tmp_path, capsys):
+    folder, _ = tiny_pipeline_dir("sd1")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train.main(train_args(folder, straight, '--config.export=["peft", "kohya", "merged_unet"]')) == 0
+    assert "wrote" in capsys.readouterr().out
+
+    config = json.loads((straight / "config.json").read_text())
+    assert config["model"] == str(folder) and config["iterations"] == 4
+    assert config["export"] == ["peft", "kohya", "merged_unet"]
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 0 and records[0]["lora_modules"] == 8  # attn2.to_k/to_v of 4 transformer blocks
+    steps = records[1:]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) and r["t_enc"] in range(4) and r["t"] in range(1000) for r in steps)
+    with RunCheckpoints(straight / "checkpoints") as checkpoints:
+        assert checkpoints.steps() == [2, 4]  # checkpoint_every=2, keep=2
+    adapter, lora_config = load_adapter(straight / "adapter.safetensors")
+    assert lora_config == LoraConfig(rank=1, alpha=8.0, targets="object")
+    assert len(adapter) == 8 and all(np.abs(ab["lora_B"]).max() > 0 for ab in adapter.values())  # it trained
+    metadata = read_adapter_metadata(straight / "adapter.safetensors")
+    assert metadata["steps"] == 4 and metadata["concept"]["name"] == "shapes-circle"
+    assert (straight / "export" / "diffusers" / "pytorch_lora_weights.safetensors").is_file()
+    assert (straight / "export" / "kohya.safetensors").is_file()
+    assert (straight / "export" / "unet" / "config.json").is_file()
+
+    # The same run in two sessions: 2 steps, then resumed to 4 from the step-2 checkpoint.
+    assert train.main(train_args(folder, split, "--config.iterations=2")) == 0
+    with pytest.raises(FileExistsError, match="already holds checkpoints.*resume=true"):
+        train.main(train_args(folder, split, "--config.iterations=4"))
+    assert train.main(train_args(folder, split, "--config.iterations=4", "--config.resume=true")) == 0
+    assert "resuming" in capsys.readouterr().out
+    resumed, _ = load_adapter(split / "adapter.safetensors")
+    for module, ab in adapter.items():
+        for part in ("lora_A", "lora_B"):
+            np.testing.assert_allclose(resumed[module][part], ab[part], atol=1e-6, rtol=0)
+    assert [json.loads(line)["step"] for line in (split / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3, 4]
+
+    with pytest.raises(ValueError, match=r"cannot resume .*learning_rate: 0\.001 -> 0\.5"):
+        train.main(train_args(folder, split, "--config.iterations=6", "--config.resume=true",
+                              "--config.learning_rate=0.5"))
+
+
+@pytest.mark.parametrize("override, error, message", [
+    ("--config.concept={bad_concept}", ValueError, "unknown field.* colour"),
+    ("--config.concept=no-such-concept", FileNotFoundError, "no concept named 'no-such-concept'"),
+    ("--config.lora.targets=attn9", ValueError, "'attn9' .* matches no layer"),
+    ('--config.export=["onnx"]', ValueError, r"unknown export format\(s\) \['onnx'\]"),
+    ("--config.iterations=0", ValueError, "config.iterations must be > 0"),
+    ("--config.learning_rate=nan", ValueError, "config.learning_rate must be > 0, got nan"),
+    ("--config.objective.timestep_mode=exact", ValueError, "timestep_mode must be one of"),
+])
+def test_bad_input_stops_before_training_and_names_the_problem(tiny_pipeline_dir, tmp_path, override, error, message):
+    folder, _ = tiny_pipeline_dir("sd1")
+    bad_concept = tmp_path / "bad.json"
+    bad_concept.write_text(json.dumps({"name": "x", "targets": ["a cat"], "references": ["a dog"], "colour": "red"}))
+    with pytest.raises(error, match=message):
+        train.main(train_args(folder, tmp_path / "run", override.format(bad_concept=bad_concept)))
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_missing_model_folder_and_unknown_keys_are_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"missing model folder: {tmp_path / 'nope'}"):
+        train.main(train_args(tmp_path / "nope", tmp_path / "run"))
+    with pytest.raises(ConfigKeyError, match="unknown config key 'lora.dropout'"):
+        train.main(train_args(tmp_path, tmp_path / "run", "--config.lora.dropout=0.1"))
+    with pytest.raises(ValueError, match="unknown preset 'sd99'"):
+        train.main(["--config", f"{REPO}/configs/unguide.py:sd99"])
+
+
+@pytest.mark.parametrize("preset", ["default", "tiny", "sd15-object", "sd15-nudity"])
+def test_presets_name_existing_concepts_and_target_rules(preset):
+    from unguide_jax.config import load_config_file
+    from unguide_jax.lora import TARGET_RULES
+    from unguide_jax.unguide.concepts import load_concept
+    from unguide_jax.unguide.objective import ObjectiveConfig
+
+    config = load_config_file(f"{REPO}/configs/unguide.py:{preset}")
+    load_concept(config["concept"])
+    ObjectiveConfig(**config["objective"])
+    assert config["lora"]["targets"] in TARGET_RULES
+    assert jax.tree.leaves(config)  # a plain nested dict of values

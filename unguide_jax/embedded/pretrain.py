@@ -1,0 +1,260 @@
+"""Pretraining stages of the embedded shapes model: VAE, then UNet + CLIP text encoder jointly.
+
+Every stage is a function of a config dict and returns parameters and metrics; ``recipe.py`` chains
+them, writes their outputs, and skips stages whose outputs already exist (so the recipe resumes).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from ..data import shapes
+from ..loading import build_module
+from ..models.text_encoder import CLIPTextConfig
+from ..models.unet import UNetConfig
+from ..models.vae import AutoencoderKL, VAEConfig, sample_posterior, scale_latents
+from ..schedulers import NoiseSchedule, SchedulerConfig, add_noise, training_target
+from ..weights import read_safetensors, write_safetensors
+
+Log = Callable[[dict], None]
+
+
+def vae_config(cfg: dict, image_size: int) -> VAEConfig:
+    n = len(cfg["block_out_channels"])
+    return VAEConfig(block_out_channels=tuple(cfg["block_out_channels"]), layers_per_block=cfg["layers_per_block"],
+                     latent_channels=cfg["latent_channels"], norm_num_groups=cfg["norm_num_groups"],
+                     down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                     sample_size=image_size, scaling_factor=1.0)
+
+
+def text_config(cfg: dict, vocab_size: int, max_length: int) -> CLIPTextConfig:
+    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+                          num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
+                          max_position_embeddings=max_length, hidden_act="quick_gelu",
+                          bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+
+
+def unet_config(cfg: dict, latent_size: int, latent_channels: int, cross_attention_dim: int) -> UNetConfig:
+    n = len(cfg["block_out_channels"])
+    return UNetConfig(sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
+                      block_out_channels=tuple(cfg["block_out_channels"]), layers_per_block=cfg["layers_per_block"],
+                      attention_head_dim=tuple(cfg["attention_heads"]), norm_num_groups=cfg["norm_num_groups"],
+                      cross_attention_dim=cross_attention_dim,
+                      down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+                      up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1))
+
+
+class LoopCheckpoint:
+    """A training loop's whole state (a pytree of arrays plus JSON metadata) in one safetensors file.
+
+    Written atomically every ``every`` steps, so a stage cut off midway resumes where it stopped and
+    ends with the same weights as an uninterrupted run. ``path=None`` turns checkpointing off.
+    """
+
+    def __init__(self, path: str | Path | None, every: int):
+        self.path, self.every = (Path(path) if path else None), max(1, int(every))
+
+    def due(self, step: int, total: int) -> bool:
+        return self.path is not None and (step + 1) % self.every == 0 and step + 1 < total
+
+    def save(self, tree: Any, meta: dict) -> None:
+        leaves = jax.tree.leaves(jax.device_get(tree))
+        write_safetensors(self.path, {f"{i:06d}": np.asarray(x) for i, x in enumerate(leaves)},
+                          metadata={"meta": json.dumps(meta)})
+
+    def load(self, like: Any) -> tuple[Any, dict] | None:
+        """The saved state in the structure of ``like`` (same shapes and dtypes), or None if there is none."""
+        if self.path is None or not self.path.is_file():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), "np") as f:
+            meta = json.loads(f.metadata()["meta"])
+        stored = read_safetensors(self.path)
+        leaves, treedef = jax.tree.flatten(like)
+        if len(stored) != len(leaves):
+            raise ValueError(f"{self.path} holds {len(stored)} arrays, the loop has {len(leaves)}: "
+                             "it was written by another configuration; delete it")
+        restored = []
+        for i, leaf in enumerate(leaves):
+            array = stored[f"{i:06d}"]
+            if array.size == np.size(leaf):
+                array = array.reshape(np.shape(leaf))  # safetensors stores scalars with shape (1,)
+            if array.shape != np.shape(leaf) or array.dtype != np.asarray(leaf).dtype:
+                raise ValueError(f"{self.path}: array {i} is {array.dtype}{array.shape}, expected "
+                                 f"{np.asarray(leaf).dtype}{np.shape(leaf)}; delete the checkpoint")
+            restored.append(array)
+        return jax.tree.unflatten(treedef, restored), meta
+
+    def remove(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def to_pixels(images_uint8: np.ndarray) -> jax.Array:
+    return jnp.asarray(images_uint8, jnp.float32) / 127.5 - 1.0
+
+
+def _adam(lr: float, steps: int, warmup: int) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, warmup), max(steps, warmup + 1), end_value=lr * 0.05)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=1e-4))
+
+
+def train_vae(cfg: dict, image_size: int, seed: int, log: Log,
+              checkpoint: LoopCheckpoint | None = None) -> tuple[VAEConfig, dict, dict]:
+    """AutoencoderKL on fresh procedural images: L1 + L2 reconstruction + a small KL term (as SD's VAE)."""
+    checkpoint = checkpoint or LoopCheckpoint(None, 1)
+    config = vae_config(cfg, image_size)
+    vae = AutoencoderKL(config)
+    params = jax.jit(vae.init)(jax.random.key(seed), *vae.init_inputs())["params"]
+    optimizer = _adam(cfg["learning_rate"], cfg["steps"], cfg["warmup"])
+    opt_state = optimizer.init(params)
+
+    def loss_fn(p, x, key):
+        mean, logvar = vae.apply({"params": p}, x, method=AutoencoderKL.encode)
+        z = sample_posterior(mean, logvar, jax.random.normal(key, mean.shape))
+        rec = vae.apply({"params": p}, z, method=AutoencoderKL.decode)
+        kl = 0.5 * jnp.mean(jnp.sum(mean**2 + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3)))
+        l1, l2 = jnp.abs(rec - x).mean(), ((rec - x) ** 2).mean()
+        return l1 + l2 + cfg["kl_weight"] * kl, (l1, l2, kl)
+
+    @jax.jit
+    def step(p, s, x, key):
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, x, key)
+        updates, s = optimizer.update(grads, s, p)
+        return optax.apply_updates(p, updates), s, loss, aux
+
+    key, started = jax.random.key(seed + 1), time.perf_counter()
+    losses, first = [], 0
+    resumed = checkpoint.load((params, opt_state, jax.random.key_data(key)))
+    if resumed is not None:
+        (params, opt_state, key_data), meta = resumed
+        key, losses, first = jax.random.wrap_key_data(key_data), meta["losses"], meta["step"]
+        log({"stage": "vae", "resumed_at": first})
+    bar = tqdm(range(first, cfg["steps"]), desc="vae", mininterval=5, initial=first, total=cfg["steps"])
+    for i in bar:
+        images, *_ = shapes.batch(cfg["data_seed"], i * cfg["batch_size"], cfg["batch_size"], image_size)
+        key, sub = jax.random.split(key)
+        params, opt_state, loss, (l1, l2, kl) = step(params, opt_state, to_pixels(images), sub)
+        losses.append(float(loss))
+        if i % 50 == 0 or i == cfg["steps"] - 1:
+            bar.set_postfix(loss=f"{float(loss):.4f}")
+            log({"stage": "vae", "step": i, "loss": float(loss), "l1": float(l1), "l2": float(l2), "kl": float(kl)})
+        if checkpoint.due(i, cfg["steps"]):
+            checkpoint.save((params, opt_state, jax.random.key_data(key)), {"step": i + 1, "losses": losses})
+    window = max(1, min(20, len(losses) // 4))
+    metrics = {"train_seconds": round(time.perf_counter() - started, 1), "first_loss": float(np.mean(losses[:window])),
+               "final_loss": float(np.mean(losses[-window:])), "loss_window": window}
+    return config, params, metrics
+
+
+def encode_dataset(vae: AutoencoderKL, params, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior mean and log-variance of every image (the diffusion stage samples from them)."""
+    encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=AutoencoderKL.encode))
+    means, logvars = [], []
+    for start in range(0, len(images), batch_size):
+        mean, logvar = encode(params, to_pixels(images[start:start + batch_size]))
+        means.append(np.asarray(mean))
+        logvars.append(np.asarray(logvar))
+    return np.concatenate(means), np.concatenate(logvars)
+
+
+def latent_scaling_factor(means: np.ndarray, logvars: np.ndarray) -> float:
+    """1 / std of the sampled latents (how SD's 0.18215 was chosen)."""
+    second_moment = np.mean(means.astype(np.float64) ** 2 + np.exp(logvars.astype(np.float64)))
+    return float(1.0 / np.sqrt(second_moment - np.mean(means, dtype=np.float64) ** 2))
+
+
+def tokenize_captions(tokenizer, captions: list[str]) -> np.ndarray:
+    """Token ids for many captions, tokenizing each distinct caption once."""
+    unique = sorted(set(captions))
+    ids = tokenizer(unique, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+    table = dict(zip(unique, ids))
+    return np.asarray([table[c] for c in captions], np.int32)
+
+
+@dataclasses.dataclass
+class DiffusionData:
+    latent_mean: np.ndarray  # (N, h, w, c), unscaled VAE latents
+    latent_logvar: np.ndarray
+    input_ids: np.ndarray  # (N, L)
+    empty_ids: np.ndarray  # (L,) ids of "" for classifier-free guidance dropout
+
+
+def train_diffusion(cfg: dict, unet_cfg: UNetConfig, text_cfg: CLIPTextConfig, vae_cfg: VAEConfig,
+                    scheduler: SchedulerConfig, data: DiffusionData, seed: int, log: Log,
+                    checkpoint: LoopCheckpoint | None = None):
+    """UNet and text encoder trained together from scratch on the epsilon objective, with an EMA copy."""
+    checkpoint = checkpoint or LoopCheckpoint(None, 1)
+    unet, text_encoder = build_module("unet", unet_cfg), build_module("text_encoder", text_cfg)
+    k_unet, k_text, key = jax.random.split(jax.random.key(seed), 3)
+    params = {"unet": jax.jit(unet.init)(k_unet, *unet.init_inputs(size=unet_cfg.sample_size))["params"],
+              "text_encoder": jax.jit(text_encoder.init)(k_text, *text_encoder.init_inputs())["params"]}
+    optimizer = _adam(cfg["learning_rate"], cfg["steps"], cfg["warmup"])
+    opt_state = optimizer.init(params)
+    ema = params
+    schedule = NoiseSchedule.from_config(scheduler)
+    empty = jnp.asarray(data.empty_ids)
+
+    def loss_fn(p, mean, logvar, ids, key):
+        k_post, k_noise, k_t, k_drop = jax.random.split(key, 4)
+        batch = mean.shape[0]
+        x0 = scale_latents(sample_posterior(mean, logvar, jax.random.normal(k_post, mean.shape)), vae_cfg)
+        drop = jax.random.uniform(k_drop, (batch, 1)) < cfg["caption_dropout"]
+        ids = jnp.where(drop, empty[None, :], ids)
+        context, _ = text_encoder.apply({"params": p["text_encoder"]}, ids)
+        noise = jax.random.normal(k_noise, x0.shape)
+        t = jax.random.randint(k_t, (batch,), 0, scheduler.num_train_timesteps)
+        pred = unet.apply({"params": p["unet"]}, add_noise(schedule, x0, noise, t), t, context)
+        return jnp.mean((pred - training_target(scheduler, schedule, x0, noise, t)) ** 2)
+
+    @jax.jit
+    def step(p, s, ema, mean, logvar, ids, key):
+        loss, grads = jax.value_and_grad(loss_fn)(p, mean, logvar, ids, key)
+        updates, s = optimizer.update(grads, s, p)
+        p = optax.apply_updates(p, updates)
+        ema = jax.tree.map(lambda e, q: cfg["ema_decay"] * e + (1 - cfg["ema_decay"]) * q, ema, p)
+        return p, s, ema, loss
+
+    n, bs = len(data.input_ids), cfg["batch_size"]
+    order_rng = np.random.default_rng(seed)
+    order = order_rng.permutation(n)
+    started, losses, cursor, first = time.perf_counter(), [], 0, 0
+    resumed = checkpoint.load((params, opt_state, ema, jax.random.key_data(key), order))
+    if resumed is not None:
+        (params, opt_state, ema, key_data, order), meta = resumed
+        key, order = jax.random.wrap_key_data(key_data), np.asarray(order)
+        losses, cursor, first = meta["losses"], meta["cursor"], meta["step"]
+        order_rng.bit_generator.state = meta["order_rng"]
+        log({"stage": "diffusion", "resumed_at": first})
+    bar = tqdm(range(first, cfg["steps"]), desc="unet+text", mininterval=5, initial=first, total=cfg["steps"])
+    for i in bar:
+        if cursor + bs > n:
+            order, cursor = order_rng.permutation(n), 0
+        idx = np.sort(order[cursor:cursor + bs])
+        cursor += bs
+        key, sub = jax.random.split(key)
+        params, opt_state, ema, loss = step(params, opt_state, ema, data.latent_mean[idx], data.latent_logvar[idx],
+                                            data.input_ids[idx], sub)
+        losses.append(float(loss))
+        if i % 50 == 0 or i == cfg["steps"] - 1:
+            recent = float(np.mean(losses[-50:]))
+            bar.set_postfix(loss=f"{recent:.4f}")
+            log({"stage": "diffusion", "step": i, "loss": float(loss), "loss_avg50": recent})
+        if checkpoint.due(i, cfg["steps"]):
+            checkpoint.save((params, opt_state, ema, jax.random.key_data(key), order),
+                            {"step": i + 1, "losses": losses, "cursor": cursor, "order_rng": order_rng.bit_generator.state})
+    window = max(1, min(50, len(losses) // 4))
+    metrics = {"train_seconds": round(time.perf_counter() - started, 1), "first_loss": float(np.mean(losses[:window])),
+               "final_loss": float(np.mean(losses[-window:])), "loss_window": window, "steps": cfg["steps"],
+               "batch_size": bs}
+    return unet, text_encoder, ema, metrics

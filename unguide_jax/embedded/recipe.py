@@ -1,0 +1,206 @@
+"""The embedded model's pretraining recipe, stage by stage, resumable.
+
+    python -m unguide_jax.embedded.recipe --config configs/embedded.py
+
+Stages (each writes its output under ``work_dir`` and is skipped when that output exists):
+tokenizer -> evaluator -> vae -> diffusion -> quality. ``metrics.jsonl`` logs every stage;
+``recipe.json`` holds the resolved config. The shipped copies live in ``unguide_jax/assets/``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from ..data import shapes
+from ..loading import load_component, load_pipeline, load_tokenizer, save_component, save_pipeline
+from ..pipeline import StableDiffusion
+from ..schedulers import SchedulerConfig
+from ..tokenizer import open_clip_merges, write_clip_tokenizer
+from ..weights import write_json
+from . import pretrain
+from .classifier import ClassifierConfig, load_classifier, save_classifier, train_classifier
+
+STAGES = ("tokenizer", "evaluator", "vae", "diffusion", "quality")
+MODEL_DIR, EVALUATOR_DIR = "shapes-sd", "shapes-classifier"
+
+
+class MetricsLog:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"time": round(time.time(), 2), **record}) + "\n")
+
+
+def _stage_tokenizer(config: dict, work: Path, log: MetricsLog) -> None:
+    bpe = config["tokenizer"]["bpe_file"] or None
+    write_clip_tokenizer(work / "tokenizer.tmp", open_clip_merges(bpe), max_length=config["tokenizer"]["max_length"])
+    shutil.rmtree(work / "tokenizer", ignore_errors=True)
+    (work / "tokenizer.tmp").rename(work / "tokenizer")
+    log({"stage": "tokenizer", "vocab_size": len(load_tokenizer(work / "tokenizer"))})
+
+
+def _stage_evaluator(config: dict, work: Path, log: MetricsLog) -> None:
+    cfg = config["evaluator"]
+    clf_config = ClassifierConfig(image_size=config["image_size"], channels=tuple(cfg["channels"]))
+    params, metrics = train_classifier(clf_config, steps=cfg["steps"], batch_size=cfg["batch_size"],
+                                       learning_rate=cfg["learning_rate"], seed=config["seed"], eval_images=cfg["eval_images"],
+                                       data_seed=cfg["data_seed"], eval_seed=cfg["eval_seed"],
+                                       blur_sigma_max=cfg["blur_sigma_max"], log=log)
+    save_classifier(work / f"{EVALUATOR_DIR}.tmp", clf_config, params, metrics)
+    (work / f"{EVALUATOR_DIR}.tmp").rename(work / EVALUATOR_DIR)
+    log({"stage": "evaluator", "done": True, **{k: v for k, v in metrics.items() if k != "per_class_accuracy"}})
+
+
+def _loop_checkpoint(config: dict, work: Path, stage: str) -> pretrain.LoopCheckpoint:
+    return pretrain.LoopCheckpoint(work / CHECKPOINTS[stage], config["checkpoint_every"])
+
+
+def _stage_vae(config: dict, work: Path, log: MetricsLog) -> None:
+    checkpoint = _loop_checkpoint(config, work, "vae")
+    vae_config, params, metrics = pretrain.train_vae(config["vae"], config["image_size"], config["seed"] + 10, log,
+                                                     checkpoint)
+    save_component(work / "vae.tmp", "vae", vae_config, params)
+    write_json(work / "vae.tmp" / "metrics.json", metrics)
+    (work / "vae.tmp").rename(work / "vae")
+    checkpoint.remove()
+    log({"stage": "vae", "done": True, **metrics})
+
+
+def _stage_diffusion(config: dict, work: Path, log: MetricsLog) -> None:
+    cfg = config["diffusion"]
+    vae, vae_params = load_component(work / "vae", "vae")
+    tokenizer = load_tokenizer(work / "tokenizer")
+    started = time.perf_counter()
+    images, captions, _, _ = shapes.batch(cfg["data_seed"], 0, cfg["train_images"], config["image_size"], cfg["synonym_prob"])
+    mean, logvar = pretrain.encode_dataset(vae, vae_params, images)
+    vae_config = dataclasses.replace(vae.config, scaling_factor=round(pretrain.latent_scaling_factor(mean, logvar), 5))
+    data = pretrain.DiffusionData(mean, logvar, pretrain.tokenize_captions(tokenizer, captions),
+                                  pretrain.tokenize_captions(tokenizer, [""])[0])
+    log({"stage": "diffusion", "data_seconds": round(time.perf_counter() - started, 1),
+         "scaling_factor": vae_config.scaling_factor, "train_images": len(images)})
+    text_cfg = pretrain.text_config(config["text_encoder"], len(tokenizer), tokenizer.model_max_length)
+    unet_cfg = pretrain.unet_config(config["unet"], mean.shape[1], mean.shape[-1], text_cfg.hidden_size)
+    scheduler = SchedulerConfig()  # SD's: scaled_linear 0.00085..0.012, epsilon, leading, steps_offset 1
+    checkpoint = _loop_checkpoint(config, work, "diffusion")
+    unet, text_encoder, params, metrics = pretrain.train_diffusion(
+        cfg, unet_cfg, text_cfg, vae_config, scheduler, data, config["seed"] + 20, log, checkpoint)
+    from ..models.vae import AutoencoderKL
+
+    sd = StableDiffusion(unet=unet, text_encoder=text_encoder, vae=AutoencoderKL(vae_config), tokenizer=tokenizer,
+                         scheduler=scheduler, params={**params, "vae": vae_params})
+    tmp = work / f"{MODEL_DIR}.tmp"
+    save_pipeline(sd, tmp, dtype=np.float16)
+    write_json(tmp / "training_metrics.json", {"diffusion": metrics, "vae": json.loads((work / "vae" / "metrics.json").read_text())})
+    tmp.rename(work / MODEL_DIR)
+    checkpoint.remove()
+    log({"stage": "diffusion", "done": True, **metrics})
+
+
+def _stage_quality(config: dict, work: Path, log: MetricsLog) -> None:
+    from ..outputs import save_png
+    from .quality import format_quality_table, run_quality_gate
+
+    sd = load_pipeline(work / MODEL_DIR)
+    evaluator = load_classifier(work / EVALUATOR_DIR)
+    metrics, grid = run_quality_gate(sd, evaluator, **config["quality"])
+    save_png(work / "quality_grid.png", grid)
+    write_json(work / "quality.json", metrics)
+    (work / "quality.md").write_text(format_quality_table(metrics) + "\n")
+    log({"stage": "quality", "done": True, **{k: v for k, v in metrics.items() if k != "per_prompt"}})
+
+
+STAGE_FUNCTIONS = {"tokenizer": _stage_tokenizer, "evaluator": _stage_evaluator, "vae": _stage_vae,
+                   "diffusion": _stage_diffusion, "quality": _stage_quality}
+# The config keys each stage's output depends on (its own and its inputs'): a finished stage is
+# reused on a rerun only if these are unchanged.
+_DATA = ("seed", "image_size")
+STAGE_INPUTS = {
+    "tokenizer": ("tokenizer",),
+    "evaluator": _DATA + ("evaluator",),
+    "vae": _DATA + ("vae",),
+    "diffusion": _DATA + ("tokenizer", "vae", "text_encoder", "unet", "diffusion"),
+    "quality": _DATA + ("tokenizer", "evaluator", "vae", "text_encoder", "unet", "diffusion", "quality"),
+}
+STAGE_OUTPUTS = {"tokenizer": "tokenizer", "evaluator": EVALUATOR_DIR, "vae": "vae", "diffusion": MODEL_DIR,
+                 "quality": "quality.json"}
+# Mid-stage state of the long training loops (removed once the stage's output is written).
+CHECKPOINTS = {"vae": "vae.loop.safetensors", "diffusion": "diffusion.loop.safetensors"}
+
+
+def run_recipe(config: dict) -> Path:
+    config = {k: v for k, v in config.items() if k != "publish"}
+    unknown = [s for s in config["stages"] if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown recipe stages {unknown}; known: {list(STAGES)}")
+    work = Path(config["work_dir"])
+    work.mkdir(parents=True, exist_ok=True)
+    recipe_file = work / "recipe.json"
+    previous = json.loads(recipe_file.read_text()) if recipe_file.is_file() else None
+    for stage in STAGES:
+        made = [work / name for name in (STAGE_OUTPUTS[stage], CHECKPOINTS.get(stage)) if name and (work / name).exists()]
+        if stage in config["stages"] and made and previous is not None:
+            changed = [k for k in STAGE_INPUTS[stage] if previous.get(k) != config.get(k)]
+            if changed:
+                raise ValueError(f"{made[0]} was made with other settings of {changed}: "
+                                 f"delete it (and what follows) or use another work_dir")
+    write_json(recipe_file, config)
+    log = MetricsLog(work / "metrics.jsonl")
+    for stage in STAGES:
+        if stage not in config["stages"]:
+            continue
+        if (work / STAGE_OUTPUTS[stage]).exists():
+            print(f"[recipe] {stage}: done already ({work / STAGE_OUTPUTS[stage]})")
+            continue
+        shutil.rmtree(work / f"{STAGE_OUTPUTS[stage]}.tmp", ignore_errors=True)  # a stage cut off midway
+        started = time.perf_counter()
+        print(f"[recipe] {stage} ...")
+        STAGE_FUNCTIONS[stage](config, work, log)
+        seconds = round(time.perf_counter() - started, 1)
+        log({"stage": stage, "stage_seconds": seconds})
+        print(f"[recipe] {stage}: {seconds} s")
+    return work
+
+
+RECORD_FILES = ("recipe.json", "metrics.jsonl", "quality.json", "quality.md", "quality_grid.png")
+
+
+def publish(work: Path, assets: Path) -> None:
+    """Copy a finished run's model, evaluator and record over the shipped ones (what ``publish=True`` does)."""
+    missing = [n for n in (MODEL_DIR, EVALUATOR_DIR, *RECORD_FILES) if not (work / n).exists()]
+    if missing:
+        raise FileNotFoundError(f"{work} is not a finished recipe run: missing {missing}")
+    for name in (MODEL_DIR, EVALUATOR_DIR):
+        shutil.rmtree(assets / name, ignore_errors=True)
+        shutil.copytree(work / name, assets / name)
+    (assets / "recipe").mkdir(parents=True, exist_ok=True)
+    for name in RECORD_FILES:
+        shutil.copy2(work / name, assets / "recipe" / name)
+
+
+def main(argv=None) -> int:
+    from ..config import parse_cli
+    from ..runtime import setup_runtime
+
+    config = parse_cli(sys.argv[1:] if argv is None else argv, "configs/embedded.py")
+    setup_runtime()
+    work = run_recipe(config)
+    print(f"recipe outputs in {work}")
+    if config["publish"]:
+        from . import ASSETS
+
+        publish(work, ASSETS)
+        print(f"published to {ASSETS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
