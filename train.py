@@ -1,11 +1,15 @@
 #!/usr/bin/env python
-"""Train an UnGuide LoRA that erases a concept from a Flax Stable Diffusion model.
+"""Erase a concept from a Flax Stable Diffusion model: UnGuide (default), learnable prompts, PURE or UCE.
 
     python train.py --config configs/unguide.py
     python train.py --config configs/unguide.py:sd15-object --config.model=PATH --config.concept=dog
     python train.py --config configs/unguide.py --config.resume=true
+    python train.py --config configs/learnable_prompts.py
+    python train.py --config configs/pure.py        # closed form: seconds, no iterations
+    python train.py --config configs/uce.py
 
-Writes config.json, metrics.jsonl, checkpoints/, adapter.safetensors (and export/) to config.run_dir.
+Writes config.json, metrics.jsonl, checkpoints/, adapter.safetensors or edit.safetensors (and export/)
+to config.run_dir.
 """
 import sys
 
@@ -22,7 +26,8 @@ def main(argv=None) -> int:
     from unguide_jax.train_job import run_training
 
     run_dir = run_training(config)
-    print(f"wrote {run_dir / 'adapter.safetensors'}")
+    made = [run_dir / name for name in ("adapter.safetensors", "edit.safetensors") if (run_dir / name).is_file()]
+    print(f"wrote {', '.join(str(m) for m in made)}")
     return 0
 
 

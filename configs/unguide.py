@@ -11,6 +11,7 @@ python train.py --config configs/unguide.py --config.resume=true      # continue
 
 def get_config(preset: str = "default") -> dict:
     config = dict(
+        method="unguide",
         model="embedded",        # "embedded" (the shipped shapes model) or a diffusers-layout SD folder
         concept="shapes-circle",  # a shipped name (configs/concepts/<name>.json) or a path to a concept JSON
         lora=dict(

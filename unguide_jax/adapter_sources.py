@@ -1,7 +1,8 @@
 """Where sampling gets its edits from: one loader for every file or folder an eraser can leave.
 
 ``load_edit(source, unet_params)`` accepts
-- an adapter file of ours (``adapter.safetensors``, written by train.py and the other erasers);
+- an adapter file of ours: a LoRA (``adapter.safetensors`` of train.py) or any edit (``edit.safetensors``
+  of the other erasers: PURE, UCE, learnable prompts);
 - a train.py run folder (its ``adapter.safetensors``, or its latest Orbax checkpoint if the run has
   not finished);
 - an Orbax checkpoint: one step folder (``checkpoints/<step>``) or a ``checkpoints/`` folder (its
@@ -21,10 +22,10 @@ import numpy as np
 from safetensors import safe_open
 
 from . import edits
-from .adapter_file import ADAPTER_FORMAT, load_adapter, read_adapter_metadata
+from .adapter_file import ADAPTER_FORMAT, EDIT_FORMAT, load_adapter, load_edit_file, read_adapter_metadata
 from .checkpoints import RECORD_FILE, RunCheckpoints
 
-ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_FILE, EDIT_FILE = "adapter.safetensors", "edit.safetensors"
 
 
 def _file_format(path: Path) -> str | None:
@@ -79,18 +80,22 @@ def _load_one(source: str | Path, unet_params: Mapping) -> tuple[edits.Edit, dic
     if not path.exists():
         raise FileNotFoundError(f"missing adapter: {path}")
     if path.is_dir():
-        if (path / ADAPTER_FILE).is_file():
-            return _from_adapter_file(path / ADAPTER_FILE)
+        for name in (ADAPTER_FILE, EDIT_FILE):
+            if (path / name).is_file():
+                return _load_one(path / name, unet_params)
         if (path / RECORD_FILE).is_file():
             return restore_checkpoint_adapter(path, unet_params)
         if (path / "checkpoints").is_dir():
             return restore_checkpoint_adapter(_latest_step_dir(path / "checkpoints"), unet_params)
         if any(child.name.isdigit() and (child / RECORD_FILE).is_file() for child in path.iterdir()):
             return restore_checkpoint_adapter(_latest_step_dir(path), unet_params)
-    elif _file_format(path) == ADAPTER_FORMAT:
-        return _from_adapter_file(path)
     elif path.suffix != ".safetensors":
         raise ValueError(f"{path}: adapters are read from safetensors files (or our run/checkpoint folders)")
+    elif (file_format := _file_format(path)) == ADAPTER_FORMAT:
+        return _from_adapter_file(path)
+    elif file_format == EDIT_FORMAT:
+        edit, metadata = load_edit_file(path)
+        return edit, {"source": str(path), **{k: v for k, v in metadata.items() if k != "format"}}
     from .lora_io import import_lora
 
     adapter, alpha = import_lora(path, unet_params)  # PEFT/diffusers file or folder, or kohya; names what is wrong

@@ -1,17 +1,23 @@
-"""The job behind ``train.py``: config -> model, concept, LoRA -> jitted UnGuide steps -> one run folder.
+"""The job behind ``train.py``: config -> model, concept, eraser -> one run folder.
+
+``config.method`` picks the eraser:
+    unguide            UnGuide's LoRA, trained (spec unguide.md §3)
+    learnable_prompts  memory tokens + an ESD fine-tune, trained (spec erasers.md §1)
+    pure, uce          closed-form K/V edits (spec erasers.md §2, §3): no iterations
 
 Run folder (``config.run_dir``):
     config.json            the resolved config (file preset + overrides)
-    metrics.jsonl          one line per step (loss, t_enc, t, seconds)
+    metrics.jsonl          one line per step (loss, t_enc, t, seconds); closed form: one report line
     checkpoints/<step>/    Orbax: train state + config, every ``checkpoint_every`` steps and the last
-    adapter.safetensors    the final adapter (unguide_jax.adapter_file layout: load_adapter reads it)
-    export/                the final adapter for PyTorch users, in the formats config.export names
-                           (diffusers/ for "peft", kohya.safetensors, unet/ for "merged_unet")
+    adapter.safetensors    unguide: the final LoRA (unguide_jax.adapter_file.load_adapter reads it)
+    edit.safetensors       the other erasers: the final edit (adapter_file.load_edit_file);
+                           learnable prompts also write edit_with_prompt.safetensors (tokens kept)
+    export/                the edit for PyTorch users, in the formats config.export names
+                           (unguide_jax.edit_export: peft, kohya, partial_unet, merged_unet, prompt)
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import time
@@ -28,7 +34,10 @@ from .weights import write_json
 
 # A resumed run must agree with its checkpoint on these; the rest (iterations, checkpointing,
 # mesh, exports, run_dir) may change between sessions.
-TRAINING_KEYS = ("model", "concept", "lora", "objective", "learning_rate", "seed", "dtype", "param_dtype")
+TRAINING_KEYS = ("method", "model", "concept", "lora", "prompt", "objective", "learning_rate", "seed", "dtype",
+                 "param_dtype")
+METHODS = ("unguide", "learnable_prompts", "pure", "uce")
+CLOSED_FORM = ("pure", "uce")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -55,6 +64,10 @@ class RunPaths:
     @property
     def adapter(self) -> Path:
         return self.root / "adapter.safetensors"
+
+    @property
+    def edit(self) -> Path:
+        return self.root / "edit.safetensors"
 
     @property
     def export(self) -> Path:
@@ -96,7 +109,7 @@ def train_loop(state, step_fn: Callable, *, iterations: int, checkpoint_every: i
     start = int(state.step)
     if start > iterations:
         raise ValueError(f"the run is at step {start}, past iterations={iterations}")
-    bar = tqdm(total=iterations, initial=start, desc="unguide", unit="step", disable=not progress)
+    bar = tqdm(total=iterations, initial=start, desc=config.get("method", "unguide"), unit="step", disable=not progress)
     try:
         for _ in range(start, iterations):
             began = time.perf_counter()
@@ -127,18 +140,22 @@ def _nonfinite_message(what: str, checkpoints: RunCheckpoints | None) -> str:
 
 # --- config checks ---------------------------------------------------------------------------------
 
-def check_config(config: dict) -> None:
-    """Value checks that need no model; each error names the key."""
-    def positive(key, value, allow_zero=False):
-        if (not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
-                or (value == 0 and not allow_zero)):
-            raise ValueError(f"config.{key} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+def _positive(config: dict, key: str, allow_zero: bool = False) -> None:
+    value = config
+    for part in key.split("."):
+        value = value[part]
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0
+            or (value == 0 and not allow_zero)):
+        raise ValueError(f"config.{key} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
-    positive("iterations", config["iterations"])
-    positive("learning_rate", config["learning_rate"])
-    positive("checkpoint_every", config["checkpoint_every"], allow_zero=True)
-    positive("keep", config["keep"])
-    positive("lora.rank", config["lora"]["rank"])
+
+def check_config(config: dict) -> str:
+    """Value checks that need no model; each error names the key. Returns the method."""
+    from .edit_export import check_exports
+
+    method = config.get("method", "unguide")
+    if method not in METHODS:
+        raise ValueError(f"config.method must be one of {METHODS}, got {method!r}")
     if not config["model"]:
         raise ValueError("config.model is empty: give a diffusers-layout Stable Diffusion folder or 'embedded'")
     if not config["run_dir"]:
@@ -146,8 +163,19 @@ def check_config(config: dict) -> None:
     for key in ("dtype", "param_dtype"):
         if config[key] not in DTYPES:
             raise ValueError(f"config.{key} must be one of {sorted(DTYPES)}, got {config[key]!r}")
-    if not isinstance(config["export"], (list, tuple)):
-        raise ValueError(f"config.export must be a list of formats, got {config['export']!r}")
+    check_exports(config["export"])
+    if method in CLOSED_FORM:
+        return method
+    for key in ("iterations", "keep"):
+        _positive(config, key)
+    _positive(config, "checkpoint_every", allow_zero=True)
+    if method == "unguide":
+        _positive(config, "learning_rate")
+        _positive(config, "lora.rank")
+    else:
+        _positive(config, "prompt.model_learning_rate")
+        _positive(config, "prompt.prompt_learning_rate")
+    return method
 
 
 def check_resumable(saved: dict, config: dict, where: Path) -> None:
@@ -171,56 +199,136 @@ def resolve_model_folder(name_or_path: str) -> Path:
     return folder
 
 
-def _export_peft(export_dir: Path, adapter, alpha: float, unet, unet_params) -> Path:
-    from .lora_io import export_peft
-    return export_peft(export_dir / "diffusers", adapter, alpha, unet_params)
+# --- the trained erasers ----------------------------------------------------------------------------
+
+class UnguideTrainer:
+    """UnGuide: a LoRA adapter, the objective of spec §3, Adam on the adapter."""
+
+    def __init__(self, config: dict):
+        from .lora import LoraConfig
+        from .unguide.objective import ObjectiveConfig
+        from .unguide.train_step import make_optimizer
+
+        self.lora = LoraConfig(rank=int(config["lora"]["rank"]), alpha=float(config["lora"]["alpha"]),
+                               targets=str(config["lora"]["targets"]))
+        self.objective = ObjectiveConfig(**config["objective"])
+        self.optimizer = make_optimizer(float(config["learning_rate"]))
+
+    def describe(self, unet_params) -> dict:
+        from .lora import target_modules
+
+        return {"lora_modules": len(target_modules(unet_params, self.lora.targets))}  # "matches no layer" fails here
+
+    def init(self, key, unet_params):
+        from .unguide.train_step import init_train_state
+
+        return init_train_state(key, unet_params, self.lora, self.optimizer)
+
+    def embeddings(self, sd, concept):
+        from .unguide.objective import embed_concept
+
+        return embed_concept(sd, concept)
+
+    def step_fn(self, sd, mesh):
+        from .unguide.train_step import make_train_step
+
+        return make_train_step(sd.unet, sd.scheduler, self.lora, self.objective, self.optimizer, mesh=mesh)
+
+    def parameters(self, state) -> int:
+        from .lora import count_parameters
+
+        return count_parameters(state.adapter)
+
+    def save(self, state, paths: RunPaths, concept, config: dict):
+        from .adapter_file import save_adapter
+        from .edits import lora_edit
+
+        adapter = jax.device_get(state.adapter)
+        save_adapter(paths.adapter, adapter, self.lora, extra={
+            "concept": concept.to_json(), "base_model": str(config["model"]), "steps": int(state.step),
+            "objective": dataclasses.asdict(self.objective), "learning_rate": float(config["learning_rate"]),
+            "seed": int(config["seed"]),
+        })
+        return lora_edit(adapter, self.lora.alpha)
 
 
-def _export_kohya(export_dir: Path, adapter, alpha: float, unet, unet_params) -> Path:
-    from .lora_io import export_kohya
-    return export_kohya(export_dir / "kohya.safetensors", adapter, alpha, unet_params)
+class PromptTrainer:
+    """Learnable prompts: memory tokens and an ESD fine-tune of a parameter subset, trained alternately."""
+
+    def __init__(self, config: dict):
+        from .erasers.learnable_prompts import PromptConfig
+        from .unguide.objective import ObjectiveConfig
+
+        self.prompt = PromptConfig(**config["prompt"])
+        self.objective = ObjectiveConfig(**config["objective"])
+        self._concept_vector = None
+
+    def describe(self, unet_params) -> dict:
+        from .edits import memory_layers
+        from .erasers.learnable_prompts import trainable_parameters
+
+        return {"trained_tensors": len(trainable_parameters(unet_params, self.prompt.parameters)),
+                "prompt_layers": len(memory_layers(unet_params, self.prompt.scope)), "prompt_tokens": self.prompt.tokens}
+
+    def embeddings(self, sd, concept):
+        from .erasers.uce import last_subject_index
+        from .unguide.objective import ConceptEmbeddings
+
+        targets = [t for t, _ in concept.pairs]
+        target = jnp.asarray(sd.encode_prompts(targets))
+        # The tokens start at the encoder's output at the concept word of the first target.
+        self._concept_vector = target[0, last_subject_index(sd, targets[0])]
+        # ESD: the empty prompt is e0's condition; the references are not used.
+        return ConceptEmbeddings(target=target, reference=target, uncond=jnp.asarray(sd.encode_prompts([""])))
+
+    def init(self, key, unet_params):
+        from .erasers.learnable_prompts import init_state
+
+        if self._concept_vector is None:
+            raise RuntimeError("PromptTrainer.embeddings() must run before init(): the tokens start at the concept")
+        return init_state(key, unet_params, self.prompt, self._concept_vector)
+
+    def step_fn(self, sd, mesh):
+        from .erasers.learnable_prompts import make_step
+        from .unguide.sharding import jit_train_step
+        from .unguide.train_step import latent_shape_of
+
+        return jit_train_step(make_step(sd.unet, sd.scheduler, self.objective, self.prompt, latent_shape_of(sd.unet)),
+                              mesh)
+
+    def parameters(self, state) -> int:
+        return sum(int(x.size) for x in jax.tree.leaves(state.adapter))
+
+    def save(self, state, paths: RunPaths, concept, config: dict):
+        from .adapter_file import save_edit
+        from .erasers.learnable_prompts import to_edit
+
+        adapter = jax.device_get(state.adapter)
+        extra = {"concept": concept.to_json(), "base_model": str(config["model"]), "steps": int(state.step),
+                 "prompt": dataclasses.asdict(self.prompt), "objective": dataclasses.asdict(self.objective)}
+        save_edit(paths.root / "edit_with_prompt.safetensors", to_edit(adapter, self.prompt, True),
+                  "learnable_prompts", dict(extra, keep_prompt=True))
+        save_edit(paths.edit, to_edit(adapter, self.prompt, False), "learnable_prompts", dict(extra, keep_prompt=False))
+        return to_edit(adapter, self.prompt, True)  # exports: the delta as weights, the tokens as their own file
 
 
-def _export_merged_unet(export_dir: Path, adapter, alpha: float, unet, unet_params) -> Path:
-    from .lora_io import export_merged_unet
-    return export_merged_unet(export_dir / "unet", unet.config, jax.device_get(unet_params), [(adapter, alpha)])
-
-
-# config.export names -> writers (unguide_jax.lora_io) and where their output lands under export/:
-#   peft         diffusers/PEFT: export/diffusers/pytorch_lora_weights.safetensors (load_lora_weights(folder))
-#   kohya        kohya/A1111:    export/kohya.safetensors
-#   merged_unet  the adapter merged into a diffusers unet/ folder: export/unet/ (as large as the UNet)
-EXPORTERS: dict[str, Callable] = {"peft": _export_peft, "kohya": _export_kohya, "merged_unet": _export_merged_unet}
-
-
-def check_exports(formats) -> None:
-    unknown = [f for f in formats if f not in EXPORTERS]
-    if unknown:
-        raise ValueError(f"unknown export format(s) {unknown} in config.export; known: {sorted(EXPORTERS)}")
-
-
-def export_adapter(formats, export_dir: Path, adapter, alpha: float, unet, unet_params) -> list[Path]:
-    return [EXPORTERS[name](export_dir, adapter, alpha, unet, unet_params) for name in formats]
+TRAINERS = {"unguide": UnguideTrainer, "learnable_prompts": PromptTrainer}
 
 
 # --- the job ----------------------------------------------------------------------------------------
 
 def run_training(config: dict, progress: bool = True) -> Path:
-    """Train (or resume) one UnGuide adapter as ``config`` says; returns the run folder."""
-    from .adapter_file import save_adapter
+    """Train (or resume) one eraser as ``config`` says; returns the run folder."""
+    from .edit_export import export_edit
     from .loading import load_pipeline
-    from .lora import LoraConfig, count_parameters, target_modules
     from .unguide.concepts import load_concept
-    from .unguide.objective import ObjectiveConfig, embed_concept
     from .unguide.sharding import make_mesh, shard, shardings_for
-    from .unguide.train_step import init_train_state, make_optimizer, make_train_step
 
-    check_config(config)
-    check_exports(config["export"])
+    method = check_config(config)
     concept = load_concept(config["concept"])
-    objective = ObjectiveConfig(**config["objective"])
-    lora_config = LoraConfig(rank=int(config["lora"]["rank"]), alpha=float(config["lora"]["alpha"]),
-                             targets=str(config["lora"]["targets"]))
+    if method in CLOSED_FORM:
+        return run_closed_form(config, method, concept)
+    trainer = TRAINERS[method](config)  # config values are checked here (ObjectiveConfig, LoraConfig, ...)
     model_folder = resolve_model_folder(config["model"])
     paths = RunPaths(Path(config["run_dir"]))
     paths.root.mkdir(parents=True, exist_ok=True)
@@ -235,14 +343,12 @@ def run_training(config: dict, progress: bool = True) -> Path:
 
         sd = load_pipeline(model_folder, dtype=DTYPES[config["dtype"]], param_dtype=DTYPES[config["param_dtype"]],
                            allow_pickle=bool(config["allow_pickle"]))
-        modules = target_modules(sd.params["unet"], lora_config.targets)  # "matches no layer" fails here
+        described = trainer.describe(sd.params["unet"])
         mesh = make_mesh(**config["mesh"])
         unet_params = shard(sd.params["unet"], mesh)
-        embeddings = embed_concept(sd, concept)
-        optimizer = make_optimizer(float(config["learning_rate"]))
-        init = functools.partial(init_train_state, lora_config=lora_config, optimizer=optimizer)
+        embeddings = trainer.embeddings(sd, concept)
         key = jax.random.key(int(config["seed"]))
-        abstract = jax.eval_shape(init, key, unet_params)
+        abstract = jax.eval_shape(trainer.init, key, unet_params)
         state_shardings = shardings_for(abstract, mesh)
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
                                 state_shardings)
@@ -252,25 +358,54 @@ def run_training(config: dict, progress: bool = True) -> Path:
             print(f"resuming {paths.root} from step {int(state.step)}")
         else:
             # Eager: a jitted init would take the UNet as an argument only to read kernel shapes.
-            state = jax.device_put(init(key, unet_params), state_shardings)
+            state = jax.device_put(trainer.init(key, unet_params), state_shardings)
         write_json(paths.config, config)
         log = MetricsLog(paths.metrics, resume_from_step=int(state.step) if latest is not None else None)
         if latest is None:
-            log({"step": 0, "lora_modules": len(modules), "lora_parameters": count_parameters(state.adapter),
+            log({"step": 0, "method": method, **described, "trained_parameters": trainer.parameters(state),
                  "concept": concept.name, "model": str(model_folder)})
 
-        train_step = make_train_step(sd.unet, sd.scheduler, lora_config, objective, optimizer, mesh=mesh)
+        train_step = trainer.step_fn(sd, mesh)
         state = train_loop(state, lambda s: train_step(s, unet_params, embeddings),
                            iterations=int(config["iterations"]), checkpoint_every=int(config["checkpoint_every"]),
                            checkpoints=checkpoints, config=config, log=log, progress=progress)
     finally:
         checkpoints.close()
 
-    adapter = jax.device_get(state.adapter)
-    save_adapter(paths.adapter, adapter, lora_config, extra={
-        "concept": concept.to_json(), "base_model": str(config["model"]), "steps": int(state.step),
-        "objective": dataclasses.asdict(objective), "learning_rate": float(config["learning_rate"]),
-        "seed": int(config["seed"]),
-    })
-    export_adapter(config["export"], paths.export, adapter, lora_config.alpha, sd.unet, unet_params)
+    edit = trainer.save(state, paths, concept, config)
+    export_edit(config["export"], paths.export, edit, sd.unet, jax.device_get(unet_params))
+    return paths.root
+
+
+def run_closed_form(config: dict, method: str, concept) -> Path:
+    """PURE or UCE: one computation, no checkpoints; the run folder gets edit.safetensors and a report."""
+    from .adapter_file import save_edit
+    from .edit_export import export_edit
+    from .loading import load_pipeline
+
+    model_folder = resolve_model_folder(config["model"])
+    if method == "pure":
+        from .erasers.pure import PureConfig, pure_edit
+
+        settings = PureConfig(**config["pure"])
+        compute = pure_edit
+    else:
+        from .erasers.uce import UceConfig, uce_edit
+
+        settings = UceConfig(**config["uce"])
+        compute = uce_edit
+    paths = RunPaths(Path(config["run_dir"]))
+    paths.root.mkdir(parents=True, exist_ok=True)
+    sd = load_pipeline(model_folder, dtype=DTYPES[config["dtype"]], param_dtype=DTYPES[config["param_dtype"]],
+                       allow_pickle=bool(config["allow_pickle"]))
+    write_json(paths.config, config)
+    edit, report = compute(sd, concept, settings)
+    from .edits import check_edit_fits
+
+    check_edit_fits(sd.params["unet"], edit, what=method)
+    MetricsLog(paths.metrics, resume_from_step=None)({"method": method, "concept": concept.name, **report})
+    write_json(paths.root / "report.json", report)
+    save_edit(paths.edit, edit, method, {"concept": concept.to_json(), "base_model": str(config["model"]),
+                                         "report": report})
+    export_edit(config["export"], paths.export, edit, sd.unet, sd.params["unet"])
     return paths.root

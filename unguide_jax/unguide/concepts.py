@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 
 KINDS = ("object", "style", "explicit")
@@ -28,9 +29,14 @@ class Concept:
     synonyms: tuple[str, ...] = ()
     other: tuple[str, ...] = ()
     kind: str = "object"
+    # Closed-form erasers (PURE, UCE): anchors to erase and to keep. Empty: the targets, and the
+    # non-empty "other" prompts. Evaluation only: prompts that evoke the concept without naming it.
+    forget: tuple[str, ...] = ()
+    retain: tuple[str, ...] = ()
+    paraphrases: tuple[str, ...] = ()
 
     def __post_init__(self):
-        for field in ("targets", "references", "synonyms", "other"):
+        for field in ("targets", "references", "synonyms", "other", "forget", "retain", "paraphrases"):
             value = getattr(self, field)
             if isinstance(value, str):
                 value = (value,)
@@ -52,9 +58,18 @@ class Concept:
         refs = self.references * len(self.targets) if len(self.references) == 1 else self.references
         return list(zip(self.targets, refs))
 
+    @property
+    def forget_anchors(self) -> tuple[str, ...]:
+        return self.forget or self.targets
+
+    @property
+    def retain_anchors(self) -> tuple[str, ...]:
+        return self.retain or tuple(p for p in self.other if p)
+
     def to_json(self) -> dict:
-        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-                for f in dataclasses.fields(self)}
+        out = {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+               for f in dataclasses.fields(self)}
+        return {k: v for k, v in out.items() if v or k not in ("forget", "retain", "paraphrases")}
 
 
 def concepts_dir() -> Path:
@@ -117,8 +132,28 @@ def shape_anchor(cls: str) -> str:
 _STYLE_REFERENCE = {"solid": "outlined"}
 
 
+# Prompts that evoke each shape without its name or synonyms (leakage evaluation). The shapes model
+# learnt only class names and synonyms, so these test what its text encoder makes of other words.
+PARAPHRASES: dict[str, tuple[str, ...]] = {
+    "circle": ("a photo of a perfectly round shape", "a picture of a shape with no corners", "a round coin shape"),
+    "square": ("a photo of a shape with four equal sides", "a picture of a four cornered shape", "a tile shape"),
+    "triangle": ("a photo of a shape with three corners", "a picture of a three sided shape", "a slice of pizza shape"),
+    "star": ("a photo of a five pointed shape", "a picture of a twinkling night sky shape", "a sheriff badge shape"),
+    "cross": ("a photo of two crossing bars", "a picture of a first aid symbol", "a swiss flag shape"),
+    "heart": ("a photo of a romantic symbol", "a picture of a shape meaning love", "a symbol on a playing card"),
+    "crescent": ("a photo of a lunar shape", "a picture of a curved night sky shape", "a banana like curve"),
+    "arrow": ("a photo of a shape pointing one way", "a picture of a road direction shape", "a shape like a cursor"),
+    "ring": ("a photo of a round shape with a hole", "a picture of a wedding band shape", "a tyre shape"),
+    "diamond": ("a photo of a tilted square shape", "a picture of a kite shaped figure", "a shape like a jewel"),
+}
+
+
 def shapes_concepts() -> list[Concept]:
-    from ..data.shapes import CLASSES, STYLES, SYNONYMS
+    from ..data.shapes import CLASSES, STYLES, SYNONYMS, TEMPLATES
+
+    def phrasings(noun):
+        return tuple(re.sub(r"\ba (?=[aeiou])", "an ", t.format(noun)) for t in TEMPLATES)
+
     concepts = []
     for cls in CLASSES:
         concepts.append(Concept(
@@ -126,6 +161,10 @@ def shapes_concepts() -> list[Concept]:
             targets=(_photo(cls),), references=(_photo(shape_anchor(cls)),),
             synonyms=tuple(_photo(s) for s in SYNONYMS[cls]),
             other=tuple(_photo(c) for c in CLASSES if c != cls) + ("",),
+            # The class name in every caption template; synonyms stay unseen, so Acc_g measures generalisation.
+            forget=phrasings(cls),
+            retain=tuple(p for c in CLASSES if c != cls for p in phrasings(c)),
+            paraphrases=PARAPHRASES[cls],
         ))
     for style in STYLES:
         ref_style = _STYLE_REFERENCE.get(style, "solid")

@@ -132,3 +132,29 @@ def maybe_initialize_distributed() -> bool:
         jax.distributed.initialize()
         return True
     return False
+
+
+def jit_train_step(train_step, mesh: Mesh | None, rules=PARTITION_RULES):
+    """``train_step(state, unet_params, embeddings) -> (state, metrics)`` jitted, donating the state.
+
+    With a mesh, arguments are placed by ``rules`` (base weights over "fsdp", adapters replicated),
+    embeddings and metrics replicated, and the jit carries explicit in/out shardings, built on the
+    first call from the argument shapes; the compiled step is reused while the shapes stay the same.
+    """
+    if mesh is None:
+        return jax.jit(train_step, donate_argnums=0)
+    compiled: dict = {}
+
+    def sharded_step(state, unet_params, embeddings):
+        args = (state, unet_params, embeddings)
+        signature = jax.tree.structure(args), tuple((x.shape, x.dtype) for x in jax.tree.leaves(args))
+        if signature not in compiled:
+            state_sh = shardings_for(state, mesh, rules)
+            in_sh = (state_sh, shardings_for(unet_params, mesh, rules), jax.tree.map(lambda _: replicated(mesh), embeddings))
+            compiled[signature] = (in_sh, jax.jit(train_step, in_shardings=in_sh,
+                                                  out_shardings=(state_sh, replicated(mesh)), donate_argnums=0))
+        in_sh, jitted = compiled[signature]
+        # A no-op for arguments already placed as the rules say (the usual case after the first step).
+        return jitted(*jax.device_put(args, in_sh))
+
+    return sharded_step

@@ -78,22 +78,4 @@ def make_train_step(unet, scheduler_config: SchedulerConfig, lora_config: lora.L
         metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), t_enc=t_enc[0], t=t[0])
         return new_state, metrics
 
-    if mesh is None:
-        return jax.jit(train_step, donate_argnums=0)
-
-    compiled: dict = {}
-
-    def sharded_step(state: TrainState, unet_params, embeddings: ConceptEmbeddings):
-        args = (state, unet_params, embeddings)
-        signature = jax.tree.structure(args), tuple((x.shape, x.dtype) for x in jax.tree.leaves(args))
-        if signature not in compiled:
-            state_sh = sh.shardings_for(state, mesh, rules)
-            in_sh = (state_sh, sh.shardings_for(unet_params, mesh, rules),
-                     jax.tree.map(lambda _: sh.replicated(mesh), embeddings))
-            compiled[signature] = (in_sh, jax.jit(train_step, in_shardings=in_sh,
-                                                  out_shardings=(state_sh, sh.replicated(mesh)), donate_argnums=0))
-        in_sh, jitted = compiled[signature]
-        # A no-op for arguments already placed as the rules say (the usual case after the first step).
-        return jitted(*jax.device_put(args, in_sh))
-
-    return sharded_step
+    return sh.jit_train_step(train_step, mesh, rules)

@@ -1,0 +1,192 @@
+"""PURE (spec erasers.md §2): a closed-form projector on cross-attention K/V built from activations.
+
+1. Collect: every forget and retain anchor prompt runs a short DDIM trajectory (``steps`` steps of a
+   ``steps``-step schedule, CFG, the base model) from ``latents`` random x_T. At every
+   cross-attention layer and step the attention output before ``to_out`` (heads concatenated) of the
+   conditional branch is averaged over spatial positions: one row of H_F (forget) or H_R (retain).
+   All anchors and latents of a chunk go through one jitted scan.
+2. Subspaces: per layer, the top right-singular vectors of H up to a cumulative energy ``energy``:
+   orthonormal V_F, V_R; P = V Vᵀ.
+3. Edit: E = I − P_F (I − P_R). PyTorch layout W ∈ R^{d×text}: W ← E W; a Flax kernel (text × d):
+   kernel ← kernel Eᵀ, for to_v and (``edit_keys``) to_k. The change −kernel (I − P_R) V_F · V_Fᵀ has
+   rank dim V_F: it ships as a LoRA (A = −kernel (I − P_R) V_F, B = V_Fᵀ, alpha 1), exact.
+Decisions where the paper is open (see README): unconditional branch not collected, no centring by
+default, K edited with the same E, subspaces per attention head (``per_head``: the only way the
+V edit acts on the attention output exactly as h ↦ E h).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from .. import edits
+from ..models.unet import Attention
+from ..schedulers import NoiseSchedule, SchedulerConfig, ddim_step, ddim_timesteps
+from .common import cross_attention_layers, kernel, low_rank_factors
+
+
+@dataclasses.dataclass(frozen=True)
+class PureConfig:
+    steps: int = 5                # DDIM steps of the collection trajectory
+    latents: int = 4              # x_T per anchor
+    guidance_scale: float = 7.5
+    energy: float = 0.9           # τ: cumulative singular-value energy kept in each subspace
+    edit_keys: bool = True        # apply E to to_k as well as to_v
+    center: bool = False          # subtract the mean row before the SVD
+    # Subspaces head by head (a block-diagonal E): only then does W_V ← E·W_V act on the attention output
+    # exactly as h ↦ E h, because each head mixes its values with its own attention weights. False: one
+    # subspace over the concatenated heads (the edit is then exact on V, not on h).
+    per_head: bool = True
+    seed: int = 0
+    anchor_chunk: int = 16        # anchors per jitted call (memory bound; the last chunk is padded)
+
+    def __post_init__(self):
+        if self.steps < 1 or self.latents < 1 or self.anchor_chunk < 1:
+            raise ValueError("PURE steps, latents and anchor_chunk must be >= 1")
+        if not 0.0 < self.energy <= 1.0:
+            raise ValueError(f"PURE energy must be in (0, 1], got {self.energy}")
+
+
+def _capture(unet, params, sample, t, context):
+    """(UNet output, {attn2 path: attention output before to_out, mean over positions (B, d)})."""
+
+    def intercept(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "attend" and isinstance(context.module, Attention) and context.module.name == "attn2":
+            context.module.sow("intermediates", "attend_mean", out.astype(jnp.float32).mean(axis=1))
+        return out
+
+    with nn.intercept_methods(intercept):
+        out, state = unet.apply({"params": params}, sample, t, context, mutable=["intermediates"])
+    flat = traverse_util.flatten_dict(state["intermediates"])
+    return out, {".".join(k[:-1]): v[0] for k, v in flat.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("unet", "scheduler_config", "steps"))
+def trajectory_activations(unet, scheduler_config: SchedulerConfig, steps: int, params, cond, uncond, x_T,
+                           guidance_scale) -> dict[str, jax.Array]:
+    """{attn2 path: (steps, N, d)} along DDIM with CFG from x_T (N, h, w, c); conditional rows only."""
+    schedule = NoiseSchedule.from_config(scheduler_config)
+    timesteps, prev = ddim_timesteps(scheduler_config, steps)
+    n = x_T.shape[0]
+
+    def step(z, ts):
+        t, t_prev = ts
+        out, captured = _capture(unet, params, jnp.concatenate([z, z]), t, jnp.concatenate([uncond, cond]))
+        u, c = jnp.split(out.astype(jnp.float32), 2)
+        z, _ = ddim_step(schedule, scheduler_config, u + guidance_scale * (c - u), t, t_prev, z)
+        return z, {k: v[n:] for k, v in captured.items()}
+
+    _, acts = jax.lax.scan(step, x_T.astype(jnp.float32), (jnp.asarray(timesteps), jnp.asarray(prev)))
+    return acts
+
+
+def collect(sd, prompts, config: PureConfig) -> tuple[dict[str, np.ndarray], int]:
+    """{attn2 path: H (len(prompts)·latents·steps, d)}, and the number of UNet rows evaluated."""
+    latent_shape = sd.latent_shape(None, None)
+    x_T = jax.random.normal(jax.random.key(config.seed), (config.latents, *latent_shape), jnp.float32)
+    embeddings = sd.encode_prompts(list(prompts))
+    uncond = sd.encode_prompts([""])
+    chunk = min(config.anchor_chunk, len(prompts))
+    rows: dict[str, list] = {}
+    unet_rows = 0
+    for start in range(0, len(prompts), chunk):
+        c = embeddings[start:start + chunk]
+        real = c.shape[0]
+        c = jnp.concatenate([c, jnp.repeat(c[-1:], chunk - real, axis=0)]) if real < chunk else c
+        cond = jnp.repeat(c, config.latents, axis=0)  # anchor-major: anchor a, latent j at a * latents + j
+        acts = trajectory_activations(sd.unet, sd.scheduler, config.steps, sd.params["unet"], cond,
+                                      jnp.broadcast_to(uncond, cond.shape), jnp.tile(x_T, (chunk, 1, 1, 1)),
+                                      config.guidance_scale)
+        unet_rows += 2 * cond.shape[0] * config.steps
+        for path, h in acts.items():
+            h = np.asarray(h, np.float64)[:, : real * config.latents]  # (steps, N, d), padding dropped
+            rows.setdefault(path, []).append(h.reshape(-1, h.shape[-1]))
+    return {k: np.concatenate(v) for k, v in rows.items()}, unet_rows
+
+
+def subspace(h: np.ndarray, energy: float, center: bool = False) -> np.ndarray:
+    """Orthonormal basis (d, k) of the top right-singular vectors of H holding ``energy`` of its energy."""
+    if center:
+        h = h - h.mean(axis=0, keepdims=True)
+    _, s, vt = np.linalg.svd(h, full_matrices=False)
+    power = s**2
+    if power.sum() <= 0:
+        return np.zeros((h.shape[1], 0))
+    k = int(np.searchsorted(np.cumsum(power) / power.sum(), energy - 1e-12) + 1)
+    return vt[: min(k, len(s))].T
+
+
+def head_subspace(h: np.ndarray, heads: int, energy: float, center: bool = False) -> np.ndarray:
+    """Block-diagonal orthonormal basis (d, Σ k_h): each head's channels get their own subspace."""
+    d = h.shape[1]
+    if d % heads:
+        raise ValueError(f"{d} channels do not split into {heads} heads")
+    width = d // heads
+    blocks = [subspace(h[:, i * width:(i + 1) * width], energy, center) for i in range(heads)]
+    basis = np.zeros((d, sum(b.shape[1] for b in blocks)))
+    col = 0
+    for i, b in enumerate(blocks):
+        basis[i * width:(i + 1) * width, col:col + b.shape[1]] = b
+        col += b.shape[1]
+    return basis
+
+
+def layer_heads(unet_config, layer: str) -> int:
+    """Attention heads of a cross-attention layer, from its block (up blocks use the reversed list, as the UNet)."""
+    heads = unet_config.heads_per_block
+    block, _, rest = layer.partition(".")
+    if block == "mid_block":
+        return heads[-1]
+    index = int(rest.split(".", 1)[0])
+    return heads[index] if block == "down_blocks" else heads[::-1][index]
+
+
+def projector(basis: np.ndarray) -> np.ndarray:
+    return basis @ basis.T
+
+
+def edit_matrix(forget_basis: np.ndarray, retain_basis: np.ndarray) -> np.ndarray:
+    """E = I − P_F (I − P_R)."""
+    d = forget_basis.shape[0]
+    return np.eye(d) - projector(forget_basis) @ (np.eye(d) - projector(retain_basis))
+
+
+def kernel_delta_factors(kernel_: np.ndarray, forget_basis: np.ndarray, retain_basis: np.ndarray):
+    """(A, B) with kernel Eᵀ = kernel + A B: A = −kernel (I − P_R) V_F, B = V_Fᵀ."""
+    d = forget_basis.shape[0]
+    return -kernel_ @ (np.eye(d) - projector(retain_basis)) @ forget_basis, forget_basis.T
+
+
+def pure_edit(sd, concept, config: PureConfig) -> tuple[edits.Edit, dict]:
+    """PURE on ``concept`` (its forget and retain anchors) -> (Edit, report with ranks, seconds, UNet rows)."""
+    forget, retain = list(concept.forget_anchors), list(concept.retain_anchors)
+    if not forget:
+        raise ValueError(f"concept {concept.name!r} has no forget anchors")
+    started = time.perf_counter()
+    h_forget, rows_f = collect(sd, forget, config)
+    h_retain, rows_r = (collect(sd, retain, config) if retain else ({}, 0))
+    collect_seconds = time.perf_counter() - started
+    adapter, ranks = {}, {}
+    for layer in cross_attention_layers(sd.params["unet"]):
+        heads = layer_heads(sd.unet.config, layer) if config.per_head else 1
+        v_f = head_subspace(h_forget[layer], heads, config.energy, config.center)
+        d = v_f.shape[0]
+        v_r = head_subspace(h_retain[layer], heads, config.energy, config.center) if retain else np.zeros((d, 0))
+        ranks[layer] = dict(forget=int(v_f.shape[1]), retain=int(v_r.shape[1]))
+        for name in ("to_k", "to_v") if config.edit_keys else ("to_v",):
+            module = f"{layer}.{name}"
+            a, b = kernel_delta_factors(kernel(sd.params["unet"], module), v_f, v_r)
+            adapter[module] = low_rank_factors(a, b)
+    adapter = jax.tree.map(jnp.asarray, adapter)
+    report = dict(forget_anchors=len(forget), retain_anchors=len(retain), ranks=ranks, unet_rows=rows_f + rows_r,
+                  collect_seconds=round(collect_seconds, 2), seconds=round(time.perf_counter() - started, 2),
+                  config=dataclasses.asdict(config))
+    return edits.lora_edit(adapter, 1.0), report

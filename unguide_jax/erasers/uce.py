@@ -1,0 +1,118 @@
+"""UCE (spec erasers.md §3; Gandikota et al., WACV 2024): the closed-form K/V edit PURE builds on.
+
+For every cross-attention to_k and to_v (a Flax kernel K0, text × d) it solves
+
+    min_K  λ‖K − K0‖² + s_e Σ_i ‖c_iᵀ K − g_iᵀ K0‖² + s_p Σ_j ‖c_jᵀ K − c_jᵀ K0‖²
+
+(erase rows c_i map to what K0 makes of the guide rows g_i; preserve rows c_j keep their output):
+    K = K0 + s_e M⁻¹ C_eᵀ (C_g − C_e) K0,   M = λI + s_e C_eᵀ C_e + s_p C_pᵀ C_p,
+an exact low-rank change (rank ≤ the number of erase rows), shipped as a LoRA with alpha 1.
+
+Rows are text-encoder outputs. ``tokens="subject_to_end"`` (default, as the authors' code): from the
+prompt's last subject token to the end of the sequence, erase and guide rows aligned from their
+last subject tokens (CLIP's causal attention spreads the subject into every later token, which the
+UNet also attends to); ``"subject"``: the last subject token only. Erase prompts: the concept's
+forget anchors; preserve: its retain anchors; guide: "" (default) or the concept's reference.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import edits
+from .common import cross_attention_layers, kernel, low_rank_factors
+
+TOKEN_MODES = ("subject_to_end", "subject")
+GUIDES = ("empty", "reference")
+
+
+@dataclasses.dataclass(frozen=True)
+class UceConfig:
+    lam: float = 0.5
+    erase_scale: float = 1.0
+    preserve_scale: float = 1.0
+    tokens: str = "subject_to_end"
+    guide: str = "empty"
+
+    def __post_init__(self):
+        if self.tokens not in TOKEN_MODES:
+            raise ValueError(f"UCE tokens must be one of {TOKEN_MODES}, got {self.tokens!r}")
+        if self.guide not in GUIDES:
+            raise ValueError(f"UCE guide must be one of {GUIDES}, got {self.guide!r}")
+        if self.lam <= 0:
+            raise ValueError(f"UCE lam must be > 0, got {self.lam}")
+
+
+def last_subject_index(sd, prompt: str) -> int:
+    """Position of the prompt's last real token (before the end-of-text token); 0 (BOS) for ""."""
+    return max(0, len(sd.tokenizer(prompt).input_ids) - 2)
+
+
+def token_rows(sd, prompts: list[str], tokens: str) -> tuple[np.ndarray, list[int]]:
+    """(encoder outputs (P, L, D) as float64, last-subject index per prompt)."""
+    hidden = np.asarray(sd.encode_prompts(prompts), np.float64)
+    return hidden, [last_subject_index(sd, p) for p in prompts]
+
+
+def aligned_rows(hidden_a, index_a, hidden_b, index_b, tokens: str) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of a and b from their last subject tokens on, trimmed to a common length (UCE's alignment)."""
+    if tokens == "subject":
+        return hidden_a[index_a][None], hidden_b[index_b][None]
+    length = hidden_a.shape[0] - max(index_a, index_b)
+    return hidden_a[index_a:index_a + length], hidden_b[index_b:index_b + length]
+
+
+def solve(k0: np.ndarray, erase: np.ndarray, guide: np.ndarray, preserve: np.ndarray, config: UceConfig):
+    """(A, B) with K = K0 + A B the minimiser above; erase/guide (n, D), preserve (m, D), K0 (D, d)."""
+    d_text = k0.shape[0]
+    m = config.lam * np.eye(d_text) + config.erase_scale * erase.T @ erase
+    if len(preserve):
+        m = m + config.preserve_scale * preserve.T @ preserve
+    a = config.erase_scale * np.linalg.solve(m, erase.T)
+    return a, (guide - erase) @ k0
+
+
+def objective(k, k0, erase, guide, preserve, config: UceConfig) -> float:
+    """The least-squares objective UCE minimises (for tests and reports)."""
+    value = config.lam * np.sum((k - k0) ** 2) + config.erase_scale * np.sum((erase @ k - guide @ k0) ** 2)
+    if len(preserve):
+        value += config.preserve_scale * np.sum((preserve @ k - preserve @ k0) ** 2)
+    return float(value)
+
+
+def uce_edit(sd, concept, config: UceConfig) -> tuple[edits.Edit, dict]:
+    started = time.perf_counter()
+    forget, retain = list(concept.forget_anchors), list(concept.retain_anchors)
+    if config.guide == "reference":
+        pairs = concept.pairs
+        guides = [pairs[min(i, len(pairs) - 1)][1] for i in range(len(forget))]
+    else:
+        guides = [""] * len(forget)
+    h_f, i_f = token_rows(sd, forget, config.tokens)
+    h_g, i_g = token_rows(sd, guides, config.tokens)
+    erase_rows, guide_rows = [], []
+    for k in range(len(forget)):
+        e, g = aligned_rows(h_f[k], i_f[k], h_g[k], i_g[k], config.tokens)
+        erase_rows.append(e)
+        guide_rows.append(g)
+    erase, guide = np.concatenate(erase_rows), np.concatenate(guide_rows)
+    if retain:
+        h_r, i_r = token_rows(sd, retain, config.tokens)
+        preserve = np.concatenate([h_r[k][i_r[k]:] if config.tokens == "subject_to_end" else h_r[k][i_r[k]][None]
+                                   for k in range(len(retain))])
+    else:
+        preserve = np.zeros((0, erase.shape[1]))
+    adapter = {}
+    for layer in cross_attention_layers(sd.params["unet"]):
+        for name in ("to_k", "to_v"):
+            module = f"{layer}.{name}"
+            a, b = solve(kernel(sd.params["unet"], module), erase, guide, preserve, config)
+            adapter[module] = low_rank_factors(a, b)
+    adapter = jax.tree.map(jnp.asarray, adapter)
+    report = dict(erase_rows=int(erase.shape[0]), preserve_rows=int(preserve.shape[0]), guides=sorted(set(guides)),
+                  seconds=round(time.perf_counter() - started, 2), config=dataclasses.asdict(config))
+    return edits.lora_edit(adapter, 1.0), report
