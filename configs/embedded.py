@@ -12,17 +12,21 @@ def get_config(preset: str = "default") -> dict:
         publish=False,                    # copy the finished run over the shipped one in unguide_jax/assets/
         image_size=32,
         checkpoint_every=250,             # the VAE and diffusion loops save their state this often (resumable)
-        stages=["tokenizer", "evaluator", "vae", "diffusion", "quality"],
+        stages=["tokenizer", "evaluator", "vae", "text_encoder", "diffusion", "quality"],
         tokenizer=dict(bpe_file="", max_length=77),  # "": the BPE file inside open_clip's wheel
         evaluator=dict(channels=[16, 32, 64, 128], steps=2000, batch_size=128, learning_rate=2e-3,
                        data_seed=101, eval_seed=102, eval_images=5000, blur_sigma_max=1.5),
         # 16 latent channels (as SD3/Flux): with 4, this small VAE blurred the shapes away.
         vae=dict(block_out_channels=[16, 32, 32], layers_per_block=1, latent_channels=16, norm_num_groups=8,
                  steps=2500, batch_size=32, learning_rate=2e-3, warmup=100, kl_weight=1e-6, data_seed=201),
-        text_encoder=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4),
+        # Pretrained on every caption (class and named style read from each position from EOS on), then frozen.
+        text_encoder=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                          steps=400, batch_size=128, learning_rate=1e-3, warmup=50),
         unet=dict(block_out_channels=[32, 64, 128], attention_heads=[2, 4, 8], layers_per_block=1, norm_num_groups=16),
-        diffusion=dict(steps=4500, batch_size=64, learning_rate=5e-4, warmup=200, ema_decay=0.999,
-                       caption_dropout=0.1, train_images=60000, data_seed=301, synonym_prob=0.3),
+        # "centred": shapes roughly centred and upright (shapes.LAYOUTS), so that the prompt decides most of an image.
+        diffusion=dict(steps=3000, batch_size=64, learning_rate=1e-3, warmup=200, ema_decay=0.999,
+                       caption_dropout=0.1, train_images=60000, data_seed=301, synonym_prob=0.3,
+                       layout="centred", prediction_type="epsilon"),
         quality=dict(images_per_prompt=32, style_images_per_prompt=8, num_steps=50, guidance_scale=7.5,
                      seed=1000, batch_size=128),
     )
@@ -31,7 +35,8 @@ def get_config(preset: str = "default") -> dict:
             work_dir="runs/embedded-recipe-tiny",
             evaluator=dict(config["evaluator"], channels=[8, 16], steps=3, batch_size=16, eval_images=32),
             vae=dict(config["vae"], block_out_channels=[8, 8], norm_num_groups=4, steps=3, batch_size=4, warmup=1),
-            text_encoder=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+            text_encoder=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              steps=3, batch_size=16, learning_rate=1e-3, warmup=1),
             unet=dict(block_out_channels=[16, 32], attention_heads=[2, 2], layers_per_block=1, norm_num_groups=8),
             diffusion=dict(config["diffusion"], steps=3, batch_size=4, warmup=1, train_images=16),
             quality=dict(images_per_prompt=1, style_images_per_prompt=1, num_steps=2, guidance_scale=7.5,

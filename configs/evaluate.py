@@ -1,20 +1,28 @@
-"""Object-erasure evaluation on the embedded shapes model (spec unguide.md §6). Presets: default (the circle,
-as erased by `python train.py --config configs/unguide.py`), all-classes (the ten runs of
-`configs/unguide.py:shapes-<class>`), tiny (tests).
+"""Erasure evaluation on the embedded shapes model (spec unguide.md §6). Presets:
+  default      base, LoRA only and UnGuide for the circle, as erased by `python train.py --config configs/unguide.py`
+  all-classes  the same over the ten classes (runs/unguide-shapes-<class>, see the README)
+  compare      every eraser on the circle: UnGuide, LoRA only, learnable prompts, PURE, UCE, UnGuidance over
+               PURE, with paraphrase leakage and the prefix-token attack (runs of configs/{unguide,
+               learnable_prompts,pure,uce}.py)
+  tiny         tests
 
 python sample.py --config configs/evaluate.py
-python sample.py --config configs/evaluate.py --config.methods='["base", "adapter", "unguide"]' --config.images_per_prompt=64
+python sample.py --config configs/evaluate.py:compare
 """
+
+METHODS = [dict(name="base model", mode="base"),
+           dict(name="LoRA only", edit="unguide", mode="adapter"),
+           dict(name="UnGuide", edit="unguide", mode="unguide")]
 
 
 def get_config(preset: str = "default") -> dict:
     config = dict(
         job="evaluate",
         model="embedded",
-        # What was erased, and by which edits (adapter files, train.py run folders, checkpoints, PEFT/kohya files).
-        erasures=[dict(concept="shapes-circle", adapters=["runs/unguide-shapes-circle"])],
-        methods=["base", "adapter", "unguide"],   # base | adapter | unguide | fixed
-        w=2.0,                                    # method "fixed"
+        # What was erased, and by which edits: name -> adapter files, train.py run folders, checkpoints, PEFT/kohya.
+        erasures=[dict(concept="shapes-circle", edits=dict(unguide=["runs/unguide-shapes-circle"]))],
+        # Rows of the table: an edit of the erasure (none for the base model) and a mode: base | adapter | unguide | fixed.
+        methods=METHODS,
         images_per_prompt=32,                     # per prompt: target, 3 synonyms, 9 other classes
         seed=2024,                                # image j of every prompt: seed + j (paired across prompts, methods)
         guidance_scale=7.5,
@@ -22,8 +30,11 @@ def get_config(preset: str = "default") -> dict:
         eta=0.0,
         batch_size=104,
         probe=dict(draws=30, t_enc=40, ddim_steps=50, timestep_mode="corrected", seed=0, w_erase=-1.0, w_keep=2.0,
-                   rule="paper", prompt_chunk=14),
+                   rule="paper", prompt_chunk=16),
         fused=True,
+        paraphrases=False,                        # also sample the concept's paraphrase prompts (leakage)
+        attack=dict(enabled=False, images=8,      # prefix-token attack on each edit, one target image per seed
+                    settings=dict(prefix_tokens=3, iterations=40, learning_rate=0.01, project=True, seed=0)),
         evaluator="embedded",
         dtype="float32",
         out_dir="runs/evaluate-shapes-circle",
@@ -31,11 +42,22 @@ def get_config(preset: str = "default") -> dict:
     if preset == "all-classes":
         from unguide_jax.data.shapes import CLASSES
 
-        config.update(erasures=[dict(concept=f"shapes-{c}", adapters=[f"runs/unguide-shapes-{c}"]) for c in CLASSES],
-                      out_dir="runs/evaluate-all-classes")
+        config.update(erasures=[dict(concept=f"shapes-{c}", edits=dict(unguide=[f"runs/unguide-shapes-{c}"]))
+                                for c in CLASSES], out_dir="runs/evaluate-all-classes")
+    elif preset == "compare":
+        config.update(
+            erasures=[dict(concept="shapes-circle", edits=dict(
+                unguide=["runs/unguide-shapes-circle"],
+                learnable_prompts=["runs/learnable-prompts-shapes-circle/edit.safetensors"],
+                pure=["runs/pure-shapes-circle"], uce=["runs/uce-shapes-circle"]))],
+            methods=METHODS + [dict(name="learnable prompts", edit="learnable_prompts", mode="adapter"),
+                               dict(name="PURE", edit="pure", mode="adapter"),
+                               dict(name="UCE", edit="uce", mode="adapter"),
+                               dict(name="UnGuidance over PURE", edit="pure", mode="unguide")],
+            paraphrases=True, attack=dict(config["attack"], enabled=True), out_dir="runs/evaluate-compare")
     elif preset == "tiny":
         config.update(images_per_prompt=2, num_steps=4, batch_size=13,
                       probe=dict(config["probe"], draws=2, ddim_steps=10, t_enc=7), out_dir="runs/evaluate-tiny")
     elif preset != "default":
-        raise ValueError(f"unknown preset {preset!r} (default, all-classes, tiny)")
+        raise ValueError(f"unknown preset {preset!r} (default, all-classes, compare, tiny)")
     return config

@@ -46,6 +46,13 @@ def test_learnable_prompts_train_resume_and_export(tiny, tmp_path):
     assert all(".attn2." in path for path in deployed.deltas)
     assert max(float(np.abs(v).max()) for leaves in deployed.deltas.values() for v in leaves.values()) > 0
 
+    # sample.py can also take the run's Orbax checkpoint: the deployed edit (the delta, tokens dropped).
+    from unguide_jax.adapter_sources import load_edit
+
+    from_checkpoint, info = load_edit(straight / "checkpoints", params)
+    assert info[0]["kind"] == "learnable_prompts" and info[0]["steps"] == 3 and from_checkpoint.memory is None
+    jax.tree.map(np.testing.assert_array_equal, from_checkpoint.deltas, deployed.deltas)
+
     split = run_train("learnable_prompts", folder, tmp_path / "split", "--config.iterations=2")
     run_train("learnable_prompts", folder, split, "--config.iterations=3", "--config.resume=true")
     resumed, _ = load_edit_file(split / "edit_with_prompt.safetensors")

@@ -41,3 +41,69 @@ def test_scores_under_both_protocols():
 def test_harmonic_overall_is_zero_when_a_term_is():
     assert harmonic_overall(1.0, 0.9, 0.1) == 0.0
     assert harmonic_overall(0.0, 1.0, 0.0) == pytest.approx(1.0)
+
+
+def test_methods_parse_and_name_their_problems():
+    from unguide_jax.evaluation import Method
+
+    assert Method.from_config("unguide") == Method(name="unguide", edit="unguide", mode="unguide")
+    assert Method.from_config({"name": "PURE", "edit": "pure", "mode": "adapter"}).edit == "pure"
+    with pytest.raises(ValueError, match="unknown mode 'sideways'"):
+        Method.from_config({"name": "x", "edit": "pure", "mode": "sideways"})
+    with pytest.raises(ValueError, match="mode base takes no edit"):
+        Method.from_config({"name": "x", "edit": "pure", "mode": "base"})
+    with pytest.raises(ValueError, match=r"unknown keys \['weight'\]"):
+        Method.from_config({"name": "x", "mode": "base", "weight": 1})
+
+
+def test_shipped_shapes_concepts_carry_anchors_and_paraphrases():
+    from unguide_jax.data.shapes import CLASSES, SYNONYMS, class_named_in
+
+    for cls in CLASSES:
+        concept = load_concept(f"shapes-{cls}")
+        assert len(concept.forget_anchors) == 5 and len(concept.retain_anchors) == 45
+        assert all(class_named_in(p) == CLASSES.index(cls) for p in concept.forget_anchors)
+        assert len(concept.paraphrases) == 3
+        for prompt in concept.paraphrases:  # never the class name nor a synonym of any class
+            assert class_named_in(prompt) is None, prompt
+
+
+def test_evaluation_command_end_to_end_on_a_tiny_model(tiny_pipeline_dir, tmp_path, capsys):
+    """Plumbing only (a random tiny model draws noise): every method row, both protocols, paraphrases, attack."""
+    import json
+    from pathlib import Path
+
+    import sample
+    import train
+
+    repo = Path(__file__).resolve().parent.parent
+    folder, _ = tiny_pipeline_dir("sd1")
+    lora_run, pure_run = tmp_path / "lora", tmp_path / "pure"
+    assert train.main(["--config", f"{repo}/configs/unguide.py:tiny", f"--config.model={folder}",
+                       f"--config.run_dir={lora_run}", "--config.iterations=1"]) == 0
+    assert train.main(["--config", f"{repo}/configs/pure.py:tiny", f"--config.model={folder}",
+                       f"--config.run_dir={pure_run}"]) == 0
+    erasures = [{"concept": "shapes-circle", "edits": {"unguide": [str(lora_run)], "pure": [str(pure_run)]}}]
+    methods = [{"name": "base model", "mode": "base"}, {"name": "LoRA only", "edit": "unguide", "mode": "adapter"},
+               {"name": "UnGuide", "edit": "unguide", "mode": "unguide"},
+               {"name": "UnGuidance over PURE", "edit": "pure", "mode": "unguide"}]
+    out = tmp_path / "eval"
+    assert sample.main(["--config", f"{repo}/configs/evaluate.py:tiny", f"--config.model={folder}",
+                        f"--config.erasures={json.dumps(erasures)}", f"--config.methods={json.dumps(methods)}",
+                        "--config.paraphrases=true", "--config.attack.enabled=true", "--config.attack.images=2",
+                        "--config.attack.settings.iterations=2", f"--config.out_dir={out}"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["average"]) == [m["name"] for m in methods]
+    circle = results["concepts"][0]
+    assert circle["erased_class"] == "circle" and len(circle["paraphrases"]) == 3
+    for name, row in circle["methods"].items():
+        for protocol in ("mace", "reference"):
+            assert set(row[protocol]) >= {"acc_e", "acc_s", "acc_g", "h_o", "per_prompt"}
+            assert len(row[protocol]["per_prompt"]) == 13
+        assert 0 <= row["paraphrase_leakage"] <= 1
+        assert ("attack" in row) == (name != "base model")
+    assert set(circle["methods"]["UnGuide"]["probe"]) == set(p for p, _, _ in circle["prompts"]) | set(circle["paraphrases"])
+    assert len(circle["methods"]["UnGuidance over PURE"]["attack"]["prompts"]) == 2
+    table = capsys.readouterr().out
+    assert "| UnGuidance over PURE |" in table and "attack: before → after" in table
+    assert len(list((out / "shapes-circle" / "unguide").glob("*.png"))) == 16 * 2

@@ -102,3 +102,29 @@ def test_an_adapter_of_another_model_is_refused(setup, tmp_path):
     save_adapter(tmp_path / "other.safetensors", other, LORA)
     with pytest.raises(ValueError, match="does not fit down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"):
         run(setup, tmp_path / "out", f"--config.adapters=[\"{tmp_path / 'other.safetensors'}\"]")
+
+
+def test_sequential_probe_is_the_paper_probe_on_fewer_draws(setup):
+    """The sequential rule (ours) sees the same draws in the same order: with z = inf it is the paper's rule, with
+    z = 0 it stops after one round; whatever it stops at, D(p) is the mean of the paper probe's first draws."""
+    from unguide_jax.adapter_sources import load_edit
+    from unguide_jax.unguide.probe import ProbeConfig, WProbe
+
+    sd = load_pipeline(setup["folder"])
+    edit, _ = load_edit(setup["adapter_file"], sd.params["unet"])
+    prompts = ["a photo of the cat", "the cat", "of the"]
+    common = dict(draws=6, ddim_steps=10, t_enc=7, prompt_chunk=2)
+    paper_probe = WProbe(sd, edit, ProbeConfig(**common))
+    paper = paper_probe.run(prompts)
+    assert list(paper.draws_used) == [6, 6, 6]
+    for z, expected_draws in ((float("inf"), 6), (0.0, 2)):
+        probe = WProbe(sd, edit, ProbeConfig(**common, rule="sequential", round_draws=2, z=z))
+        seq = probe.run(prompts)
+        assert list(seq.draws_used) == [expected_draws] * 3
+        np.testing.assert_allclose(seq.distances[:, :expected_draws], paper.distances[:, :expected_draws], rtol=1e-5)
+        np.testing.assert_allclose(seq.d, paper.distances[:, :expected_draws].mean(axis=1), rtol=1e-5)
+        if expected_draws == 6:
+            np.testing.assert_array_equal(seq.w, paper.w)
+            assert seq.d_empty == pytest.approx(paper.d_empty, rel=1e-6)
+        else:
+            assert probe.unet_calls < paper_probe.unet_calls

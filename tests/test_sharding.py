@@ -29,7 +29,7 @@ _EIGHT_DEVICE_RUN = textwrap.dedent("""
     from unguide_jax.unguide import sharding
     from unguide_jax.unguide.objective import ConceptEmbeddings, ObjectiveConfig
     from unguide_jax.unguide.train_step import init_train_state, make_optimizer, make_train_step
-    from tests.test_unguide_train_step import tiny_unet
+    from tests.tiny_models import flax_unet as tiny_unet
 
     assert len(jax.devices()) == 8, jax.devices()
     unet, params = tiny_unet(context_dim=16, context_len=5)

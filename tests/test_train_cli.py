@@ -45,6 +45,15 @@ def test_run_folder_and_a_resumed_run_matches_an_uninterrupted_one(tiny_pipeline
     assert (straight / "export" / "diffusers" / "pytorch_lora_weights.safetensors").is_file()
     assert (straight / "export" / "kohya.safetensors").is_file()
     assert (straight / "export" / "unet" / "config.json").is_file()
+    # sample.py's adapter loader reads the Orbax checkpoint too: the same adapter as the final file.
+    from unguide_jax.adapter_sources import load_edit
+    from unguide_jax.loading import load_component
+
+    _, unet_params = load_component(folder / "unet", "unet")
+    edit, info = load_edit(straight / "checkpoints" / "4", unet_params)
+    assert info[0]["steps"] == 4 and float(edit.loras[0][1]) == 8.0
+    for module, ab in adapter.items():
+        np.testing.assert_array_equal(np.asarray(edit.loras[0][0][module]["lora_B"]), ab["lora_B"])
 
     # The same run in two sessions: 2 steps, then resumed to 4 from the step-2 checkpoint.
     assert train.main(train_args(folder, split, "--config.iterations=2")) == 0

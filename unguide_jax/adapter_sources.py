@@ -44,27 +44,42 @@ def _from_adapter_file(path: Path) -> tuple[edits.Edit, dict]:
 
 
 def restore_checkpoint_adapter(step_dir: Path, unet_params: Mapping) -> tuple[edits.Edit, dict]:
-    """The adapter of one Orbax checkpoint step of a train.py run, on the default device."""
-    from .lora import LoraConfig
-    from .unguide.train_step import init_train_state, make_optimizer
-
+    """The edit of one Orbax checkpoint step of a train.py run (UnGuide's LoRA, or learnable prompts'
+    delta, deployed without its tokens), on the default device."""
     checkpoints = RunCheckpoints(step_dir.parent)
     try:
         step = int(step_dir.name)
         config = checkpoints.saved_config(step)
-        lora_config = LoraConfig(rank=int(config["lora"]["rank"]), alpha=float(config["lora"]["alpha"]),
-                                 targets=str(config["lora"]["targets"]))
-        optimizer = make_optimizer(float(config["learning_rate"]))
-        abstract = jax.eval_shape(lambda key: init_train_state(key, unet_params, lora_config, optimizer),
-                                  jax.random.key(int(config["seed"])))
+        method = config.get("method", "unguide")
+        if method == "unguide":
+            from .lora import LoraConfig
+            from .unguide.train_step import init_train_state, make_optimizer
+
+            lora_config = LoraConfig(rank=int(config["lora"]["rank"]), alpha=float(config["lora"]["alpha"]),
+                                     targets=str(config["lora"]["targets"]))
+            optimizer = make_optimizer(float(config["learning_rate"]))
+            init = lambda key: init_train_state(key, unet_params, lora_config, optimizer)  # noqa: E731
+            info = {"kind": "lora", "rank": lora_config.rank, "alpha": lora_config.alpha, "targets": lora_config.targets}
+        elif method == "learnable_prompts":
+            from .erasers.common import cross_attention_layers, kernel
+            from .erasers.learnable_prompts import PromptConfig, init_state
+
+            prompt_config = PromptConfig(**config["prompt"])
+            width = kernel(unet_params, cross_attention_layers(unet_params)[0] + ".to_k").shape[0]
+            init = lambda key: init_state(key, unet_params, prompt_config, jax.numpy.zeros((width,)))  # noqa: E731
+            info = {"kind": "learnable_prompts", "prompt_tokens": "dropped"}
+        else:
+            raise ValueError(f"{step_dir}: a checkpoint of method {method!r} holds no edit to sample with")
+        abstract = jax.eval_shape(init, jax.random.key(int(config["seed"])))
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
         state, _ = checkpoints.restore(abstract, step=step)
     finally:
         checkpoints.close()
-    info = {"source": str(step_dir), "kind": "lora", "rank": lora_config.rank, "alpha": lora_config.alpha,
-            "targets": lora_config.targets, "steps": int(state.step), "concept": config.get("concept")}
-    return edits.lora_edit(state.adapter, lora_config.alpha), info
+    info.update(source=str(step_dir), steps=int(state.step), concept=config.get("concept"))
+    if method == "unguide":
+        return edits.lora_edit(state.adapter, lora_config.alpha), info
+    return edits.Edit(deltas=state.adapter["delta"]), info
 
 
 def _latest_step_dir(checkpoints_dir: Path) -> Path:

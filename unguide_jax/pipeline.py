@@ -93,19 +93,23 @@ class StableDiffusion:
         edit=None,
         w: float | Sequence[float] | None = None,
         fused: bool = True,
+        prompt_embeddings: np.ndarray | None = None,
     ) -> Generation:
         """Generate one image per prompt; prompt i uses ``seeds[i]`` (default: i) and its own scale.
 
         ``edit`` (``unguide_jax.edits.Edit``): sample the edited model; with ``w`` as well (one per
         prompt, or one for all), UnGuidance w·CFG_base + (1 − w)·CFG_edit. ``fused``: base and edited
         predictions in one UNet call per step (see ``sampling.unguided_prediction``).
+        ``prompt_embeddings`` (B, L, D): text-encoder outputs to use instead of encoding ``prompts``.
         """
         n = len(prompts)
         seeds = np.arange(n) if seeds is None else np.asarray(seeds)
         if seeds.shape != (n,):
             raise ValueError(f"need one seed per prompt: {n} prompts, {seeds.size} seeds")
         scales = np.broadcast_to(np.asarray(guidance_scale, np.float32), (n,))
-        cond = self.encode_prompts(list(prompts))
+        cond = self.encode_prompts(list(prompts)) if prompt_embeddings is None else jnp.asarray(prompt_embeddings)
+        if cond.shape[0] != n:
+            raise ValueError(f"need one prompt embedding per prompt: {n} prompts, {cond.shape[0]} embeddings")
         uncond = self.encode_prompts([negative_prompt] * n)
         if latents is None:
             # fp32 whatever the compute dtype: the same seed gives the same x_T, and the DDIM state

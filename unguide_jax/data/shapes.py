@@ -93,8 +93,12 @@ def caption_for(rng: np.random.Generator, cls: str, style: str, synonym_prob: fl
                 style_prob: float = 0.5) -> tuple[str, str]:
     name = rng.choice(SYNONYMS[cls]) if rng.random() < synonym_prob else cls
     noun = f"{style} {name}" if rng.random() < style_prob else name
-    caption = str(rng.choice(TEMPLATES)).format(noun)
-    return re.sub(r"\ba (?=[aeiou])", "an ", caption), str(name)
+    return article_fix(str(rng.choice(TEMPLATES)).format(noun)), str(name)
+
+
+def article_fix(caption: str) -> str:
+    """'a' before a vowel becomes 'an'."""
+    return re.sub(r"\ba (?=[aeiou])", "an ", caption)
 
 
 def _colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -116,14 +120,32 @@ def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
-def render(rng: np.random.Generator, cls: str, style: str, size: int = 32, supersample: int = 2) -> np.ndarray:
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How widely size, position and rotation vary (colours and backgrounds always vary fully)."""
+
+    scale: tuple[float, float] = (0.5, 0.8)  # half-width of the shape, as a fraction of the image's
+    offset: float | None = None              # max |centre| coordinate; None: anywhere the shape fits
+    rotation: float = np.pi                  # max |angle| (radians); pi: any rotation
+
+
+# "wide" trains the evaluator and the VAE: they must handle whatever a model draws. "centred" is the
+# text-to-image training set: roughly centred, upright within 45 degrees, so that the class decides
+# most of an image and a small model learns its prompt quickly.
+LAYOUTS = {"wide": Layout(), "centred": Layout(scale=(0.6, 0.85), offset=0.12, rotation=np.pi / 4)}
+
+
+def render(rng: np.random.Generator, cls: str, style: str, size: int = 32, supersample: int = 2,
+           layout: Layout = LAYOUTS["wide"]) -> np.ndarray:
     """Draw one shape with random colour, size, position, rotation and background."""
     n = size * supersample
     coords = (np.arange(n) + 0.5) / n * 2 - 1  # [-1, 1]
     gx, gy = np.meshgrid(coords, -coords)
-    scale = rng.uniform(0.5, 0.8)
-    cx, cy = rng.uniform(-(1 - scale), 1 - scale, 2)
-    angle = rng.uniform(0, 2 * np.pi)
+    scale = rng.uniform(*layout.scale)
+    reach = 1 - scale if layout.offset is None else min(layout.offset, 1 - scale)
+    cx, cy = rng.uniform(-reach, reach, 2)
+    # The same number of draws for every layout, so a seed's stream stays aligned.
+    angle = rng.uniform(0, 2 * np.pi) if layout.rotation >= np.pi else rng.uniform(-layout.rotation, layout.rotation)
     c, s = np.cos(angle), np.sin(angle)
     x = (c * (gx - cx) + s * (gy - cy)) / scale  # object coordinates: rotated, centred, unit size
     y = (-s * (gx - cx) + c * (gy - cy)) / scale
@@ -143,16 +165,18 @@ def render(rng: np.random.Generator, cls: str, style: str, size: int = 32, super
     return np.round(image * 255).astype(np.uint8)
 
 
-def example(seed: int, index: int, size: int = 32, synonym_prob: float = 0.3) -> Example:
-    """Example ``index`` of the stream ``seed``: depends on (seed, index) alone."""
+def example(seed: int, index: int, size: int = 32, synonym_prob: float = 0.3, layout: str = "wide") -> Example:
+    """Example ``index`` of the stream ``seed``: depends on (seed, index, layout) alone."""
     rng = np.random.default_rng([seed, index])
     label, style = int(rng.integers(len(CLASSES))), int(rng.integers(len(STYLES)))
     caption, name = caption_for(rng, CLASSES[label], STYLES[style], synonym_prob)
-    return Example(render(rng, CLASSES[label], STYLES[style], size), caption, label, style, name)
+    return Example(render(rng, CLASSES[label], STYLES[style], size, layout=LAYOUTS[layout]), caption, label, style, name)
 
 
-def batch(seed: int, start: int, count: int, size: int = 32, synonym_prob: float = 0.3):
+def batch(seed: int, start: int, count: int, size: int = 32, synonym_prob: float = 0.3, layout: str = "wide"):
     """Examples ``start .. start+count-1`` as arrays: images (N, size, size, 3) uint8, captions, labels, styles."""
-    items = [example(seed, i, size, synonym_prob) for i in range(start, start + count)]
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; known: {sorted(LAYOUTS)}")
+    items = [example(seed, i, size, synonym_prob, layout) for i in range(start, start + count)]
     return (np.stack([e.image for e in items]), [e.caption for e in items],
             np.array([e.label for e in items]), np.array([e.style for e in items]))

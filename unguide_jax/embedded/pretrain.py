@@ -1,4 +1,4 @@
-"""Pretraining stages of the embedded shapes model: VAE, then UNet + CLIP text encoder jointly.
+"""Pretraining stages of the embedded shapes model: VAE, text encoder, then the UNet on a frozen text encoder.
 
 Every stage is a function of a config dict and returns parameters and metrics; ``recipe.py`` chains
 them, writes their outputs, and skips stages whose outputs already exist (so the recipe resumes).
@@ -182,6 +182,76 @@ def tokenize_captions(tokenizer, captions: list[str]) -> np.ndarray:
     return np.asarray([table[c] for c in captions], np.int32)
 
 
+def all_captions() -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Every caption the data set can write, with its class and named style (len(STYLES) if none is named)."""
+    captions, labels, styles = [], [], []
+    for label, cls in enumerate(shapes.CLASSES):
+        for name in (cls, *shapes.SYNONYMS[cls]):
+            for style in (None, *range(len(shapes.STYLES))):
+                noun = name if style is None else f"{shapes.STYLES[style]} {name}"
+                for template in shapes.TEMPLATES:
+                    captions.append(shapes.article_fix(template.format(noun)))
+                    labels.append(label)
+                    styles.append(len(shapes.STYLES) if style is None else style)
+    return captions, np.asarray(labels), np.asarray(styles)
+
+
+def train_text_encoder(cfg: dict, text_cfg: CLIPTextConfig, tokenizer, seed: int, log: Log) -> tuple[dict, dict]:
+    """The CLIP-architecture text encoder, taught what captions mean before the UNet sees it.
+
+    Real Stable Diffusion conditions on a frozen, pretrained CLIP; a text encoder trained from
+    scratch together with a small UNet stayed nearly constant across prompts (the UNet learned to
+    ignore it). So, in CLIP's role, it first learns to tell captions apart: linear heads read the
+    class and the named style from every position from EOS on (those positions see the whole
+    caption through the causal mask, and the UNet attends to all of them). Synonyms share their
+    class's label, so they land near it.
+    """
+    captions, labels, styles = all_captions()
+    ids = tokenize_captions(tokenizer, captions)
+    eos_pos = np.argmax(ids == text_cfg.eos_token_id, axis=-1)
+    after_eos = (np.arange(ids.shape[1])[None, :] >= eos_pos[:, None]).astype(np.float32)
+    encoder = build_module("text_encoder", text_cfg)
+    k_enc, k_heads, key = jax.random.split(jax.random.key(seed), 3)
+    heads = {"class": 0.02 * jax.random.normal(k_heads, (text_cfg.hidden_size, len(shapes.CLASSES))),
+             "style": 0.02 * jax.random.normal(jax.random.fold_in(k_heads, 1), (text_cfg.hidden_size, len(shapes.STYLES) + 1))}
+    params = {"text_encoder": jax.jit(encoder.init)(k_enc, *encoder.init_inputs())["params"], "heads": heads}
+    optimizer = _adam(cfg["learning_rate"], cfg["steps"], cfg["warmup"])
+    opt_state = optimizer.init(params)
+
+    def predictions(p, ids_batch):
+        hidden, _ = encoder.apply({"params": p["text_encoder"]}, ids_batch)
+        return hidden @ p["heads"]["class"], hidden @ p["heads"]["style"]
+
+    def loss_fn(p, ids_batch, mask, label, style):
+        class_logits, style_logits = predictions(p, ids_batch)
+        per_token = (optax.softmax_cross_entropy_with_integer_labels(class_logits, label[:, None])
+                     + optax.softmax_cross_entropy_with_integer_labels(style_logits, style[:, None]))
+        return jnp.sum(per_token * mask) / jnp.sum(mask)
+
+    @jax.jit
+    def step(p, s, ids_batch, mask, label, style):
+        loss, grads = jax.value_and_grad(loss_fn)(p, ids_batch, mask, label, style)
+        updates, s = optimizer.update(grads, s, p)
+        return optax.apply_updates(p, updates), s, loss
+
+    rng, started, losses = np.random.default_rng(seed), time.perf_counter(), []
+    bar = tqdm(range(cfg["steps"]), desc="text encoder", mininterval=5)
+    for i in bar:
+        idx = rng.choice(len(captions), cfg["batch_size"], replace=False)
+        params, opt_state, loss = step(params, opt_state, ids[idx], after_eos[idx], labels[idx], styles[idx])
+        losses.append(float(loss))
+        if i % 50 == 0 or i == cfg["steps"] - 1:
+            bar.set_postfix(loss=f"{float(loss):.4f}")
+            log({"stage": "text_encoder", "step": i, "loss": float(loss)})
+    class_logits, style_logits = jax.jit(predictions)(params, ids)
+    at_eos = lambda logits: np.asarray(jnp.take_along_axis(logits, jnp.asarray(eos_pos)[:, None, None], axis=1)[:, 0])  # noqa: E731
+    metrics = {"train_seconds": round(time.perf_counter() - started, 1), "captions": len(captions),
+               "first_loss": float(np.mean(losses[:10])), "final_loss": float(np.mean(losses[-10:])),
+               "class_accuracy_at_eos": float((at_eos(class_logits).argmax(-1) == labels).mean()),
+               "style_accuracy_at_eos": float((at_eos(style_logits).argmax(-1) == styles).mean())}
+    return params["text_encoder"], metrics
+
+
 @dataclasses.dataclass
 class DiffusionData:
     latent_mean: np.ndarray  # (N, h, w, c), unscaled VAE latents
@@ -191,18 +261,19 @@ class DiffusionData:
 
 
 def train_diffusion(cfg: dict, unet_cfg: UNetConfig, text_cfg: CLIPTextConfig, vae_cfg: VAEConfig,
-                    scheduler: SchedulerConfig, data: DiffusionData, seed: int, log: Log,
+                    scheduler: SchedulerConfig, data: DiffusionData, text_params: dict, seed: int, log: Log,
                     checkpoint: LoopCheckpoint | None = None):
-    """UNet and text encoder trained together from scratch on the epsilon objective, with an EMA copy."""
+    """The UNet from scratch on the scheduler's objective, conditioned on the frozen pretrained text
+    encoder (as Stable Diffusion on CLIP), with an EMA copy. Returns the EMA UNet params."""
     checkpoint = checkpoint or LoopCheckpoint(None, 1)
     unet, text_encoder = build_module("unet", unet_cfg), build_module("text_encoder", text_cfg)
-    k_unet, k_text, key = jax.random.split(jax.random.key(seed), 3)
-    params = {"unet": jax.jit(unet.init)(k_unet, *unet.init_inputs(size=unet_cfg.sample_size))["params"],
-              "text_encoder": jax.jit(text_encoder.init)(k_text, *text_encoder.init_inputs())["params"]}
+    k_unet, key = jax.random.split(jax.random.key(seed))
+    params = jax.jit(unet.init)(k_unet, *unet.init_inputs(size=unet_cfg.sample_size))["params"]
     optimizer = _adam(cfg["learning_rate"], cfg["steps"], cfg["warmup"])
     opt_state = optimizer.init(params)
     ema = params
     schedule = NoiseSchedule.from_config(scheduler)
+    text_params = jax.tree.map(jnp.asarray, text_params)
     empty = jnp.asarray(data.empty_ids)
 
     def loss_fn(p, mean, logvar, ids, key):
@@ -211,18 +282,20 @@ def train_diffusion(cfg: dict, unet_cfg: UNetConfig, text_cfg: CLIPTextConfig, v
         x0 = scale_latents(sample_posterior(mean, logvar, jax.random.normal(k_post, mean.shape)), vae_cfg)
         drop = jax.random.uniform(k_drop, (batch, 1)) < cfg["caption_dropout"]
         ids = jnp.where(drop, empty[None, :], ids)
-        context, _ = text_encoder.apply({"params": p["text_encoder"]}, ids)
+        context, _ = text_encoder.apply({"params": text_params}, ids)
         noise = jax.random.normal(k_noise, x0.shape)
         t = jax.random.randint(k_t, (batch,), 0, scheduler.num_train_timesteps)
-        pred = unet.apply({"params": p["unet"]}, add_noise(schedule, x0, noise, t), t, context)
+        pred = unet.apply({"params": p}, add_noise(schedule, x0, noise, t), t, context)
         return jnp.mean((pred - training_target(scheduler, schedule, x0, noise, t)) ** 2)
 
     @jax.jit
-    def step(p, s, ema, mean, logvar, ids, key):
+    def step(p, s, ema, mean, logvar, ids, key, i):
         loss, grads = jax.value_and_grad(loss_fn)(p, mean, logvar, ids, key)
         updates, s = optimizer.update(grads, s, p)
         p = optax.apply_updates(p, updates)
-        ema = jax.tree.map(lambda e, q: cfg["ema_decay"] * e + (1 - cfg["ema_decay"]) * q, ema, p)
+        # The decay warms up so that the random initialisation does not linger in short runs.
+        decay = jnp.minimum(cfg["ema_decay"], (1.0 + i) / (10.0 + i))
+        ema = jax.tree.map(lambda e, q: decay * e + (1 - decay) * q, ema, p)
         return p, s, ema, loss
 
     n, bs = len(data.input_ids), cfg["batch_size"]
@@ -244,7 +317,7 @@ def train_diffusion(cfg: dict, unet_cfg: UNetConfig, text_cfg: CLIPTextConfig, v
         cursor += bs
         key, sub = jax.random.split(key)
         params, opt_state, ema, loss = step(params, opt_state, ema, data.latent_mean[idx], data.latent_logvar[idx],
-                                            data.input_ids[idx], sub)
+                                            data.input_ids[idx], sub, jnp.float32(i))
         losses.append(float(loss))
         if i % 50 == 0 or i == cfg["steps"] - 1:
             recent = float(np.mean(losses[-50:]))
@@ -258,3 +331,4 @@ def train_diffusion(cfg: dict, unet_cfg: UNetConfig, text_cfg: CLIPTextConfig, v
                "final_loss": float(np.mean(losses[-window:])), "loss_window": window, "steps": cfg["steps"],
                "batch_size": bs}
     return unet, text_encoder, ema, metrics
+

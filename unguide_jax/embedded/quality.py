@@ -9,9 +9,9 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from tqdm import tqdm
 
 from ..data import shapes
+from ..generation import ImageRequest, generate_images
 from ..outputs import image_grid
 from ..pipeline import StableDiffusion
 from .classifier import Classifier
@@ -31,18 +31,6 @@ def gate_prompts() -> list[dict]:
     return out
 
 
-def generate_many(sd: StableDiffusion, prompts: list[str], seeds: list[int], *, guidance_scale: float,
-                  num_steps: int, batch_size: int, desc: str = "sampling") -> np.ndarray:
-    """Images for (prompt, seed) pairs in fixed-size batches (the last one padded, so one compile)."""
-    images = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, mininterval=5):
-        p, s = prompts[start:start + batch_size], seeds[start:start + batch_size]
-        pad = batch_size - len(p)
-        out = sd.generate(p + [p[-1]] * pad, list(s) + [s[-1]] * pad, guidance_scale=guidance_scale, num_steps=num_steps)
-        images.append(out.images[: len(p)])
-    return np.concatenate(images)
-
-
 def run_quality_gate(sd: StableDiffusion, evaluator: Classifier, *, images_per_prompt: int, style_images_per_prompt: int,
                      num_steps: int, guidance_scale: float, seed: int, batch_size: int) -> tuple[dict, np.ndarray]:
     """Generate, classify, and summarise; returns (metrics, a grid of the class prompts)."""
@@ -54,8 +42,8 @@ def run_quality_gate(sd: StableDiffusion, evaluator: Classifier, *, images_per_p
         prompts += [item["prompt"]] * n
         seeds += [seed + j for j in range(n)]
         owners += [k] * n
-    images = generate_many(sd, prompts, seeds, guidance_scale=guidance_scale, num_steps=num_steps, batch_size=batch_size,
-                           desc="quality gate")
+    requests = [ImageRequest(p, s, guidance_scale) for p, s in zip(prompts, seeds)]
+    images = np.stack(generate_images(sd, requests, batch_size=batch_size, num_steps=num_steps, desc="quality gate"))
     pred_class, pred_style = evaluator.predict(images)
     owners = np.asarray(owners)
     per_prompt = []

@@ -3,7 +3,7 @@
     python -m unguide_jax.embedded.recipe --config configs/embedded.py
 
 Stages (each writes its output under ``work_dir`` and is skipped when that output exists):
-tokenizer -> evaluator -> vae -> diffusion -> quality. ``metrics.jsonl`` logs every stage;
+tokenizer -> evaluator -> vae -> text_encoder -> diffusion -> quality. ``metrics.jsonl`` logs every stage;
 ``recipe.json`` holds the resolved config. The shipped copies live in ``unguide_jax/assets/``.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from ..weights import write_json
 from . import pretrain
 from .classifier import ClassifierConfig, load_classifier, save_classifier, train_classifier
 
-STAGES = ("tokenizer", "evaluator", "vae", "diffusion", "quality")
+STAGES = ("tokenizer", "evaluator", "vae", "text_encoder", "diffusion", "quality")
 MODEL_DIR, EVALUATOR_DIR = "shapes-sd", "shapes-classifier"
 
 
@@ -75,31 +75,50 @@ def _stage_vae(config: dict, work: Path, log: MetricsLog) -> None:
     log({"stage": "vae", "done": True, **metrics})
 
 
+def _text_config(config: dict, tokenizer):
+    return pretrain.text_config(config["text_encoder"], len(tokenizer), tokenizer.model_max_length)
+
+
+def _stage_text_encoder(config: dict, work: Path, log: MetricsLog) -> None:
+    tokenizer = load_tokenizer(work / "tokenizer")
+    text_cfg = _text_config(config, tokenizer)
+    params, metrics = pretrain.train_text_encoder(config["text_encoder"], text_cfg, tokenizer, config["seed"] + 30, log)
+    save_component(work / "text_encoder.tmp", "text_encoder", text_cfg, params)
+    write_json(work / "text_encoder.tmp" / "metrics.json", metrics)
+    (work / "text_encoder.tmp").rename(work / "text_encoder")
+    log({"stage": "text_encoder", "done": True, **metrics})
+
+
 def _stage_diffusion(config: dict, work: Path, log: MetricsLog) -> None:
     cfg = config["diffusion"]
     vae, vae_params = load_component(work / "vae", "vae")
     tokenizer = load_tokenizer(work / "tokenizer")
     started = time.perf_counter()
-    images, captions, _, _ = shapes.batch(cfg["data_seed"], 0, cfg["train_images"], config["image_size"], cfg["synonym_prob"])
+    images, captions, _, _ = shapes.batch(cfg["data_seed"], 0, cfg["train_images"], config["image_size"], cfg["synonym_prob"],
+                                          layout=cfg["layout"])
     mean, logvar = pretrain.encode_dataset(vae, vae_params, images)
     vae_config = dataclasses.replace(vae.config, scaling_factor=round(pretrain.latent_scaling_factor(mean, logvar), 5))
     data = pretrain.DiffusionData(mean, logvar, pretrain.tokenize_captions(tokenizer, captions),
                                   pretrain.tokenize_captions(tokenizer, [""])[0])
     log({"stage": "diffusion", "data_seconds": round(time.perf_counter() - started, 1),
          "scaling_factor": vae_config.scaling_factor, "train_images": len(images)})
-    text_cfg = pretrain.text_config(config["text_encoder"], len(tokenizer), tokenizer.model_max_length)
+    text_encoder_module, text_params = load_component(work / "text_encoder", "text_encoder")
+    text_cfg = text_encoder_module.config
     unet_cfg = pretrain.unet_config(config["unet"], mean.shape[1], mean.shape[-1], text_cfg.hidden_size)
-    scheduler = SchedulerConfig()  # SD's: scaled_linear 0.00085..0.012, epsilon, leading, steps_offset 1
+    # SD's schedule (scaled_linear 0.00085..0.012, leading, steps_offset 1); the prediction type is the recipe's.
+    scheduler = SchedulerConfig(prediction_type=cfg["prediction_type"])
     checkpoint = _loop_checkpoint(config, work, "diffusion")
-    unet, text_encoder, params, metrics = pretrain.train_diffusion(
-        cfg, unet_cfg, text_cfg, vae_config, scheduler, data, config["seed"] + 20, log, checkpoint)
+    unet, text_encoder, unet_params, metrics = pretrain.train_diffusion(
+        cfg, unet_cfg, text_cfg, vae_config, scheduler, data, text_params, config["seed"] + 20, log, checkpoint)
     from ..models.vae import AutoencoderKL
 
     sd = StableDiffusion(unet=unet, text_encoder=text_encoder, vae=AutoencoderKL(vae_config), tokenizer=tokenizer,
-                         scheduler=scheduler, params={**params, "vae": vae_params})
+                         scheduler=scheduler,
+                         params={"unet": unet_params, "text_encoder": text_params, "vae": vae_params})
     tmp = work / f"{MODEL_DIR}.tmp"
     save_pipeline(sd, tmp, dtype=np.float16)
-    write_json(tmp / "training_metrics.json", {"diffusion": metrics, "vae": json.loads((work / "vae" / "metrics.json").read_text())})
+    write_json(tmp / "training_metrics.json", {"diffusion": metrics, **{
+        part: json.loads((work / part / "metrics.json").read_text()) for part in ("vae", "text_encoder")}})
     tmp.rename(work / MODEL_DIR)
     checkpoint.remove()
     log({"stage": "diffusion", "done": True, **metrics})
@@ -119,7 +138,7 @@ def _stage_quality(config: dict, work: Path, log: MetricsLog) -> None:
 
 
 STAGE_FUNCTIONS = {"tokenizer": _stage_tokenizer, "evaluator": _stage_evaluator, "vae": _stage_vae,
-                   "diffusion": _stage_diffusion, "quality": _stage_quality}
+                   "text_encoder": _stage_text_encoder, "diffusion": _stage_diffusion, "quality": _stage_quality}
 # The config keys each stage's output depends on (its own and its inputs'): a finished stage is
 # reused on a rerun only if these are unchanged.
 _DATA = ("seed", "image_size")
@@ -127,10 +146,12 @@ STAGE_INPUTS = {
     "tokenizer": ("tokenizer",),
     "evaluator": _DATA + ("evaluator",),
     "vae": _DATA + ("vae",),
+    "text_encoder": ("seed", "tokenizer", "text_encoder"),
     "diffusion": _DATA + ("tokenizer", "vae", "text_encoder", "unet", "diffusion"),
     "quality": _DATA + ("tokenizer", "evaluator", "vae", "text_encoder", "unet", "diffusion", "quality"),
 }
-STAGE_OUTPUTS = {"tokenizer": "tokenizer", "evaluator": EVALUATOR_DIR, "vae": "vae", "diffusion": MODEL_DIR,
+STAGE_OUTPUTS = {"tokenizer": "tokenizer", "evaluator": EVALUATOR_DIR, "vae": "vae", "text_encoder": "text_encoder",
+                 "diffusion": MODEL_DIR,
                  "quality": "quality.json"}
 # Mid-stage state of the long training loops (removed once the stage's output is written).
 CHECKPOINTS = {"vae": "vae.loop.safetensors", "diffusion": "diffusion.loop.safetensors"}

@@ -144,7 +144,7 @@ PARAPHRASES: dict[str, tuple[str, ...]] = {
     "crescent": ("a photo of a lunar shape", "a picture of a curved night sky shape", "a banana like curve"),
     "arrow": ("a photo of a shape pointing one way", "a picture of a road direction shape", "a shape like a cursor"),
     "ring": ("a photo of a round shape with a hole", "a picture of a wedding band shape", "a tyre shape"),
-    "diamond": ("a photo of a tilted square shape", "a picture of a kite shaped figure", "a shape like a jewel"),
+    "diamond": ("a photo of a shape standing on one corner", "a picture of a kite shaped figure", "a shape like a jewel"),
 }
 
 

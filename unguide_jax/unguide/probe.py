@@ -27,7 +27,7 @@ from ..edits import Edit, apply_unet
 from ..schedulers import SchedulerConfig
 from .objective import TIMESTEP_MODES, ObjectiveConfig, num_sampling_steps, query_timestep_range, sample_until
 
-RULES = ("paper",)
+RULES = ("paper", "sequential")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,10 @@ class ProbeConfig:
     w_keep: float = 2.0             # w2: unrelated prompt, lean on the base (away from the edit)
     rule: str = "paper"             # w1 if D(p) > D("") else w2
     prompt_chunk: int = 8           # prompts per jitted call (the last chunk is padded: one compile)
+    # rule "sequential" (ours, not the paper's): draws in rounds of round_draws, up to `draws`; a prompt stops
+    # once its paired differences d_r(p) − d_r("") have a mean farther than z standard errors from 0.
+    round_draws: int = 5
+    z: float = 2.58
 
     def __post_init__(self):
         if self.draws < 1:
@@ -55,6 +59,8 @@ class ProbeConfig:
             raise ValueError(f"probe rule must be one of {RULES}, got {self.rule!r}")
         if self.prompt_chunk < 1:
             raise ValueError(f"probe prompt_chunk must be >= 1, got {self.prompt_chunk}")
+        if self.rule == "sequential" and not 2 <= self.round_draws <= self.draws:
+            raise ValueError(f"probe round_draws must be in [2, draws={self.draws}], got {self.round_draws}")
 
     @property
     def objective(self) -> ObjectiveConfig:
@@ -112,14 +118,15 @@ def choose_w(d: np.ndarray, d_empty: float, config: ProbeConfig) -> np.ndarray:
 @dataclasses.dataclass
 class ProbeResult:
     prompts: list[str]
-    d: np.ndarray           # (P,) D(p)
-    d_empty: float          # D("")
+    d: np.ndarray           # (P,) D(p), the mean over the draws used
+    d_empty: float          # D("") over all draws
     w: np.ndarray           # (P,)
-    distances: np.ndarray   # (P, R) per draw
+    distances: np.ndarray   # (P, R) per draw; NaN where a sequential probe stopped before the draw
+    draws_used: np.ndarray  # (P,)
 
     def records(self) -> list[dict]:
-        return [dict(prompt=p, D=float(d), D_empty=self.d_empty, w=float(w), carries_concept=bool(d > self.d_empty))
-                for p, d, w in zip(self.prompts, self.d, self.w)]
+        return [dict(prompt=p, D=float(d), D_empty=self.d_empty, w=float(w), carries_concept=bool(d > self.d_empty),
+                     draws=int(n)) for p, d, w, n in zip(self.prompts, self.d, self.w, self.draws_used)]
 
 
 class WProbe:
@@ -130,11 +137,14 @@ class WProbe:
         self.latent_shape = latent_shape or sd.latent_shape(None, None)
         self.x_T, self.t = probe_draws(config, sd.scheduler, self.latent_shape)
         self._uncond = sd.encode_prompts([""])
-        self._d_empty: float | None = None
+        self._empty: np.ndarray | None = None
         self.unet_calls = 0  # UNet rows evaluated, for cost accounting
 
-    def _distances(self, cond: jax.Array, scales: np.ndarray) -> np.ndarray:
-        chunk, n = self.config.prompt_chunk, cond.shape[0]
+    def _distances(self, cond: jax.Array, scales: np.ndarray, draws: slice = slice(None)) -> np.ndarray:
+        """(P, R') distances for the draws ``draws``, the prompts in padded chunks (one compile per shape)."""
+        chunk, n = min(self.config.prompt_chunk, cond.shape[0]), cond.shape[0]
+        x_T, t = self.x_T[draws], self.t[draws]
+        steps = int(num_sampling_steps(self.config.objective, self.config.t_enc))
         out = []
         for start in range(0, n, chunk):
             c, s = cond[start:start + chunk], scales[start:start + chunk]
@@ -143,23 +153,58 @@ class WProbe:
                 c = jnp.concatenate([c, jnp.repeat(c[-1:], pad, axis=0)])
                 s = np.concatenate([s, np.repeat(s[-1:], pad)])
             d = probe_distances(self.sd.unet, self.sd.scheduler, self.config, self.sd.params["unet"], self.edit,
-                                c, self._uncond, jnp.asarray(s, jnp.float32), self.x_T, self.t)
+                                c, self._uncond, jnp.asarray(s, jnp.float32), x_T, t)
             out.append(np.asarray(d)[: chunk - pad])
-            steps = int(num_sampling_steps(self.config.objective, self.config.t_enc))
-            self.unet_calls += chunk * self.config.draws * (2 * steps + 2)  # CFG steps, then base + edited at t
+            self.unet_calls += chunk * x_T.shape[0] * (2 * steps + 2)  # CFG steps, then base + edited at t
         return np.concatenate(out)
 
     @property
-    def d_empty(self) -> float:
-        """D(""), computed on first use (CFG on "" is the unconditional prediction whatever its scale)."""
-        if self._d_empty is None:
-            self._d_empty = float(self._distances(self._uncond, np.ones(1, np.float32)).mean())
-        return self._d_empty
+    def empty_distances(self) -> np.ndarray:
+        """d_r("") for every draw, computed on first use (CFG on "" is the unconditional prediction whatever
+        its scale, so one probe serves every prompt)."""
+        if self._empty is None:
+            self._empty = self._distances(self._uncond, np.ones(1, np.float32))[0]
+        return self._empty
 
-    def run(self, prompts: Sequence[str], guidance_scales: float | Sequence[float] = 7.5) -> ProbeResult:
+    @property
+    def d_empty(self) -> float:
+        return float(self.empty_distances.mean())
+
+    def run(self, prompts: Sequence[str], guidance_scales: float | Sequence[float] = 7.5,
+            prompt_embeddings: jax.Array | None = None) -> ProbeResult:
+        """D(p), D("") and w for ``prompts`` (``prompt_embeddings``: encoder outputs to use instead)."""
         prompts = list(prompts)
         scales = np.broadcast_to(np.asarray(guidance_scales, np.float32), (len(prompts),)).copy()
-        distances = self._distances(self.sd.encode_prompts(prompts), scales) if prompts else np.zeros((0, self.config.draws))
-        d = distances.mean(axis=1)
-        return ProbeResult(prompts=prompts, d=d, d_empty=self.d_empty, w=choose_w(d, self.d_empty, self.config),
-                           distances=distances)
+        cond = self.sd.encode_prompts(prompts) if prompt_embeddings is None else jnp.asarray(prompt_embeddings)
+        r = self.config.draws
+        if not prompts:
+            distances = np.zeros((0, r))
+        elif self.config.rule == "sequential":
+            distances = self._sequential(cond, scales)
+        else:
+            distances = self._distances(cond, scales)
+        used = (~np.isnan(distances)).sum(axis=1)
+        d = np.nanmean(distances, axis=1) if prompts else np.zeros(0)
+        if self.config.rule == "sequential" and prompts:
+            # Paired: each prompt against D("") over the same draws it used.
+            paired_empty = np.asarray([self.empty_distances[:k].mean() for k in used])
+            w = np.where(d > paired_empty, self.config.w_erase, self.config.w_keep).astype(np.float32)
+        else:
+            w = choose_w(d, self.d_empty, self.config)
+        return ProbeResult(prompts=prompts, d=d, d_empty=self.d_empty, w=w, distances=distances, draws_used=used)
+
+    def _sequential(self, cond: jax.Array, scales: np.ndarray) -> np.ndarray:
+        config, empty = self.config, self.empty_distances
+        distances = np.full((cond.shape[0], config.draws), np.nan)
+        open_ = np.arange(cond.shape[0])
+        for start in range(0, config.draws, config.round_draws):
+            stop = min(start + config.round_draws, config.draws)
+            if stop - start < config.round_draws:  # keep one compiled shape: the last round overlaps the previous
+                start = stop - config.round_draws
+            distances[open_, start:stop] = self._distances(cond[open_], scales[open_], slice(start, stop))
+            diffs = distances[open_, :stop] - empty[:stop]
+            mean, sem = diffs.mean(axis=1), diffs.std(axis=1, ddof=1) / np.sqrt(stop)
+            open_ = open_[np.abs(mean) <= config.z * sem]
+            if not len(open_):
+                break
+        return distances
