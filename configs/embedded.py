@@ -16,15 +16,16 @@ def get_config(preset: str = "default") -> dict:
         tokenizer=dict(bpe_file="", max_length=77),  # "": the BPE file inside open_clip's wheel
         evaluator=dict(channels=[16, 32, 64, 128], steps=2000, batch_size=128, learning_rate=2e-3,
                        data_seed=101, eval_seed=102, eval_images=5000, blur_sigma_max=1.5),
-        # 16 latent channels (as SD3/Flux): with 4, this small VAE blurred the shapes away.
-        vae=dict(block_out_channels=[16, 32, 32], layers_per_block=1, latent_channels=16, norm_num_groups=8,
-                 steps=2500, batch_size=32, learning_rate=2e-3, warmup=100, kl_weight=1e-6, data_seed=201),
+        # Downsampling by 2 to 16x16x8 latents: the shape stays spatial in the latent. (8x8x16 latents
+        # reconstructed well, but a small UNet could not learn to generate in them: a dense code, not a picture.)
+        vae=dict(block_out_channels=[16, 32], layers_per_block=1, latent_channels=8, norm_num_groups=8,
+                 steps=1500, batch_size=32, learning_rate=2e-3, warmup=50, kl_weight=1e-6, data_seed=201),
         # Pretrained on every caption (class and named style read from each position from EOS on), then frozen.
         text_encoder=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
                           steps=400, batch_size=128, learning_rate=1e-3, warmup=50),
-        unet=dict(block_out_channels=[32, 64, 128], attention_heads=[2, 4, 8], layers_per_block=1, norm_num_groups=16),
+        unet=dict(block_out_channels=[16, 32, 64], attention_heads=[1, 2, 4], layers_per_block=1, norm_num_groups=8),
         # "centred": shapes roughly centred and upright (shapes.LAYOUTS), so that the prompt decides most of an image.
-        diffusion=dict(steps=3000, batch_size=64, learning_rate=1e-3, warmup=200, ema_decay=0.999,
+        diffusion=dict(steps=2500, batch_size=64, learning_rate=1e-3, warmup=200, ema_decay=0.999,
                        caption_dropout=0.1, train_images=60000, data_seed=301, synonym_prob=0.3,
                        layout="centred", prediction_type="epsilon"),
         quality=dict(images_per_prompt=32, style_images_per_prompt=8, num_steps=50, guidance_scale=7.5,

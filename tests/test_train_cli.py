@@ -54,6 +54,16 @@ def test_run_folder_and_a_resumed_run_matches_an_uninterrupted_one(tiny_pipeline
     assert info[0]["steps"] == 4 and float(edit.loras[0][1]) == 8.0
     for module, ab in adapter.items():
         np.testing.assert_array_equal(np.asarray(edit.loras[0][0][module]["lora_B"]), ab["lora_B"])
+    # Exported later from the checkpoint: the same PEFT file as the run's own export.
+    from safetensors.numpy import load_file
+
+    from unguide_jax.edit_export import main as export_main
+
+    assert export_main([str(straight / "checkpoints" / "4"), "--model", str(folder), "--formats", "peft",
+                        "--out", str(tmp_path / "later")]) == 0
+    later = load_file(tmp_path / "later" / "diffusers" / "pytorch_lora_weights.safetensors")
+    own = load_file(straight / "export" / "diffusers" / "pytorch_lora_weights.safetensors")
+    assert later.keys() == own.keys() and all(np.array_equal(later[k], own[k]) for k in own)
 
     # The same run in two sessions: 2 steps, then resumed to 4 from the step-2 checkpoint.
     assert train.main(train_args(folder, split, "--config.iterations=2")) == 0

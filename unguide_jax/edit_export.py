@@ -117,3 +117,29 @@ def check_exports(formats) -> None:
 def export_edit(formats, export_dir: Path, edit: edits.Edit, unet, unet_params) -> list[Path]:
     check_exports(formats)
     return [EXPORTERS[name](Path(export_dir), edit, unet, unet_params) for name in formats]
+
+
+def main(argv=None) -> int:
+    """Export edits that already exist (run folders, edit/adapter files, Orbax checkpoints) for PyTorch users."""
+    import argparse
+
+    from .adapter_sources import load_edit
+    from .embedded import resolve_model_path
+    from .loading import load_pipeline
+
+    parser = argparse.ArgumentParser(prog="python -m unguide_jax.edit_export", description=main.__doc__)
+    parser.add_argument("sources", nargs="+", help="run folders, edit files or Orbax checkpoint folders (they add up)")
+    parser.add_argument("--model", default="embedded", help="the base model the edits were made on")
+    parser.add_argument("--formats", nargs="+", default=["peft"], help=f"of {sorted(EXPORTERS)}")
+    parser.add_argument("--out", required=True, help="export folder")
+    args = parser.parse_args(argv)
+    check_exports(args.formats)
+    sd = load_pipeline(resolve_model_path(args.model))
+    edit, _ = load_edit(args.sources, sd.params["unet"])
+    for path in export_edit(args.formats, Path(args.out), edit, sd.unet, sd.params["unet"]):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
