@@ -211,7 +211,7 @@ def train_text_encoder(cfg: dict, text_cfg: CLIPTextConfig, tokenizer, seed: int
     eos_pos = np.argmax(ids == text_cfg.eos_token_id, axis=-1)
     after_eos = (np.arange(ids.shape[1])[None, :] >= eos_pos[:, None]).astype(np.float32)
     encoder = build_module("text_encoder", text_cfg)
-    k_enc, k_heads, key = jax.random.split(jax.random.key(seed), 3)
+    k_enc, k_heads = jax.random.split(jax.random.key(seed))
     heads = {"class": 0.02 * jax.random.normal(k_heads, (text_cfg.hidden_size, len(shapes.CLASSES))),
              "style": 0.02 * jax.random.normal(jax.random.fold_in(k_heads, 1), (text_cfg.hidden_size, len(shapes.STYLES) + 1))}
     params = {"text_encoder": jax.jit(encoder.init)(k_enc, *encoder.init_inputs())["params"], "heads": heads}
@@ -331,4 +331,3 @@ def train_diffusion(cfg: dict, unet_cfg: UNetConfig, text_cfg: CLIPTextConfig, v
                "final_loss": float(np.mean(losses[-window:])), "loss_window": window, "steps": cfg["steps"],
                "batch_size": bs}
     return unet, text_encoder, ema, metrics
-

@@ -68,24 +68,23 @@ def _stage_vae(config: dict, work: Path, log: MetricsLog) -> None:
     checkpoint = _loop_checkpoint(config, work, "vae")
     vae_config, params, metrics = pretrain.train_vae(config["vae"], config["image_size"], config["seed"] + 10, log,
                                                      checkpoint)
-    save_component(work / "vae.tmp", "vae", vae_config, params)
-    write_json(work / "vae.tmp" / "metrics.json", metrics)
-    (work / "vae.tmp").rename(work / "vae")
+    _write_component(work, "vae", vae_config, params, metrics)
     checkpoint.remove()
     log({"stage": "vae", "done": True, **metrics})
 
 
-def _text_config(config: dict, tokenizer):
-    return pretrain.text_config(config["text_encoder"], len(tokenizer), tokenizer.model_max_length)
+def _write_component(work: Path, name: str, component_config, params, metrics: dict) -> None:
+    """A trained component's folder with its metrics, renamed into place only once complete."""
+    save_component(work / f"{name}.tmp", name, component_config, params)
+    write_json(work / f"{name}.tmp" / "metrics.json", metrics)
+    (work / f"{name}.tmp").rename(work / name)
 
 
 def _stage_text_encoder(config: dict, work: Path, log: MetricsLog) -> None:
     tokenizer = load_tokenizer(work / "tokenizer")
-    text_cfg = _text_config(config, tokenizer)
+    text_cfg = pretrain.text_config(config["text_encoder"], len(tokenizer), tokenizer.model_max_length)
     params, metrics = pretrain.train_text_encoder(config["text_encoder"], text_cfg, tokenizer, config["seed"] + 30, log)
-    save_component(work / "text_encoder.tmp", "text_encoder", text_cfg, params)
-    write_json(work / "text_encoder.tmp" / "metrics.json", metrics)
-    (work / "text_encoder.tmp").rename(work / "text_encoder")
+    _write_component(work, "text_encoder", text_cfg, params, metrics)
     log({"stage": "text_encoder", "done": True, **metrics})
 
 
