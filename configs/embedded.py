@@ -12,6 +12,7 @@ def get_config(preset: str = "default") -> dict:
         publish=False,                    # copy the finished run over the shipped one in unguide_jax/assets/
         image_size=32,
         checkpoint_every=250,             # the VAE and diffusion loops save their state this often (resumable)
+        reuse_from="",                    # another run's work_dir: its finished stages with the same settings are copied
         stages=["tokenizer", "evaluator", "vae", "text_encoder", "diffusion", "quality"],
         tokenizer=dict(bpe_file="", max_length=77),  # "": the BPE file inside open_clip's wheel
         evaluator=dict(channels=[16, 32, 64, 128], steps=2000, batch_size=128, learning_rate=2e-3,
@@ -27,7 +28,8 @@ def get_config(preset: str = "default") -> dict:
         # "centred": shapes roughly centred and upright (shapes.LAYOUTS), so that the prompt decides most of an image.
         diffusion=dict(steps=2500, batch_size=64, learning_rate=1e-3, warmup=200, ema_decay=0.999,
                        caption_dropout=0.1, train_images=60000, data_seed=301, synonym_prob=0.3,
-                       layout="centred", prediction_type="epsilon"),
+                       layout="centred", prediction_type="epsilon", loss_weighting="none", min_snr_gamma=5.0,
+                       init_unet=""),  # init_unet: a UNet folder to start from instead of random weights
         quality=dict(images_per_prompt=32, style_images_per_prompt=8, num_steps=50, guidance_scale=7.5,
                      seed=1000, batch_size=128),
     )
@@ -43,6 +45,14 @@ def get_config(preset: str = "default") -> dict:
             quality=dict(images_per_prompt=1, style_images_per_prompt=1, num_steps=2, guidance_scale=7.5,
                          seed=1000, batch_size=64),
         )
+    elif preset == "continued":
+        # The shipped model's second phase: the default run's UNet trained on with Min-SNR-5 weighting,
+        # which favours the noisy timesteps where the prompt decides the shape. Earlier stages are reused.
+        config.update(
+            work_dir="runs/embedded-recipe-continued", reuse_from="runs/embedded-recipe",
+            diffusion=dict(config["diffusion"], steps=3000, warmup=100, loss_weighting="min_snr",
+                           init_unet="runs/embedded-recipe/shapes-sd/unet"),
+        )
     elif preset != "default":
-        raise ValueError(f"unknown preset {preset!r} (default, tiny)")
+        raise ValueError(f"unknown preset {preset!r} (default, tiny, continued)")
     return config

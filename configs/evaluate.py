@@ -1,7 +1,7 @@
 """Erasure evaluation on the embedded shapes model (spec unguide.md §6). Presets:
-  default      base, LoRA only and UnGuide for the circle, as erased by `python train.py --config configs/unguide.py`
+  default      base, LoRA only and UnGuide for the arrow, as erased by `python train.py --config configs/unguide.py`
   all-classes  the same over the ten classes (runs/unguide-shapes-<class>, see the README)
-  compare      every eraser on the circle: UnGuide, LoRA only, learnable prompts, PURE, UCE, UnGuidance over
+  compare      every eraser on the arrow: UnGuide, LoRA only, learnable prompts, PURE, UCE, UnGuidance over
                PURE, with paraphrase leakage and the prefix-token attack (runs of configs/{unguide,
                learnable_prompts,pure,uce}.py)
   tiny         tests
@@ -20,10 +20,10 @@ def get_config(preset: str = "default") -> dict:
         job="evaluate",
         model="embedded",
         # What was erased, and by which edits: name -> adapter files, train.py run folders, checkpoints, PEFT/kohya.
-        erasures=[dict(concept="shapes-circle", edits=dict(unguide=["runs/unguide-shapes-circle"]))],
+        erasures=[dict(concept="shapes-arrow", edits=dict(unguide=["runs/unguide-shapes-arrow"]))],
         # Rows of the table: an edit of the erasure (none for the base model) and a mode: base | adapter | unguide | fixed.
         methods=METHODS,
-        images_per_prompt=32,                     # per prompt: target, 3 synonyms, 9 other classes
+        images_per_prompt=16,                     # per prompt: target, 3 synonyms, 9 other classes
         seed=2024,                                # image j of every prompt: seed + j (paired across prompts, methods)
         guidance_scale=7.5,
         num_steps=50,
@@ -37,7 +37,7 @@ def get_config(preset: str = "default") -> dict:
                     settings=dict(prefix_tokens=3, iterations=40, learning_rate=0.01, project=True, seed=0)),
         evaluator="embedded",
         dtype="float32",
-        out_dir="runs/evaluate-shapes-circle",
+        out_dir="runs/evaluate-shapes-arrow",
     )
     if preset == "all-classes":
         from unguide_jax.data.shapes import CLASSES
@@ -46,10 +46,10 @@ def get_config(preset: str = "default") -> dict:
                                 for c in CLASSES], out_dir="runs/evaluate-all-classes")
     elif preset == "compare":
         config.update(
-            erasures=[dict(concept="shapes-circle", edits=dict(
-                unguide=["runs/unguide-shapes-circle"],
-                learnable_prompts=["runs/learnable-prompts-shapes-circle/edit.safetensors"],
-                pure=["runs/pure-shapes-circle"], uce=["runs/uce-shapes-circle"]))],
+            erasures=[dict(concept="shapes-arrow", edits=dict(
+                unguide=["runs/unguide-shapes-arrow"],
+                learnable_prompts=["runs/learnable-prompts-shapes-arrow/edit.safetensors"],
+                pure=["runs/pure-shapes-arrow"], uce=["runs/uce-shapes-arrow"]))],
             methods=METHODS + [dict(name="learnable prompts", edit="learnable_prompts", mode="adapter"),
                                dict(name="PURE", edit="pure", mode="adapter"),
                                dict(name="UCE", edit="uce", mode="adapter"),

@@ -1,4 +1,4 @@
-"""Learnable prompts (spec erasers.md §1) on top of ESD. Presets: default (erase the circle from the embedded
+"""Learnable prompts (spec erasers.md §1) on top of ESD. Presets: default (erase the arrow from the embedded
 shapes model), tiny (tests: give --config.model), sd15-object, sd15-nudity (from an SD 1.x folder).
 
 python train.py --config configs/learnable_prompts.py
@@ -10,7 +10,7 @@ def get_config(preset: str = "default") -> dict:
     config = dict(
         method="learnable_prompts",
         model="embedded",
-        concept="shapes-circle",
+        concept="shapes-arrow",
         prompt=dict(
             tokens=10,               # m learnable key/value tokens
             scope="mid",             # mid | midout | inmidout
@@ -38,7 +38,7 @@ def get_config(preset: str = "default") -> dict:
         keep=3,
         resume=False,
         mesh=dict(data=-1, fsdp=1),
-        run_dir="runs/learnable-prompts-shapes-circle",
+        run_dir="runs/learnable-prompts-shapes-arrow",
         # run_dir gets edit.safetensors (tokens dropped at inference: the authors' evaluation) and
         # edit_with_prompt.safetensors (tokens kept); give sample.py the one you want.
         export=["partial_unet", "prompt"],

@@ -1,5 +1,5 @@
 """PURE (spec erasers.md §2): closed-form K/V projectors from cross-attention activations. Presets: default
-(erase the circle from the embedded shapes model), tiny (tests: give --config.model), sd15-object.
+(erase the arrow from the embedded shapes model), tiny (tests: give --config.model), sd15-object.
 
 python train.py --config configs/pure.py
 python train.py --config configs/pure.py --config.concept=shapes-star --config.run_dir=runs/pure-shapes-star
@@ -10,7 +10,7 @@ def get_config(preset: str = "default") -> dict:
     config = dict(
         method="pure",
         model="embedded",
-        concept="shapes-circle",      # forget / retain anchors from the concept file
+        concept="shapes-arrow",       # forget / retain anchors from the concept file
         pure=dict(
             steps=5,                  # DDIM steps of the collection trajectory
             latents=4,                # x_T per anchor
@@ -25,7 +25,7 @@ def get_config(preset: str = "default") -> dict:
         dtype="float32",
         param_dtype="float32",
         allow_pickle=False,
-        run_dir="runs/pure-shapes-circle",
+        run_dir="runs/pure-shapes-arrow",
         export=["peft", "partial_unet"],
     )
     if preset == "tiny":

@@ -1,4 +1,4 @@
-"""UCE (spec erasers.md §3): the closed-form K/V edit baseline. Presets: default (erase the circle from the
+"""UCE (spec erasers.md §3): the closed-form K/V edit baseline. Presets: default (erase the arrow from the
 embedded shapes model), tiny (tests: give --config.model), sd15-object.
 
 python train.py --config configs/uce.py
@@ -9,7 +9,7 @@ def get_config(preset: str = "default") -> dict:
     config = dict(
         method="uce",
         model="embedded",
-        concept="shapes-circle",      # erase: forget anchors; preserve: retain anchors
+        concept="shapes-arrow",       # erase: forget anchors; preserve: retain anchors
         uce=dict(
             lam=0.5,
             erase_scale=1.0,
@@ -20,7 +20,7 @@ def get_config(preset: str = "default") -> dict:
         dtype="float32",
         param_dtype="float32",
         allow_pickle=False,
-        run_dir="runs/uce-shapes-circle",
+        run_dir="runs/uce-shapes-arrow",
         export=["peft", "partial_unet"],
     )
     if preset == "tiny":

@@ -1,4 +1,4 @@
-"""UnGuide LoRA training. Presets: default (erase the circle from the embedded shapes model),
+"""UnGuide LoRA training. Presets: default (erase the arrow from the embedded shapes model),
 tiny (tests: give --config.model), sd15-object (erase "cat" from an SD 1.x folder),
 sd15-nudity (explicit content, ESD-u-style targets, from an SD 1.x folder).
 
@@ -13,7 +13,7 @@ def get_config(preset: str = "default") -> dict:
     config = dict(
         method="unguide",
         model="embedded",        # "embedded" (the shipped shapes model) or a diffusers-layout SD folder
-        concept="shapes-circle",  # a shipped name (configs/concepts/<name>.json) or a path to a concept JSON
+        concept="shapes-arrow",   # a shipped name (configs/concepts/<name>.json) or a path to a concept JSON
         lora=dict(
             rank=1,
             alpha=8.0,           # multiplies A @ B directly (UnGuide's convention, not PEFT's alpha / r)
@@ -36,7 +36,7 @@ def get_config(preset: str = "default") -> dict:
         keep=3,                  # checkpoints kept (the newest ones)
         resume=False,            # continue from run_dir/checkpoints' latest complete checkpoint
         mesh=dict(data=-1, fsdp=1),  # device mesh; -1 takes the remaining devices
-        run_dir="runs/unguide-shapes-circle",
+        run_dir="runs/unguide-shapes-arrow",
         export=[],               # also write the adapter for PyTorch users, e.g. ["peft", "kohya"]
     )
     if preset == "tiny":

@@ -112,13 +112,15 @@ def test_every_edit_samples_with_and_without_unguidance(tiny, tmp_path):
               "--config.batch_size=2", "--config.probe.draws=2", "--config.probe.ddim_steps=10", "--config.probe.t_enc=7"]
     lp = run_train("learnable_prompts", folder, tmp_path / "lp", "--config.iterations=1")
     pure = run_train("pure", folder, tmp_path / "pure")
-    for edit_file in (lp / "edit_with_prompt.safetensors", lp / "edit.safetensors", pure / "edit.safetensors"):
-        for mode in ("adapter", "unguide"):
-            out = tmp_path / f"{edit_file.parent.name}-{edit_file.stem}-{mode}"
-            assert sample.main(common + [f"--config.adapters=[\"{edit_file}\"]", f"--config.mode={mode}",
-                                         f"--config.out_dir={out}"]) == 0
-            manifest = json.loads((out / "manifest.json").read_text())
-            assert len(manifest["images"]) == 2 and manifest["settings"]["mode"] == mode
-            assert manifest["settings"]["adapters_loaded"][0]["kind"] in ("learnable_prompts", "pure")
-            if mode == "unguide":
-                assert all(r["w"] in (-1.0, 2.0) and r["D"] >= 0 for r in manifest["images"])
+    # Every edit file once, and both modes on the learnable prompts (the mode paths are shared by all edits).
+    runs = [(lp / "edit_with_prompt.safetensors", "adapter"), (lp / "edit_with_prompt.safetensors", "unguide"),
+            (lp / "edit.safetensors", "adapter"), (pure / "edit.safetensors", "unguide")]
+    for edit_file, mode in runs:
+        out = tmp_path / f"{edit_file.parent.name}-{edit_file.stem}-{mode}"
+        assert sample.main(common + [f"--config.adapters=[\"{edit_file}\"]", f"--config.mode={mode}",
+                                     f"--config.out_dir={out}"]) == 0
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert len(manifest["images"]) == 2 and manifest["settings"]["mode"] == mode
+        assert manifest["settings"]["adapters_loaded"][0]["kind"] in ("learnable_prompts", "pure")
+        if mode == "unguide":
+            assert all(r["w"] in (-1.0, 2.0) and r["D"] >= 0 for r in manifest["images"])

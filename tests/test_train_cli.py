@@ -41,7 +41,7 @@ def test_run_folder_and_a_resumed_run_matches_an_uninterrupted_one(tiny_pipeline
     assert lora_config == LoraConfig(rank=1, alpha=8.0, targets="object")
     assert len(adapter) == 8 and all(np.abs(ab["lora_B"]).max() > 0 for ab in adapter.values())  # it trained
     metadata = read_adapter_metadata(straight / "adapter.safetensors")
-    assert metadata["steps"] == 4 and metadata["concept"]["name"] == "shapes-circle"
+    assert metadata["steps"] == 4 and metadata["concept"]["name"] == "shapes-arrow"
     assert (straight / "export" / "diffusers" / "pytorch_lora_weights.safetensors").is_file()
     assert (straight / "export" / "kohya.safetensors").is_file()
     assert (straight / "export" / "unet" / "config.json").is_file()

@@ -260,37 +260,67 @@ class DiffusionData:
     empty_ids: np.ndarray  # (L,) ids of "" for classifier-free guidance dropout
 
 
+def loss_weights(weighting: str, gamma: float, prediction_type: str, schedule: NoiseSchedule, t: jax.Array) -> jax.Array:
+    """Per-example loss weights. "min_snr" is Min-SNR-γ (Hang et al. 2023): it caps the weight of the
+    nearly clean timesteps, whose fine detail otherwise dominates a small model's gradient while the
+    noisy timesteps, where the prompt decides the shape, learn slowly."""
+    if weighting == "none":
+        return jnp.ones(t.shape, jnp.float32)
+    if weighting != "min_snr":
+        raise ValueError(f"unknown loss_weighting {weighting!r} (none, min_snr)")
+    alpha = schedule.alphas_cumprod[t]
+    snr = alpha / (1.0 - alpha)
+    capped = jnp.minimum(snr, gamma)
+    # The same cap expressed for each target: ε-loss = x0-loss / SNR, v-loss = x0-loss / (SNR + 1).
+    return {"epsilon": capped / snr, "v_prediction": capped / (snr + 1.0), "sample": capped}[prediction_type]
+
+
 def train_diffusion(cfg: dict, unet_cfg: UNetConfig, text_cfg: CLIPTextConfig, vae_cfg: VAEConfig,
                     scheduler: SchedulerConfig, data: DiffusionData, text_params: dict, seed: int, log: Log,
-                    checkpoint: LoopCheckpoint | None = None):
-    """The UNet from scratch on the scheduler's objective, conditioned on the frozen pretrained text
-    encoder (as Stable Diffusion on CLIP), with an EMA copy. Returns the EMA UNet params."""
+                    checkpoint: LoopCheckpoint | None = None, init_params: dict | None = None):
+    """The UNet on the scheduler's objective, conditioned on the frozen pretrained text encoder (as
+    Stable Diffusion on CLIP), with an EMA copy; from scratch, or from ``init_params`` (a warm start:
+    both the trained and the EMA weights begin there). Returns the EMA UNet params."""
     checkpoint = checkpoint or LoopCheckpoint(None, 1)
     unet, text_encoder = build_module("unet", unet_cfg), build_module("text_encoder", text_cfg)
     k_unet, key = jax.random.split(jax.random.key(seed))
     params = jax.jit(unet.init)(k_unet, *unet.init_inputs(size=unet_cfg.sample_size))["params"]
+    if init_params is not None:
+        expected = jax.tree.map(lambda a: (a.shape, str(a.dtype)), params)
+        given = jax.tree.map(lambda a: (tuple(a.shape), str(jnp.asarray(a).dtype)), init_params)
+        if jax.tree.structure(expected) != jax.tree.structure(given) or expected != given:
+            raise ValueError("diffusion.init_unet does not fit the recipe's UNet config (parameter names or shapes differ)")
+        params = jax.tree.map(jnp.asarray, init_params)
     optimizer = _adam(cfg["learning_rate"], cfg["steps"], cfg["warmup"])
     opt_state = optimizer.init(params)
     ema = params
     schedule = NoiseSchedule.from_config(scheduler)
     text_params = jax.tree.map(jnp.asarray, text_params)
-    empty = jnp.asarray(data.empty_ids)
+    # The text encoder is frozen and the captions come from a small set (1000 for the shapes data), so
+    # each distinct caption is encoded once here instead of in every step.
+    distinct_ids, caption_index = np.unique(data.input_ids, axis=0, return_inverse=True)
+    caption_index = caption_index.reshape(-1)
+    encode = jax.jit(lambda ids: text_encoder.apply({"params": text_params}, ids)[0])
+    contexts = jnp.concatenate([encode(jnp.asarray(distinct_ids[i:i + 256])) for i in range(0, len(distinct_ids), 256)])
+    empty_context = encode(jnp.asarray(data.empty_ids)[None])[0]
+    weighting, gamma = cfg["loss_weighting"], float(cfg["min_snr_gamma"])
+    loss_weights(weighting, gamma, scheduler.prediction_type, schedule, jnp.zeros((1,), jnp.int32))  # bad name: fail now
 
-    def loss_fn(p, mean, logvar, ids, key):
+    def loss_fn(p, mean, logvar, context, key):
         k_post, k_noise, k_t, k_drop = jax.random.split(key, 4)
         batch = mean.shape[0]
         x0 = scale_latents(sample_posterior(mean, logvar, jax.random.normal(k_post, mean.shape)), vae_cfg)
-        drop = jax.random.uniform(k_drop, (batch, 1)) < cfg["caption_dropout"]
-        ids = jnp.where(drop, empty[None, :], ids)
-        context, _ = text_encoder.apply({"params": text_params}, ids)
+        drop = jax.random.uniform(k_drop, (batch, 1, 1)) < cfg["caption_dropout"]
+        context = jnp.where(drop, empty_context[None], context)
         noise = jax.random.normal(k_noise, x0.shape)
         t = jax.random.randint(k_t, (batch,), 0, scheduler.num_train_timesteps)
         pred = unet.apply({"params": p}, add_noise(schedule, x0, noise, t), t, context)
-        return jnp.mean((pred - training_target(scheduler, schedule, x0, noise, t)) ** 2)
+        per_example = jnp.mean((pred - training_target(scheduler, schedule, x0, noise, t)) ** 2, axis=(1, 2, 3))
+        return jnp.mean(per_example * loss_weights(weighting, gamma, scheduler.prediction_type, schedule, t))
 
     @jax.jit
-    def step(p, s, ema, mean, logvar, ids, key, i):
-        loss, grads = jax.value_and_grad(loss_fn)(p, mean, logvar, ids, key)
+    def step(p, s, ema, mean, logvar, contexts, caption_rows, key, i):  # contexts: an argument, not a baked-in constant
+        loss, grads = jax.value_and_grad(loss_fn)(p, mean, logvar, contexts[caption_rows], key)
         updates, s = optimizer.update(grads, s, p)
         p = optax.apply_updates(p, updates)
         # The decay warms up so that the random initialisation does not linger in short runs.
@@ -309,7 +339,7 @@ def train_diffusion(cfg: dict, unet_cfg: UNetConfig, text_cfg: CLIPTextConfig, v
         losses, cursor, first = meta["losses"], meta["cursor"], meta["step"]
         order_rng.bit_generator.state = meta["order_rng"]
         log({"stage": "diffusion", "resumed_at": first})
-    bar = tqdm(range(first, cfg["steps"]), desc="unet+text", mininterval=5, initial=first, total=cfg["steps"])
+    bar = tqdm(range(first, cfg["steps"]), desc="unet", mininterval=5, initial=first, total=cfg["steps"])
     for i in bar:
         if cursor + bs > n:
             order, cursor = order_rng.permutation(n), 0
@@ -317,7 +347,7 @@ def train_diffusion(cfg: dict, unet_cfg: UNetConfig, text_cfg: CLIPTextConfig, v
         cursor += bs
         key, sub = jax.random.split(key)
         params, opt_state, ema, loss = step(params, opt_state, ema, data.latent_mean[idx], data.latent_logvar[idx],
-                                            data.input_ids[idx], sub, jnp.float32(i))
+                                            contexts, caption_index[idx], sub, jnp.float32(i))
         losses.append(float(loss))
         if i % 50 == 0 or i == cfg["steps"] - 1:
             recent = float(np.mean(losses[-50:]))

@@ -106,9 +106,11 @@ def _stage_diffusion(config: dict, work: Path, log: MetricsLog) -> None:
     unet_cfg = pretrain.unet_config(config["unet"], mean.shape[1], mean.shape[-1], text_cfg.hidden_size)
     # SD's schedule (scaled_linear 0.00085..0.012, leading, steps_offset 1); the prediction type is the recipe's.
     scheduler = SchedulerConfig(prediction_type=cfg["prediction_type"])
+    init_params = load_component(cfg["init_unet"], "unet")[1] if cfg["init_unet"] else None
     checkpoint = _loop_checkpoint(config, work, "diffusion")
     unet, text_encoder, unet_params, metrics = pretrain.train_diffusion(
-        cfg, unet_cfg, text_cfg, vae_config, scheduler, data, text_params, config["seed"] + 20, log, checkpoint)
+        cfg, unet_cfg, text_cfg, vae_config, scheduler, data, text_params, config["seed"] + 20, log, checkpoint,
+        init_params)
     from ..models.vae import AutoencoderKL
 
     sd = StableDiffusion(unet=unet, text_encoder=text_encoder, vae=AutoencoderKL(vae_config), tokenizer=tokenizer,
@@ -177,6 +179,8 @@ def run_recipe(config: dict) -> Path:
     for stage in STAGES:
         if stage not in config["stages"]:
             continue
+        if config["reuse_from"] and not (work / STAGE_OUTPUTS[stage]).exists():
+            _reuse_stage(Path(config["reuse_from"]), stage, config, work, log)
         if (work / STAGE_OUTPUTS[stage]).exists():
             print(f"[recipe] {stage}: done already ({work / STAGE_OUTPUTS[stage]})")
             continue
@@ -188,6 +192,22 @@ def run_recipe(config: dict) -> Path:
         log({"stage": stage, "stage_seconds": seconds})
         print(f"[recipe] {stage}: {seconds} s")
     return work
+
+
+def _reuse_stage(source: Path, stage: str, config: dict, work: Path, log: MetricsLog) -> None:
+    """Copy a finished stage from another run of the recipe when it was made with the same settings
+    (its STAGE_INPUTS), so that a recipe that changes only a late stage does not redo the early ones."""
+    source_recipe = source / "recipe.json"
+    if not source_recipe.is_file():
+        raise FileNotFoundError(f"reuse_from={str(source)!r} is not a recipe run: no {source_recipe}")
+    if not (source / STAGE_OUTPUTS[stage]).exists():
+        return
+    made_with = json.loads(source_recipe.read_text())
+    if any(made_with.get(k) != config.get(k) for k in STAGE_INPUTS[stage]):
+        return
+    output = source / STAGE_OUTPUTS[stage]
+    (shutil.copytree if output.is_dir() else shutil.copy2)(output, work / STAGE_OUTPUTS[stage])
+    log({"stage": stage, "reused_from": str(output)})
 
 
 RECORD_FILES = ("recipe.json", "metrics.jsonl", "quality.json", "quality.md", "quality_grid.png")
