@@ -286,9 +286,8 @@ def train_diffusion(cfg: dict, unet_cfg: UNetConfig, text_cfg: CLIPTextConfig, v
     k_unet, key = jax.random.split(jax.random.key(seed))
     params = jax.jit(unet.init)(k_unet, *unet.init_inputs(size=unet_cfg.sample_size))["params"]
     if init_params is not None:
-        expected = jax.tree.map(lambda a: (a.shape, str(a.dtype)), params)
-        given = jax.tree.map(lambda a: (tuple(a.shape), str(jnp.asarray(a).dtype)), init_params)
-        if jax.tree.structure(expected) != jax.tree.structure(given) or expected != given:
+        shapes_of = lambda tree: jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), tree)
+        if shapes_of(params) != shapes_of(init_params):  # nested dicts: names, shapes and dtypes all compared
             raise ValueError("diffusion.init_unet does not fit the recipe's UNet config (parameter names or shapes differ)")
         params = jax.tree.map(jnp.asarray, init_params)
     optimizer = _adam(cfg["learning_rate"], cfg["steps"], cfg["warmup"])

@@ -170,17 +170,18 @@ def run_recipe(config: dict) -> Path:
     for stage in STAGES:
         made = [work / name for name in (STAGE_OUTPUTS[stage], CHECKPOINTS.get(stage)) if name and (work / name).exists()]
         if stage in config["stages"] and made and previous is not None:
-            changed = [k for k in STAGE_INPUTS[stage] if previous.get(k) != config.get(k)]
+            changed = _changed_settings(stage, previous, config)
             if changed:
                 raise ValueError(f"{made[0]} was made with other settings of {changed}: "
                                  f"delete it (and what follows) or use another work_dir")
+    source = _reuse_source(config)
     write_json(recipe_file, config)
     log = MetricsLog(work / "metrics.jsonl")
     for stage in STAGES:
         if stage not in config["stages"]:
             continue
-        if config["reuse_from"] and not (work / STAGE_OUTPUTS[stage]).exists():
-            _reuse_stage(Path(config["reuse_from"]), stage, config, work, log)
+        if source is not None and not (work / STAGE_OUTPUTS[stage]).exists():
+            _reuse_stage(*source, stage, config, work, log)
         if (work / STAGE_OUTPUTS[stage]).exists():
             print(f"[recipe] {stage}: done already ({work / STAGE_OUTPUTS[stage]})")
             continue
@@ -194,16 +195,26 @@ def run_recipe(config: dict) -> Path:
     return work
 
 
-def _reuse_stage(source: Path, stage: str, config: dict, work: Path, log: MetricsLog) -> None:
-    """Copy a finished stage from another run of the recipe when it was made with the same settings
-    (its STAGE_INPUTS), so that a recipe that changes only a late stage does not redo the early ones."""
+def _changed_settings(stage: str, made_with: dict, config: dict) -> list[str]:
+    """The config keys a stage depends on that differ between the run that made it and ``config``."""
+    return [k for k in STAGE_INPUTS[stage] if made_with.get(k) != config.get(k)]
+
+
+def _reuse_source(config: dict) -> tuple[Path, dict] | None:
+    """(work_dir, resolved config) of the run named by ``reuse_from``, or None."""
+    if not config["reuse_from"]:
+        return None
+    source = Path(config["reuse_from"])
     source_recipe = source / "recipe.json"
     if not source_recipe.is_file():
         raise FileNotFoundError(f"reuse_from={str(source)!r} is not a recipe run: no {source_recipe}")
-    if not (source / STAGE_OUTPUTS[stage]).exists():
-        return
-    made_with = json.loads(source_recipe.read_text())
-    if any(made_with.get(k) != config.get(k) for k in STAGE_INPUTS[stage]):
+    return source, json.loads(source_recipe.read_text())
+
+
+def _reuse_stage(source: Path, made_with: dict, stage: str, config: dict, work: Path, log: MetricsLog) -> None:
+    """Copy a finished stage from another run of the recipe when it was made with the same settings
+    (its STAGE_INPUTS), so that a recipe that changes only a late stage does not redo the early ones."""
+    if not (source / STAGE_OUTPUTS[stage]).exists() or _changed_settings(stage, made_with, config):
         return
     output = source / STAGE_OUTPUTS[stage]
     (shutil.copytree if output.is_dir() else shutil.copy2)(output, work / STAGE_OUTPUTS[stage])
