@@ -11,14 +11,19 @@ def get_config(preset: str = "default") -> dict:
         method="pure",
         model="embedded",
         concept="shapes-arrow",       # forget / retain anchors from the concept file
+        # Chosen on the embedded model by measurement (README, "PURE settings"): in its 16–64-wide
+        # cross-attention layers the arrow's activations lie almost wholly in the other classes' span,
+        # so the paper-like setting (no centring, τ 0.9 for both, per head) edits nothing. Centred rows,
+        # a wide forget subspace (τ_F 0.99) and a narrower protected one (τ_R 0.7) over all heads do erase.
         pure=dict(
             steps=5,                  # DDIM steps of the collection trajectory
             latents=4,                # x_T per anchor
             guidance_scale=7.5,
-            energy=0.9,               # τ, cumulative energy kept per subspace
+            energy=0.99,              # τ (τ_F), cumulative energy kept per subspace
+            retain_energy=0.7,        # τ_R of the retain subspace (None: energy; 0: no retain span)
             edit_keys=True,           # E on to_k too
-            center=False,
-            per_head=True,            # block-diagonal E: the V edit acts exactly as h -> E h
+            center=True,              # subtract the mean activation row before each SVD
+            per_head=False,           # True: block-diagonal E, exact as h -> E h on the attention output
             seed=0,
             anchor_chunk=16,
         ),
@@ -30,8 +35,9 @@ def get_config(preset: str = "default") -> dict:
     )
     if preset == "tiny":
         config.update(model="", run_dir="runs/pure-tiny", pure=dict(config["pure"], steps=2, latents=2))
-    elif preset == "sd15-object":
-        config.update(model="", concept="cat", run_dir="runs/pure-sd15-cat")
+    elif preset == "sd15-object":  # the paper-like setting for SD-sized layers (not measured here: no SD weights)
+        config.update(model="", concept="cat", run_dir="runs/pure-sd15-cat",
+                      pure=dict(config["pure"], energy=0.9, retain_energy=None, center=False, per_head=True))
     elif preset != "default":
         raise ValueError(f"unknown preset {preset!r} (default, tiny, sd15-object)")
     return config

@@ -54,6 +54,29 @@ def test_subspace_keeps_the_smallest_rank_reaching_the_energy():
     np.testing.assert_allclose(basis.T @ basis, np.eye(4), atol=1e-10)
 
 
+def test_retain_energy_sets_the_retain_rank_alone_and_zero_drops_the_retain_span():
+    rng = np.random.default_rng(5)
+    d = 8
+    q = _orthonormal(rng, d, d)
+    coords = rng.standard_normal((40, 3)) * np.array([10.0, 3.0, 1.0])
+    h_f = coords @ q[:, [0, 1, 2]].T                    # forget rows span q0, q1, q2
+    h_r = coords @ q[:, [0, 3, 4]].T                    # retain rows share q0 (their largest direction)
+    same = pure.PureConfig(energy=0.999)
+    v_f, v_r = pure.layer_bases(h_f, h_r, 1, same)
+    assert v_f.shape[1] == 3 and v_r.shape[1] == 3
+    assert pure.removed_fraction(h_r, pure.edit_matrix(v_f, v_r)) < 1e-10  # the retain rows are untouched
+    v_f, v_r = pure.layer_bases(h_f, h_r, 1, pure.PureConfig(energy=0.999, retain_energy=0.5))
+    assert v_f.shape[1] == 3 and v_r.shape[1] == 1     # only the retain side shrank
+    assert abs(v_r[:, 0] @ q[:, 0]) > 0.99                  # the dominant, shared direction
+    v_f, v_r = pure.layer_bases(h_f, h_r, 1, pure.PureConfig(energy=0.999, retain_energy=0.0))
+    assert v_r.shape == (d, 0)
+    e = pure.edit_matrix(v_f, v_r)
+    np.testing.assert_allclose(e, np.eye(d) - pure.projector(v_f), atol=1e-12)  # E = I − P_F
+    assert pure.removed_fraction(h_f, e) == pytest.approx(1.0, abs=1e-10)      # every forget row removed
+    with pytest.raises(ValueError, match="retain_energy"):
+        pure.PureConfig(retain_energy=1.5)
+
+
 def test_uce_closed_form_solves_its_least_squares_problem():
     rng = np.random.default_rng(3)
     text, d = 9, 6

@@ -1,4 +1,6 @@
 """LoRA as its own pytree: target rules, initialisation, merge/unmerge, several adapters, fit checks."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,13 +37,15 @@ def test_a_rule_matching_nothing_is_an_error(sd15_abstract):
         jax.eval_shape(lambda: init_lora(jax.random.key(0), sd15_abstract, LoraConfig(targets=r"conv_in$")))
 
 
+@functools.cache
 def _tiny_unet_params():
+    """Built once per session, jitted: an eager init compiles every op on its own (tens of seconds on 2 cores)."""
     cfg = UNetConfig(sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
                      cross_attention_dim=24, attention_head_dim=2,
                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
     unet = UNet2DConditionModel(cfg)
-    return unet, unet.init(jax.random.key(0), *unet.init_inputs())["params"]
+    return unet, jax.jit(unet.init)(jax.random.key(0), *unet.init_inputs())["params"]
 
 
 def _random_adapter(params, config, seed):

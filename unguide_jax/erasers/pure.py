@@ -38,6 +38,9 @@ class PureConfig:
     latents: int = 4              # x_T per anchor
     guidance_scale: float = 7.5
     energy: float = 0.9           # τ: cumulative singular-value energy kept in each subspace
+    # τ of the retain subspace alone (None: ``energy``; 0: no retain subspace, E = I − P_F). A lower τ_R
+    # shrinks the protected span, so that forget directions shared with the retain anchors are edited too.
+    retain_energy: float | None = None
     edit_keys: bool = True        # apply E to to_k as well as to_v
     center: bool = False          # subtract the mean row before the SVD
     # Subspaces head by head (a block-diagonal E): only then does W_V ← E·W_V act on the attention output
@@ -52,6 +55,8 @@ class PureConfig:
             raise ValueError("PURE steps, latents and anchor_chunk must be >= 1")
         if not 0.0 < self.energy <= 1.0:
             raise ValueError(f"PURE energy must be in (0, 1], got {self.energy}")
+        if self.retain_energy is not None and not 0.0 <= self.retain_energy <= 1.0:
+            raise ValueError(f"PURE retain_energy must be in [0, 1] (or None: energy), got {self.retain_energy}")
 
 
 def _capture(unet, params, sample, t, context):
@@ -149,6 +154,25 @@ def layer_heads(unet_config, layer: str) -> int:
     return heads[index] if block == "down_blocks" else heads[::-1][index]
 
 
+def retain_energy(config: PureConfig) -> float:
+    return config.energy if config.retain_energy is None else config.retain_energy
+
+
+def layer_bases(h_forget: np.ndarray, h_retain: np.ndarray | None, heads: int, config: PureConfig):
+    """One layer's forget and retain bases (V_F, V_R) from its activation rows; V_R has no columns when
+    there are no retain rows or retain_energy is 0."""
+    v_f = head_subspace(h_forget, heads, config.energy, config.center)
+    if h_retain is None or retain_energy(config) == 0:
+        return v_f, np.zeros((v_f.shape[0], 0))
+    return v_f, head_subspace(h_retain, heads, retain_energy(config), config.center)
+
+
+def removed_fraction(h: np.ndarray, e: np.ndarray) -> float:
+    """‖H (I − E)ᵀ‖ / ‖H‖: how much of these activation rows the edit takes away. Comparing it for the
+    forget and the retain rows shows whether the layer tells the concept apart at all."""
+    return float(np.linalg.norm(h - h @ e.T) / max(np.linalg.norm(h), 1e-30))
+
+
 def projector(basis: np.ndarray) -> np.ndarray:
     return basis @ basis.T
 
@@ -172,15 +196,18 @@ def pure_edit(sd, concept, config: PureConfig) -> tuple[edits.Edit, dict]:
         raise ValueError(f"concept {concept.name!r} has no forget anchors")
     started = time.perf_counter()
     h_forget, rows_f = collect(sd, forget, config)
+    if retain_energy(config) == 0:
+        retain = []  # no retain subspace: its anchors are not collected
     h_retain, rows_r = (collect(sd, retain, config) if retain else ({}, 0))
     collect_seconds = time.perf_counter() - started
     adapter, ranks = {}, {}
     for layer in cross_attention_layers(sd.params["unet"]):
         heads = layer_heads(sd.unet.config, layer) if config.per_head else 1
-        v_f = head_subspace(h_forget[layer], heads, config.energy, config.center)
-        d = v_f.shape[0]
-        v_r = head_subspace(h_retain[layer], heads, config.energy, config.center) if retain else np.zeros((d, 0))
-        ranks[layer] = dict(forget=int(v_f.shape[1]), retain=int(v_r.shape[1]))
+        v_f, v_r = layer_bases(h_forget[layer], h_retain.get(layer), heads, config)
+        e = edit_matrix(v_f, v_r)
+        ranks[layer] = dict(forget=int(v_f.shape[1]), retain=int(v_r.shape[1]),
+                            forget_removed=round(removed_fraction(h_forget[layer], e), 4),
+                            retain_removed=round(removed_fraction(h_retain[layer], e), 4) if retain else None)
         for name in ("to_k", "to_v") if config.edit_keys else ("to_v",):
             module = f"{layer}.{name}"
             a, b = kernel_delta_factors(kernel(sd.params["unet"], module), v_f, v_r)
