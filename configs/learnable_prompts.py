@@ -55,7 +55,8 @@ def get_config(preset: str = "default") -> dict:
                       objective=dict(config["objective"], ddim_steps=4),
                       prompt=dict(config["prompt"], tokens=3, model_learning_rate=1e-3, prompt_learning_rate=1e-3))
     elif preset == "sd15-object":
-        config.update(model="", concept="cat", run_dir="runs/learnable-prompts-sd15-cat", prompt=authors_prompt_settings(config))
+        config.update(model="", concept="cat", run_dir="runs/learnable-prompts-sd15-cat",
+                      prompt=authors_prompt_settings(config))
     elif preset == "sd15-nudity":
         config.update(model="", concept="nudity", prompt=dict(authors_prompt_settings(config), parameters="noxattn"),
                       run_dir="runs/learnable-prompts-sd15-nudity")

@@ -58,6 +58,11 @@ class PureConfig:
         if self.retain_energy is not None and not 0.0 <= self.retain_energy <= 1.0:
             raise ValueError(f"PURE retain_energy must be in [0, 1] (or None: energy), got {self.retain_energy}")
 
+    @property
+    def retain_tau(self) -> float:
+        """τ of the retain subspace: ``retain_energy``, or ``energy`` when that is None."""
+        return self.energy if self.retain_energy is None else self.retain_energy
+
 
 def _capture(unet, params, sample, t, context):
     """(UNet output, {attn2 path: attention output before to_out, mean over positions (B, d)})."""
@@ -154,17 +159,13 @@ def layer_heads(unet_config, layer: str) -> int:
     return heads[index] if block == "down_blocks" else heads[::-1][index]
 
 
-def retain_energy(config: PureConfig) -> float:
-    return config.energy if config.retain_energy is None else config.retain_energy
-
-
 def layer_bases(h_forget: np.ndarray, h_retain: np.ndarray | None, heads: int, config: PureConfig):
     """One layer's forget and retain bases (V_F, V_R) from its activation rows; V_R has no columns when
     there are no retain rows or retain_energy is 0."""
     v_f = head_subspace(h_forget, heads, config.energy, config.center)
-    if h_retain is None or retain_energy(config) == 0:
+    if h_retain is None or config.retain_tau == 0:
         return v_f, np.zeros((v_f.shape[0], 0))
-    return v_f, head_subspace(h_retain, heads, retain_energy(config), config.center)
+    return v_f, head_subspace(h_retain, heads, config.retain_tau, config.center)
 
 
 def removed_fraction(h: np.ndarray, e: np.ndarray) -> float:
@@ -196,7 +197,7 @@ def pure_edit(sd, concept, config: PureConfig) -> tuple[edits.Edit, dict]:
         raise ValueError(f"concept {concept.name!r} has no forget anchors")
     started = time.perf_counter()
     h_forget, rows_f = collect(sd, forget, config)
-    if retain_energy(config) == 0:
+    if config.retain_tau == 0:
         retain = []  # no retain subspace: its anchors are not collected
     h_retain, rows_r = (collect(sd, retain, config) if retain else ({}, 0))
     collect_seconds = time.perf_counter() - started
