@@ -53,6 +53,14 @@ def get_config(preset: str = "default") -> dict:
             diffusion=dict(config["diffusion"], steps=3000, warmup=100, loss_weighting="min_snr",
                            init_unet="runs/embedded-recipe/shapes-sd/unet"),
         )
+    elif preset == "third":
+        # A third phase on from the second: twice the batch at half the peak rate, to lower the
+        # gradient noise late in training. Min-SNR-5 as in phase 2.
+        config.update(
+            work_dir="runs/embedded-recipe-third", reuse_from="runs/embedded-recipe-continued",
+            diffusion=dict(config["diffusion"], steps=2000, batch_size=128, learning_rate=5e-4, warmup=100,
+                           loss_weighting="min_snr", init_unet="runs/embedded-recipe-continued/shapes-sd/unet"),
+        )
     elif preset != "default":
-        raise ValueError(f"unknown preset {preset!r} (default, tiny, continued)")
+        raise ValueError(f"unknown preset {preset!r} (default, tiny, continued, third)")
     return config
