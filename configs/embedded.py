@@ -47,20 +47,22 @@ def get_config(preset: str = "default") -> dict:
         )
     elif preset == "continued":
         # The shipped model's second phase: the default run's UNet trained on with Min-SNR-5 weighting,
-        # which favours the noisy timesteps where the prompt decides the shape. Earlier stages are reused.
-        config.update(
-            work_dir="runs/embedded-recipe-continued", reuse_from="runs/embedded-recipe",
-            diffusion=dict(config["diffusion"], steps=3000, warmup=100, loss_weighting="min_snr",
-                           init_unet="runs/embedded-recipe/shapes-sd/unet"),
-        )
+        # which favours the noisy timesteps where the prompt decides the shape.
+        config.update(_train_on_from(config, "runs/embedded-recipe", "runs/embedded-recipe-continued",
+                                     steps=3000, warmup=100, loss_weighting="min_snr"))
     elif preset == "third":
-        # A third phase on from the second: twice the batch at half the peak rate, to lower the
+        # The third phase, on from the second: twice the batch at half the peak rate, to lower the
         # gradient noise late in training. Min-SNR-5 as in phase 2.
-        config.update(
-            work_dir="runs/embedded-recipe-third", reuse_from="runs/embedded-recipe-continued",
-            diffusion=dict(config["diffusion"], steps=2000, batch_size=128, learning_rate=5e-4, warmup=100,
-                           loss_weighting="min_snr", init_unet="runs/embedded-recipe-continued/shapes-sd/unet"),
-        )
+        config.update(_train_on_from(config, "runs/embedded-recipe-continued", "runs/embedded-recipe-third",
+                                     steps=2000, batch_size=128, learning_rate=5e-4, warmup=100,
+                                     loss_weighting="min_snr"))
     elif preset != "default":
         raise ValueError(f"unknown preset {preset!r} (default, tiny, continued, third)")
     return config
+
+
+def _train_on_from(config: dict, previous_run: str, work_dir: str, **diffusion) -> dict:
+    """Settings of a phase that trains the UNet on from ``previous_run``'s model, reusing that run's
+    earlier stages (the ones made with the same settings)."""
+    return dict(work_dir=work_dir, reuse_from=previous_run,
+                diffusion=dict(config["diffusion"], init_unet=f"{previous_run}/shapes-sd/unet", **diffusion))
