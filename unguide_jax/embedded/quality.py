@@ -49,9 +49,10 @@ def run_quality_gate(sd: StableDiffusion, evaluator: Classifier, *, images_per_p
     per_prompt = []
     for k, item in enumerate(items):
         mine = owners == k
-        row = dict(item, images=int(mine.sum()), class_accuracy=float((pred_class[mine] == item["label"]).mean()),
-                   # what was drawn instead: how many images the evaluator put in each class, in shapes.CLASSES order
-                   predicted_class_counts=np.bincount(pred_class[mine], minlength=len(shapes.CLASSES)).tolist())
+        # what was drawn instead: how many images the evaluator put in each class, in shapes.CLASSES order
+        counts = np.bincount(pred_class[mine], minlength=len(shapes.CLASSES))
+        row = dict(item, images=int(mine.sum()), class_accuracy=float(counts[item["label"]] / mine.sum()),
+                   predicted_class_counts=counts.tolist())
         if item["style"] is not None:
             row["style_accuracy"] = float((pred_style[mine] == item["style"]).mean())
         per_prompt.append(row)
@@ -89,12 +90,9 @@ def format_quality_table(metrics: dict) -> str:
 
 def format_class_confusion(metrics: dict) -> str:
     """Rows: the class a class prompt names; columns: the class the evaluator saw, as % of that prompt's images."""
-    rows = [r for r in metrics["per_prompt"] if r["kind"] == "class" and "predicted_class_counts" in r]
-    if not rows:  # a record written before the counts were kept
-        return ""
     lines = ["| prompted ↓, seen → | " + " | ".join(shapes.CLASSES) + " |", "|---" * (len(shapes.CLASSES) + 1) + "|"]
-    for r in rows:
-        cells = [f"**{100 * n / r['images']:.0f}**" if k == r["label"] else (f"{100 * n / r['images']:.0f}" if n else "")
-                 for k, n in enumerate(r["predicted_class_counts"])]
-        lines.append(f"| {shapes.CLASSES[r['label']]} | " + " | ".join(cells) + " |")
+    for r in (r for r in metrics["per_prompt"] if r["kind"] == "class"):
+        percents = [f"{100 * n / r['images']:.0f}" if n else "" for n in r["predicted_class_counts"]]
+        percents[r["label"]] = f"**{percents[r['label']] or 0}**"
+        lines.append(f"| {shapes.CLASSES[r['label']]} | " + " | ".join(percents) + " |")
     return "\n".join(lines)
