@@ -1,8 +1,13 @@
-"""The embedded shapes model's pretraining recipe. Presets: default (what ships), tiny (tests).
+"""The embedded shapes model's pretraining recipe. Presets: default (phase 1 of what ships), continued,
+third, fourth, fifth (phases 2-5, each on from the one before), tiny (tests).
 
 python -m unguide_jax.embedded.recipe --config configs/embedded.py
 python -m unguide_jax.embedded.recipe --config configs/embedded.py:tiny --config.work_dir=/tmp/recipe
 """
+
+
+# The UNet settings phases 3-5 share: batch 128 at half phase 1's peak rate, Min-SNR-5.
+_LATE_PHASE = dict(batch_size=128, learning_rate=5e-4, warmup=100, loss_weighting="min_snr")
 
 
 def get_config(preset: str = "default") -> dict:
@@ -54,19 +59,16 @@ def get_config(preset: str = "default") -> dict:
         # The third phase, on from the second: twice the batch at half the peak rate, to lower the
         # gradient noise late in training. Min-SNR-5 as in phase 2.
         config.update(_train_on_from(config, "runs/embedded-recipe-continued", "runs/embedded-recipe-third",
-                                     steps=2000, batch_size=128, learning_rate=5e-4, warmup=100,
-                                     loss_weighting="min_snr"))
+                                     steps=2000, **_LATE_PHASE))
     elif preset == "fourth":
         # The fourth phase, on from the third with its settings, 25 % longer and on 60k images it has
         # not seen (phases 1-3 made ten passes over data_seed 301's images).
         config.update(_train_on_from(config, "runs/embedded-recipe-third", "runs/embedded-recipe-fourth",
-                                     steps=2500, batch_size=128, learning_rate=5e-4, warmup=100,
-                                     loss_weighting="min_snr", data_seed=302))
+                                     steps=2500, data_seed=302, **_LATE_PHASE))
     elif preset == "fifth":
         # The fifth phase, on from the fourth with its settings, on another 60k unseen images.
         config.update(_train_on_from(config, "runs/embedded-recipe-fourth", "runs/embedded-recipe-fifth",
-                                     steps=2500, batch_size=128, learning_rate=5e-4, warmup=100,
-                                     loss_weighting="min_snr", data_seed=303))
+                                     steps=2500, data_seed=303, **_LATE_PHASE))
     elif preset != "default":
         raise ValueError(f"unknown preset {preset!r} (default, tiny, continued, third, fourth, fifth)")
     return config
