@@ -1,12 +1,12 @@
 """The embedded shapes model's pretraining recipe. Presets: default (phase 1 of what ships), continued,
-third, fourth, fifth (phases 2-5, each on from the one before), tiny (tests).
+third, fourth, fifth, sixth (phases 2-6, each on from the one before), tiny (tests).
 
 python -m unguide_jax.embedded.recipe --config configs/embedded.py
 python -m unguide_jax.embedded.recipe --config configs/embedded.py:tiny --config.work_dir=/tmp/recipe
 """
 
 
-# The UNet settings phases 3-5 share: batch 128 at half phase 1's peak rate, Min-SNR-5.
+# The UNet settings phases 3-6 share: batch 128 at half phase 1's peak rate, Min-SNR-5.
 _LATE_PHASE = dict(batch_size=128, learning_rate=5e-4, warmup=100, loss_weighting="min_snr")
 
 
@@ -69,8 +69,12 @@ def get_config(preset: str = "default") -> dict:
         # The fifth phase, on from the fourth with its settings, on another 60k unseen images.
         config.update(_train_on_from(config, "runs/embedded-recipe-fourth", "runs/embedded-recipe-fifth",
                                      steps=2500, data_seed=303, **_LATE_PHASE))
+    elif preset == "sixth":
+        # The sixth phase, on from the fifth with its settings, on another 60k unseen images.
+        config.update(_train_on_from(config, "runs/embedded-recipe-fifth", "runs/embedded-recipe-sixth",
+                                     steps=2500, data_seed=304, **_LATE_PHASE))
     elif preset != "default":
-        raise ValueError(f"unknown preset {preset!r} (default, tiny, continued, third, fourth, fifth)")
+        raise ValueError(f"unknown preset {preset!r} (default, tiny, continued, third, fourth, fifth, sixth)")
     return config
 
 

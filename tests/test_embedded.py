@@ -116,16 +116,18 @@ def test_quality_gate_counts_what_each_prompt_drew(embedded, evaluator):
     assert grid.shape[:2] == (len(shapes.CLASSES) * size + 2, 2 * size + 2)  # a row of 2 images per class prompt
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped model misses its quality gate (67.5 % class accuracy, issue 3 "
+@pytest.mark.xfail(strict=True, reason="the shipped model misses its quality gate (72.2 % class accuracy, issue 3 "
                    "open): this test must start passing, and then lose this mark, when a better model ships")
 def test_embedded_model_draws_the_prompted_class(embedded, evaluator):
-    """A small live version of the quality gate: 4 images each of 3 classes, CFG 7.5, 50 steps."""
-    classes = ["circle", "star", "arrow"]
-    prompts = [f"a photo of the {c}" for c in classes for _ in range(4)]
+    """A small live version of the quality gate: 4 images of each of the 10 class prompts, CFG 7.5, 50 steps.
+    The bar sits 5 points under the gate's 90 %, because 40 images estimate the rate far less surely than the
+    gate's 320. From the gate's per-class rates, a model like the shipped one would clear it about 2 % of the
+    time; one at 90 % on every class, 90 % of the time."""
+    prompts = [f"a photo of the {c}" for c in shapes.CLASSES for _ in range(4)]
     images = embedded.generate(prompts, list(range(len(prompts))), guidance_scale=7.5, num_steps=50).images
     predicted, _ = evaluator.predict(images)
-    expected = np.repeat([shapes.CLASSES.index(c) for c in classes], 4)
-    assert (predicted == expected).mean() >= 0.75
+    expected = np.repeat(np.arange(len(shapes.CLASSES)), 4)
+    assert (predicted == expected).mean() >= 0.85
 
 
 # --- the recipe's training stages, on tiny configs --------------------------------------------------
