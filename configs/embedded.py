@@ -9,6 +9,20 @@ python -m unguide_jax.embedded.recipe --config configs/embedded.py:tiny --config
 # The UNet settings phases 3-6 share: batch 128 at half phase 1's peak rate, Min-SNR-5.
 _LATE_PHASE = dict(batch_size=128, learning_rate=5e-4, warmup=100, loss_weighting="min_snr")
 
+# The phases after the default one, in order: each trains the UNet on from the phase before it
+# (phase 1 is the default preset) with these diffusion settings, reusing that run's earlier stages.
+_PHASES = {
+    # Min-SNR-5 weighting favours the noisy timesteps, where the prompt decides the shape.
+    "continued": dict(steps=3000, warmup=100, loss_weighting="min_snr"),
+    # Twice the batch at half the peak rate, to lower the gradient noise late in training.
+    "third": dict(steps=2000, **_LATE_PHASE),
+    # 25 % longer, on 60k images it has not seen (phases 1-3 made ten passes over data_seed 301's images).
+    "fourth": dict(steps=2500, data_seed=302, **_LATE_PHASE),
+    # Phases 5 and 6: the same again, each on another 60k unseen images.
+    "fifth": dict(steps=2500, data_seed=303, **_LATE_PHASE),
+    "sixth": dict(steps=2500, data_seed=304, **_LATE_PHASE),
+}
+
 
 def get_config(preset: str = "default") -> dict:
     config = dict(
@@ -50,31 +64,13 @@ def get_config(preset: str = "default") -> dict:
             quality=dict(images_per_prompt=1, style_images_per_prompt=1, num_steps=2, guidance_scale=7.5,
                          seed=1000, batch_size=64),
         )
-    elif preset == "continued":
-        # The shipped model's second phase: the default run's UNet trained on with Min-SNR-5 weighting,
-        # which favours the noisy timesteps where the prompt decides the shape.
-        config.update(_train_on_from(config, "runs/embedded-recipe", "runs/embedded-recipe-continued",
-                                     steps=3000, warmup=100, loss_weighting="min_snr"))
-    elif preset == "third":
-        # The third phase, on from the second: twice the batch at half the peak rate, to lower the
-        # gradient noise late in training. Min-SNR-5 as in phase 2.
-        config.update(_train_on_from(config, "runs/embedded-recipe-continued", "runs/embedded-recipe-third",
-                                     steps=2000, **_LATE_PHASE))
-    elif preset == "fourth":
-        # The fourth phase, on from the third with its settings, 25 % longer and on 60k images it has
-        # not seen (phases 1-3 made ten passes over data_seed 301's images).
-        config.update(_train_on_from(config, "runs/embedded-recipe-third", "runs/embedded-recipe-fourth",
-                                     steps=2500, data_seed=302, **_LATE_PHASE))
-    elif preset == "fifth":
-        # The fifth phase, on from the fourth with its settings, on another 60k unseen images.
-        config.update(_train_on_from(config, "runs/embedded-recipe-fourth", "runs/embedded-recipe-fifth",
-                                     steps=2500, data_seed=303, **_LATE_PHASE))
-    elif preset == "sixth":
-        # The sixth phase, on from the fifth with its settings, on another 60k unseen images.
-        config.update(_train_on_from(config, "runs/embedded-recipe-fifth", "runs/embedded-recipe-sixth",
-                                     steps=2500, data_seed=304, **_LATE_PHASE))
+    elif preset in _PHASES:
+        phase_1_run, names = config["work_dir"], list(_PHASES)
+        index = names.index(preset)
+        previous_run = phase_1_run if index == 0 else f"{phase_1_run}-{names[index - 1]}"
+        config.update(_train_on_from(config, previous_run, f"{phase_1_run}-{preset}", **_PHASES[preset]))
     elif preset != "default":
-        raise ValueError(f"unknown preset {preset!r} (default, tiny, continued, third, fourth, fifth, sixth)")
+        raise ValueError(f"unknown preset {preset!r} ({', '.join(['default', 'tiny', *_PHASES])})")
     return config
 
 

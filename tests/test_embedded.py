@@ -123,11 +123,14 @@ def test_embedded_model_draws_the_prompted_class(embedded, evaluator):
     The bar sits 5 points under the gate's 90 %, because 40 images estimate the rate far less surely than the
     gate's 320. From the gate's per-class rates, a model like the shipped one would clear it about 2 % of the
     time; one at 90 % on every class, 90 % of the time."""
-    prompts = [f"a photo of the {c}" for c in shapes.CLASSES for _ in range(4)]
+    from unguide_jax.embedded.quality import gate_prompts
+
+    class_prompts = [item for item in gate_prompts() if item["kind"] == "class"]
+    prompts = [item["prompt"] for item in class_prompts for _ in range(4)]
     images = embedded.generate(prompts, list(range(len(prompts))), guidance_scale=7.5, num_steps=50).images
     predicted, _ = evaluator.predict(images)
-    expected = np.repeat(np.arange(len(shapes.CLASSES)), 4)
-    assert (predicted == expected).mean() >= 0.85
+    expected = np.repeat([item["label"] for item in class_prompts], 4)
+    assert len(class_prompts) == len(shapes.CLASSES) and (predicted == expected).mean() >= 0.85
 
 
 # --- the recipe's training stages, on tiny configs --------------------------------------------------
