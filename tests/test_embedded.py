@@ -116,21 +116,22 @@ def test_quality_gate_counts_what_each_prompt_drew(embedded, evaluator):
     assert grid.shape[:2] == (len(shapes.CLASSES) * size + 2, 2 * size + 2)  # a row of 2 images per class prompt
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped model misses its quality gate (72.2 % class accuracy, issue 3 "
+@pytest.mark.xfail(strict=True, reason="the shipped model misses its quality gate (81.2 % class accuracy, issue 3 "
                    "open): this test must start passing, and then lose this mark, when a better model ships")
 def test_embedded_model_draws_the_prompted_class(embedded, evaluator):
-    """A small live version of the quality gate: 4 images of each of the 10 class prompts, CFG 7.5, 50 steps.
-    The bar sits 5 points under the gate's 90 %, because 40 images estimate the rate far less surely than the
-    gate's 320. From the gate's per-class rates, a model like the shipped one would clear it about 2 % of the
-    time; one at 90 % on every class, 90 % of the time."""
+    """A small live version of the quality gate: 16 images of each of the 10 class prompts, CFG 7.5, 50 steps.
+    The bar sits 2.5 points under the gate's 90 %, because 160 images estimate the rate less surely than the
+    gate's 320. From the gate's per-class rates, a model like the shipped one would clear it about 1 % of the
+    time; one at 90 % on every class, 88 % of the time (binomial draws per class)."""
     from unguide_jax.embedded.quality import gate_prompts
 
+    per_prompt = 16
     class_prompts = [item for item in gate_prompts() if item["kind"] == "class"]
-    prompts = [item["prompt"] for item in class_prompts for _ in range(4)]
+    prompts = [item["prompt"] for item in class_prompts for _ in range(per_prompt)]
     images = embedded.generate(prompts, list(range(len(prompts))), guidance_scale=7.5, num_steps=50).images
     predicted, _ = evaluator.predict(images)
-    expected = np.repeat([item["label"] for item in class_prompts], 4)
-    assert len(class_prompts) == len(shapes.CLASSES) and (predicted == expected).mean() >= 0.85
+    expected = np.repeat([item["label"] for item in class_prompts], per_prompt)
+    assert len(class_prompts) == len(shapes.CLASSES) and (predicted == expected).mean() >= 0.875
 
 
 # --- the recipe's training stages, on tiny configs --------------------------------------------------
@@ -242,6 +243,10 @@ def test_recipe_reuses_a_finished_stage_only_with_the_same_settings(tmp_path):
         run_recipe(config)
     with pytest.raises(ValueError, match="unknown recipe stages"):
         run_recipe(dict(config, stages=["vea"]))
+    bad_weights = dict(config, work_dir=str(tmp_path / "bad"), diffusion=dict(config["diffusion"], class_weights={"hexagon": 2}))
+    with pytest.raises(ValueError, match="unknown classes"):
+        run_recipe(bad_weights)
+    assert not (tmp_path / "bad").exists()  # failed before any stage, or even the work dir
 
 
 @needs_open_clip_wheel
@@ -265,6 +270,27 @@ def test_recipe_copies_a_stage_from_another_run_only_when_made_with_the_same_set
     assert load_tokenizer(other / "tokenizer").model_max_length == 32
     with pytest.raises(FileNotFoundError, match="is not a recipe run"):
         run_recipe(dict(config, work_dir=str(tmp_path / "x"), stages=["tokenizer"], reuse_from=str(tmp_path / "none")))
+
+
+def test_shipped_model_unpacks_into_a_run_that_the_next_phase_reuses(tmp_path):
+    from unguide_jax.config import load_config_file
+    from unguide_jax.embedded.recipe import EVALUATOR_DIR, MODEL_DIR, run_recipe, unpack_shipped
+
+    unpacked = unpack_shipped(tmp_path / "shipped")
+    _, unet_params = load_component(unpacked / MODEL_DIR / "unet", "unet")
+    _, shipped_unet = load_component(EMBEDDED_MODEL / "unet", "unet")
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), unet_params, shipped_unet)))
+    with pytest.raises(FileExistsError, match="holds a recipe run already"):
+        unpack_shipped(unpacked)
+
+    # The early stages of the shipped model are what the recipe's settings make: a next phase copies them.
+    config = load_config_file(str(Path(__file__).resolve().parent.parent / "configs" / "embedded.py"))
+    early = ["tokenizer", "evaluator", "vae", "text_encoder"]
+    work = run_recipe(dict(config, work_dir=str(tmp_path / "next"), stages=early, reuse_from=str(unpacked)))
+    reused = [json.loads(line)["stage"] for line in (work / "metrics.jsonl").read_text().splitlines()
+              if "reused_from" in line]
+    assert reused == early
+    assert (work / EVALUATOR_DIR / "model.safetensors").is_file() and (work / "vae" / "metrics.json").is_file()
 
 
 def test_blur_augmentation_keeps_sigma_zero_images_and_mean_colour():

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from unguide_jax.data.shapes import CLASSES, STYLES, SYNONYMS, batch, caption_for, render
+from unguide_jax.data.shapes import (CLASSES, STYLES, SYNONYMS, batch, batch_at, caption_for, indices_for_class_weights,
+                                     label_of, render)
 
 
 def test_examples_depend_on_seed_and_index_only():
@@ -61,3 +62,32 @@ def test_class_named_in_finds_names_and_synonyms_as_whole_words():
     assert class_named_in("a striped loop") == CLASSES.index("ring")
     assert class_named_in("a photo of a cat") is None
     assert class_named_in("a gemstone") is None  # "gem" only as a whole word
+
+
+def test_class_weights_pick_each_class_in_proportion_from_the_same_stream():
+    indices = indices_for_class_weights(seed=6, count=130, class_weights={"heart": 2.0, "square": 3.0})
+    images, captions, labels, _ = batch_at(6, indices)
+    counts = np.bincount(labels, minlength=len(CLASSES))
+    assert counts[CLASSES.index("square")] == 30 and counts[CLASSES.index("heart")] == 20
+    assert sorted(set(counts) - {20, 30}) == [10] and counts.sum() == 130  # weights 3 + 2 + 8 x 1 share 130
+    # The picked examples are the stream's own (same image and caption), each class's first ones in it.
+    plain = batch(6, 0, int(indices.max()) + 1)
+    np.testing.assert_array_equal(plain[0][indices], images)
+    assert [plain[1][i] for i in indices] == captions
+    for cls in ("heart", "circle"):
+        first = np.flatnonzero(plain[2] == CLASSES.index(cls))[:counts[CLASSES.index(cls)]]
+        np.testing.assert_array_equal(indices[labels == CLASSES.index(cls)], first)
+    assert all(label_of(6, int(i)) == plain[2][i] for i in range(len(plain[2])))
+
+
+@pytest.mark.parametrize("weights, message", [({"hexagon": 2.0}, r"unknown classes \['hexagon'\]"),
+                                              ({"heart": 0.0}, "must be positive")])
+def test_bad_class_weights_are_named(weights, message):
+    with pytest.raises(ValueError, match=message):
+        indices_for_class_weights(0, 10, weights)
+
+
+def test_uneven_class_weights_still_give_exactly_count_examples():
+    indices = indices_for_class_weights(seed=2, count=7, class_weights={"ring": 3.0})
+    labels = [label_of(2, int(i)) for i in indices]
+    assert len(indices) == len(set(indices.tolist())) == 7 and labels.count(CLASSES.index("ring")) == 2

@@ -168,15 +168,53 @@ def render(rng: np.random.Generator, cls: str, style: str, size: int = 32, super
 def example(seed: int, index: int, size: int = 32, synonym_prob: float = 0.3, layout: str = "wide") -> Example:
     """Example ``index`` of the stream ``seed``: depends on (seed, index, layout) alone."""
     rng = np.random.default_rng([seed, index])
-    label, style = int(rng.integers(len(CLASSES))), int(rng.integers(len(STYLES)))
+    label, style = int(rng.integers(len(CLASSES))), int(rng.integers(len(STYLES)))  # label_of repeats the first draw
     caption, name = caption_for(rng, CLASSES[label], STYLES[style], synonym_prob)
     return Example(render(rng, CLASSES[label], STYLES[style], size, layout=LAYOUTS[layout]), caption, label, style, name)
 
 
+def label_of(seed: int, index: int) -> int:
+    """The class of example ``index`` of the stream ``seed``, without drawing it."""
+    return int(np.random.default_rng([seed, index]).integers(len(CLASSES)))
+
+
+def class_weight_vector(class_weights: dict[str, float]) -> np.ndarray:
+    """Each class's weight in CLASSES order (1 where not named); unknown names or weights <= 0 are an error."""
+    unknown = sorted(set(class_weights) - set(CLASSES))
+    if unknown:
+        raise ValueError(f"class_weights names unknown classes {unknown}; known: {list(CLASSES)}")
+    weights = np.array([float(class_weights.get(c, 1.0)) for c in CLASSES])
+    if not np.all(weights > 0):
+        raise ValueError(f"class_weights must be positive, got {dict(class_weights)}")
+    return weights
+
+
+def indices_for_class_weights(seed: int, count: int, class_weights: dict[str, float]) -> np.ndarray:
+    """``count`` example indices of the stream ``seed`` whose classes come in proportion to
+    ``class_weights`` (classes not named weigh 1): for each class, its first examples in the stream."""
+    weights = class_weight_vector(class_weights)
+    exact = count * weights / weights.sum()
+    quotas = np.floor(exact).astype(int)
+    quotas[np.argsort(quotas - exact)[:count - quotas.sum()]] += 1  # largest remainders take the rest
+    taken, index = [], 0
+    while quotas.any():
+        label = label_of(seed, index)
+        if quotas[label]:
+            quotas[label] -= 1
+            taken.append(index)
+        index += 1
+    return np.array(taken)
+
+
 def batch(seed: int, start: int, count: int, size: int = 32, synonym_prob: float = 0.3, layout: str = "wide"):
     """Examples ``start .. start+count-1`` as arrays: images (N, size, size, 3) uint8, captions, labels, styles."""
+    return batch_at(seed, range(start, start + count), size, synonym_prob, layout)
+
+
+def batch_at(seed: int, indices, size: int = 32, synonym_prob: float = 0.3, layout: str = "wide"):
+    """The examples at ``indices`` of the stream ``seed``, as arrays like ``batch``'s."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; known: {sorted(LAYOUTS)}")
-    items = [example(seed, i, size, synonym_prob, layout) for i in range(start, start + count)]
+    items = [example(seed, int(i), size, synonym_prob, layout) for i in indices]
     return (np.stack([e.image for e in items]), [e.caption for e in items],
             np.array([e.label for e in items]), np.array([e.style for e in items]))

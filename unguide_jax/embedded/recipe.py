@@ -93,8 +93,10 @@ def _stage_diffusion(config: dict, work: Path, log: MetricsLog) -> None:
     vae, vae_params = load_component(work / "vae", "vae")
     tokenizer = load_tokenizer(work / "tokenizer")
     started = time.perf_counter()
-    images, captions, _, _ = shapes.batch(cfg["data_seed"], 0, cfg["train_images"], config["image_size"], cfg["synonym_prob"],
-                                          layout=cfg["layout"])
+    indices = (shapes.indices_for_class_weights(cfg["data_seed"], cfg["train_images"], cfg["class_weights"])
+               if cfg["class_weights"] else range(cfg["train_images"]))
+    images, captions, _, _ = shapes.batch_at(cfg["data_seed"], indices, config["image_size"], cfg["synonym_prob"],
+                                             layout=cfg["layout"])
     mean, logvar = pretrain.encode_dataset(vae, vae_params, images)
     vae_config = dataclasses.replace(vae.config, scaling_factor=round(pretrain.latent_scaling_factor(mean, logvar), 5))
     data = pretrain.DiffusionData(mean, logvar, pretrain.tokenize_captions(tokenizer, captions),
@@ -163,6 +165,7 @@ def run_recipe(config: dict) -> Path:
     unknown = [s for s in config["stages"] if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown recipe stages {unknown}; known: {list(STAGES)}")
+    shapes.class_weight_vector(config["diffusion"]["class_weights"])  # a bad weight fails before any stage runs
     work = Path(config["work_dir"])
     work.mkdir(parents=True, exist_ok=True)
     recipe_file = work / "recipe.json"
@@ -235,6 +238,34 @@ def publish(work: Path, assets: Path) -> None:
     (assets / "recipe").mkdir(parents=True, exist_ok=True)
     for name in RECORD_FILES:
         shutil.copy2(work / name, assets / "recipe" / name)
+
+
+def unpack_shipped(work: str | Path, assets: Path | None = None) -> Path:
+    """Lay the shipped model out as a finished recipe run in ``work`` (tokenizer, evaluator, VAE, text
+    encoder, model, record), so that the next phase can ``reuse_from`` it and train on from its UNet on
+    a checkout that lacks the local run which made it. Its weights are the shipped fp16 ones."""
+    from . import ASSETS
+
+    assets, work = Path(assets or ASSETS), Path(work)
+    if (work / "recipe.json").exists():
+        raise FileExistsError(f"{work} holds a recipe run already; unpack into a new work_dir")
+    model = assets / MODEL_DIR
+    metrics = json.loads((model / "training_metrics.json").read_text())
+    tmp = work.with_name(work.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model, tmp / MODEL_DIR)
+    shutil.copytree(assets / EVALUATOR_DIR, tmp / EVALUATOR_DIR)
+    for part in ("tokenizer", "vae", "text_encoder"):
+        shutil.copytree(model / part, tmp / part)
+        if part != "tokenizer":
+            write_json(tmp / part / "metrics.json", metrics[part])
+    for name in RECORD_FILES:
+        shutil.copy2(assets / "recipe" / name, tmp / name)
+    work.parent.mkdir(parents=True, exist_ok=True)
+    if work.exists():
+        work.rmdir()  # an empty folder; anything else and rmdir refuses, nothing lost
+    tmp.rename(work)
+    return work
 
 
 def main(argv=None) -> int:
