@@ -1,4 +1,5 @@
 """The shipped shapes model and evaluator: they load (ours and diffusers), agree, and do their job."""
+import contextlib
 import importlib.util
 import json
 from pathlib import Path
@@ -116,6 +117,18 @@ def test_quality_gate_counts_what_each_prompt_drew(embedded, evaluator):
     assert grid.shape[:2] == (len(shapes.CLASSES) * size + 2, 2 * size + 2)  # a row of 2 images per class prompt
 
 
+@contextlib.contextmanager
+def xla_optimisations_on():
+    """The suite compiles with most XLA optimisations off (conftest.py), because compiling dominates its
+    tiny models. Sampling 160 images for 50 steps is the opposite case: 23 s optimised against 61 s."""
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", previous)
+
+
 @pytest.mark.xfail(strict=True, reason="the shipped model misses its quality gate (81.2 % class accuracy, issue 3 "
                    "open): this test must start passing, and then lose this mark, when a better model ships")
 def test_embedded_model_draws_the_prompted_class(embedded, evaluator):
@@ -128,7 +141,8 @@ def test_embedded_model_draws_the_prompted_class(embedded, evaluator):
     per_prompt = 16
     class_prompts = [item for item in gate_prompts() if item["kind"] == "class"]
     prompts = [item["prompt"] for item in class_prompts for _ in range(per_prompt)]
-    images = embedded.generate(prompts, list(range(len(prompts))), guidance_scale=7.5, num_steps=50).images
+    with xla_optimisations_on():
+        images = embedded.generate(prompts, list(range(len(prompts))), guidance_scale=7.5, num_steps=50).images
     predicted, _ = evaluator.predict(images)
     expected = np.repeat([item["label"] for item in class_prompts], per_prompt)
     assert len(class_prompts) == len(shapes.CLASSES) and (predicted == expected).mean() >= 0.875
