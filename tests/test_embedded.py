@@ -14,6 +14,7 @@ from unguide_jax.data import shapes
 from unguide_jax.embedded import EMBEDDED_MODEL, EVALUATOR, RECIPE_RECORD, load_embedded_model, load_evaluator
 from unguide_jax.embedded import pretrain
 from unguide_jax.embedded.classifier import evaluate_on_fresh_images, load_classifier
+from unguide_jax.embedded.recipe import STAGES
 from unguide_jax.loading import build_module, load_component, load_tokenizer, save_component
 from unguide_jax.models.vae import AutoencoderKL
 from unguide_jax.schedulers import SchedulerConfig
@@ -93,7 +94,9 @@ def test_recipe_record_ships_with_the_model():
     assert quality["settings"]["guidance_scale"] == 7.5 and quality["settings"]["num_steps"] == 50
     assert quality["settings"]["images_per_prompt"] >= 32
     recipe = json.loads((RECIPE_RECORD / "recipe.json").read_text())
-    assert set(recipe["stages"]) == {"tokenizer", "evaluator", "vae", "text_encoder", "diffusion", "quality"}
+    assert tuple(recipe["stages"]) == STAGES  # every stage, the decoder fine-tune included
+    decoder = json.loads((EMBEDDED_MODEL / "training_metrics.json").read_text())["vae_decoder"]
+    assert decoder["round_trip_after"]["class_accuracy"] > decoder["round_trip_before"]["class_accuracy"]
 
 
 def test_quality_gate_counts_what_each_prompt_drew(embedded, evaluator):
@@ -129,12 +132,12 @@ def xla_optimisations_on():
         jax.config.update("jax_disable_most_optimizations", previous)
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped model misses its quality gate (81.2 % class accuracy, issue 3 "
+@pytest.mark.xfail(strict=True, reason="the shipped model misses its quality gate (82.5 % class accuracy, issue 3 "
                    "open): this test must start passing, and then lose this mark, when a better model ships")
 def test_embedded_model_draws_the_prompted_class(embedded, evaluator):
     """A small live version of the quality gate: 16 images of each of the 10 class prompts, CFG 7.5, 50 steps.
     The bar sits 2.5 points under the gate's 90 %, because 160 images estimate the rate less surely than the
-    gate's 320. From the gate's per-class rates, a model like the shipped one would clear it about 1 % of the
+    gate's 320. From the gate's per-class rates, a model like the shipped one would clear it about 4 % of the
     time; one at 90 % on every class, 88 % of the time (binomial draws per class)."""
     from unguide_jax.embedded.quality import gate_prompts
 
@@ -172,6 +175,39 @@ def test_a_training_loop_cut_off_midway_resumes_to_the_same_weights(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
     with pytest.raises(ValueError, match="written by another configuration"):
         pretrain.train_vae(dict(cfg, block_out_channels=[8]), 16, seed=0, log=lambda r: None, checkpoint=checkpoint)
+
+
+def test_decoder_stage_keeps_the_encoder_and_lowers_its_loss():
+    """The decoder fine-tune trains the decoder only: the encoder (and so every latent a UNet trains on)
+    comes back bit-identical, while the reconstruction loss falls."""
+    vae_cfg = pretrain.vae_config(TINY_VAE, 16)
+    vae = AutoencoderKL(vae_cfg)
+    params = jax.jit(vae.init)(jax.random.key(0), *vae.init_inputs())["params"]
+    cfg = dict(steps=80, batch_size=8, learning_rate=5e-3, warmup=2, data_seed=6, layouts=["centred", "wide"])
+    logs = []
+    tuned, metrics = pretrain.train_decoder(cfg, vae, params, 16, seed=0, log=logs.append)
+    # From a random encoder the latents say little, so the loss falls slowly (0.92 -> 0.76 in 80 steps).
+    assert metrics["final_loss"] < 0.9 * metrics["first_loss"], metrics
+    for part in pretrain.ENCODER_PARTS:
+        jax.tree.map(np.testing.assert_array_equal, tuned[part], params[part])
+    assert set(tuned) == set(params)
+    assert not np.array_equal(tuned["decoder"]["conv_out"]["kernel"], params["decoder"]["conv_out"]["kernel"])
+    assert {r["stage"] for r in logs} == {"vae_decoder"}
+    with pytest.raises(ValueError, match=r"lack \['quant_conv'\]"):
+        pretrain.train_decoder(cfg, vae, {k: v for k, v in params.items() if k != "quant_conv"}, 16, seed=0,
+                               log=logs.append)
+
+
+def test_round_trip_accuracy_scores_what_the_decoder_gives_back(embedded, evaluator):
+    """The shipped VAE gives the evaluator back most shapes; one whose decoder outputs a constant gives back none."""
+    images, _, labels, styles = shapes.batch(FRESH_SEED, 0, 200, 32, layout="centred")
+    vae, params = embedded.vae, jax.tree.map(jnp.asarray, embedded.params["vae"])
+    scores = pretrain.round_trip_accuracy(vae, params, evaluator, images, labels, styles, batch_size=64)
+    assert scores["class_accuracy"] > 0.85, scores
+    assert set(scores["per_style"]) == set(shapes.STYLES) and set(scores["per_class"]) == set(shapes.CLASSES)
+    flat = jax.tree.map(jnp.zeros_like, params["decoder"]["conv_out"])
+    blank = dict(params, decoder=dict(params["decoder"], conv_out=flat))
+    assert pretrain.round_trip_accuracy(vae, blank, evaluator, images, labels, styles)["class_accuracy"] < 0.3
 
 
 def test_diffusion_stage_lowers_its_loss(tmp_path):
@@ -300,11 +336,49 @@ def test_shipped_model_unpacks_into_a_run_that_the_next_phase_reuses(tmp_path):
     # The early stages of the shipped model are what the recipe's settings make: a next phase copies them.
     config = load_config_file(str(Path(__file__).resolve().parent.parent / "configs" / "embedded.py"))
     early = ["tokenizer", "evaluator", "vae", "text_encoder"]
+    if (unpacked / "vae_decoder").is_dir():  # made with the decoder stage, at the settings of the phase that ran it
+        config = load_config_file(str(Path(__file__).resolve().parent.parent / "configs" / "embedded.py") + ":ninth")
+        early.insert(3, "vae_decoder")
     work = run_recipe(dict(config, work_dir=str(tmp_path / "next"), stages=early, reuse_from=str(unpacked)))
     reused = [json.loads(line)["stage"] for line in (work / "metrics.jsonl").read_text().splitlines()
               if "reused_from" in line]
     assert reused == early
     assert (work / EVALUATOR_DIR / "model.safetensors").is_file() and (work / "vae" / "metrics.json").is_file()
+
+
+@needs_open_clip_wheel
+def test_recipe_ships_the_tuned_decoder_with_the_vae_stage_encoder(tmp_path):
+    from unguide_jax.config import load_config_file
+    from unguide_jax.embedded.recipe import MODEL_DIR, run_recipe
+
+    config = load_config_file(str(Path(__file__).resolve().parent.parent / "configs" / "embedded.py") + ":tiny")
+    stages = ["tokenizer", "evaluator", "vae", "vae_decoder", "text_encoder", "diffusion"]
+    work = run_recipe(dict(config, work_dir=str(tmp_path), stages=stages))
+    as_shipped = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float16), tree)  # noqa: E731
+    shipped = as_shipped(load_component(work / MODEL_DIR / "vae", "vae")[1])
+    stage_vae, tuned = (as_shipped(load_component(work / name, "vae")[1]) for name in ("vae", "vae_decoder"))
+    jax.tree.map(np.testing.assert_array_equal, shipped, tuned)
+    jax.tree.map(np.testing.assert_array_equal, shipped["encoder"], stage_vae["encoder"])
+    assert not np.array_equal(shipped["decoder"]["conv_out"]["kernel"], stage_vae["decoder"]["conv_out"]["kernel"])
+    decoder_metrics = json.loads((work / MODEL_DIR / "training_metrics.json").read_text())["vae_decoder"]
+    assert set(decoder_metrics["round_trip_after"]) == {"class_accuracy", "per_style", "per_class"}
+
+
+def test_diffusion_and_gate_depend_on_the_decoder_settings_only_when_the_recipe_tunes_it():
+    from unguide_jax.config import load_config_file
+    from unguide_jax.embedded.recipe import _changed_settings
+
+    config = load_config_file(str(Path(__file__).resolve().parent.parent / "configs" / "embedded.py") + ":tiny")
+    other_decoder = dict(config, vae_decoder=dict(config["vae_decoder"], steps=7))
+    made_before_the_stage = {k: v for k, v in config.items() if k != "vae_decoder"}
+    for stage in ("diffusion", "quality"):
+        assert _changed_settings(stage, config, other_decoder) == []  # the stage is not run: its settings do not matter
+        assert _changed_settings(stage, made_before_the_stage, config) == []
+        tuned = dict(config, stages=[*config["stages"], "vae_decoder"])
+        assert _changed_settings(stage, config, tuned) == ["vae_decoder"]
+        assert _changed_settings(stage, tuned, dict(other_decoder, stages=tuned["stages"])) == ["vae_decoder"]
+    assert _changed_settings("vae_decoder", config, other_decoder) == ["vae_decoder"]
+    assert _changed_settings("text_encoder", config, other_decoder) == []
 
 
 def test_blur_augmentation_keeps_sigma_zero_images_and_mean_colour():

@@ -112,14 +112,47 @@ def _adam(lr: float, steps: int, warmup: int) -> optax.GradientTransformation:
 def train_vae(cfg: dict, image_size: int, seed: int, log: Log,
               checkpoint: LoopCheckpoint | None = None) -> tuple[VAEConfig, dict, dict]:
     """AutoencoderKL on fresh procedural images: L1 + L2 reconstruction + a small KL term (as SD's VAE)."""
-    checkpoint = checkpoint or LoopCheckpoint(None, 1)
     config = vae_config(cfg, image_size)
     vae = AutoencoderKL(config)
     params = jax.jit(vae.init)(jax.random.key(seed), *vae.init_inputs())["params"]
+    params, metrics = _fit_vae(vae, params, frozen=(), cfg=cfg, layouts=("wide",), image_size=image_size,
+                               key=jax.random.key(seed + 1), log=log, stage="vae", checkpoint=checkpoint)
+    return config, params, metrics
+
+
+# What a decoder fine-tune leaves as it was: everything that makes the latents.
+ENCODER_PARTS = ("encoder", "quant_conv")
+
+
+def train_decoder(cfg: dict, vae: AutoencoderKL, params: dict, image_size: int, seed: int, log: Log,
+                  checkpoint: LoopCheckpoint | None = None) -> tuple[dict, dict]:
+    """The VAE's decoder (and post_quant_conv) trained on with the encoder frozen, on the reconstruction
+    loss of posterior samples, over images drawn in each of ``cfg["layouts"]`` in turn.
+
+    The latents stay bit-identical, so a UNet trained on them (before or after) fits the tuned VAE as it
+    fitted the old one; only how latents become pixels improves."""
+    missing = [part for part in ENCODER_PARTS if part not in params]
+    if missing:
+        raise ValueError(f"the VAE params lack {missing}: not an AutoencoderKL's parameters")
+    params = jax.tree.map(jnp.asarray, params)
+    return _fit_vae(vae, params, frozen=ENCODER_PARTS, cfg=dict(cfg, kl_weight=0.0), layouts=tuple(cfg["layouts"]),
+                    image_size=image_size, key=jax.random.key(seed), log=log, stage="vae_decoder",
+                    checkpoint=checkpoint)
+
+
+def _fit_vae(vae: AutoencoderKL, params: dict, *, frozen: tuple[str, ...], cfg: dict, layouts: tuple[str, ...],
+             image_size: int, key: jax.Array, log: Log, stage: str,
+             checkpoint: LoopCheckpoint | None) -> tuple[dict, dict]:
+    """The VAE loop: the top-level parameter groups named in ``frozen`` are held fixed, the others are
+    trained on L1 + L2 + ``kl_weight`` · KL; step i draws its batch in ``layouts[i % len(layouts)]``."""
+    checkpoint = checkpoint or LoopCheckpoint(None, 1)
+    fixed = {name: tree for name, tree in params.items() if name in frozen}
+    trained = {name: tree for name, tree in params.items() if name not in frozen}
     optimizer = _adam(cfg["learning_rate"], cfg["steps"], cfg["warmup"])
-    opt_state = optimizer.init(params)
+    opt_state = optimizer.init(trained)
 
     def loss_fn(p, x, key):
+        p = {**fixed, **p}
         mean, logvar = vae.apply({"params": p}, x, method=AutoencoderKL.encode)
         z = sample_posterior(mean, logvar, jax.random.normal(key, mean.shape))
         rec = vae.apply({"params": p}, z, method=AutoencoderKL.decode)
@@ -133,28 +166,44 @@ def train_vae(cfg: dict, image_size: int, seed: int, log: Log,
         updates, s = optimizer.update(grads, s, p)
         return optax.apply_updates(p, updates), s, loss, aux
 
-    key, started = jax.random.key(seed + 1), time.perf_counter()
-    losses, first = [], 0
-    resumed = checkpoint.load((params, opt_state, jax.random.key_data(key)))
+    started, losses, first = time.perf_counter(), [], 0
+    resumed = checkpoint.load((trained, opt_state, jax.random.key_data(key)))
     if resumed is not None:
-        (params, opt_state, key_data), meta = resumed
+        (trained, opt_state, key_data), meta = resumed
         key, losses, first = jax.random.wrap_key_data(key_data), meta["losses"], meta["step"]
-        log({"stage": "vae", "resumed_at": first})
-    bar = tqdm(range(first, cfg["steps"]), desc="vae", mininterval=5, initial=first, total=cfg["steps"])
+        log({"stage": stage, "resumed_at": first})
+    bar = tqdm(range(first, cfg["steps"]), desc=stage.replace("_", " "), mininterval=5, initial=first,
+               total=cfg["steps"])
     for i in bar:
-        images, *_ = shapes.batch(cfg["data_seed"], i * cfg["batch_size"], cfg["batch_size"], image_size)
+        images, *_ = shapes.batch(cfg["data_seed"], i * cfg["batch_size"], cfg["batch_size"], image_size,
+                                  layout=layouts[i % len(layouts)])
         key, sub = jax.random.split(key)
-        params, opt_state, loss, (l1, l2, kl) = step(params, opt_state, to_pixels(images), sub)
+        trained, opt_state, loss, (l1, l2, kl) = step(trained, opt_state, to_pixels(images), sub)
         losses.append(float(loss))
         if i % 50 == 0 or i == cfg["steps"] - 1:
             bar.set_postfix(loss=f"{float(loss):.4f}")
-            log({"stage": "vae", "step": i, "loss": float(loss), "l1": float(l1), "l2": float(l2), "kl": float(kl)})
+            log({"stage": stage, "step": i, "loss": float(loss), "l1": float(l1), "l2": float(l2), "kl": float(kl)})
         if checkpoint.due(i, cfg["steps"]):
-            checkpoint.save((params, opt_state, jax.random.key_data(key)), {"step": i + 1, "losses": losses})
+            checkpoint.save((trained, opt_state, jax.random.key_data(key)), {"step": i + 1, "losses": losses})
     window = max(1, min(20, len(losses) // 4))
     metrics = {"train_seconds": round(time.perf_counter() - started, 1), "first_loss": float(np.mean(losses[:window])),
                "final_loss": float(np.mean(losses[-window:])), "loss_window": window}
-    return config, params, metrics
+    return {**fixed, **trained}, metrics
+
+
+def round_trip_accuracy(vae: AutoencoderKL, params: dict, evaluator, images: np.ndarray, labels: np.ndarray,
+                        styles: np.ndarray, batch_size: int = 500) -> dict:
+    """How often the evaluator still sees the drawn class after encode (posterior mean) and decode, in all
+    and per style: the ceiling the VAE puts on any image the UNet generates."""
+    round_trip = jax.jit(lambda p, x: vae.apply(
+        {"params": p}, vae.apply({"params": p}, x, method=AutoencoderKL.encode)[0], method=AutoencoderKL.decode))
+    decoded = np.concatenate([np.asarray(round_trip(params, to_pixels(images[i:i + batch_size])))
+                              for i in range(0, len(images), batch_size)])
+    predicted, _ = evaluator.predict(np.clip((decoded + 1.0) * 127.5, 0, 255).round().astype(np.uint8))
+    correct = predicted == labels
+    return {"class_accuracy": float(correct.mean()),
+            "per_style": {st: float(correct[styles == j].mean()) for j, st in enumerate(shapes.STYLES) if (styles == j).any()},
+            "per_class": {c: float(correct[labels == k].mean()) for k, c in enumerate(shapes.CLASSES) if (labels == k).any()}}
 
 
 def encode_dataset(vae: AutoencoderKL, params, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:

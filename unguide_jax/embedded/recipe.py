@@ -3,7 +3,8 @@
     python -m unguide_jax.embedded.recipe --config configs/embedded.py
 
 Stages (each writes its output under ``work_dir`` and is skipped when that output exists):
-tokenizer -> evaluator -> vae -> text_encoder -> diffusion -> quality. ``metrics.jsonl`` logs every stage;
+tokenizer -> evaluator -> vae -> vae_decoder -> text_encoder -> diffusion -> quality (``vae_decoder``, the
+decoder tuned on with the encoder frozen, only when ``stages`` names it). ``metrics.jsonl`` logs every stage;
 ``recipe.json`` holds the resolved config. The shipped copies live in ``unguide_jax/assets/``.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ..weights import write_json
 from . import pretrain
 from .classifier import ClassifierConfig, load_classifier, save_classifier, train_classifier
 
-STAGES = ("tokenizer", "evaluator", "vae", "text_encoder", "diffusion", "quality")
+STAGES = ("tokenizer", "evaluator", "vae", "vae_decoder", "text_encoder", "diffusion", "quality")
 MODEL_DIR, EVALUATOR_DIR = "shapes-sd", "shapes-classifier"
 
 
@@ -73,9 +74,32 @@ def _stage_vae(config: dict, work: Path, log: MetricsLog) -> None:
     log({"stage": "vae", "done": True, **metrics})
 
 
-def _write_component(work: Path, name: str, component_config, params, metrics: dict) -> None:
-    """A trained component's folder with its metrics, renamed into place only once complete."""
-    save_component(work / f"{name}.tmp", name, component_config, params)
+def _stage_vae_decoder(config: dict, work: Path, log: MetricsLog) -> None:
+    cfg = config["vae_decoder"]
+    vae, params = load_component(work / "vae", "vae")
+    evaluator = load_classifier(work / EVALUATOR_DIR)
+    images, _, labels, styles = shapes.batch(cfg["eval_seed"], 0, cfg["eval_images"], config["image_size"],
+                                             layout=cfg["eval_layout"])
+    before = pretrain.round_trip_accuracy(vae, params, evaluator, images, labels, styles)
+    log({"stage": "vae_decoder", "round_trip_before": before})
+    checkpoint = _loop_checkpoint(config, work, "vae_decoder")
+    params, metrics = pretrain.train_decoder(cfg, vae, params, config["image_size"], config["seed"] + 40, log, checkpoint)
+    after = pretrain.round_trip_accuracy(vae, params, evaluator, images, labels, styles)
+    metrics.update(round_trip_before=before, round_trip_after=after)
+    _write_component(work, "vae_decoder", vae.config, params, metrics, kind="vae")
+    checkpoint.remove()
+    log({"stage": "vae_decoder", "done": True, **metrics})
+
+
+def _shipped_vae(config: dict) -> str:
+    """The stage whose VAE the model ships: the tuned decoder's when the recipe runs that stage."""
+    return "vae_decoder" if "vae_decoder" in config["stages"] else "vae"
+
+
+def _write_component(work: Path, name: str, component_config, params, metrics: dict, kind: str = "") -> None:
+    """A trained component's folder (``kind``: vae, text_encoder...; default ``name``) with its metrics,
+    renamed into place only once complete."""
+    save_component(work / f"{name}.tmp", kind or name, component_config, params)
     write_json(work / f"{name}.tmp" / "metrics.json", metrics)
     (work / f"{name}.tmp").rename(work / name)
 
@@ -90,7 +114,8 @@ def _stage_text_encoder(config: dict, work: Path, log: MetricsLog) -> None:
 
 def _stage_diffusion(config: dict, work: Path, log: MetricsLog) -> None:
     cfg = config["diffusion"]
-    vae, vae_params = load_component(work / "vae", "vae")
+    # Both VAEs encode alike (vae_decoder keeps the encoder): the latents, and so the UNet, do not depend on which.
+    vae, vae_params = load_component(work / _shipped_vae(config), "vae")
     tokenizer = load_tokenizer(work / "tokenizer")
     started = time.perf_counter()
     indices = (shapes.indices_for_class_weights(cfg["data_seed"], cfg["train_images"], cfg["class_weights"])
@@ -121,7 +146,8 @@ def _stage_diffusion(config: dict, work: Path, log: MetricsLog) -> None:
     tmp = work / f"{MODEL_DIR}.tmp"
     save_pipeline(sd, tmp, dtype=np.float16)
     write_json(tmp / "training_metrics.json", {"diffusion": metrics, **{
-        part: json.loads((work / part / "metrics.json").read_text()) for part in ("vae", "text_encoder")}})
+        part: json.loads((work / part / "metrics.json").read_text())
+        for part in ("vae", _shipped_vae(config), "text_encoder")}})
     tmp.rename(work / MODEL_DIR)
     checkpoint.remove()
     log({"stage": "diffusion", "done": True, **metrics})
@@ -141,6 +167,7 @@ def _stage_quality(config: dict, work: Path, log: MetricsLog) -> None:
 
 
 STAGE_FUNCTIONS = {"tokenizer": _stage_tokenizer, "evaluator": _stage_evaluator, "vae": _stage_vae,
+                   "vae_decoder": _stage_vae_decoder,
                    "text_encoder": _stage_text_encoder, "diffusion": _stage_diffusion, "quality": _stage_quality}
 # The config keys each stage's output depends on (its own and its inputs'): a finished stage is
 # reused on a rerun only if these are unchanged.
@@ -149,15 +176,20 @@ STAGE_INPUTS = {
     "tokenizer": ("tokenizer",),
     "evaluator": _DATA + ("evaluator",),
     "vae": _DATA + ("vae",),
+    "vae_decoder": _DATA + ("evaluator", "vae", "vae_decoder"),
     "text_encoder": ("seed", "tokenizer", "text_encoder"),
     "diffusion": _DATA + ("tokenizer", "vae", "text_encoder", "unet", "diffusion"),
     "quality": _DATA + ("tokenizer", "evaluator", "vae", "text_encoder", "unet", "diffusion", "quality"),
 }
-STAGE_OUTPUTS = {"tokenizer": "tokenizer", "evaluator": EVALUATOR_DIR, "vae": "vae", "text_encoder": "text_encoder",
+STAGE_OUTPUTS = {"tokenizer": "tokenizer", "evaluator": EVALUATOR_DIR, "vae": "vae", "vae_decoder": "vae_decoder",
+                 "text_encoder": "text_encoder",
                  "diffusion": MODEL_DIR,
                  "quality": "quality.json"}
 # Mid-stage state of the long training loops (removed once the stage's output is written).
-CHECKPOINTS = {"vae": "vae.loop.safetensors", "diffusion": "diffusion.loop.safetensors"}
+CHECKPOINTS = {"vae": "vae.loop.safetensors", "vae_decoder": "vae_decoder.loop.safetensors",
+               "diffusion": "diffusion.loop.safetensors"}
+# Stages whose output holds the shipped VAE: they depend on the decoder's settings only when it is tuned.
+_SHIPS_THE_VAE = ("diffusion", "quality")
 
 
 def run_recipe(config: dict) -> Path:
@@ -200,7 +232,15 @@ def run_recipe(config: dict) -> Path:
 
 def _changed_settings(stage: str, made_with: dict, config: dict) -> list[str]:
     """The config keys a stage depends on that differ between the run that made it and ``config``."""
-    return [k for k in STAGE_INPUTS[stage] if made_with.get(k) != config.get(k)]
+    made, now = _stage_settings(stage, made_with), _stage_settings(stage, config)
+    return [k for k in now if made[k] != now[k]]
+
+
+def _stage_settings(stage: str, config: dict) -> dict:
+    settings = {k: config.get(k) for k in STAGE_INPUTS[stage]}
+    if stage in _SHIPS_THE_VAE:  # None for a run without the stage, as for runs made before it existed
+        settings["vae_decoder"] = config.get("vae_decoder") if "vae_decoder" in config.get("stages", ()) else None
+    return settings
 
 
 def _reuse_source(config: dict) -> tuple[Path, dict] | None:
@@ -243,7 +283,10 @@ def publish(work: Path, assets: Path) -> None:
 def unpack_shipped(work: str | Path, assets: Path | None = None) -> Path:
     """Lay the shipped model out as a finished recipe run in ``work`` (tokenizer, evaluator, VAE, text
     encoder, model, record), so that the next phase can ``reuse_from`` it and train on from its UNet on
-    a checkout that lacks the local run which made it. Its weights are the shipped fp16 ones."""
+    a checkout that lacks the local run which made it. Its weights are the shipped fp16 ones. A model made
+    with the ``vae_decoder`` stage ships one VAE, laid out as both stages' output: its encoder is the
+    ``vae`` stage's, its decoder the tuned one (so a phase that changes ``vae_decoder``'s settings tunes on
+    from the tuned decoder)."""
     from . import ASSETS
 
     assets, work = Path(assets or ASSETS), Path(work)
@@ -255,8 +298,10 @@ def unpack_shipped(work: str | Path, assets: Path | None = None) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(model, tmp / MODEL_DIR)
     shutil.copytree(assets / EVALUATOR_DIR, tmp / EVALUATOR_DIR)
-    for part in ("tokenizer", "vae", "text_encoder"):
-        shutil.copytree(model / part, tmp / part)
+    for part in ("tokenizer", "vae", "vae_decoder", "text_encoder"):
+        if part == "vae_decoder" and part not in metrics:
+            continue  # a model made without that stage
+        shutil.copytree(model / ("vae" if part == "vae_decoder" else part), tmp / part)
         if part != "tokenizer":
             write_json(tmp / part / "metrics.json", metrics[part])
     for name in RECORD_FILES:
