@@ -87,8 +87,9 @@ def get_config(preset: str = "default") -> dict:
         index = names.index(preset)
         previous_run = phase_1_run if index == 0 else f"{phase_1_run}-{names[index - 1]}"
         config.update(_train_on_from(config, previous_run, f"{phase_1_run}-{preset}", **_PHASES[preset]))
-        if index >= names.index(_DECODER_FROM):
-            config["stages"] = ["tokenizer", "evaluator", "vae", "vae_decoder", "text_encoder", "diffusion", "quality"]
+        if index >= names.index(_DECODER_FROM):  # the decoder is tuned right after the VAE that it belongs to
+            stages = config["stages"]
+            config["stages"] = [*stages[:stages.index("vae") + 1], "vae_decoder", *stages[stages.index("vae") + 1:]]
     elif preset != "default":
         raise ValueError(f"unknown preset {preset!r} ({', '.join(['default', 'tiny', *_PHASES])})")
     return config

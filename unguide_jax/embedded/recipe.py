@@ -298,10 +298,12 @@ def unpack_shipped(work: str | Path, assets: Path | None = None) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(model, tmp / MODEL_DIR)
     shutil.copytree(assets / EVALUATOR_DIR, tmp / EVALUATOR_DIR)
-    for part in ("tokenizer", "vae", "vae_decoder", "text_encoder"):
-        if part == "vae_decoder" and part not in metrics:
-            continue  # a model made without that stage
-        shutil.copytree(model / ("vae" if part == "vae_decoder" else part), tmp / part)
+    # stage output -> the model's folder it comes from; the tuned VAE also stands for the vae stage's
+    sources = {"tokenizer": "tokenizer", "vae": "vae", "text_encoder": "text_encoder"}
+    if "vae_decoder" in metrics:  # a model made with that stage
+        sources["vae_decoder"] = "vae"
+    for part, source in sources.items():
+        shutil.copytree(model / source, tmp / part)
         if part != "tokenizer":
             write_json(tmp / part / "metrics.json", metrics[part])
     for name in RECORD_FILES:
