@@ -123,7 +123,7 @@ def test_quality_gate_counts_what_each_prompt_drew(embedded, evaluator):
 @contextlib.contextmanager
 def xla_optimisations_on():
     """The suite compiles with most XLA optimisations off (conftest.py), because compiling dominates its
-    tiny models. Sampling 160 images for 50 steps is the opposite case: 23 s optimised against 61 s."""
+    tiny models. Sampling hundreds of images for 50 steps is the opposite case (160 images: 23 s optimised, 61 s not)."""
     previous = jax.config.read("jax_disable_most_optimizations")
     jax.config.update("jax_disable_most_optimizations", False)
     try:
@@ -132,23 +132,38 @@ def xla_optimisations_on():
         jax.config.update("jax_disable_most_optimizations", previous)
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped model misses its quality gate (82.5 % class accuracy, issue 3 "
-                   "open): this test must start passing, and then lose this mark, when a better model ships")
-def test_embedded_model_draws_the_prompted_class(embedded, evaluator):
-    """A small live version of the quality gate: 16 images of each of the 10 class prompts, CFG 7.5, 50 steps.
-    The bar sits 2.5 points under the gate's 90 %, because 160 images estimate the rate less surely than the
-    gate's 320. From the gate's per-class rates, a model like the shipped one would clear it about 4 % of the
-    time; one at 90 % on every class, 88 % of the time (binomial draws per class)."""
+def test_shipped_model_draws_what_its_gate_record_says(embedded, evaluator):
+    """The gate's class prompts sampled again exactly as the gate sampled them (its seeds, CFG, steps and image
+    count, 320 images): per prompt, the evaluator's counts match the shipped record within one image moved. So
+    the recorded gate figures are the shipped model's own, and the gate test below can read them."""
     from unguide_jax.embedded.quality import gate_prompts
 
-    per_prompt = 16
+    record = json.loads((RECIPE_RECORD / "quality.json").read_text())
+    settings = record["settings"]
+    n = settings["images_per_prompt"]
     class_prompts = [item for item in gate_prompts() if item["kind"] == "class"]
-    prompts = [item["prompt"] for item in class_prompts for _ in range(per_prompt)]
+    recorded = {r["prompt"]: r["predicted_class_counts"] for r in record["per_prompt"] if r["kind"] == "class"}
+    prompts = [item["prompt"] for item in class_prompts for _ in range(n)]
+    seeds = [settings["seed"] + j for _ in class_prompts for j in range(n)]
     with xla_optimisations_on():
-        images = embedded.generate(prompts, list(range(len(prompts))), guidance_scale=7.5, num_steps=50).images
+        images = embedded.generate(prompts, seeds, guidance_scale=settings["guidance_scale"],
+                                   num_steps=settings["num_steps"], eta=settings["eta"]).images
     predicted, _ = evaluator.predict(images)
-    expected = np.repeat([item["label"] for item in class_prompts], per_prompt)
-    assert len(class_prompts) == len(shapes.CLASSES) and (predicted == expected).mean() >= 0.875
+    for k, item in enumerate(class_prompts):
+        counts = np.bincount(predicted[k * n:(k + 1) * n], minlength=len(shapes.CLASSES))
+        moved = np.abs(counts - np.asarray(recorded[item["prompt"]])).sum() // 2
+        assert moved <= 1, (item["prompt"], counts.tolist(), recorded[item["prompt"]])
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped model misses its quality gate (82.5 % class accuracy, issue 3 "
+                   "open): this test must start passing, and then lose this mark, when a better model ships")
+def test_shipped_model_passes_its_quality_gate():
+    """Issue 3's gate, read from the shipped record (which the test above ties to the shipped weights):
+    >= 90 % over the class prompts and >= 80 % over the synonym prompts, 32 images each, CFG 7.5, 50 DDIM steps.
+    (The live test it replaces drew 16 images per class against an 87.5 % bar; a model at the phase-10 rates
+    would have cleared that half of the time while 2.8 points under the gate.)"""
+    record = json.loads((RECIPE_RECORD / "quality.json").read_text())  # its settings: test_recipe_record_ships_with_the_model
+    assert record["class_prompt_accuracy"] >= 0.90 and record["synonym_prompt_accuracy"] >= 0.80
 
 
 # --- the recipe's training stages, on tiny configs --------------------------------------------------
