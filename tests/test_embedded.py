@@ -159,8 +159,6 @@ def test_shipped_model_draws_what_its_gate_record_says(embedded, evaluator, gate
         assert moved <= 1, (item["prompt"], counts.tolist(), recorded[item["prompt"]])
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped model misses its quality gate (89.4 % class accuracy, issue 3 "
-                   "open): this test must start passing, and then lose this mark, when a better model ships")
 def test_shipped_model_passes_its_quality_gate(gate_record):
     """Issue 3's gate, read from the shipped record (which the test above ties to the shipped weights):
     >= 90 % over the class prompts and >= 80 % over the synonym prompts, 32 images each, CFG 7.5, 50 DDIM steps.
