@@ -90,6 +90,12 @@ def test_evaluator_accuracy_on_fresh_procedural_images(evaluator):
     assert metrics["style_accuracy"] >= 0.98, metrics
 
 
+def test_evaluator_metrics_on_a_small_draw_name_only_the_classes_it_holds(evaluator):
+    metrics = evaluate_on_fresh_images(evaluator, FRESH_SEED, 4)  # fewer images than classes
+    assert 1 <= len(metrics["per_class_accuracy"]) <= 4, metrics
+    json.dumps(metrics, allow_nan=False)  # what save_classifier writes must stay valid JSON
+
+
 def test_evaluator_folder_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_classifier(tmp_path)

@@ -198,6 +198,8 @@ def train_classifier(config: ClassifierConfig, *, steps: int, batch_size: int, l
 def evaluate_on_fresh_images(classifier: Classifier, seed: int, count: int) -> dict:
     images, _, labels, styles = shapes.batch(seed, 0, count, classifier.config.image_size)
     pred_class, pred_style = classifier.predict(images)
-    per_class = {name: float((pred_class[labels == i] == i).mean()) for i, name in enumerate(classifier.config.classes)}
+    # A class absent from a small draw has no accuracy (a NaN would also make metrics.json invalid JSON).
+    per_class = {name: float((pred_class[labels == i] == i).mean())
+                 for i, name in enumerate(classifier.config.classes) if (labels == i).any()}
     return {"class_accuracy": float((pred_class == labels).mean()), "style_accuracy": float((pred_style == styles).mean()),
             "per_class_accuracy": per_class, "eval_images": count}
