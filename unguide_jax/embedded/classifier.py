@@ -195,11 +195,15 @@ def train_classifier(config: ClassifierConfig, *, steps: int, batch_size: int, l
     return params, metrics
 
 
+def accuracy_by_group(correct: np.ndarray, groups: np.ndarray, names) -> dict[str, float]:
+    """The share of ``correct`` within each group (index into ``names``) that the draw holds. A group absent
+    from a small draw has no accuracy, and is left out: a NaN would also make a metrics file invalid JSON."""
+    return {name: float(correct[groups == g].mean()) for g, name in enumerate(names) if (groups == g).any()}
+
+
 def evaluate_on_fresh_images(classifier: Classifier, seed: int, count: int) -> dict:
     images, _, labels, styles = shapes.batch(seed, 0, count, classifier.config.image_size)
     pred_class, pred_style = classifier.predict(images)
-    # A class absent from a small draw has no accuracy (a NaN would also make metrics.json invalid JSON).
-    per_class = {name: float((pred_class[labels == i] == i).mean())
-                 for i, name in enumerate(classifier.config.classes) if (labels == i).any()}
-    return {"class_accuracy": float((pred_class == labels).mean()), "style_accuracy": float((pred_style == styles).mean()),
-            "per_class_accuracy": per_class, "eval_images": count}
+    correct = pred_class == labels
+    return {"class_accuracy": float(correct.mean()), "style_accuracy": float((pred_style == styles).mean()),
+            "per_class_accuracy": accuracy_by_group(correct, labels, classifier.config.classes), "eval_images": count}

@@ -24,6 +24,7 @@ from ..models.unet import UNetConfig
 from ..models.vae import AutoencoderKL, VAEConfig, sample_posterior, scale_latents
 from ..schedulers import NoiseSchedule, SchedulerConfig, add_noise, training_target
 from ..weights import read_safetensors, write_safetensors
+from .classifier import accuracy_by_group
 
 Log = Callable[[dict], None]
 
@@ -202,8 +203,8 @@ def round_trip_accuracy(vae: AutoencoderKL, params: dict, evaluator, images: np.
     predicted, _ = evaluator.predict(np.clip((decoded + 1.0) * 127.5, 0, 255).round().astype(np.uint8))
     correct = predicted == labels
     return {"class_accuracy": float(correct.mean()),
-            "per_style": {st: float(correct[styles == j].mean()) for j, st in enumerate(shapes.STYLES) if (styles == j).any()},
-            "per_class": {c: float(correct[labels == k].mean()) for k, c in enumerate(shapes.CLASSES) if (labels == k).any()}}
+            "per_style": accuracy_by_group(correct, styles, shapes.STYLES),
+            "per_class": accuracy_by_group(correct, labels, shapes.CLASSES)}
 
 
 def encode_dataset(vae: AutoencoderKL, params, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
