@@ -6,12 +6,12 @@
 
 One iteration: partial DDIM with CFG on the target using the LoRA model (no grad), two frozen-base
 UNet calls, one LoRA forward/backward, one Adam step; LoRA r=1, alpha=8 on attn2.to_k/to_v.
-JAX runs our jitted train step (``unguide_jax.unguide.train_step``); PyTorch runs the plain loop of
-``tests/torch_unguide.py`` with the same weights, adapter init, embeddings and the same (t_enc, t)
+JAX runs our jitted train step (``unguide_jax.erasers.unguide.train_step``); PyTorch runs the plain loop of
+``unguide_jax/pytorch/reference.py`` with the same weights, adapter init, embeddings and the same (t_enc, t)
 sequence as the JAX step drew (from its metrics), so both do the same amount of sampling.
 Compile time is reported apart. Text embeddings are random: their values do not change the cost.
 
-``--model embedded``: the shipped shapes model (unguide_jax.embedded.EMBEDDED_MODEL) if it exists,
+``--model embedded``: the shipped shapes model (unguide_jax.shapes.EMBEDDED_MODEL) if it exists,
 else a random UNet of the same configuration (configs/embedded.py). ``--model sd15``: the SD 1.5
 UNet configuration with random weights.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # tests/torch_unguide.py is the PyTorch reference
+sys.path.insert(0, str(ROOT))  # run as a script: makes bench.bench_train importable
 
 from bench.bench_unet import SD15_UNET  # noqa: E402
 
@@ -35,7 +35,7 @@ CONTEXT_LENGTH = 77
 
 def embedded_unet_config():
     """(diffusers UNet config dict, where it came from, default latent size) for ``--model embedded``."""
-    from unguide_jax.embedded import EMBEDDED_MODEL
+    from unguide_jax.shapes import EMBEDDED_MODEL
 
     config_file = EMBEDDED_MODEL / "unet" / "config.json"
     if config_file.is_file():
@@ -43,8 +43,8 @@ def embedded_unet_config():
         return raw, f"shipped weights ({EMBEDDED_MODEL})", raw["sample_size"]
     import importlib.util
 
-    from unguide_jax.embedded import pretrain
-    from unguide_jax.loading import component_config_dict
+    from unguide_jax.loading.diffusers_folder import component_config_dict
+    from unguide_jax.shapes import pretrain
 
     spec = importlib.util.spec_from_file_location("embedded_recipe_config", ROOT / "configs" / "embedded.py")
     recipe_config = importlib.util.module_from_spec(spec)
@@ -66,7 +66,7 @@ def build_torch_unet(model: str):
     if model == "sd15":
         return UNet2DConditionModel(**SD15_UNET).eval(), "SD 1.5 UNet, random weights", 32
     raw, source, latent_size = embedded_unet_config()
-    from unguide_jax.embedded import EMBEDDED_MODEL
+    from unguide_jax.shapes import EMBEDDED_MODEL
 
     if source.startswith("shipped"):
         unet = UNet2DConditionModel.from_pretrained(EMBEDDED_MODEL / "unet", torch_dtype=torch.float32)
@@ -118,13 +118,20 @@ def main() -> None:
     import jax.numpy as jnp
     import torch
 
-    from tests import torch_unguide as tu
-    from unguide_jax.loading import build_module, params_from_state_dict
-    from unguide_jax.lora import LoraConfig
+    from unguide_jax.diffusion.schedulers import SchedulerConfig
+    from unguide_jax.edits.lora import LoraConfig
+    from unguide_jax.erasers.unguide.objective import ConceptEmbeddings, ObjectiveConfig
+    from unguide_jax.erasers.unguide.train_step import (
+        init_train_state,
+        make_optimizer,
+        make_train_step,
+    )
+    from unguide_jax.loading.diffusers_folder import (
+        build_module,
+        params_from_state_dict,
+    )
     from unguide_jax.models.unet import UNetConfig
-    from unguide_jax.schedulers import SchedulerConfig
-    from unguide_jax.unguide.objective import ConceptEmbeddings, ObjectiveConfig
-    from unguide_jax.unguide.train_step import init_train_state, make_optimizer, make_train_step
+    from unguide_jax.pytorch import reference as tu
 
     jax.config.update("jax_default_matmul_precision", "highest" if args.dtype == "float32" else "default")
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -49,12 +49,16 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
     import torch
-    from diffusers import DDIMScheduler, UNet2DConditionModel as TorchUNet
+    from diffusers import DDIMScheduler
+    from diffusers import UNet2DConditionModel as TorchUNet
 
-    from unguide_jax.loading import build_module, params_from_state_dict
+    from unguide_jax.diffusion.sampler import sample_latents
+    from unguide_jax.diffusion.schedulers import SchedulerConfig
+    from unguide_jax.loading.diffusers_folder import (
+        build_module,
+        params_from_state_dict,
+    )
     from unguide_jax.models.unet import UNetConfig
-    from unguide_jax.sampling import sample_latents
-    from unguide_jax.schedulers import SchedulerConfig
 
     jax.config.update("jax_default_matmul_precision", "highest" if args.dtype == "float32" else "default")
     torch.backends.cuda.matmul.allow_tf32 = False

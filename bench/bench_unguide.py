@@ -12,7 +12,7 @@ What one image costs (spec unguide.md §4), probe included:
 - UnGuide, PyTorch reference: the procedure as the authors' code runs it, one prompt at a time:
   the probe's R draws of one prompt as one batch through the base model's CFG steps and both models,
   then the prompt's images with two separate CFG calls per step (adapters off, adapters on), from
-  ``tests/torch_unguide.py``; the same weights and adapter.
+  ``unguide_jax/pytorch/reference.py``; the same weights and adapter.
 Two settings: object erasure (the probe once per prompt, R = 30, amortised over N images per
 prompt) and explicit content (R = 10 per prompt, one image per prompt, as for I2P). Each component
 is timed on its own (a batch of images, a chunk of probed prompts) after a warm-up call; per-image
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # tests/torch_unguide.py is the PyTorch reference
+sys.path.insert(0, str(ROOT))  # run as a script: makes bench.bench_train importable
 
 from bench.bench_train import CONTEXT_LENGTH, Clock, build_torch_unet  # noqa: E402
 
@@ -66,14 +66,21 @@ def main() -> None:
     import jax.numpy as jnp
     import torch
 
-    from tests import torch_unguide as tu
-    from unguide_jax.edits import lora_edit
-    from unguide_jax.loading import build_module, params_from_state_dict
-    from unguide_jax.lora import LoraConfig, init_lora
+    from unguide_jax.diffusion.sampler import sample_latents
+    from unguide_jax.diffusion.schedulers import SchedulerConfig
+    from unguide_jax.edits.edit import lora_edit
+    from unguide_jax.edits.lora import LoraConfig, init_lora
+    from unguide_jax.erasers.unguide.probe import (
+        ProbeConfig,
+        probe_distances,
+        probe_draws,
+    )
+    from unguide_jax.loading.diffusers_folder import (
+        build_module,
+        params_from_state_dict,
+    )
     from unguide_jax.models.unet import UNetConfig
-    from unguide_jax.sampling import sample_latents
-    from unguide_jax.schedulers import SchedulerConfig
-    from unguide_jax.unguide.probe import ProbeConfig, probe_distances, probe_draws
+    from unguide_jax.pytorch import reference as tu
 
     jax.config.update("jax_default_matmul_precision", "highest")
     if args.torch_threads:

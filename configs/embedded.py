@@ -2,8 +2,8 @@
 third, fourth, fifth, sixth, seventh, eighth, ninth, tenth, eleventh, twelfth (phases 2-12, each on from the one
 before), tiny (tests).
 
-python -m unguide_jax.embedded.recipe --config configs/embedded.py
-python -m unguide_jax.embedded.recipe --config configs/embedded.py:tiny --config.work_dir=/tmp/recipe
+python -m unguide_jax.shapes.recipe --config configs/embedded.py
+python -m unguide_jax.shapes.recipe --config configs/embedded.py:tiny --config.work_dir=/tmp/recipe
 """
 
 

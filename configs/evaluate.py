@@ -40,7 +40,7 @@ def get_config(preset: str = "default") -> dict:
         out_dir="runs/evaluate-shapes-arrow",
     )
     if preset == "all-classes":
-        from unguide_jax.data.shapes import CLASSES
+        from unguide_jax.shapes.data import CLASSES
 
         config.update(erasures=[dict(concept=f"shapes-{c}", edits=dict(unguide=[f"runs/unguide-shapes-{c}"]))
                                 for c in CLASSES], out_dir="runs/evaluate-all-classes")

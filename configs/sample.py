@@ -43,7 +43,7 @@ def get_config(preset: str = "default") -> dict:
         out_dir="runs/sample",
     )
     if preset == "embedded":
-        from unguide_jax.data.shapes import CLASSES
+        from unguide_jax.shapes.data import CLASSES
 
         config.update(model="embedded", prompts=[f"a photo of the {c}" for c in CLASSES], images_per_prompt=4,
                       batch_size=40, evaluator="embedded", grid_cols=4, out_dir="runs/embedded-samples")

@@ -10,12 +10,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from unguide_jax.adapter_file import load_adapter, read_adapter_metadata, save_adapter
-from unguide_jax.checkpoints import RECORD_FILE, CheckpointError, RunCheckpoints, abstract_like
-from unguide_jax.lora import LoraConfig
-from unguide_jax.train_job import MetricsLog, NonFiniteLoss, train_loop
+from unguide_jax.training.loop import MetricsLog, NonFiniteLoss, train_loop
+from unguide_jax.edits.files import load_adapter, read_adapter_metadata, save_adapter
+from unguide_jax.edits.lora import LoraConfig
+from unguide_jax.training.checkpoints import (
+    RECORD_FILE,
+    CheckpointError,
+    RunCheckpoints,
+    abstract_like,
+)
 
 
 @flax.struct.dataclass
@@ -221,7 +227,7 @@ RESHARD_SCRIPT = """
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tests.test_checkpoints import advance, assert_states_equal, toy_state
-from unguide_jax.checkpoints import RunCheckpoints
+from unguide_jax.training.checkpoints import RunCheckpoints
 devices = np.asarray(jax.devices())
 assert devices.size == 4
 def placed(tree, mesh, spec):

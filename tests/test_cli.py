@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 import sample
-from unguide_jax.config import ConfigKeyError, apply_overrides, parse_cli
-from unguide_jax.prompts import read_csv_requests
+from unguide_jax.cli.config import ConfigKeyError, apply_overrides, parse_cli
+from unguide_jax.diffusion.prompts import read_csv_requests
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -3,10 +3,16 @@ import json
 
 import pytest
 
-from unguide_jax.data.shapes import CLASSES, STYLES, SYNONYMS
-from unguide_jax.unguide.concepts import (
-    Concept, concepts_dir, list_concepts, load_concept, render_concept, shape_anchor, shapes_concepts,
+from unguide_jax.erasers.concepts import (
+    Concept,
+    concepts_dir,
+    list_concepts,
+    load_concept,
+    render_concept,
+    shape_anchor,
+    shapes_concepts,
 )
+from unguide_jax.shapes.data import CLASSES, STYLES, SYNONYMS
 
 CIFAR10_ANCHORS = dict(airplane="street", automobile="sea", bird="ground", cat="forest", deer="sea", dog="forest",
                        frog="sky", horse="forest", ship="sky", truck="sky")
@@ -36,12 +42,12 @@ def test_nudity_concept():
 
 
 def test_shapes_files_are_up_to_date():
-    """Regenerate with: python -m unguide_jax.unguide.concepts --write-shapes"""
+    """Regenerate with: python -m unguide_jax.erasers.concepts --write-shapes"""
     for concept in shapes_concepts():
         path = concepts_dir() / f"{concept.name}.json"
-        assert path.exists(), f"{path} is missing: run python -m unguide_jax.unguide.concepts --write-shapes"
+        assert path.exists(), f"{path} is missing: run python -m unguide_jax.erasers.concepts --write-shapes"
         assert path.read_text() == render_concept(concept), (
-            f"{path} is stale: run python -m unguide_jax.unguide.concepts --write-shapes")
+            f"{path} is stale: run python -m unguide_jax.erasers.concepts --write-shapes")
 
 
 def test_shapes_concepts_follow_the_data_set():

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from tests import tiny_models
-from unguide_jax import edits
-from unguide_jax.lora import LoraConfig, init_lora, merge
+from unguide_jax.edits import edit as edit_lib
+from unguide_jax.edits.lora import LoraConfig, init_lora, merge
 
 CONTEXT_DIM, CONTEXT_LEN = 16, 5
 
@@ -27,20 +27,20 @@ def tiny():
 
     z = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32)
     context = jnp.asarray(rng.standard_normal((2, CONTEXT_LEN, CONTEXT_DIM)), jnp.float32)
-    forward = jax.jit(lambda p, e, s, zz, cc: edits.apply_unet(unet, p, e, zz, jnp.array([500, 500]), cc, s))
+    forward = jax.jit(lambda p, e, s, zz, cc: edit_lib.apply_unet(unet, p, e, zz, jnp.array([500, 500]), cc, s))
     return dict(unet=unet, params=params, z=z, context=context, forward=forward,
                 object_lora=random_adapter("object", 1), explicit_lora=random_adapter("explicit", 2))
 
 
 def _memory(m, scope="mid", seed=0):
     rng = np.random.default_rng(seed)
-    return edits.PromptMemory(keys=jnp.asarray(rng.standard_normal((m, CONTEXT_DIM)), jnp.float32),
+    return edit_lib.PromptMemory(keys=jnp.asarray(rng.standard_normal((m, CONTEXT_DIM)), jnp.float32),
                               values=jnp.asarray(rng.standard_normal((m, CONTEXT_DIM)), jnp.float32), scope=scope)
 
 
 def test_per_row_strength_interpolates_between_base_and_merged(tiny):
     p, f, z, c = tiny["params"], tiny["forward"], tiny["z"], tiny["context"]
-    edit = edits.combine([edits.lora_edit(tiny["object_lora"], 4.0), edits.lora_edit(tiny["explicit_lora"], 2.0)])
+    edit = edit_lib.combine([edit_lib.lora_edit(tiny["object_lora"], 4.0), edit_lib.lora_edit(tiny["explicit_lora"], 2.0)])
     base = f(p, None, None, z, c)
     merged = f(merge(p, [(tiny["object_lora"], 4.0), (tiny["explicit_lora"], 2.0)]), None, None, z, c)
     assert float(jnp.abs(merged - base).max()) > 1e-2  # the edit matters
@@ -54,7 +54,7 @@ def test_per_row_strength_interpolates_between_base_and_merged(tiny):
 
 def test_memory_with_no_tokens_is_plain_attention(tiny):
     p, f, z, c = tiny["params"], tiny["forward"], tiny["z"], tiny["context"]
-    edit = edits.Edit(memory=_memory(0, scope="inmidout"))
+    edit = edit_lib.Edit(memory=_memory(0, scope="inmidout"))
     np.testing.assert_allclose(f(p, edit, None, z, c), f(p, None, None, z, c), atol=1e-6)
 
 
@@ -72,9 +72,9 @@ def test_memory_tokens_extend_keys_and_values_in_scope_only(tiny):
         return out
 
     with nn.intercept_methods(record):
-        edits.apply_unet(tiny["unet"], p, edits.Edit(memory=memory), z, 500, c)
+        edit_lib.apply_unet(tiny["unet"], p, edit_lib.Edit(memory=memory), z, 500, c)
     mid = "mid_block.attentions.0.transformer_blocks.0.attn2"
-    assert edits.memory_layers(p, "mid") == [mid]
+    assert edit_lib.memory_layers(p, "mid") == [mid]
     for name, tokens in (("to_k", memory.keys), ("to_v", memory.values)):
         kernel = p["mid_block.attentions.0"]["transformer_blocks.0"]["attn2"][name]["kernel"]
         out = seen[f"{mid}.{name}"]
@@ -90,13 +90,13 @@ def test_memory_duplicating_the_text_tokens_changes_nothing(tiny):
     the extra tokens take part in the softmax over 77 + m keys, unmasked."""
     p, f, z = tiny["params"], tiny["forward"], tiny["z"]
     c = jnp.broadcast_to(tiny["context"][:1], tiny["context"].shape)
-    memory = edits.PromptMemory(keys=c[0], values=c[0], scope="inmidout")
-    np.testing.assert_allclose(f(p, edits.Edit(memory=memory), None, z, c), f(p, None, None, z, c), atol=1e-5)
+    memory = edit_lib.PromptMemory(keys=c[0], values=c[0], scope="inmidout")
+    np.testing.assert_allclose(f(p, edit_lib.Edit(memory=memory), None, z, c), f(p, None, None, z, c), atol=1e-5)
 
 
 def test_memory_rows_are_masked_where_the_strength_is_zero(tiny):
     p, f, z, c = tiny["params"], tiny["forward"], tiny["z"], tiny["context"]
-    edit = edits.combine([edits.Edit(memory=_memory(4, scope="midout")), edits.lora_edit(tiny["object_lora"], 4.0)])
+    edit = edit_lib.combine([edit_lib.Edit(memory=_memory(4, scope="midout")), edit_lib.lora_edit(tiny["object_lora"], 4.0)])
     on, off = f(p, edit, None, z, c), f(p, None, None, z, c)
     assert float(jnp.abs(on - off).max()) > 1e-2
     rows = f(p, edit, jnp.array([1.0, 0.0]), z, c)
@@ -109,27 +109,27 @@ def test_weight_deltas_merge_and_refuse_per_row_strength(tiny):
     path = "mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0"
     kernel = p["mid_block.attentions.0"]["transformer_blocks.0"]["attn2"]["to_out.0"]["kernel"]
     delta = {path: {"kernel": 0.1 * jnp.ones_like(kernel)}}
-    edit = edits.Edit(deltas=delta)
+    edit = edit_lib.Edit(deltas=delta)
     merged = jax.tree_util.tree_map_with_path(
         lambda kp, x: x + 0.1 if "/".join(str(k.key) for k in kp).endswith("attn2/to_out.0/kernel")
         and "mid_block" in str(kp[0].key) else x, p)
     np.testing.assert_allclose(f(p, edit, None, z, c), f(merged, None, None, z, c), atol=1e-5)
     assert not edit.supports_rows
     with pytest.raises(ValueError, match="cannot be scaled per row"):
-        edits.apply_unet(tiny["unet"], p, edit, z, 500, c, strength=jnp.ones(2))
+        edit_lib.apply_unet(tiny["unet"], p, edit, z, 500, c, strength=jnp.ones(2))
 
 
 def test_edits_that_do_not_fit_are_named(tiny):
     p = tiny["params"]
     path = "mid_block.attentions.0.transformer_blocks.0.attn2.to_k"
     with pytest.raises(ValueError, match="no_such_block"):
-        edits.check_edit_fits(p, edits.Edit(deltas={"no_such_block.to_k": {"kernel": jnp.zeros((1, 1))}}))
+        edit_lib.check_edit_fits(p, edit_lib.Edit(deltas={"no_such_block.to_k": {"kernel": jnp.zeros((1, 1))}}))
     with pytest.raises(ValueError, match=rf"delta {path}.kernel has shape \(3, 3\)"):
-        edits.check_edit_fits(p, edits.Edit(deltas={path: {"kernel": jnp.zeros((3, 3))}}))
-    bad_memory = edits.PromptMemory(keys=jnp.zeros((2, 7)), values=jnp.zeros((2, 7)), scope="mid")
+        edit_lib.check_edit_fits(p, edit_lib.Edit(deltas={path: {"kernel": jnp.zeros((3, 3))}}))
+    bad_memory = edit_lib.PromptMemory(keys=jnp.zeros((2, 7)), values=jnp.zeros((2, 7)), scope="mid")
     with pytest.raises(ValueError, match=r"memory keys have shape \(2, 7\), expected \(m, 16\)"):
-        edits.check_edit_fits(p, edits.Edit(memory=bad_memory))
+        edit_lib.check_edit_fits(p, edit_lib.Edit(memory=bad_memory))
     with pytest.raises(ValueError, match="unknown memory scope 'out'"):
-        edits.memory_layers(p, "out")
+        edit_lib.memory_layers(p, "out")
     with pytest.raises(ValueError, match="at most one learnable-prompt memory"):
-        edits.combine([edits.Edit(memory=_memory(1)), edits.Edit(memory=_memory(1))])
+        edit_lib.combine([edit_lib.Edit(memory=_memory(1)), edit_lib.Edit(memory=_memory(1))])

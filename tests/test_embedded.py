@@ -10,16 +10,27 @@ import numpy as np
 import pytest
 import torch
 
-from unguide_jax.data import shapes
-from unguide_jax.embedded import EMBEDDED_MODEL, EVALUATOR, RECIPE_RECORD, load_embedded_model, load_evaluator
-from unguide_jax.embedded import pretrain
-from unguide_jax.embedded.classifier import evaluate_on_fresh_images, load_classifier
-from unguide_jax.embedded.recipe import STAGES
-from unguide_jax.loading import build_module, load_component, load_tokenizer, save_component
+from unguide_jax.diffusion.schedulers import SchedulerConfig
+from unguide_jax.loading.diffusers_folder import (
+    build_module,
+    load_component,
+    load_tokenizer,
+    save_component,
+)
+from unguide_jax.loading.random_model import MERGES
+from unguide_jax.loading.tokenizer import write_clip_tokenizer
 from unguide_jax.models.vae import AutoencoderKL
-from unguide_jax.schedulers import SchedulerConfig
-from unguide_jax.smoke import MERGES
-from unguide_jax.tokenizer import write_clip_tokenizer
+from unguide_jax.shapes import (
+    EMBEDDED_MODEL,
+    EVALUATOR,
+    RECIPE_RECORD,
+    load_embedded_model,
+    load_evaluator,
+    pretrain,
+)
+from unguide_jax.shapes import data as shapes
+from unguide_jax.shapes.classifier import evaluate_on_fresh_images, load_classifier
+from unguide_jax.shapes.recipe import STAGES
 
 # Only the BPE file inside the wheel is read: importing open_clip would need torchvision, which we do not install.
 needs_open_clip_wheel = pytest.mark.skipif(importlib.util.find_spec("open_clip") is None,
@@ -63,7 +74,7 @@ def test_shipped_tokenizer_is_the_real_clip_tokenizer(embedded):
 
 @needs_open_clip_wheel
 def test_clip_tokenizer_built_offline_from_open_clip(tmp_path, embedded):
-    from unguide_jax.tokenizer import open_clip_merges
+    from unguide_jax.loading.tokenizer import open_clip_merges
 
     tokenizer = load_tokenizer(write_clip_tokenizer(tmp_path, open_clip_merges()))
     captions = ["a photo of the striped intersection mark", "An image of a DOTTED half-moon!", ""]
@@ -113,7 +124,11 @@ def test_recipe_record_ships_with_the_model(gate_record):
 def test_quality_gate_counts_what_each_prompt_drew(embedded, evaluator):
     """The gate's record keeps, per prompt, how many images the evaluator put in each class; the accuracies
     and the confusion table are read from those counts. (2 steps: the images are noise, the bookkeeping is not.)"""
-    from unguide_jax.embedded.quality import format_quality_table, gate_prompts, run_quality_gate
+    from unguide_jax.shapes.quality import (
+        format_quality_table,
+        gate_prompts,
+        run_quality_gate,
+    )
 
     metrics, grid = run_quality_gate(embedded, evaluator, images_per_prompt=2, style_images_per_prompt=1, num_steps=2,
                                      guidance_scale=7.5, seed=0, batch_size=128)
@@ -147,7 +162,7 @@ def test_shipped_model_draws_what_its_gate_record_says(embedded, evaluator, gate
     """The gate's class prompts sampled again exactly as the gate sampled them (its seeds, CFG, steps and image
     count, 320 images): per prompt, the evaluator's counts match the shipped record within one image moved. So
     the recorded gate figures are the shipped model's own, and the gate test below can read them."""
-    from unguide_jax.embedded.quality import gate_prompts
+    from unguide_jax.shapes.quality import gate_prompts
 
     settings = gate_record["settings"]
     n = settings["images_per_prompt"]
@@ -269,7 +284,11 @@ def test_diffusion_stage_lowers_its_loss(tmp_path):
 def test_min_snr_weighting_is_the_same_x0_weighting_for_every_target(prediction_type):
     """Min-SNR-γ weights the x0 error by min(SNR, γ) whatever the network predicts: an ε or v error,
     weighted, must equal min(SNR, γ) times the x0 error it implies."""
-    from unguide_jax.schedulers import NoiseSchedule, add_noise, training_target
+    from unguide_jax.diffusion.schedulers import (
+        NoiseSchedule,
+        add_noise,
+        training_target,
+    )
 
     config = SchedulerConfig(prediction_type=prediction_type)
     schedule = NoiseSchedule.from_config(config)
@@ -305,8 +324,8 @@ def test_text_encoder_stage_learns_class_and_style_from_captions(tmp_path):
 
 
 def test_recipe_reuses_a_finished_stage_only_with_the_same_settings(tmp_path):
-    from unguide_jax.config import load_config_file
-    from unguide_jax.embedded.recipe import run_recipe
+    from unguide_jax.cli.config import load_config_file
+    from unguide_jax.shapes.recipe import run_recipe
 
     config = load_config_file(str(Path(__file__).resolve().parent.parent / "configs" / "embedded.py") + ":tiny")
     config.update(work_dir=str(tmp_path), stages=["vae"])
@@ -324,8 +343,8 @@ def test_recipe_reuses_a_finished_stage_only_with_the_same_settings(tmp_path):
 
 @needs_open_clip_wheel
 def test_recipe_copies_a_stage_from_another_run_only_when_made_with_the_same_settings(tmp_path):
-    from unguide_jax.config import load_config_file
-    from unguide_jax.embedded.recipe import run_recipe
+    from unguide_jax.cli.config import load_config_file
+    from unguide_jax.shapes.recipe import run_recipe
 
     config = load_config_file(str(Path(__file__).resolve().parent.parent / "configs" / "embedded.py") + ":tiny")
     source = tmp_path / "source"
@@ -346,8 +365,13 @@ def test_recipe_copies_a_stage_from_another_run_only_when_made_with_the_same_set
 
 
 def test_shipped_model_unpacks_into_a_run_that_the_next_phase_reuses(tmp_path):
-    from unguide_jax.config import load_config_file
-    from unguide_jax.embedded.recipe import EVALUATOR_DIR, MODEL_DIR, run_recipe, unpack_shipped
+    from unguide_jax.cli.config import load_config_file
+    from unguide_jax.shapes.recipe import (
+        EVALUATOR_DIR,
+        MODEL_DIR,
+        run_recipe,
+        unpack_shipped,
+    )
 
     unpacked = unpack_shipped(tmp_path / "shipped")
     _, unet_params = load_component(unpacked / MODEL_DIR / "unet", "unet")
@@ -371,8 +395,8 @@ def test_shipped_model_unpacks_into_a_run_that_the_next_phase_reuses(tmp_path):
 
 @needs_open_clip_wheel
 def test_recipe_ships_the_tuned_decoder_with_the_vae_stage_encoder(tmp_path):
-    from unguide_jax.config import load_config_file
-    from unguide_jax.embedded.recipe import MODEL_DIR, run_recipe
+    from unguide_jax.cli.config import load_config_file
+    from unguide_jax.shapes.recipe import MODEL_DIR, run_recipe
 
     config = load_config_file(str(Path(__file__).resolve().parent.parent / "configs" / "embedded.py") + ":tiny")
     stages = ["tokenizer", "evaluator", "vae", "vae_decoder", "text_encoder", "diffusion"]
@@ -388,8 +412,8 @@ def test_recipe_ships_the_tuned_decoder_with_the_vae_stage_encoder(tmp_path):
 
 
 def test_diffusion_and_gate_depend_on_the_decoder_settings_only_when_the_recipe_tunes_it():
-    from unguide_jax.config import load_config_file
-    from unguide_jax.embedded.recipe import _changed_settings
+    from unguide_jax.cli.config import load_config_file
+    from unguide_jax.shapes.recipe import _changed_settings
 
     config = load_config_file(str(Path(__file__).resolve().parent.parent / "configs" / "embedded.py") + ":tiny")
     other_decoder = dict(config, vae_decoder=dict(config["vae_decoder"], steps=7))
@@ -405,7 +429,7 @@ def test_diffusion_and_gate_depend_on_the_decoder_settings_only_when_the_recipe_
 
 
 def test_blur_augmentation_keeps_sigma_zero_images_and_mean_colour():
-    from unguide_jax.embedded.classifier import blur_matrices
+    from unguide_jax.shapes.classifier import blur_matrices
 
     ops = np.asarray(blur_matrices(jax.numpy.asarray([0.0, 1.2]), 16))
     np.testing.assert_allclose(ops[0], np.eye(16), atol=1e-6)

@@ -1,11 +1,10 @@
 """PURE and UCE: the algebra of their closed forms, and the edits they produce on a tiny model."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from unguide_jax.erasers import pure, uce
-from unguide_jax.unguide.concepts import Concept
+from unguide_jax.erasers.concepts import Concept
 
 
 def _orthonormal(rng, d, k):
@@ -100,7 +99,7 @@ def test_uce_closed_form_solves_its_least_squares_problem():
 
 @pytest.fixture(scope="module")
 def tiny_sd(tiny_pipeline_dir):
-    from unguide_jax.loading import load_pipeline
+    from unguide_jax.loading.diffusers_folder import load_pipeline
 
     folder, _ = tiny_pipeline_dir("sd1")
     return load_pipeline(folder)
@@ -121,7 +120,7 @@ def test_pure_on_values_maps_the_activation_by_its_layers_projector(tiny_sd):
     sd = tiny_sd
     z = jax.random.normal(jax.random.key(4), (2, *sd.latent_shape(None, None)))
     context = sd.encode_prompts(["a photo of the cat", "of the cat"])
-    from unguide_jax.edits import merge_weights
+    from unguide_jax.edits.edit import merge_weights
 
     _, before = pure._capture(sd.unet, sd.params["unet"], z, 400, context)
     _, after = pure._capture(sd.unet, merge_weights(sd.params["unet"], edit), z, 400, context)

@@ -11,9 +11,9 @@ from safetensors.numpy import load_file
 
 import sample
 import train
-from unguide_jax.adapter_file import load_edit_file
-from unguide_jax.edits import merge_weights
-from unguide_jax.loading import load_component
+from unguide_jax.edits.edit import merge_weights
+from unguide_jax.edits.files import load_edit_file
+from unguide_jax.loading.diffusers_folder import load_component
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,7 +47,7 @@ def test_learnable_prompts_train_resume_and_export(tiny, tmp_path):
     assert max(float(np.abs(v).max()) for leaves in deployed.deltas.values() for v in leaves.values()) > 0
 
     # sample.py can also take the run's Orbax checkpoint: the deployed edit (the delta, tokens dropped).
-    from unguide_jax.adapter_sources import load_edit
+    from unguide_jax.edits.sources import load_edit
 
     from_checkpoint, info = load_edit(straight / "checkpoints", params)
     assert info[0]["kind"] == "learnable_prompts" and info[0]["steps"] == 3 and from_checkpoint.memory is None
@@ -60,7 +60,7 @@ def test_learnable_prompts_train_resume_and_export(tiny, tmp_path):
 
     # Exports: the edited weights as a diffusers partial state dict, and the documented token file.
     partial = load_file(straight / "export" / "unet_edited.safetensors")
-    from unguide_jax.convert import flax_to_torch
+    from unguide_jax.loading.convert import flax_to_torch
 
     merged = flax_to_torch(jax.device_get(merge_weights(params, deployed)))
     assert set(partial) == {k for k in merged if ".attn2." in k} and len(partial) == 20

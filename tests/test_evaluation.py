@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from unguide_jax.evaluation import PromptSet, harmonic_overall, score
-from unguide_jax.unguide.concepts import load_concept
+from unguide_jax.erasers.concepts import load_concept
+from unguide_jax.evaluation.erasure import PromptSet, harmonic_overall, score
 
 
 def test_prompt_set_of_a_shipped_concept():
@@ -44,7 +44,7 @@ def test_harmonic_overall_is_zero_when_a_term_is():
 
 
 def test_methods_parse_and_name_their_problems():
-    from unguide_jax.evaluation import Method
+    from unguide_jax.evaluation.erasure import Method
 
     assert Method.from_config("unguide") == Method(name="unguide", edit="unguide", mode="unguide")
     assert Method.from_config({"name": "PURE", "edit": "pure", "mode": "adapter"}).edit == "pure"
@@ -57,7 +57,7 @@ def test_methods_parse_and_name_their_problems():
 
 
 def test_shipped_shapes_concepts_carry_anchors_and_paraphrases():
-    from unguide_jax.data.shapes import CLASSES, SYNONYMS, class_named_in
+    from unguide_jax.shapes.data import CLASSES, class_named_in
 
     for cls in CLASSES:
         concept = load_concept(f"shapes-{cls}")

@@ -6,7 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unguide_jax.lora import LoraConfig, check_fits, count_parameters, init_lora, merge, target_modules, unmerge
+from unguide_jax.edits.lora import (
+    LoraConfig,
+    check_fits,
+    count_parameters,
+    init_lora,
+    merge,
+    target_modules,
+    unmerge,
+)
 from unguide_jax.models.layers import abstract_params
 from unguide_jax.models.unet import UNet2DConditionModel, UNetConfig
 

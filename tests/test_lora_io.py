@@ -7,13 +7,19 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from unguide_jax.lora import LoraConfig, init_lora, merge
-from unguide_jax.lora_io import (
-    LoraFileError, export_kohya, export_merged_unet, export_peft, export_peft_adapters, import_kohya, import_lora,
+from unguide_jax.edits.lora import LoraConfig, init_lora, merge
+from unguide_jax.edits.lora_formats import (
+    LoraFileError,
+    export_kohya,
+    export_merged_unet,
+    export_peft,
+    export_peft_adapters,
+    import_kohya,
+    import_lora,
     import_peft,
 )
-from unguide_jax.loading import load_component
-from unguide_jax.weights import write_safetensors
+from unguide_jax.loading.diffusers_folder import load_component
+from unguide_jax.loading.weights import write_safetensors
 
 ATOL = 1e-4  # fp32 on CPU
 OBJECT_AND_PROJ_IN = r"(\.attn2\.to_[kv]|\.proj_in)$"  # proj_in is a 1x1 conv on SD1

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from unguide_jax.loading import load_pipeline, save_pipeline
-from unguide_jax.weights import PickledWeightsRefused
+from unguide_jax.loading.diffusers_folder import load_pipeline, save_pipeline
+from unguide_jax.loading.weights import PickledWeightsRefused
 
 PROMPTS = ["a photo of the cat", "the ph of cat"]
 

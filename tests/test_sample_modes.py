@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import sample
-from unguide_jax.adapter_file import save_adapter
-from unguide_jax.lora import LoraConfig, init_lora
-from unguide_jax.loading import load_pipeline
+from unguide_jax.edits.files import save_adapter
+from unguide_jax.edits.lora import LoraConfig, init_lora
+from unguide_jax.loading.diffusers_folder import load_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 LORA = LoraConfig(rank=1, alpha=8.0, targets="object")
@@ -26,7 +26,7 @@ def setup(tiny_pipeline_dir, tmp_path_factory):
                for p, ab in fresh.items()}
     root = tmp_path_factory.mktemp("adapters")
     save_adapter(root / "adapter.safetensors", adapter, LORA, extra={"concept": {"name": "cat"}})
-    from unguide_jax.lora_io import export_peft
+    from unguide_jax.edits.lora_formats import export_peft
 
     export_peft(root / "peft", adapter, LORA.alpha, sd.params["unet"])
     return dict(folder=folder, adapter_file=root / "adapter.safetensors", peft=root / "peft")
@@ -107,8 +107,8 @@ def test_an_adapter_of_another_model_is_refused(setup, tmp_path):
 def test_sequential_probe_is_the_paper_probe_on_fewer_draws(setup):
     """The sequential rule (ours) sees the same draws in the same order: with z = inf it is the paper's rule, with
     z = 0 it stops after one round; whatever it stops at, D(p) is the mean of the paper probe's first draws."""
-    from unguide_jax.adapter_sources import load_edit
-    from unguide_jax.unguide.probe import ProbeConfig, WProbe
+    from unguide_jax.edits.sources import load_edit
+    from unguide_jax.erasers.unguide.probe import ProbeConfig, WProbe
 
     sd = load_pipeline(setup["folder"])
     edit, _ = load_edit(setup["adapter_file"], sd.params["unet"])

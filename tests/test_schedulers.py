@@ -6,11 +6,17 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from unguide_jax.models.config_io import ConfigError
-from unguide_jax.sampling import ddim_loop
-from unguide_jax.schedulers import (
-    NoiseSchedule, SchedulerConfig, add_noise, ddim_step, ddim_timesteps, training_target, velocity,
+from unguide_jax.diffusion.sampler import ddim_loop
+from unguide_jax.diffusion.schedulers import (
+    NoiseSchedule,
+    SchedulerConfig,
+    add_noise,
+    ddim_step,
+    ddim_timesteps,
+    training_target,
+    velocity,
 )
+from unguide_jax.models.config_io import ConfigError
 
 CONFIGS = [
     dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, set_alpha_to_one=False,

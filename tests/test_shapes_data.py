@@ -2,8 +2,17 @@
 import numpy as np
 import pytest
 
-from unguide_jax.data.shapes import (CLASSES, STYLES, SYNONYMS, batch, batch_at, caption_for, indices_for_class_weights,
-                                     label_of, render)
+from unguide_jax.shapes.data import (
+    CLASSES,
+    STYLES,
+    SYNONYMS,
+    batch,
+    batch_at,
+    caption_for,
+    indices_for_class_weights,
+    label_of,
+    render,
+)
 
 
 def test_examples_depend_on_seed_and_index_only():
@@ -55,7 +64,7 @@ def test_styles_change_the_image_but_not_the_layout():
 
 
 def test_class_named_in_finds_names_and_synonyms_as_whole_words():
-    from unguide_jax.data.shapes import class_named_in
+    from unguide_jax.shapes.data import class_named_in
 
     assert class_named_in("a photo of the half moon") == CLASSES.index("crescent")
     assert class_named_in("An image of a PLUS SIGN") == CLASSES.index("cross")

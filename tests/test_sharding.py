@@ -14,9 +14,17 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
 
-from unguide_jax.unguide.sharding import FSDP, PARTITION_RULES, fsdp_spec, make_mesh, partition_spec, path_name
+from unguide_jax.training.sharding import (
+    FSDP,
+    PARTITION_RULES,
+    fsdp_spec,
+    make_mesh,
+    partition_spec,
+    path_name,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,11 +32,11 @@ _EIGHT_DEVICE_RUN = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
-    from unguide_jax.lora import LoraConfig
-    from unguide_jax.schedulers import SchedulerConfig
-    from unguide_jax.unguide import sharding
-    from unguide_jax.unguide.objective import ConceptEmbeddings, ObjectiveConfig
-    from unguide_jax.unguide.train_step import init_train_state, make_optimizer, make_train_step
+    from unguide_jax.edits.lora import LoraConfig
+    from unguide_jax.diffusion.schedulers import SchedulerConfig
+    from unguide_jax.training import sharding
+    from unguide_jax.erasers.unguide.objective import ConceptEmbeddings, ObjectiveConfig
+    from unguide_jax.erasers.unguide.train_step import init_train_state, make_optimizer, make_train_step
     from tests.tiny_models import flax_unet as tiny_unet
 
     assert len(jax.devices()) == 8, jax.devices()

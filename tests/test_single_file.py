@@ -12,9 +12,9 @@ from diffusers.loaders import single_file_utils as sfu
 from flax import traverse_util
 from safetensors.torch import load_file, save_file
 
-from unguide_jax.loading import load_pipeline
-from unguide_jax.single_file import SingleFileError, load_single_file
-from unguide_jax.weights import PickledWeightsRefused
+from unguide_jax.loading.diffusers_folder import load_pipeline
+from unguide_jax.loading.single_file import SingleFileError, load_single_file
+from unguide_jax.loading.weights import PickledWeightsRefused
 
 UNET, VAE, CLIP, OPEN_CLIP = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.", "cond_stage_model.model."
 

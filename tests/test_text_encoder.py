@@ -9,11 +9,21 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from tests import tiny_models
-from unguide_jax.convert import ConversionError, flax_to_torch, key_table, torch_to_flax
+from unguide_jax.loading.convert import (
+    ConversionError,
+    flax_to_torch,
+    key_table,
+    torch_to_flax,
+)
+from unguide_jax.loading.tokenizer import write_clip_tokenizer
 from unguide_jax.models.config_io import ConfigError, read_json
 from unguide_jax.models.layers import abstract_params
-from unguide_jax.models.text_encoder import CLIPTextConfig, CLIPTextModel, rename_torch_key, to_torch_state_dict
-from unguide_jax.tokenizer import write_clip_tokenizer
+from unguide_jax.models.text_encoder import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    rename_torch_key,
+    to_torch_state_dict,
+)
 
 ATOL = 1e-4  # fp32 on CPU; observed max abs error ~1.6e-6
 PROMPTS = ["a photo of the cat", "the cat of the photo of a cat, phone photo!"]
@@ -79,7 +89,8 @@ def test_matches_transformers(te):
 
 def test_pooled_legacy_eos_id_2(te):
     """Hub SD configs say eos_token_id=2: transformers then pools at argmax(input_ids)."""
-    from transformers import CLIPTextConfig as HFConfig, CLIPTextModel as HFModel
+    from transformers import CLIPTextConfig as HFConfig
+    from transformers import CLIPTextModel as HFModel
     hf = HFModel(HFConfig(**{**tiny_models.text_encoder_kwargs(_flavour(te)), "eos_token_id": 2})).eval()
     hf.load_state_dict(te.torch_model.state_dict())
     ids = te.input_ids.copy()

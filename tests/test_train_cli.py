@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import train
-from unguide_jax.adapter_file import load_adapter, read_adapter_metadata
-from unguide_jax.checkpoints import RunCheckpoints
-from unguide_jax.config import ConfigKeyError
-from unguide_jax.lora import LoraConfig
+from unguide_jax.cli.config import ConfigKeyError
+from unguide_jax.edits.files import load_adapter, read_adapter_metadata
+from unguide_jax.edits.lora import LoraConfig
+from unguide_jax.training.checkpoints import RunCheckpoints
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = f"{REPO}/configs/unguide.py:tiny"
@@ -46,8 +46,8 @@ def test_run_folder_and_a_resumed_run_matches_an_uninterrupted_one(tiny_pipeline
     assert (straight / "export" / "kohya.safetensors").is_file()
     assert (straight / "export" / "unet" / "config.json").is_file()
     # sample.py's adapter loader reads the Orbax checkpoint too: the same adapter as the final file.
-    from unguide_jax.adapter_sources import load_edit
-    from unguide_jax.loading import load_component
+    from unguide_jax.edits.sources import load_edit
+    from unguide_jax.loading.diffusers_folder import load_component
 
     _, unet_params = load_component(folder / "unet", "unet")
     edit, info = load_edit(straight / "checkpoints" / "4", unet_params)
@@ -57,7 +57,7 @@ def test_run_folder_and_a_resumed_run_matches_an_uninterrupted_one(tiny_pipeline
     # Exported later from the checkpoint: the same PEFT file as the run's own export.
     from safetensors.numpy import load_file
 
-    from unguide_jax.edit_export import main as export_main
+    from unguide_jax.cli.export import main as export_main
 
     assert export_main([str(straight / "checkpoints" / "4"), "--model", str(folder), "--formats", "peft",
                         "--out", str(tmp_path / "later")]) == 0
@@ -111,10 +111,10 @@ def test_missing_model_folder_and_unknown_keys_are_errors(tmp_path):
 
 @pytest.mark.parametrize("preset", ["default", "tiny", "sd15-object", "sd15-nudity"])
 def test_presets_name_existing_concepts_and_target_rules(preset):
-    from unguide_jax.config import load_config_file
-    from unguide_jax.lora import TARGET_RULES
-    from unguide_jax.unguide.concepts import load_concept
-    from unguide_jax.unguide.objective import ObjectiveConfig
+    from unguide_jax.cli.config import load_config_file
+    from unguide_jax.edits.lora import TARGET_RULES
+    from unguide_jax.erasers.concepts import load_concept
+    from unguide_jax.erasers.unguide.objective import ObjectiveConfig
 
     config = load_config_file(f"{REPO}/configs/unguide.py:{preset}")
     load_concept(config["concept"])

@@ -5,7 +5,12 @@ import pytest
 import torch
 
 from tests import tiny_models
-from unguide_jax.convert import ConversionError, flax_to_torch, key_table, torch_to_flax
+from unguide_jax.loading.convert import (
+    ConversionError,
+    flax_to_torch,
+    key_table,
+    torch_to_flax,
+)
 from unguide_jax.models.config_io import ConfigError
 from unguide_jax.models.layers import abstract_params
 from unguide_jax.models.unet import UNet2DConditionModel, UNetConfig

@@ -1,6 +1,6 @@
 """UnGuide training iteration: our JAX objective and train step against the PyTorch reference.
 
-The reference (tests/torch_unguide.py) is written from the spec with diffusers' UNet and DDIM
+The reference (unguide_jax/pytorch/reference.py) is written from the spec with diffusers' UNet and DDIM
 scheduler; here both sides get the same tiny random UNet, LoRA values, embeddings and draws
 (x_T, t_enc, t). fp32 on CPU.
 """
@@ -11,14 +11,23 @@ import pytest
 import torch
 
 from tests import tiny_models
-from tests import torch_unguide as tu
-from unguide_jax.convert import torch_to_flax
-from unguide_jax.lora import LoraConfig, init_lora
+from unguide_jax.diffusion.schedulers import SchedulerConfig
+from unguide_jax.edits.lora import LoraConfig, init_lora
+from unguide_jax.erasers.unguide.objective import (
+    ConceptEmbeddings,
+    ObjectiveConfig,
+    draw_samples,
+    unguide_loss,
+)
+from unguide_jax.erasers.unguide.train_step import (
+    init_train_state,
+    make_optimizer,
+    make_train_step,
+)
+from unguide_jax.loading.convert import torch_to_flax
 from unguide_jax.models.layers import abstract_params
 from unguide_jax.models.unet import UNet2DConditionModel, UNetConfig
-from unguide_jax.schedulers import SchedulerConfig
-from unguide_jax.unguide.objective import ConceptEmbeddings, ObjectiveConfig, draw_samples, unguide_loss
-from unguide_jax.unguide.train_step import init_train_state, make_optimizer, make_train_step
+from unguide_jax.pytorch import reference as tu
 
 LATENT = 8         # latent height/width: small, the tiny UNet downsamples once
 CONTEXT_LEN = 7
@@ -187,8 +196,13 @@ PROBE_DRAWS = 3
 def test_probe_matches_the_one_prompt_at_a_time_reference(setup, mode):
     """All prompts and draws in one vmapped call vs the reference procedure run prompt by prompt on the same
     draws: D(p), D(""), and the decision w of the paper's rule."""
-    from unguide_jax.edits import lora_edit
-    from unguide_jax.unguide.probe import ProbeConfig, choose_w, probe_distances, probe_draws
+    from unguide_jax.edits.edit import lora_edit
+    from unguide_jax.erasers.unguide.probe import (
+        ProbeConfig,
+        choose_w,
+        probe_distances,
+        probe_draws,
+    )
 
     adapter = trained_adapter(setup["params"])
     tu.set_adapter(setup["wrappers"], adapter)
@@ -222,8 +236,8 @@ def test_probe_matches_the_one_prompt_at_a_time_reference(setup, mode):
 def test_unguidance_sampling_matches_the_two_model_reference(setup):
     """Per-prompt w (erase, keep, a fixed mix) through the whole DDIM loop, fused (one UNet call on 4B rows
     with a per-row adapter strength) and split (base and merged weights), vs two models in torch."""
-    from unguide_jax.edits import lora_edit
-    from unguide_jax.sampling import sample_latents
+    from unguide_jax.diffusion.sampler import sample_latents
+    from unguide_jax.edits.edit import lora_edit
 
     adapter = trained_adapter(setup["params"], seed=4)
     tu.set_adapter(setup["wrappers"], adapter)

@@ -12,14 +12,25 @@ import optax
 import pytest
 
 from tests import tiny_models
-from unguide_jax.lora import LoraConfig, init_lora, merge
-from unguide_jax.schedulers import SchedulerConfig
-from unguide_jax.unguide.concepts import Concept
-from unguide_jax.unguide.objective import (
-    ConceptEmbeddings, ObjectiveConfig, draw_samples, embed_concept, latent_timestep, num_sampling_steps,
-    query_timestep_range, sampling_timesteps, unguide_loss_jit,
+from unguide_jax.diffusion.schedulers import SchedulerConfig
+from unguide_jax.edits.lora import LoraConfig, init_lora, merge
+from unguide_jax.erasers.concepts import Concept
+from unguide_jax.erasers.unguide.objective import (
+    ConceptEmbeddings,
+    ObjectiveConfig,
+    draw_samples,
+    embed_concept,
+    latent_timestep,
+    num_sampling_steps,
+    query_timestep_range,
+    sampling_timesteps,
+    unguide_loss_jit,
 )
-from unguide_jax.unguide.train_step import init_train_state, make_optimizer, make_train_step
+from unguide_jax.erasers.unguide.train_step import (
+    init_train_state,
+    make_optimizer,
+    make_train_step,
+)
 
 SD = SchedulerConfig()  # SD 1.x: scaled-linear betas, leading spacing, steps_offset 1, set_alpha_to_one False
 LORA = LoraConfig(rank=1, alpha=8.0, targets="object")

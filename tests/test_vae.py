@@ -7,11 +7,16 @@ import pytest
 import torch
 
 from tests import tiny_models
-from unguide_jax.convert import flax_to_torch, key_table, torch_to_flax
+from unguide_jax.loading.convert import flax_to_torch, key_table, torch_to_flax
 from unguide_jax.models.config_io import ConfigError
 from unguide_jax.models.layers import abstract_params
 from unguide_jax.models.vae import (
-    AutoencoderKL, VAEConfig, rename_torch_key, sample_posterior, scale_latents, unscale_latents,
+    AutoencoderKL,
+    VAEConfig,
+    rename_torch_key,
+    sample_posterior,
+    scale_latents,
+    unscale_latents,
 )
 
 ATOL = 1e-4  # fp32 on CPU; observed max abs error ~5e-6

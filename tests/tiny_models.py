@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from unguide_jax.tokenizer import write_clip_tokenizer
+from unguide_jax.loading.tokenizer import write_clip_tokenizer
 
 TINY_MERGES = [("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>"), ("o", "f</w>"), ("p", "h"), ("ph", "o")]
 VOCAB_SIZE = 512 + len(TINY_MERGES) + 2

@@ -30,9 +30,20 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from ..edits import Edit, PromptMemory, apply_unet, memory_layers, merge_weights
-from ..schedulers import SchedulerConfig
-from ..unguide.objective import ConceptEmbeddings, ObjectiveConfig, draw_samples, sample_until
+from unguide_jax.diffusion.schedulers import SchedulerConfig
+from unguide_jax.edits.edit import (
+    Edit,
+    PromptMemory,
+    apply_unet,
+    memory_layers,
+    merge_weights,
+)
+from unguide_jax.erasers.unguide.objective import (
+    ConceptEmbeddings,
+    ObjectiveConfig,
+    draw_samples,
+    sample_until,
+)
 
 # ESD's parameter subsets, as regexes over "module path.param" (re.search).
 PARAMETER_SUBSETS = {

@@ -26,10 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from .. import edits
-from ..models.unet import Attention
-from ..schedulers import NoiseSchedule, SchedulerConfig, ddim_step, ddim_timesteps
-from .common import cross_attention_layers, kernel, low_rank_factors
+from unguide_jax.diffusion.schedulers import (
+    NoiseSchedule,
+    SchedulerConfig,
+    ddim_step,
+    ddim_timesteps,
+)
+from unguide_jax.edits import edit as edit_lib
+from unguide_jax.erasers.common import cross_attention_layers, kernel, low_rank_factors
+from unguide_jax.models.unet import Attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +195,7 @@ def kernel_delta_factors(kernel_: np.ndarray, forget_basis: np.ndarray, retain_b
     return -kernel_ @ (np.eye(d) - projector(retain_basis)) @ forget_basis, forget_basis.T
 
 
-def pure_edit(sd, concept, config: PureConfig) -> tuple[edits.Edit, dict]:
+def pure_edit(sd, concept, config: PureConfig) -> tuple[edit_lib.Edit, dict]:
     """PURE on ``concept`` (its forget and retain anchors) -> (Edit, report with ranks, seconds, UNet rows)."""
     forget, retain = list(concept.forget_anchors), list(concept.retain_anchors)
     if not forget:
@@ -217,4 +222,4 @@ def pure_edit(sd, concept, config: PureConfig) -> tuple[edits.Edit, dict]:
     report = dict(forget_anchors=len(forget), retain_anchors=len(retain), ranks=ranks, unet_rows=rows_f + rows_r,
                   collect_seconds=round(collect_seconds, 2), seconds=round(time.perf_counter() - started, 2),
                   config=dataclasses.asdict(config))
-    return edits.lora_edit(adapter, 1.0), report
+    return edit_lib.lora_edit(adapter, 1.0), report

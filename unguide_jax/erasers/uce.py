@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import edits
-from .common import cross_attention_layers, kernel, low_rank_factors
+from unguide_jax.edits import edit as edit_lib
+from unguide_jax.erasers.common import cross_attention_layers, kernel, low_rank_factors
 
 TOKEN_MODES = ("subject_to_end", "subject")
 GUIDES = ("empty", "reference")
@@ -84,7 +84,7 @@ def objective(k, k0, erase, guide, preserve, config: UceConfig) -> float:
     return float(value)
 
 
-def uce_edit(sd, concept, config: UceConfig) -> tuple[edits.Edit, dict]:
+def uce_edit(sd, concept, config: UceConfig) -> tuple[edit_lib.Edit, dict]:
     started = time.perf_counter()
     forget, retain = list(concept.forget_anchors), list(concept.retain_anchors)
     if config.guide == "reference":
@@ -115,4 +115,4 @@ def uce_edit(sd, concept, config: UceConfig) -> tuple[edits.Edit, dict]:
     adapter = jax.tree.map(jnp.asarray, adapter)
     report = dict(erase_rows=int(erase.shape[0]), preserve_rows=int(preserve.shape[0]), guides=sorted(set(guides)),
                   seconds=round(time.perf_counter() - started, 2), config=dataclasses.asdict(config))
-    return edits.lora_edit(adapter, 1.0), report
+    return edit_lib.lora_edit(adapter, 1.0), report

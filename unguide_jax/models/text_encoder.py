@@ -15,9 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..convert import flax_to_torch
-from .config_io import ConfigError, config_from_dict
-from .layers import DtypeMixin, dense, layer_norm, multi_head_attention
+from unguide_jax.loading.convert import flax_to_torch
+from unguide_jax.models.config_io import ConfigError, config_from_dict
+from unguide_jax.models.layers import (
+    DtypeMixin,
+    dense,
+    layer_norm,
+    multi_head_attention,
+)
 
 TORCH_PREFIX = "text_model."
 ACTIVATIONS = ("quick_gelu", "gelu")

@@ -8,14 +8,23 @@ scheduler property; the network is the same.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .config_io import config_from_dict
-from .layers import DtypeMixin, conv, dense, group_norm, layer_norm, multi_head_attention, timestep_embedding, upsample_nearest
+from unguide_jax.models.config_io import config_from_dict
+from unguide_jax.models.layers import (
+    DtypeMixin,
+    conv,
+    dense,
+    group_norm,
+    layer_norm,
+    multi_head_attention,
+    timestep_embedding,
+    upsample_nearest,
+)
 
 CROSS_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 CROSS_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"

@@ -15,9 +15,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .config_io import ConfigError, config_from_dict
-from .layers import DtypeMixin, conv, dense, group_norm, multi_head_attention, upsample_nearest
-from .unet import ResnetBlock
+from unguide_jax.models.config_io import ConfigError, config_from_dict
+from unguide_jax.models.layers import (
+    DtypeMixin,
+    conv,
+    dense,
+    group_norm,
+    multi_head_attention,
+    upsample_nearest,
+)
+from unguide_jax.models.unet import ResnetBlock
 
 DOWN_BLOCK, UP_BLOCK = "DownEncoderBlock2D", "UpDecoderBlock2D"
 EPS = 1e-6  # every GroupNorm of the VAE

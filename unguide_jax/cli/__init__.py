@@ -1,0 +1,1 @@
+"""Command-line jobs (unguide-train, unguide-sample, unguide-export) and their typed configs."""

@@ -1,0 +1,234 @@
+"""``unguide-sample`` (and ``python sample.py``): requests -> (probe) -> batched jitted generation ->
+PNGs, grid, manifest; or, with an evaluation config (``job="evaluate"``), the erasure table.
+
+    unguide-sample --config sample.py:embedded
+    unguide-sample --config sample.py --config.model=PATH --config.prompt="a photo of a cat"
+    unguide-sample --config sample.py:embedded --config.adapters='["runs/unguide-shapes-arrow"]'
+    unguide-sample --config evaluate.py          # the erasure evaluation table
+
+Modes (``config.mode``, ``unguide_jax.erasers.unguide.modes``) with the edits of ``config.adapters``
+(several add up): base, adapter, unguide (w per prompt from the probe), fixed (``config.w``), auto.
+
+``out_dir`` gets one PNG per image (written as batches finish), ``grid.png``, ``manifest.json`` (the
+settings, and per image its prompt, seed, guidance, w, D(p), D("")), and in unguide mode
+``probe.json``. A rerun with the same settings skips the images already written and reuses the
+probe; a rerun with other settings is an error unless ``overwrite=true``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from unguide_jax.cli.config import parse_cli
+from unguide_jax.cli.runtime import setup_runtime
+from unguide_jax.diffusion.batching import ImageRequest, generate_images
+from unguide_jax.diffusion.images import (
+    image_grid,
+    save_png,
+    slug,
+    versions,
+    write_manifest,
+)
+from unguide_jax.diffusion.prompts import Request, collect_requests
+from unguide_jax.edits.sources import load_edit
+from unguide_jax.erasers.unguide.modes import SAMPLE_MODES, resolve_mode, weights_for
+from unguide_jax.erasers.unguide.probe import ProbeConfig, WProbe
+from unguide_jax.evaluation.erasure import run_evaluation
+from unguide_jax.loading.diffusers_folder import load_pipeline
+from unguide_jax.loading.random_model import ensure_random_model
+from unguide_jax.loading.weights import write_json
+from unguide_jax.models.dtypes import dtype_named
+from unguide_jax.shapes import load_evaluator, resolve_model_path
+from unguide_jax.shapes.data import CLASSES, STYLES, class_named_in
+
+# Keys that do not change what an image looks like: a rerun may change them and still skip done images.
+NOT_IMAGE_KEYS = ("out_dir", "batch_size", "grid_cols", "evaluator", "overwrite", "create_random_model")
+
+
+def _content_digest(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (names and contents): an adapter retrained in place is new."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        digest.update(file.relative_to(path).as_posix().encode() if file != path else b"")
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+def image_settings(config: dict, mode: str) -> dict:
+    """What the images depend on; its fingerprint is stored in the manifest and compared on a rerun."""
+    out = {k: v for k, v in config.items() if k not in NOT_IMAGE_KEYS and k not in ("probe", "w", "mode")}
+    out["mode"] = mode
+    out["adapter_digests"] = [_content_digest(Path(a)) for a in config["adapters"]]
+    if mode == "unguide":
+        out["probe"] = {k: v for k, v in config["probe"].items() if k != "prompt_chunk"}
+    if mode == "fixed":
+        out["w"] = config["w"]
+    return out
+
+
+def _fingerprint(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _check_previous_run(out_dir: Path, fingerprint: str, overwrite: bool) -> bool:
+    """Whether images already in out_dir may be kept; an error if they were made with other settings."""
+    manifest = out_dir / "manifest.json"
+    if not manifest.is_file():
+        return not overwrite
+    previous = json.loads(manifest.read_text()).get("settings", {}).get("fingerprint")
+    if previous == fingerprint:
+        return not overwrite
+    if overwrite:
+        return False
+    raise FileExistsError(f"{out_dir} holds images made with other settings (manifest fingerprint {previous}, now "
+                          f"{fingerprint}): choose another out_dir, or pass --config.overwrite=true")
+
+
+def image_name(index: int, request: Request) -> str:
+    return f"{index:05d}_{slug(request.prompt)}_s{request.seed}.png"
+
+
+def _probe_weights(config: dict, sd, edit, requests: list[Request], out_dir: Path) -> tuple[list[float], dict]:
+    """w per request from the probe (each distinct prompt and guidance probed once; cached in probe.json)."""
+    probe_config = ProbeConfig(**config["probe"])
+    cache_file = out_dir / "probe.json"
+    key_of = lambda r: f"{r.guidance_scale}|{r.prompt}"  # noqa: E731
+    cached = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    if cached.get("fingerprint") != config["_fingerprint"]:
+        cached = {"fingerprint": config["_fingerprint"], "prompts": {}}
+    probes: dict[tuple, WProbe] = {}
+    todo: dict[tuple, dict[str, Request]] = {}
+    for r in requests:
+        if key_of(r) not in cached["prompts"]:
+            todo.setdefault(sd.latent_shape(r.height, r.width), {})[key_of(r)] = r
+    started = time.perf_counter()
+    for shape, by_key in todo.items():
+        probe = probes.setdefault(shape, WProbe(sd, edit, probe_config, latent_shape=shape))
+        result = probe.run([r.prompt for r in by_key.values()], [r.guidance_scale for r in by_key.values()])
+        for key, record in zip(by_key, result.records()):
+            cached["prompts"][key] = record
+        write_json(cache_file, cached)
+    summary = {"probe_seconds": round(time.perf_counter() - started, 2),
+               "probe_unet_rows": sum(p.unet_calls for p in probes.values())}
+    return [cached["prompts"][key_of(r)] for r in requests], summary
+
+
+def run_sampling(config: dict) -> Path:
+    if config.get("create_random_model"):
+        ensure_random_model(config["model"], seed=int(config["seed"]))
+    if not config["model"]:
+        raise ValueError("config.model is empty: give a diffusers-layout Stable Diffusion folder or 'embedded'")
+    requests = collect_requests(config)
+    if config["mode"] not in SAMPLE_MODES:
+        raise ValueError(f"unknown mode {config['mode']!r}; use one of {SAMPLE_MODES}")
+    out_dir = Path(config["out_dir"])
+    sd = load_pipeline(
+        resolve_model_path(config["model"]), dtype=dtype_named(config["dtype"]), param_dtype=dtype_named(config["param_dtype"], "param_dtype"),
+        allow_pickle=bool(config["allow_pickle"]), clip_skip=int(config["clip_skip"]),
+    )
+    edit, adapter_info = load_edit(list(config["adapters"]), sd.params["unet"])
+    mode = resolve_mode(config["mode"], edit is not None)
+    fingerprint = _fingerprint(image_settings(config, mode))
+    keep_existing = _check_previous_run(out_dir, fingerprint, bool(config["overwrite"]))
+    # Written first, so that images of an interrupted run are known to belong to these settings.
+    write_manifest(out_dir, {"fingerprint": fingerprint, "status": "running"}, [])
+    started = time.perf_counter()
+    probe_records, probe_summary = [None] * len(requests), {}
+
+    def probe():
+        nonlocal probe_records, probe_summary
+        probe_records, probe_summary = _probe_weights(dict(config, _fingerprint=fingerprint), sd, edit, requests, out_dir)
+        return [p["w"] for p in probe_records]
+
+    ws = weights_for(mode, len(requests), fixed_w=config["w"], probe=probe)
+
+    names = [image_name(i, r) for i, r in enumerate(requests)]
+    todo = [i for i, name in enumerate(names) if not (keep_existing and (out_dir / name).is_file())]
+    height, width = int(config["height"]) or None, int(config["width"]) or None
+    image_requests = [ImageRequest(requests[i].prompt, requests[i].seed, requests[i].guidance_scale, ws[i],
+                                   requests[i].height or height, requests[i].width or width) for i in todo]
+
+    def save_batch(indices, images):
+        for j, image in zip(indices, images):
+            save_png(out_dir / names[todo[j]], image)
+
+    generate_images(sd, image_requests, batch_size=int(config["batch_size"]), num_steps=int(config["num_steps"]),
+                    eta=float(config["eta"]), negative_prompt=config["negative_prompt"],
+                    edit=None if mode == "base" else edit, fused=bool(config["fused"]), on_batch=save_batch)
+    images = [np.asarray(Image.open(out_dir / name).convert("RGB")) for name in names]
+    records = []
+    for i, (req, image) in enumerate(zip(requests, images)):
+        record = dict(file=names[i], prompt=req.prompt, seed=req.seed, guidance_scale=req.guidance_scale,
+                      height=int(image.shape[0]), width=int(image.shape[1]), source=req.source, mode=mode)
+        if ws[i] is not None:
+            record["w"] = ws[i]
+        if probe_records[i] is not None:
+            record.update(D=probe_records[i]["D"], D_empty=probe_records[i]["D_empty"])
+        records.append(record)
+    evaluation = _evaluate(config.get("evaluator", ""), images, records)
+    if len({im.shape for im in images}) == 1:
+        save_png(out_dir / "grid.png", image_grid(images, int(config["grid_cols"])))
+    summary = dict(config)
+    summary.update(mode=mode, fingerprint=fingerprint, status="done", adapters_loaded=adapter_info, sampler="DDIM",
+                   scheduler=dataclasses.asdict(sd.scheduler), versions=versions(),
+                   images_generated=len(todo), images_kept=len(requests) - len(todo),
+                   seconds=round(time.perf_counter() - started, 2), **probe_summary)
+    if evaluation:
+        summary["evaluation"] = evaluation
+    return write_manifest(out_dir, summary, records)
+
+
+def _evaluate(evaluator: str, images: list[np.ndarray], records: list[dict]) -> dict | None:
+    """With the embedded evaluator: each record gets the predicted class and style; returns a summary."""
+    if not evaluator:
+        return None
+    if evaluator != "embedded":
+        raise ValueError(f"unknown evaluator {evaluator!r}: the only one is 'embedded' (the shapes classifier)")
+    predicted_class, predicted_style = load_evaluator().predict(np.stack(images))
+    hits = []
+    for record, c, st in zip(records, predicted_class, predicted_style):
+        prompted = class_named_in(record["prompt"])
+        record.update(predicted_class=CLASSES[c], predicted_style=STYLES[st],
+                      prompted_class=None if prompted is None else CLASSES[prompted])
+        if prompted is not None:
+            hits.append(int(c) == prompted)
+    summary = {"evaluator": "embedded shapes classifier", "images_naming_a_class": len(hits),
+               "classified_as_prompted": int(sum(hits))}
+    if hits:
+        summary["accuracy"] = round(float(np.mean(hits)), 4)
+    return summary
+
+
+DEFAULT_CONFIG = "configs/sample.py"
+
+
+def main(argv=None) -> int:
+    config = parse_cli(sys.argv[1:] if argv is None else argv, DEFAULT_CONFIG)
+    setup_runtime()
+    job = config.pop("job", "sample")
+    if job == "evaluate":
+        out_dir = run_evaluation(config)
+        print((out_dir / "results.md").read_text())
+        print(f"wrote {out_dir / 'results.json'} and the images under {out_dir}")
+        return 0
+    if job != "sample":
+        raise ValueError(f"unknown job {job!r} in the config (sample, evaluate)")
+    manifest = run_sampling(config)
+    print(f"wrote {manifest}")
+    evaluation = json.loads(manifest.read_text())["settings"].get("evaluation")
+    if evaluation and evaluation["images_naming_a_class"]:
+        print(f"evaluator: {evaluation['classified_as_prompted']} of {evaluation['images_naming_a_class']} images "
+              f"are classified as the class their prompt names ({evaluation['accuracy']:.0%})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""``unguide-train`` (and ``python train.py``): erase a concept with UnGuide (default), learnable
+prompts, PURE or UCE.
+
+    unguide-train --config unguide.py
+    unguide-train --config unguide.py:sd15-object --config.model=PATH --config.concept=dog
+    unguide-train --config unguide.py --config.resume=true
+    unguide-train --config learnable_prompts.py
+    unguide-train --config pure.py        # closed form: seconds, no iterations
+    unguide-train --config uce.py
+
+Run folder (``config.run_dir``):
+    config.json            the resolved config (file preset + overrides)
+    metrics.jsonl          one line per step (loss, t_enc, t, seconds); closed form: one report line
+    checkpoints/<step>/    Orbax: train state + config, every ``checkpoint_every`` steps and the last
+    adapter.safetensors    unguide: the final LoRA (``unguide_jax.edits.files.load_adapter`` reads it)
+    edit.safetensors       the other erasers: the final edit (``unguide_jax.edits.files.load_edit_file``);
+                           learnable prompts also write edit_with_prompt.safetensors (tokens kept)
+    export/                the edit for PyTorch users, in the formats config.export names
+                           (``unguide_jax.edits.export``: peft, kohya, partial_unet, merged_unet, prompt)
+"""
+from __future__ import annotations
+
+import sys
+
+from unguide_jax.cli.config import parse_cli
+from unguide_jax.cli.runtime import setup_runtime
+from unguide_jax.training.run import run_training
+from unguide_jax.training.sharding import maybe_initialize_distributed
+
+DEFAULT_CONFIG = "configs/unguide.py"
+
+
+def main(argv=None) -> int:
+    config = parse_cli(sys.argv[1:] if argv is None else argv, DEFAULT_CONFIG)
+    setup_runtime()
+    maybe_initialize_distributed()
+    run_dir = run_training(config)
+    made = [run_dir / name for name in ("adapter.safetensors", "edit.safetensors") if (run_dir / name).is_file()]
+    print(f"wrote {', '.join(str(m) for m in made)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

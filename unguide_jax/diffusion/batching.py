@@ -1,0 +1,59 @@
+"""Many images in fixed-size batches: the loop shared by sample.py, the evaluation and the quality gate.
+
+Requests are grouped by image size; each batch is padded to ``batch_size`` (repeating its last
+request) so that every batch of a size reuses one compiled sampler.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Callable, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from unguide_jax.diffusion.pipeline import StableDiffusion
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRequest:
+    prompt: str
+    seed: int
+    guidance_scale: float = 7.5
+    w: float | None = None      # UnGuidance weight (None: no mixing)
+    height: int | None = None   # None: the model's default size
+    width: int | None = None
+
+
+def generate_images(sd: StableDiffusion, requests: Sequence[ImageRequest], *, batch_size: int, num_steps: int,
+                    eta: float = 0.0, negative_prompt: str = "", edit=None, fused: bool = True,
+                    desc: str = "sampling", progress: bool = True,
+                    on_batch: Callable[[list[int], list[np.ndarray]], None] | None = None) -> list[np.ndarray]:
+    """One uint8 image per request, in request order. ``on_batch(indices, images)`` is called as each
+    batch is done (e.g. to write its PNGs, so that an interrupted run keeps what it made).
+
+    ``edit`` None: the base model. ``edit`` given: requests with ``w`` None sample the edited model,
+    the others UnGuidance with their w (a batch never mixes the two).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if edit is None and any(r.w is not None for r in requests):
+        raise ValueError("UnGuidance requests (w given) need an edit")
+    size = lambda r: (r.height or sd.default_size, r.width or sd.default_size, r.w is None)  # noqa: E731
+    order = sorted(range(len(requests)), key=lambda i: size(requests[i]))
+    groups = [list(g) for _, g in itertools.groupby(order, key=lambda i: size(requests[i]))]
+    batches = [g[i:i + batch_size] for g in groups for i in range(0, len(g), batch_size)]
+    results: dict[int, np.ndarray] = {}
+    for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress or not batches):
+        padded = [requests[i] for i in batch + [batch[-1]] * (batch_size - len(batch))]
+        height, width, plain = size(padded[0])
+        out = sd.generate(
+            [r.prompt for r in padded], [r.seed for r in padded], guidance_scale=[r.guidance_scale for r in padded],
+            num_steps=num_steps, eta=eta, height=height, width=width, negative_prompt=negative_prompt, edit=edit,
+            w=None if plain else [r.w for r in padded], fused=fused,
+        )
+        for i, image in zip(batch, out.images):
+            results[i] = image
+        if on_batch is not None:
+            on_batch(batch, [results[i] for i in batch])
+    return [results[i] for i in range(len(requests))]

@@ -1,0 +1,143 @@
+"""Jitted sampling: DDIM scanned over steps with classifier-free guidance, per-prompt seeds and scales.
+
+Everything at a jit boundary is explicit: the module and scheduler config are static (hashable),
+parameters, embeddings, latents, guidance scales and seeds are arrays.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unguide_jax.diffusion.schedulers import (
+    NoiseSchedule,
+    SchedulerConfig,
+    ddim_step,
+    ddim_timesteps,
+)
+from unguide_jax.edits.edit import Edit, apply_unet, merge_weights
+
+Denoiser = Callable[[jax.Array, jax.Array], jax.Array]  # (latents, timestep) -> model output
+
+
+def initial_latents(seeds: jax.Array, shape: tuple[int, int, int], dtype=jnp.float32) -> jax.Array:
+    """x_T for each prompt from its own seed: the same seed gives the same noise in any batch."""
+    return jax.vmap(lambda s: jax.random.normal(jax.random.key(s), shape, dtype))(jnp.asarray(seeds, jnp.uint32))
+
+
+def eta_noise_keys(seeds: jax.Array) -> jax.Array:
+    """Per-prompt keys for DDIM's eta noise, independent of the x_T stream of the same seed."""
+    return jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 1))(jnp.asarray(seeds, jnp.uint32))
+
+
+def ddim_loop(
+    denoise: Denoiser,
+    schedule: NoiseSchedule,
+    config: SchedulerConfig,
+    timesteps: np.ndarray,
+    prev_timesteps: np.ndarray,
+    latents: jax.Array,
+    eta: float = 0.0,
+    noise_keys: jax.Array | None = None,
+) -> jax.Array:
+    """Run DDIM from ``latents`` over the given (timestep, previous timestep) pairs with ``lax.scan``."""
+    if eta > 0 and noise_keys is None:
+        raise ValueError("eta > 0 needs noise_keys (one key per example)")
+
+    def step(z, xs):
+        t, t_prev, i = xs
+        output = denoise(z, t)
+        noise = None
+        if eta > 0:
+            draw = lambda k: jax.random.normal(jax.random.fold_in(k, i), z.shape[1:], jnp.float32)  # noqa: E731
+            noise = jax.vmap(draw)(noise_keys)
+        z, _ = ddim_step(schedule, config, output, t, t_prev, z, eta, noise)
+        return z, None
+
+    steps = (jnp.asarray(timesteps), jnp.asarray(prev_timesteps), jnp.arange(len(timesteps)))
+    latents, _ = jax.lax.scan(step, latents, steps)
+    return latents
+
+
+def guided_prediction(unet, unet_params, z, t, cond, uncond, guidance_scale, edit=None) -> jax.Array:
+    """CFG: one UNet call on [uncond; cond], then u + s·(c − u) with a per-example scale s.
+
+    ``edit`` (``unguide_jax.edits.edit.Edit``, optional) is applied fully to both branches.
+    """
+    out = apply_unet(unet, unet_params, edit, jnp.concatenate([z, z]), t, jnp.concatenate([uncond, cond]))
+    uncond_out, cond_out = jnp.split(out, 2)
+    return _cfg(uncond_out, cond_out, guidance_scale)
+
+
+def _cfg(uncond_out, cond_out, guidance_scale) -> jax.Array:
+    scale = jnp.asarray(guidance_scale, jnp.float32).reshape(-1, *([1] * (uncond_out.ndim - 1)))
+    uncond_out = uncond_out.astype(jnp.float32)
+    return uncond_out + scale * (cond_out.astype(jnp.float32) - uncond_out)
+
+
+def unguided_prediction(unet, base_params, edit, z, t, cond, uncond, guidance_scale, w, merged=None) -> jax.Array:
+    """UnGuidance (spec unguide.md §4): w·CFG_base + (1 − w)·CFG_edit, with w, s per example.
+
+    ``merged`` None (fused): the four predictions (base/edit × uncond/cond) in one UNet call on 4B
+    rows with a per-row edit strength. ``merged`` = ``fold_weights(base_params, edit)``: two calls on
+    2B rows, with the base weights and with the edited weights.
+    """
+    n = z.shape[0]
+    if merged is None:
+        strength = jnp.concatenate([jnp.zeros((2 * n,)), jnp.ones((2 * n,))])
+        out = apply_unet(unet, base_params, edit, jnp.concatenate([z, z, z, z]), t,
+                         jnp.concatenate([uncond, cond, uncond, cond]), strength=strength)
+        base_u, base_c, edit_u, edit_c = jnp.split(out, 4)
+        base, edited = _cfg(base_u, base_c, guidance_scale), _cfg(edit_u, edit_c, guidance_scale)
+    else:
+        base = guided_prediction(unet, base_params, z, t, cond, uncond, guidance_scale)
+        edited = guided_prediction(unet, merged[0], z, t, cond, uncond, guidance_scale, merged[1])
+    w = jnp.asarray(w, jnp.float32).reshape(-1, *([1] * (z.ndim - 1)))
+    return w * base + (1.0 - w) * edited
+
+
+def fold_weights(params, edit):
+    """(params with the edit's LoRAs and deltas merged in, the rest of the edit: its memory) — done
+    once before a step loop, so that the loop applies no weight edit itself."""
+    if edit is None or not (edit.loras or edit.deltas):
+        return params, edit
+    return merge_weights(params, edit), Edit(memory=edit.memory)
+
+
+@functools.partial(jax.jit, static_argnames=("unet", "config", "num_steps", "eta", "fused"))
+def sample_latents(
+    unet,
+    config: SchedulerConfig,
+    num_steps: int,
+    eta: float,
+    unet_params,
+    cond: jax.Array,
+    uncond: jax.Array,
+    latents: jax.Array,
+    guidance_scale: jax.Array,
+    seeds: jax.Array,
+    edit=None,
+    w: jax.Array | None = None,
+    fused: bool = True,
+) -> jax.Array:
+    """Text-to-image DDIM with CFG for a batch of prompts. ``latents`` is x_T (NHWC).
+
+    Without ``edit``: the model ``unet_params``. With ``edit`` and no ``w``: the edited model. With
+    both: UnGuidance between the base and the edited model, ``w`` (B,) per prompt.
+    """
+    schedule = NoiseSchedule.from_config(config)
+    timesteps, prev_timesteps = ddim_timesteps(config, num_steps)
+    if w is None:
+        params, rest = fold_weights(unet_params, edit)
+        denoise = lambda z, t: guided_prediction(unet, params, z, t, cond, uncond, guidance_scale, rest)  # noqa: E731
+    else:
+        if edit is None:
+            raise ValueError("UnGuidance (w given) needs an edit")
+        merged = None if fused and edit.supports_rows else fold_weights(unet_params, edit)
+        denoise = lambda z, t: unguided_prediction(unet, unet_params, edit, z, t, cond, uncond,  # noqa: E731
+                                                   guidance_scale, w, merged)
+    keys = eta_noise_keys(seeds) if eta > 0 else None
+    return ddim_loop(denoise, schedule, config, timesteps, prev_timesteps, latents, eta, keys)

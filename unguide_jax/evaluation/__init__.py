@@ -1,0 +1,1 @@
+"""Erasure evaluation (protocols, H_o) and the prefix-token attack."""

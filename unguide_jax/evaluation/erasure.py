@@ -1,0 +1,313 @@
+"""Object-erasure evaluation (spec unguide.md §6) on the embedded shapes model, as one command.
+
+Per erased concept: N images for the target prompt, each synonym and each other class prompt, image j
+of every prompt with seed ``seed + j`` (paired across prompts and methods). The shipped shapes
+classifier scores every image. A method is an edit of the erasure (UnGuide's LoRA, learnable
+prompts, PURE, UCE, ...: anything ``sample.py`` loads) and a mode (base, adapter alone, UnGuide with
+the probe's w, a fixed w):
+
+    Acc_e  target-prompt images recognised as the erased class          (lower is better)
+    Acc_s  other-class images recognised as their own class             (higher is better)
+    Acc_g  synonym images recognised as the erased class                (lower is better)
+    H_o    3 / (1/(1 − Acc_e) + 1/Acc_s + 1/(1 − Acc_g))
+
+Two scoring protocols:
+    mace       top-1 among the 10 class names, synonyms credited to their base class (the comparable
+               default, as MACE and the paper's Table 1);
+    reference  the reference code's: a softmax over all the prompt texts (target, synonyms, others).
+               Our classifier scores classes, not wordings, so each text's logit is its class's logit;
+               the four texts of the erased class then carry 4·p_e of the mass, and an image scores the
+               mass of its class's texts (a probability, not a top-1 hit).
+Averages over several concepts are means of the per-concept values. Optional columns:
+    paraphrases  images of prompts that evoke the class without naming it (the concept file's
+                 ``paraphrases``) recognised as the erased class: leakage (compare with the base row)
+    attack       a prefix-token attack on each edit (``unguide_jax.evaluation.attack``), one target image per
+                 seed: how often the erased class comes back, before → after the attack
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unguide_jax.diffusion.batching import ImageRequest, generate_images
+from unguide_jax.diffusion.images import image_grid, save_png, slug, versions
+from unguide_jax.edits.sources import load_edit
+from unguide_jax.erasers.concepts import load_concept
+from unguide_jax.erasers.unguide.modes import MODES, weights_for
+from unguide_jax.erasers.unguide.probe import ProbeConfig, WProbe
+from unguide_jax.evaluation.attack import (
+    AttackConfig,
+    attacked_context,
+    prefixed_ids,
+    run_attack,
+)
+from unguide_jax.loading.diffusers_folder import load_pipeline
+from unguide_jax.loading.weights import write_json
+from unguide_jax.models.dtypes import dtype_named
+from unguide_jax.shapes import data as shapes
+from unguide_jax.shapes import load_evaluator, resolve_model_path
+
+PROTOCOLS = ("mace", "reference")
+METRIC_KEYS = ("acc_e", "acc_s", "acc_g", "h_o")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSet:
+    """The evaluation prompts of one erased class: (prompt, kind, class index)."""
+
+    erased: int
+    items: tuple[tuple[str, str, int], ...]
+
+    @classmethod
+    def from_concept(cls, concept) -> "PromptSet":
+        erased = shapes.class_named_in(concept.targets[0])
+        if erased is None or concept.kind != "object":
+            raise ValueError(f"concept {concept.name!r}: the evaluation scores object concepts of the shapes model "
+                             f"(a target naming one of {list(shapes.CLASSES)})")
+        items = [(concept.targets[0], "target", erased)]
+        items += [(p, "synonym", erased) for p in concept.synonyms]
+        for prompt in concept.other:
+            if not prompt:
+                continue  # "" serves the probe, not the evaluation
+            label = shapes.class_named_in(prompt)
+            if label is None:
+                raise ValueError(f"concept {concept.name!r}: other prompt {prompt!r} names no shapes class")
+            items.append((prompt, "other", label))
+        return cls(erased, tuple(items))
+
+    @property
+    def prompts(self) -> list[str]:
+        return [p for p, _, _ in self.items]
+
+
+def harmonic_overall(acc_e: float, acc_s: float, acc_g: float) -> float:
+    terms = (1 - acc_e, acc_s, 1 - acc_g)
+    if min(terms) <= 0:
+        return 0.0
+    return 3.0 / sum(1.0 / x for x in terms)
+
+
+def score(prompt_set: PromptSet, class_probs: np.ndarray, owners: np.ndarray) -> dict[str, dict]:
+    """Acc_e / Acc_s / Acc_g / H_o under both protocols; class_probs (n_images, 10), owners: prompt index per image."""
+    kinds = np.asarray([k for _, k, _ in prompt_set.items])
+    labels = np.asarray([c for _, _, c in prompt_set.items])
+    texts_per_class = np.bincount(labels, minlength=class_probs.shape[1]).astype(np.float64)
+    weighted = class_probs * texts_per_class
+    text_mass = weighted / weighted.sum(axis=1, keepdims=True)  # the 13-way softmax, summed over a class's texts
+    per_image = {
+        "mace": (class_probs.argmax(axis=1) == labels[owners]).astype(np.float64),
+        "reference": text_mass[np.arange(len(owners)), labels[owners]],
+    }
+    out = {}
+    for protocol, credit in per_image.items():
+        per_prompt = np.asarray([credit[owners == i].mean() for i in range(len(prompt_set.items))])
+        acc_e = float(per_prompt[kinds == "target"].mean())
+        acc_s = float(per_prompt[kinds == "other"].mean())
+        acc_g = float(per_prompt[kinds == "synonym"].mean())
+        out[protocol] = dict(acc_e=acc_e, acc_s=acc_s, acc_g=acc_g, h_o=harmonic_overall(acc_e, acc_s, acc_g),
+                             per_prompt={p: float(a) for p, a in zip(prompt_set.prompts, per_prompt)})
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One row of the table: which edit of the erasure (None: the base model) and how it is sampled."""
+
+    name: str
+    edit: str | None = None      # a key of the erasure's ``edits``
+    mode: str = "base"           # base | adapter | unguide | fixed
+    w: float = 2.0               # mode "fixed"
+
+    @classmethod
+    def from_config(cls, raw) -> "Method":
+        if isinstance(raw, str):  # shorthand for the single-edit case: base / adapter / unguide / fixed
+            raw = {"name": raw, "edit": None if raw == "base" else "unguide", "mode": raw}
+        unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown keys {unknown} in an evaluation method (name, edit, mode, w)")
+        method = cls(**raw)
+        if method.mode not in MODES:
+            raise ValueError(f"evaluation method {method.name!r}: unknown mode {method.mode!r}; known: {MODES}")
+        if (method.mode == "base") != (method.edit is None):
+            raise ValueError(f"evaluation method {method.name!r}: mode base takes no edit, the other modes need one")
+        return method
+
+
+def _probe(sd, edit, config, prompts, embeddings=None):
+    started = time.perf_counter()
+    probe = WProbe(sd, edit, ProbeConfig(**config["probe"]))
+    result = probe.run(prompts, config["guidance_scale"], prompt_embeddings=embeddings)
+    info = {"D_empty": result.d_empty, "probe_seconds": round(time.perf_counter() - started, 2),
+            "probe_unet_rows": probe.unet_calls,
+            "probe": {p: dict(D=float(d), w=float(w)) for p, d, w in zip(prompts, result.d, result.w)}}
+    return [float(w) for w in result.w], info
+
+
+def _method_ws(method: Method, config: dict, sd, edit, prompts: list[str]) -> tuple[list[float | None], dict]:
+    info = {"w": float(method.w)} if method.mode == "fixed" else {}
+
+    def probe():
+        ws, probe_info = _probe(sd, edit, config, prompts)
+        info.update(probe_info)
+        return ws
+
+    return weights_for(method.mode, len(prompts), fixed_w=method.w, probe=probe), info
+
+
+def _attack(sd, evaluator, erased: int, target_prompt: str, method: Method, edit, config: dict, x0: np.ndarray,
+            seeds: list[int]) -> dict:
+    """The prefix attack on the method's edit, one target image per seed; success = the erased class is back."""
+    attack = AttackConfig(**config["attack"]["settings"])
+    started = time.perf_counter()
+    ids = jnp.asarray(prefixed_ids(sd, target_prompt, attack.prefix_tokens))
+    contexts, texts = [], []
+    for j, seed in enumerate(seeds):
+        adv_ids, prefix, _ = run_attack(sd.unet, sd.text_encoder, sd.scheduler, attack, sd.params["unet"],
+                                        sd.params["text_encoder"], edit, ids, jnp.asarray(x0[j:j + 1]),
+                                        jax.random.key(attack.seed + seed))
+        contexts.append(attacked_context(sd, adv_ids, prefix, attack)[0])
+        texts.append(sd.tokenizer.decode([int(i) for i in adv_ids if int(i) not in sd.tokenizer.all_special_ids]))
+    contexts = jnp.stack(contexts)
+    w = None
+    if method.mode == "unguide":
+        w, _ = _probe(sd, edit, config, texts, embeddings=contexts)
+    elif method.mode == "fixed":
+        w = [float(method.w)] * len(seeds)
+    images = sd.generate(texts, seeds, guidance_scale=float(config["guidance_scale"]),
+                         num_steps=int(config["num_steps"]), edit=edit, w=w, fused=bool(config["fused"]),
+                         prompt_embeddings=contexts).images
+    predicted = evaluator.predict(images)[0]
+    return dict(success_rate=float(np.mean(predicted == erased)), prompts=texts,
+                seconds=round(time.perf_counter() - started, 2), settings=dataclasses.asdict(attack))
+
+
+def evaluate_erasure(sd, evaluator, concept, edits_by_name: dict, config: dict, out_dir: Path) -> dict:
+    """Every method of ``config["methods"]`` on one erased concept; writes its PNGs and grids under out_dir."""
+    prompt_set = PromptSet.from_concept(concept)
+    n = int(config["images_per_prompt"])
+    owners = np.repeat(np.arange(len(prompt_set.items)), n)
+    paraphrases = list(concept.paraphrases) if config["paraphrases"] else []
+    attack_images = int(config["attack"]["images"]) if config["attack"]["enabled"] else 0
+    x0 = None
+    if attack_images:  # the attack's targets: the base model's own images of the concept, its latents
+        seeds = [int(config["seed"]) + j for j in range(attack_images)]
+        x0 = sd.generate([prompt_set.prompts[0]] * attack_images, seeds, guidance_scale=float(config["guidance_scale"]),
+                         num_steps=int(config["num_steps"])).latents
+    results = {}
+    for raw in config["methods"]:
+        method = Method.from_config(raw)
+        edit = edits_by_name[method.edit] if method.edit else None
+        started = time.perf_counter()
+        prompts = prompt_set.prompts + paraphrases
+        ws, info = _method_ws(method, config, sd, edit, prompts)
+        requests = [ImageRequest(p, int(config["seed"]) + j, float(config["guidance_scale"]), ws[i])
+                    for i, p in enumerate(prompts) for j in range(n)]
+        images = generate_images(sd, requests, batch_size=int(config["batch_size"]), num_steps=int(config["num_steps"]),
+                                 eta=float(config["eta"]), edit=edit, fused=bool(config["fused"]),
+                                 desc=f"{concept.name}: {method.name}")
+        seconds = round(time.perf_counter() - started, 2)
+        class_probs, _ = evaluator.probabilities(np.stack(images))
+        main = len(prompt_set.items) * n
+        result = dict(score(prompt_set, class_probs[:main], owners), seconds=seconds, mode=method.mode,
+                      edit=method.edit, **info)
+        if paraphrases:
+            hits = class_probs[main:].argmax(axis=1) == prompt_set.erased
+            result["paraphrase_leakage"] = float(hits.mean())
+            result["paraphrase_per_prompt"] = {p: float(hits[i * n:(i + 1) * n].mean()) for i, p in enumerate(paraphrases)}
+        if attack_images and edit is not None:
+            result["attack"] = _attack(sd, evaluator, prompt_set.erased, prompt_set.prompts[0], method, edit, config,
+                                       x0, seeds)
+            result["attack"]["before"] = float((class_probs[:attack_images].argmax(axis=1) == prompt_set.erased).mean())
+        slug_name = slug(method.name)
+        for k, (request, image) in enumerate(zip(requests, images)):
+            save_png(out_dir / slug_name / f"{k:05d}_{slug(request.prompt)}_s{request.seed}.png", image)
+        cols = min(n, 8)
+        save_png(out_dir / f"grid_{slug_name}.png",
+                 image_grid([im for i in range(len(prompts)) for im in images[i * n:i * n + cols]], cols=cols))
+        results[method.name] = result
+    return dict(concept=concept.name, erased_class=shapes.CLASSES[prompt_set.erased], prompts=list(prompt_set.items),
+                paraphrases=paraphrases, methods=results)
+
+
+def average(per_concept: list[dict], names: list[str]) -> dict:
+    out = {}
+    for name in names:
+        rows = [c["methods"][name] for c in per_concept]
+        entry = {protocol: {key: float(np.mean([r[protocol][key] for r in rows])) for key in METRIC_KEYS}
+                 for protocol in PROTOCOLS}
+        if all("paraphrase_leakage" in r for r in rows):
+            entry["paraphrase_leakage"] = float(np.mean([r["paraphrase_leakage"] for r in rows]))
+        if all("attack" in r for r in rows):
+            entry["attack_before"] = float(np.mean([r["attack"]["before"] for r in rows]))
+            entry["attack_after"] = float(np.mean([r["attack"]["success_rate"] for r in rows]))
+        entry["mode"] = rows[0]["mode"]
+        out[name] = entry
+    return out
+
+
+def format_table(summary: dict, protocol: str = "mace") -> str:
+    extra = []
+    if any("paraphrase_leakage" in m for m in summary.values()):
+        extra.append(("paraphrases ↓", lambda m: f"{m['paraphrase_leakage']:.1%}" if "paraphrase_leakage" in m else "–"))
+    if any("attack_after" in m for m in summary.values()):
+        extra.append(("attack: before → after ↓", lambda m: f"{m['attack_before']:.0%} → {m['attack_after']:.0%}"
+                      if "attack_after" in m else "–"))
+    header = "| method | Acc_e ↓ | Acc_s ↑ | Acc_g ↓ | H_o ↑ |" + "".join(f" {h} |" for h, _ in extra)
+    lines = [header, "|---" * (5 + len(extra)) + "|"]
+    for name, entry in summary.items():
+        m = entry[protocol]
+        row = (f"| {name} | {m['acc_e']:.1%} | {m['acc_s']:.1%} | {m['acc_g']:.1%} | "
+               + ("–" if entry["mode"] == "base" else f"{m['h_o']:.1%}") + " |")
+        lines.append(row + "".join(f" {fmt(entry)} |" for _, fmt in extra))
+    return "\n".join(lines)
+
+
+def run_evaluation(config: dict) -> Path:
+    """The evaluation job: every erasure of ``config["erasures"]``, every method; results.json + results.md."""
+    if config["evaluator"] != "embedded":
+        raise ValueError(f"unknown evaluator {config['evaluator']!r}: the only one is 'embedded' (the shapes classifier)")
+    methods = [Method.from_config(m) for m in config["methods"]]
+    if len({m.name for m in methods}) != len(methods):
+        raise ValueError("evaluation method names must be unique")
+    if not config["erasures"]:
+        raise ValueError("config.erasures is empty: give [{concept: ..., edits: {name: source, ...}}, ...]")
+    out_dir = Path(config["out_dir"])
+    started = time.perf_counter()
+    sd = load_pipeline(resolve_model_path(config["model"]), dtype=dtype_named(config["dtype"]))
+    evaluator = load_evaluator()
+    cases = []
+    for erasure in config["erasures"]:
+        unknown_keys = sorted(set(erasure) - {"concept", "edits"})
+        if unknown_keys:
+            raise ValueError(f"unknown keys {unknown_keys} in an erasure of config.erasures (known: concept, edits)")
+        concept = load_concept(erasure["concept"])
+        loaded, info = {}, {}
+        for name, sources in erasure.get("edits", {}).items():
+            loaded[name], info[name] = load_edit(sources, sd.params["unet"])
+        missing = sorted({m.edit for m in methods if m.edit and m.edit not in loaded})
+        if missing:
+            raise ValueError(f"erasure of {concept.name!r} has no edit named {missing} (it has {sorted(loaded)})")
+        cases.append((concept, loaded, info))
+    per_concept = []
+    for concept, loaded, info in cases:
+        result = evaluate_erasure(sd, evaluator, concept, loaded, config, out_dir / concept.name)
+        result["edits"] = info
+        per_concept.append(result)
+    summary = average(per_concept, [m.name for m in methods])
+    settings = dict(config)
+    settings.update(versions=versions(), seconds=round(time.perf_counter() - started, 1),
+                    evaluator="embedded shapes classifier (unguide_jax/assets/shapes-classifier)")
+    write_json(out_dir / "results.json", {"settings": settings, "average": summary, "concepts": per_concept})
+    concepts = ", ".join(c["concept"] for c in per_concept)
+    n = config["images_per_prompt"]
+    text = [f"Erasure evaluation on the embedded shapes model: {concepts}; {n} images per prompt, seeds "
+            f"{config['seed']}+j, CFG {config['guidance_scale']}, {config['num_steps']} DDIM steps.", ""]
+    for protocol in PROTOCOLS:
+        text += [f"Protocol: {protocol}", "", format_table(summary, protocol), ""]
+    (out_dir / "results.md").write_text("\n".join(text))
+    return out_dir

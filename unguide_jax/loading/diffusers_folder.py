@@ -1,0 +1,156 @@
+"""Load a diffusers-layout Stable Diffusion folder into Flax models, and save one back.
+
+Layout: ``model_index.json``, ``unet/``, ``text_encoder/``, ``vae/``, ``tokenizer/``,
+``scheduler/``; weights as safetensors (pickled ``.bin`` only with ``allow_pickle=True``, then
+``weights_only``). What we save, diffusers' ``StableDiffusionPipeline.from_pretrained`` loads.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import jax.numpy as jnp
+
+from unguide_jax.diffusion.pipeline import StableDiffusion
+from unguide_jax.diffusion.schedulers import SchedulerConfig
+from unguide_jax.loading.convert import flax_to_torch, torch_to_flax
+from unguide_jax.loading.weights import (
+    find_weights_file,
+    read_weights,
+    write_json,
+    write_safetensors,
+)
+from unguide_jax.models import text_encoder as te
+from unguide_jax.models import vae as vae_lib
+from unguide_jax.models.config_io import config_to_dict, read_json
+from unguide_jax.models.layers import abstract_params
+from unguide_jax.models.unet import UNet2DConditionModel, UNetConfig
+
+DIFFUSERS_VERSION = "0.42.1"
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    config_cls: Any
+    module_cls: Any
+    weight_stems: tuple[str, ...]
+    rename: Callable[[str], str | None] | None
+    class_name: str
+    library: str
+
+
+COMPONENTS = {
+    "unet": Component(UNetConfig, UNet2DConditionModel, ("diffusion_pytorch_model",), None, "UNet2DConditionModel", "diffusers"),
+    "text_encoder": Component(te.CLIPTextConfig, te.CLIPTextModel, ("model", "pytorch_model"), te.rename_torch_key, "CLIPTextModel", "transformers"),
+    "vae": Component(vae_lib.VAEConfig, vae_lib.AutoencoderKL, ("diffusion_pytorch_model",), vae_lib.rename_torch_key, "AutoencoderKL", "diffusers"),
+}
+
+
+def build_module(name: str, config, dtype=jnp.float32, param_dtype=jnp.float32):
+    return COMPONENTS[name].module_cls(config, dtype=dtype, param_dtype=param_dtype)
+
+
+def params_from_state_dict(name: str, module, state_dict, param_dtype=None) -> dict:
+    """A component's PyTorch state dict -> its Flax params (every tensor used exactly once)."""
+    abstract = abstract_params(module, *module.init_inputs())
+    return torch_to_flax(state_dict, abstract, dtype=param_dtype, rename=COMPONENTS[name].rename, what=name)
+
+
+def load_component(
+    folder: str | Path, name: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
+    allow_pickle: bool = False, variant: str | None = None,
+):
+    """Load one component folder (e.g. ``.../unet``) -> (Flax module, params)."""
+    folder = Path(folder)
+    spec = COMPONENTS[name]
+    config = spec.config_cls.from_dict(read_json(folder / "config.json"), source=str(folder / "config.json"))
+    weights_file = find_weights_file(folder, spec.weight_stems, variant=variant, allow_pickle=allow_pickle)
+    module = build_module(name, config, dtype, param_dtype)
+    params = params_from_state_dict(name, module, read_weights(weights_file, allow_pickle), param_dtype)
+    return module, params
+
+
+def load_tokenizer(folder: str | Path):
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    has_bpe_files = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    if not has_bpe_files and not (folder / "tokenizer.json").is_file():  # transformers 5 saves tokenizer.json only
+        raise FileNotFoundError(f"missing tokenizer files in {folder}: need vocab.json + merges.txt, or tokenizer.json")
+    return CLIPTokenizer.from_pretrained(str(folder))
+
+
+def check_compatible(unet_config: UNetConfig, text_config, where) -> None:
+    """The UNet cross-attends to the text encoder's hidden states: their widths must agree."""
+    if text_config.hidden_size != unet_config.cross_attention_dim:
+        raise ValueError(
+            f"{where}: text encoder width {text_config.hidden_size} != UNet cross_attention_dim "
+            f"{unet_config.cross_attention_dim}"
+        )
+
+
+def load_pipeline(
+    path: str | Path, *, dtype=jnp.float32, param_dtype=jnp.float32, allow_pickle: bool = False,
+    variant: str | None = None, clip_skip: int = 0,
+) -> StableDiffusion:
+    """Load a diffusers-layout Stable Diffusion folder (SD 1.x / 2.x) into Flax.
+
+    ``dtype`` is the compute dtype and ``param_dtype`` the stored-parameter dtype (fp32 or bf16 each);
+    ``variant`` picks e.g. ``*.fp16.safetensors``; ``clip_skip`` skips the last N text-encoder layers.
+    """
+    root = Path(path)
+    index = read_json(root / "model_index.json")
+    if index.get("_class_name") not in SUPPORTED_PIPELINES:
+        raise ValueError(f"{root}: unsupported pipeline {index.get('_class_name')!r}; expected one of {SUPPORTED_PIPELINES}")
+    for sub in ("unet", "text_encoder", "vae", "tokenizer", "scheduler"):
+        if not (root / sub).is_dir():
+            raise FileNotFoundError(f"{root}: missing component folder {sub}/")
+    kw = dict(dtype=dtype, param_dtype=param_dtype, allow_pickle=allow_pickle, variant=variant)
+    unet, unet_params = load_component(root / "unet", "unet", **kw)
+    text_encoder, text_params = load_component(root / "text_encoder", "text_encoder", **kw)
+    vae, vae_params = load_component(root / "vae", "vae", **kw)
+    scheduler_file = root / "scheduler" / "scheduler_config.json"
+    scheduler = SchedulerConfig.from_dict(read_json(scheduler_file), source=str(scheduler_file))
+    check_compatible(unet.config, text_encoder.config, root)
+    return StableDiffusion(
+        unet=unet, text_encoder=text_encoder, vae=vae, tokenizer=load_tokenizer(root / "tokenizer"),
+        scheduler=scheduler, params={"unet": unet_params, "text_encoder": text_params, "vae": vae_params},
+        clip_skip=clip_skip,
+    )
+
+
+def component_config_dict(name: str, config) -> dict:
+    if name == "text_encoder":
+        return te.config_to_transformers_dict(config)
+    return config_to_dict(config, COMPONENTS[name].class_name, {"_diffusers_version": DIFFUSERS_VERSION})
+
+
+def save_component(folder: str | Path, name: str, config, params, dtype: Any = None) -> Path:
+    """Write ``config.json`` + safetensors weights that diffusers/transformers ``from_pretrained`` loads."""
+    folder = Path(folder)
+    state = te.to_torch_state_dict(params) if name == "text_encoder" else flax_to_torch(params)
+    if dtype is not None:
+        state = {k: v.astype(dtype) for k, v in state.items()}
+    stem = COMPONENTS[name].weight_stems[0]
+    write_safetensors(folder / f"{stem}.safetensors", state, metadata={"format": "pt"})
+    write_json(folder / "config.json", component_config_dict(name, config))
+    return folder
+
+
+def save_pipeline(sd: StableDiffusion, path: str | Path, *, dtype: Any = None) -> Path:
+    """Save in diffusers layout (``dtype``: e.g. np.float16 for compact shipped weights)."""
+    root = Path(path)
+    for name, module in (("unet", sd.unet), ("text_encoder", sd.text_encoder), ("vae", sd.vae)):
+        save_component(root / name, name, module.config, sd.params[name], dtype)
+    sd.tokenizer.save_pretrained(str(root / "tokenizer"))
+    write_json(root / "scheduler" / "scheduler_config.json",
+               config_to_dict(sd.scheduler, "DDIMScheduler", {"_diffusers_version": DIFFUSERS_VERSION}))
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+             "requires_safety_checker": False, "safety_checker": [None, None], "feature_extractor": [None, None],
+             "image_encoder": [None, None], "scheduler": ["diffusers", "DDIMScheduler"],
+             "tokenizer": ["transformers", "CLIPTokenizer"]}
+    index.update({name: [spec.library, spec.class_name] for name, spec in COMPONENTS.items()})
+    write_json(root / "model_index.json", index)
+    return root
