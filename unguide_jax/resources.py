@@ -1,0 +1,19 @@
+"""Where the packaged presets and concept files are, in a checkout and in an installed wheel alike.
+
+``configs/`` at the repository root is installed as the package ``unguide_jax.configs``
+(``pyproject.toml`` maps it), so presets and concepts travel with ``pip install .``.
+"""
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+
+def packaged_configs() -> Path:
+    """The folder of the shipped presets (``unguide.py``, ``sample.py``, ...)."""
+    return Path(str(resources.files("unguide_jax.configs")))
+
+
+def packaged_concepts() -> Path:
+    """The folder of the shipped concept files (``<name>.json``)."""
+    return packaged_configs() / "concepts"
