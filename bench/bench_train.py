@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -107,7 +108,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="compute dtype (parameters and the adapter stay fp32; torch uses autocast)")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda); JAX uses its default backend")
-    parser.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: all cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="", help="also write the results to this file")
     args = parser.parse_args()
@@ -136,8 +137,10 @@ def main() -> None:
     jax.config.update("jax_default_matmul_precision", "highest" if args.dtype == "float32" else "default")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
+    # Set explicitly (0: every core), and printed. torch's OpenMP threads spin at barriers: on a 2-core machine
+    # with other load, 2 threads ran the shipped UNet up to 10x slower than on an idle one, 1 thread far less
+    # so (docs/benchmarks.md); pass --torch-threads 1 there.
+    torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
     jax_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
 
     torch_unet, description, default_size = build_torch_unet(args.model)

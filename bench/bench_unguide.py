@@ -5,7 +5,9 @@
     python bench/bench_unguide.py --model sd15 --size 64 --device cuda --images-per-prompt 8 --batch 8
 
 What one image costs (spec unguide.md §4), probe included:
-- plain CFG: our jitted DDIM + CFG sampler, the base model alone (2 UNet rows per step);
+- plain CFG: our jitted DDIM + CFG sampler, the base model alone (2 UNet rows per step), against
+  diffusers' own StableDiffusionPipeline on the same batch (embedded model: its DDIM scheduler, the
+  same embeddings and x_T, latents out, no VAE decode);
 - UnGuide, ours: the probe (all prompts and draws in one vmapped call per chunk; D("") once) and the
   UnGuidance sampler with base and LoRA predictions in one UNet call per step (fused, the default:
   4 rows per image), and with two calls (split: base weights, then merged LoRA weights);
@@ -15,13 +17,22 @@ What one image costs (spec unguide.md §4), probe included:
   ``unguide_jax/pytorch/reference.py``; the same weights and adapter.
 Two settings: object erasure (the probe once per prompt, R = 30, amortised over N images per
 prompt) and explicit content (R = 10 per prompt, one image per prompt, as for I2P). Each component
-is timed on its own (a batch of images, a chunk of probed prompts) after a warm-up call; per-image
-costs are derived from those timings, and every timing is printed. Compile time is reported apart.
+is timed on its own (a batch of images, a chunk of probed prompts) after a warm-up call, the JAX and
+PyTorch components interleaved (one call of each per round, median over rounds), so that a shared
+machine's load falls on both alike; per-image costs are derived from those timings, and every
+timing is printed. Compile time is reported apart.
+
+The last line is one JSON object: plain_cfg_s and unguide_s (per image; unguide_s is the fused
+sampler + the object setting's probe), unguide_over_plain, pytorch_over_jax (the PyTorch
+reference's time per image over ours, object setting: > 1 means we are faster), the sampling-only
+and I2P ratios, and diffusers_over_jax_plain. ``--quick`` (batch 8, 4 prompts, 50 steps and the probe's
+amortisation over N = 32 images kept, so that the ratios mean the same) runs in about 5 minutes.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -33,18 +44,26 @@ sys.path.insert(0, str(ROOT))  # run as a script: makes bench.bench_train import
 from bench.bench_train import CONTEXT_LENGTH, Clock, build_torch_unet  # noqa: E402
 
 
-def timed(fn, repeats: int) -> tuple[float, dict]:
-    """(first call's wall seconds: compile + run, timings of ``repeats`` more calls)."""
+def interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """({name: first call's wall seconds, compile included}, {name: Clock summary of ``repeats`` more calls}).
+
+    The timed calls are interleaved (every component once per round, the order reversed every other
+    round), so that a shared machine's load falls alike on JAX and PyTorch."""
     import jax
 
-    first = Clock()
-    with first:
-        jax.block_until_ready(fn())
-    clock = Clock()
-    for _ in range(repeats):
+    first = {}
+    for name, fn in fns.items():
+        clock = Clock()
         with clock:
             jax.block_until_ready(fn())
-    return first.wall[0], clock.summary()
+        first[name] = clock.wall[0]
+    clocks = {name: Clock() for name in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            with clocks[name]:
+                jax.block_until_ready(fns[name]())
+    return first, {name: clock.summary() for name, clock in clocks.items()}
 
 
 def main() -> None:
@@ -56,15 +75,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="images per sampler call (JAX and torch)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--draws", type=int, default=30, help="R, object-erasure setting (explicit content: 10)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed calls per JAX component")
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls per component, after a warm-up")
+    parser.add_argument("--quick", action="store_true",
+                        help="under 5 minutes: batch 8, 4 prompts, 2 timed calls, no split sampler (steps, R, N as set)")
+    parser.add_argument("--no-split", action="store_true", help="skip the two-call (split) UnGuide sampler")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda); JAX uses its default backend")
     parser.add_argument("--torch-threads", type=int, default=0)
     parser.add_argument("--json", default="", help="also write the results to this file")
     args = parser.parse_args()
+    if args.quick:
+        args.batch, args.prompts, args.repeats = 8, 4, 2
+        args.no_split = True
 
     import jax
     import jax.numpy as jnp
     import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from unguide_jax.diffusion.sampler import sample_latents
     from unguide_jax.diffusion.schedulers import SchedulerConfig
@@ -83,8 +109,10 @@ def main() -> None:
     from unguide_jax.pytorch import reference as tu
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
+    # Set explicitly (0: every core), and printed. torch's OpenMP threads spin at barriers: on a 2-core machine
+    # with other load, 2 threads ran the shipped UNet up to 10x slower than on an idle one, 1 thread far less
+    # so (docs/benchmarks.md); pass --torch-threads 1 there.
+    torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
     torch_unet, description, default_size = build_torch_unet(args.model)
     size = args.size or default_size
     unet_config = UNetConfig.from_dict(dict(torch_unet.config))
@@ -108,104 +136,139 @@ def main() -> None:
     def sampler(**kw):
         return lambda: sample_latents(unet, scheduler_config, args.steps, 0.0, params, cond, uncond, x_T, scales, seeds, **kw)
 
-    results = dict(model=args.model, description=description, latent_size=size, steps=args.steps, batch=b,
-                   jax_device=str(jax.devices()[0].device_kind), torch_device=args.device)
-    compile_s = {}
-    compile_s["plain"], plain = timed(sampler(), args.repeats)
-    compile_s["fused"], fused = timed(sampler(edit=edit, w=ws, fused=True), args.repeats)
-    compile_s["split"], split = timed(sampler(edit=edit, w=ws, fused=False), args.repeats)
-
-    def probe_cost(draws: int, prompts: int) -> tuple[float, dict]:
+    def probe(draws: int, prompts: int):
         config = ProbeConfig(draws=draws, prompt_chunk=prompts)
         xs, ts = probe_draws(config, scheduler_config, (size, size, channels))
         c = cond[:prompts] if prompts <= b else jnp.repeat(cond[:1], prompts, axis=0)
-        return timed(lambda: probe_distances(unet, scheduler_config, config, params, edit, c, uncond[:1],
-                                             jnp.full((prompts,), 7.5), xs, ts), args.repeats)
+        return lambda: probe_distances(unet, scheduler_config, config, params, edit, c, uncond[:1],
+                                       jnp.full((prompts,), 7.5), xs, ts)
 
-    compile_s["probe_object"], probe_object = probe_cost(args.draws, args.prompts)
-    compile_s["probe_empty"], probe_empty = probe_cost(args.draws, 1)
-    compile_s["probe_i2p"], probe_i2p = probe_cost(10, args.prompts)
-
-    n = args.images_per_prompt
-    object_probe_per_image = (probe_object["wall_mean_s"] + probe_empty["wall_mean_s"]) / (args.prompts * n)
-    i2p_probe_per_image = probe_i2p["wall_mean_s"] / args.prompts
-    per_image = {"plain CFG": plain["wall_mean_s"] / b}
-    for name, timing in (("fused", fused), ("split", split)):  # fused: sample.py's default
-        per_image[f"UnGuide {name}, sampling only"] = timing["wall_mean_s"] / b
-        per_image[f"UnGuide {name} + probe R={args.draws} once per prompt, N={n}"] = (
-            timing["wall_mean_s"] / b + object_probe_per_image)
-        per_image[f"UnGuide {name} + probe R=10 per image (I2P)"] = timing["wall_mean_s"] / b + i2p_probe_per_image
-
-    # --- PyTorch reference: one prompt, its probe (R draws as one batch) and its images (batch of b).
+    # --- PyTorch: diffusers' own StableDiffusionPipeline for plain CFG (its UNet, DDIM, latents out, no
+    # VAE decode), and the reference procedure for UnGuide: one prompt, its probe (R draws as one batch)
+    # and its images (batch of b), two CFG calls per step (adapters off, adapters on).
     device = torch.device(args.device)
     torch_unet = torch_unet.to(device)
+    sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
+    pipe = None
+    if args.model == "embedded":
+        from unguide_jax.shapes import EMBEDDED_MODEL
+
+        if (EMBEDDED_MODEL / "model_index.json").is_file():
+            pipe = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL, unet=torch_unet, safety_checker=None,
+                                                           torch_dtype=torch.float32).to(device)
+    if pipe is not None:
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
     wrappers = tu.add_lora(torch_unet, rank=lora.rank, alpha=lora.alpha)
     tu.set_adapter(wrappers, adapter)
-    scheduler = tu.make_scheduler()
     t_cond = torch.from_numpy(np.asarray(cond[:1])).to(device)
     t_uncond = torch.from_numpy(np.asarray(uncond[:1])).to(device)
-    sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
+    t_x_T = torch.from_numpy(np.asarray(x_T).transpose(0, 3, 1, 2).copy()).to(device)
 
     def torch_probe(draws: int):
         config = ProbeConfig(draws=draws)
         xs, ts = probe_draws(config, scheduler_config, (size, size, channels))
         xs = torch.from_numpy(np.asarray(xs).transpose(0, 3, 1, 2).copy()).to(device)
         ts = torch.from_numpy(np.asarray(ts).copy()).to(device)
-        tu.probe_prompt(torch_unet, wrappers, scheduler, "corrected", config.t_enc, xs, ts, t_cond, t_uncond, 7.5)
+        tu.probe_prompt(torch_unet, wrappers, tu.make_scheduler(), "corrected", config.t_enc, xs, ts, t_cond, t_uncond,
+                        7.5)
         sync()
 
     def torch_sample():
         sampling_scheduler = tu.make_scheduler()
         sampling_scheduler.set_timesteps(args.steps)
-        xs = torch.from_numpy(np.asarray(x_T).transpose(0, 3, 1, 2).copy()).to(device)
-        tu.unguidance_sample(torch_unet, wrappers, sampling_scheduler, xs, t_cond.expand(b, -1, -1),
+        tu.unguidance_sample(torch_unet, wrappers, sampling_scheduler, t_x_T, t_cond.expand(b, -1, -1),
                              t_uncond.expand(b, -1, -1), 7.5, -1.0)
         sync()
 
-    torch_times = {}
-    for name, fn in (("probe_object", lambda: torch_probe(args.draws)), ("probe_i2p", lambda: torch_probe(10)),
-                     ("sample", torch_sample)):
-        fn()  # warm-up
-        clock = Clock()
-        with clock:
-            fn()
-        torch_times[name] = clock.summary()
-    torch_per_image = {
-        "UnGuide, sampling only": torch_times["sample"]["wall_mean_s"] / b,
-        f"UnGuide + probe R={args.draws} once per prompt, N={n}": torch_times["sample"]["wall_mean_s"] / b
-        + torch_times["probe_object"]["wall_mean_s"] * (args.prompts + 1) / (args.prompts * n),
-        "UnGuide + probe R=10 per image (I2P)": torch_times["sample"]["wall_mean_s"] / b
-        + torch_times["probe_i2p"]["wall_mean_s"],
-    }
-    results.update(jax_components=dict(plain=plain, fused=fused, split=split, probe_object=probe_object,
-                                       probe_empty=probe_empty, probe_i2p=probe_i2p),
-                   jax_compile_s=compile_s, jax_per_image_s=per_image, torch_components=torch_times,
-                   torch_per_image_s=torch_per_image, torch_threads=torch.get_num_threads())
+    t_cond_b = torch.from_numpy(np.asarray(cond)).to(device)
+    t_uncond_b = torch.from_numpy(np.asarray(uncond)).to(device)
 
+    def diffusers_plain():
+        with tu.adapters_off(wrappers), torch.inference_mode():
+            pipe(prompt_embeds=t_cond_b, negative_prompt_embeds=t_uncond_b, latents=t_x_T, num_inference_steps=args.steps,
+                 guidance_scale=7.5, eta=0.0, output_type="latent")
+        sync()
+
+    components = {"jax plain": sampler(), "jax fused": sampler(edit=edit, w=ws, fused=True)}
+    if not args.no_split:
+        components["jax split"] = sampler(edit=edit, w=ws, fused=False)
+    components.update({"jax probe_object": probe(args.draws, args.prompts), "jax probe_empty": probe(args.draws, 1),
+                       "jax probe_i2p": probe(10, args.prompts)})
+    if pipe is not None:
+        components["torch diffusers plain"] = diffusers_plain
+    components.update({"torch probe_object": lambda: torch_probe(args.draws), "torch probe_i2p": lambda: torch_probe(10),
+                       "torch sample": torch_sample})
+    first, timings = interleaved(components, args.repeats)
+    wall = {name: t["wall_median_s"] for name, t in timings.items()}
+
+    n = args.images_per_prompt
+    object_probe_per_image = (wall["jax probe_object"] + wall["jax probe_empty"]) / (args.prompts * n)
+    i2p_probe_per_image = wall["jax probe_i2p"] / args.prompts
+    per_image = {"plain CFG": wall["jax plain"] / b}
+    for name in ("fused", "split"):  # fused: sample.py's default
+        if f"jax {name}" not in wall:
+            continue
+        per_image[f"UnGuide {name}, sampling only"] = wall[f"jax {name}"] / b
+        per_image[f"UnGuide {name} + probe R={args.draws} once per prompt, N={n}"] = (
+            wall[f"jax {name}"] / b + object_probe_per_image)
+        per_image[f"UnGuide {name} + probe R=10 per image (I2P)"] = wall[f"jax {name}"] / b + i2p_probe_per_image
+    torch_per_image = {
+        "UnGuide, sampling only": wall["torch sample"] / b,
+        f"UnGuide + probe R={args.draws} once per prompt, N={n}": wall["torch sample"] / b
+        + wall["torch probe_object"] * (args.prompts + 1) / (args.prompts * n),
+        "UnGuide + probe R=10 per image (I2P)": wall["torch sample"] / b + wall["torch probe_i2p"],
+    }
+    if pipe is not None:
+        torch_per_image["plain CFG, diffusers StableDiffusionPipeline"] = wall["torch diffusers plain"] / b
+
+    results = dict(model=args.model, description=description, latent_size=size, steps=args.steps, batch=b,
+                   prompts=args.prompts, images_per_prompt=n, draws=args.draws, repeats=args.repeats,
+                   jax_device=str(jax.devices()[0].device_kind), torch_device=args.device,
+                   torch_threads=torch.get_num_threads(), components=timings, first_call_s=first,
+                   jax_per_image_s=per_image, torch_per_image_s=torch_per_image)
     print(f"UnGuide sampling: {description}, {size}x{size} latents, fp32, {args.steps} DDIM steps, CFG 7.5, "
           f"LoRA r=1 on attn2.to_k/to_v; {args.prompts} prompts, batches of {b} images")
-    print(f"JAX on {results['jax_device']}, torch on {args.device} ({results['torch_threads']} threads)")
-    print("measured (wall, mean):")
-    for name, t in results["jax_components"].items():
-        print(f"  JAX {name:14} {t['wall_mean_s']:9.3f} s")
-    for name, t in torch_times.items():
-        print(f"  torch {name:12} {t['wall_mean_s']:9.3f} s")
+    print(f"JAX on {results['jax_device']}, torch on {args.device} ({results['torch_threads']} threads); "
+          f"components interleaved, median of {args.repeats} (wall; process CPU in brackets)")
+    for name, t in timings.items():
+        print(f"  {name:24} {t['wall_median_s']:9.3f} s  ({t['cpu_mean_s']:8.3f} s CPU)")
     base = per_image["plain CFG"]
     print(f"\n{'per image (s)':58}{'JAX':>9}{'vs plain CFG':>14}")
     for name, value in per_image.items():
         print(f"{name:58}{value:9.4f}{value / base:13.2f}x")
-    print(f"\n{'UnGuide per image (s)':58}{'JAX':>9}{'PyTorch':>9}{'PyTorch/JAX':>13}")
+    print(f"\n{'per image (s)':58}{'JAX':>9}{'PyTorch':>9}{'PyTorch/JAX':>13}")
     pairs = [("UnGuide, sampling only", "UnGuide fused, sampling only"),  # ours at sample.py's default
              (f"UnGuide + probe R={args.draws} once per prompt, N={n}",
               f"UnGuide fused + probe R={args.draws} once per prompt, N={n}"),
              ("UnGuide + probe R=10 per image (I2P)", "UnGuide fused + probe R=10 per image (I2P)")]
+    if pipe is not None:
+        pairs.insert(0, ("plain CFG, diffusers StableDiffusionPipeline", "plain CFG"))
+    ratios = {}
     for torch_name, jax_name in pairs:
         ours, theirs = per_image[jax_name], torch_per_image[torch_name]
+        ratios[torch_name] = theirs / ours
         print(f"{torch_name:58}{ours:9.4f}{theirs:9.4f}{theirs / ours:13.2f}")
-    print("(JAX first calls, compile included, not in the figures: "
-          + ", ".join(f"{k} {v:.1f}s" for k, v in compile_s.items()) + ")")
+    print("(first calls, JAX compile included, not in the figures: "
+          + ", ".join(f"{k} {v:.1f}s" for k, v in first.items()) + ")")
+    unguide_name = f"UnGuide fused + probe R={args.draws} once per prompt, N={n}"
+    summary = dict(
+        plain_cfg_s=per_image["plain CFG"],
+        unguide_s=per_image[unguide_name],
+        unguide_over_plain=per_image[unguide_name] / per_image["plain CFG"],
+        pytorch_over_jax=ratios[f"UnGuide + probe R={args.draws} once per prompt, N={n}"],
+        pytorch_over_jax_sampling=ratios["UnGuide, sampling only"],
+        pytorch_over_jax_i2p=ratios["UnGuide + probe R=10 per image (I2P)"],
+        diffusers_plain_s=torch_per_image.get("plain CFG, diffusers StableDiffusionPipeline"),
+        diffusers_over_jax_plain=ratios.get("plain CFG, diffusers StableDiffusionPipeline"),
+        unguide_i2p_s=per_image["UnGuide fused + probe R=10 per image (I2P)"],
+        torch_reference_s=torch_per_image[f"UnGuide + probe R={args.draws} once per prompt, N={n}"],
+        steps=args.steps, batch=b, quick=args.quick,
+    )
+    results["summary"] = summary
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

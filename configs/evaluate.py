@@ -19,6 +19,9 @@ def get_config(preset: str = "default") -> dict:
     config = dict(
         job="evaluate",
         model="embedded",
+        variant="",               # diffusers weight variant, such as "fp16" ("": the default weights)
+        revision="",              # hub revision of a model given by hub id ("": the default)
+        model_config="",   # single-file checkpoints: a config folder or sd1 | sd2-base | sd2-v ("": picked)
         # What was erased, and by which edits: name -> adapter files, train.py run folders, checkpoints, PEFT/kohya.
         erasures=[dict(concept="shapes-arrow", edits=dict(unguide=["runs/unguide-shapes-arrow"]))],
         # Rows of the table: an edit of the erasure (none for the base model) and a mode: base | adapter | unguide | fixed.

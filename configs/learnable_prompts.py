@@ -15,6 +15,9 @@ def get_config(preset: str = "default") -> dict:
     config = dict(
         method="learnable_prompts",
         model="embedded",
+        variant="",               # diffusers weight variant, such as "fp16" ("": the default weights)
+        revision="",              # hub revision of a model given by hub id ("": the default)
+        model_config="",   # single-file checkpoints: a config folder or sd1 | sd2-base | sd2-v ("": picked)
         concept="shapes-arrow",
         prompt=dict(
             tokens=10,               # m learnable key/value tokens
@@ -44,8 +47,10 @@ def get_config(preset: str = "default") -> dict:
         checkpoint_every=100,
         keep=3,
         resume=False,
-        mesh=dict(data=-1, fsdp=1),
+        divergence=dict(factor=20.0, warmup=10),  # stop when loss/adapter norm > factor x early range (0: off)
+        mesh=dict(data=0, fsdp=0),   # device mesh; 0, 0: derived from the device count and the batch
         run_dir="runs/learnable-prompts-shapes-arrow",
+        overwrite=False,          # run_dir holds another run: replace it (built beside it, swapped in at the end)
         # run_dir gets edit.safetensors (tokens dropped at inference: the authors' evaluation) and
         # edit_with_prompt.safetensors (tokens kept); give sample.py the one you want.
         export=["partial_unet", "prompt"],

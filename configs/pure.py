@@ -10,6 +10,9 @@ def get_config(preset: str = "default") -> dict:
     config = dict(
         method="pure",
         model="embedded",
+        variant="",               # diffusers weight variant, such as "fp16" ("": the default weights)
+        revision="",              # hub revision of a model given by hub id ("": the default)
+        model_config="",   # single-file checkpoints: a config folder or sd1 | sd2-base | sd2-v ("": picked)
         concept="shapes-arrow",       # forget / retain anchors from the concept file
         # Chosen on the embedded model by measurement (README, "PURE settings"): in its 16–64-wide
         # cross-attention layers the arrow's activations lie almost wholly in the other classes' span,
@@ -31,6 +34,7 @@ def get_config(preset: str = "default") -> dict:
         param_dtype="float32",
         allow_pickle=False,
         run_dir="runs/pure-shapes-arrow",
+        overwrite=False,          # run_dir holds another run: replace it (built beside it, swapped in at the end)
         export=["peft", "partial_unet"],
     )
     if preset == "tiny":

@@ -9,7 +9,10 @@ python sample.py --config configs/sample.py --config.model=/path/to/stable-diffu
 
 def get_config(preset: str = "default") -> dict:
     config = dict(
-        model="",                    # diffusers-layout folder (model_index.json, unet/, ...), or "embedded"
+        model="",                    # a diffusers folder, a single-file .safetensors, a cached hub id, or "embedded"
+        variant="",                  # diffusers weight variant, such as "fp16" ("": the default weights)
+        revision="",                 # hub revision of a model given by hub id ("": the default)
+        model_config="",   # single-file checkpoints: a config folder or sd1 | sd2-base | sd2-v ("": picked)
         create_random_model=False,   # smoke runs: build a random tiny model at `model` if missing
         prompt="",                   # exactly one of prompt / prompts / prompt_file / csv
         prompts=[],

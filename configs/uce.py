@@ -9,6 +9,9 @@ def get_config(preset: str = "default") -> dict:
     config = dict(
         method="uce",
         model="embedded",
+        variant="",               # diffusers weight variant, such as "fp16" ("": the default weights)
+        revision="",              # hub revision of a model given by hub id ("": the default)
+        model_config="",   # single-file checkpoints: a config folder or sd1 | sd2-base | sd2-v ("": picked)
         concept="shapes-arrow",       # erase: forget anchors; preserve: retain anchors
         uce=dict(
             lam=0.5,
@@ -21,6 +24,7 @@ def get_config(preset: str = "default") -> dict:
         param_dtype="float32",
         allow_pickle=False,
         run_dir="runs/uce-shapes-arrow",
+        overwrite=False,          # run_dir holds another run: replace it (built beside it, swapped in at the end)
         export=["peft", "partial_unet"],
     )
     if preset == "tiny":

@@ -12,7 +12,10 @@ python train.py --config configs/unguide.py --config.resume=true      # continue
 def get_config(preset: str = "default") -> dict:
     config = dict(
         method="unguide",
-        model="embedded",        # "embedded" (the shipped shapes model) or a diffusers-layout SD folder
+        model="embedded",        # "embedded", a diffusers folder, a single-file .safetensors or a cached hub id
+        variant="",              # diffusers weight variant, such as "fp16" ("": the default weights)
+        revision="",             # hub revision of a model given by hub id ("": the default)
+        model_config="",   # single-file checkpoints: a config folder or sd1 | sd2-base | sd2-v ("": picked)
         concept="shapes-arrow",   # a shipped name (configs/concepts/<name>.json) or a path to a concept JSON
         lora=dict(
             rank=1,
@@ -35,8 +38,10 @@ def get_config(preset: str = "default") -> dict:
         checkpoint_every=50,     # Orbax checkpoint every N steps (0: only the final one)
         keep=3,                  # checkpoints kept (the newest ones)
         resume=False,            # continue from run_dir/checkpoints' latest complete checkpoint
-        mesh=dict(data=-1, fsdp=1),  # device mesh; -1 takes the remaining devices
+        divergence=dict(factor=20.0, warmup=10),  # stop when loss/adapter norm > factor x early range (0: off)
+        mesh=dict(data=0, fsdp=0),   # device mesh; 0, 0: derived from the device count and the batch
         run_dir="runs/unguide-shapes-arrow",
+        overwrite=False,          # run_dir holds another run: replace it (built beside it, swapped in at the end)
         export=[],               # also write the adapter for PyTorch users, e.g. ["peft", "kohya"]
     )
     if preset == "tiny":

@@ -13,7 +13,6 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from unguide_jax.training.loop import MetricsLog, NonFiniteLoss, train_loop
 from unguide_jax.edits.files import load_adapter, read_adapter_metadata, save_adapter
 from unguide_jax.edits.lora import LoraConfig
 from unguide_jax.training.checkpoints import (
@@ -22,6 +21,7 @@ from unguide_jax.training.checkpoints import (
     RunCheckpoints,
     abstract_like,
 )
+from unguide_jax.training.loop import MetricsLog, NonFiniteLoss, train_loop
 
 
 @flax.struct.dataclass

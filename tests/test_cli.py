@@ -1,5 +1,9 @@
-"""sample.py end to end, and the config-file/override machinery shared by the CLIs."""
+"""sample.py end to end, and the config machinery shared by the CLIs: presets, overrides, typed configs
+(``unguide_jax.cli.schemas``), --help, --print-config and one-line config errors."""
+import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -7,8 +11,21 @@ import pytest
 from PIL import Image
 
 import sample
-from unguide_jax.cli.config import ConfigKeyError, apply_overrides, parse_cli
+import train
+from unguide_jax.cli import schemas
+from unguide_jax.cli.config import (
+    ConfigError,
+    ConfigKeyError,
+    apply_overrides,
+    as_config,
+    load_config_file,
+    parse_cli,
+    resolve_config_file,
+    to_dict,
+)
+from unguide_jax.cli.schemas import sample_or_evaluate
 from unguide_jax.diffusion.prompts import read_csv_requests
+from unguide_jax.resources import packaged_configs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,12 +44,13 @@ def test_overrides_parse_to_the_existing_type_and_reject_unknown_keys():
 
 
 def test_parse_cli_reads_presets_and_overrides():
-    config = parse_cli(["--config", f"{REPO}/configs/sample.py:smoke", "--config.num_steps=3"], "unused")
-    assert config["create_random_model"] is True and config["num_steps"] == 3
-    with pytest.raises(ValueError, match="unknown argument"):
-        parse_cli(["--steps=3"], f"{REPO}/configs/sample.py")
-    with pytest.raises(FileNotFoundError, match="missing config file"):
-        parse_cli(["--config", "nope.py"], "unused")
+    config = parse_cli(["--config", f"{REPO}/configs/sample.py:smoke", "--config.num_steps=3"], "unused",
+                       sample_or_evaluate)
+    assert config.create_random_model is True and config.num_steps == 3
+    with pytest.raises(ConfigError, match="unknown argument"):
+        parse_cli(["--steps=3"], f"{REPO}/configs/sample.py", sample_or_evaluate)
+    with pytest.raises(ConfigError, match="missing config file"):
+        parse_cli(["--config", "nope.py"], "unused", sample_or_evaluate)
 
 
 def test_i2p_csv_layout(tmp_path):
@@ -74,11 +92,11 @@ def test_smoke_preset_builds_a_random_model_and_samples(tmp_path):
     assert len(json.loads((out / "manifest.json").read_text())["images"]) == 4
 
 
-def test_sample_cli_rejects_conflicting_inputs(tiny_pipeline_dir, tmp_path):
+def test_sample_cli_rejects_conflicting_inputs(tiny_pipeline_dir, tmp_path, capsys):
     folder, _ = tiny_pipeline_dir("sd1")
-    with pytest.raises(ValueError, match="exactly one of prompt"):
-        sample.main(["--config", f"{REPO}/configs/sample.py", f"--config.model={folder}", "--config.prompt=a",
-                     "--config.prompt_file=x.txt", f"--config.out_dir={tmp_path}"])
+    assert sample.main(["--config", f"{REPO}/configs/sample.py", f"--config.model={folder}", "--config.prompt=a",
+                        "--config.prompt_file=x.txt", f"--config.out_dir={tmp_path}"]) == 2
+    assert "error: give exactly one of prompt" in capsys.readouterr().err
 
 
 def test_embedded_preset_samples_the_shipped_model_and_classifies_its_images(tmp_path, capsys):
@@ -94,8 +112,156 @@ def test_embedded_preset_samples_the_shipped_model_and_classifies_its_images(tmp
     assert f"{evaluation['classified_as_prompted']} of 10 images" in capsys.readouterr().out
 
 
-def test_unknown_evaluator_is_an_error(tiny_pipeline_dir, tmp_path):
+def test_unknown_evaluator_is_an_error(tiny_pipeline_dir, tmp_path, capsys):
     folder, _ = tiny_pipeline_dir("sd1")
-    with pytest.raises(ValueError, match="unknown evaluator 'clip'"):
-        sample.main(["--config", f"{REPO}/configs/sample.py", f"--config.model={folder}", "--config.prompt=a",
-                     "--config.num_steps=1", "--config.evaluator=clip", f"--config.out_dir={tmp_path}"])
+    assert sample.main(["--config", f"{REPO}/configs/sample.py", f"--config.model={folder}", "--config.prompt=a",
+                        "--config.num_steps=1", "--config.evaluator=clip", f"--config.out_dir={tmp_path}"]) == 2
+    assert "config.evaluator must be one of ('', 'embedded'), got 'clip'" in capsys.readouterr().err
+
+
+# --- typed configs and the shared command line ------------------------------------------------------
+
+PRESETS = {  # config file -> (schema chooser, its presets)
+    "unguide": (schemas.train_schema, ["default", "tiny", "sd15-object", "sd15-nudity"]),
+    "learnable_prompts": (schemas.train_schema, ["default", "tiny", "sd15-object", "sd15-nudity"]),
+    "pure": (schemas.train_schema, ["default", "tiny", "sd15-object"]),
+    "uce": (schemas.train_schema, ["default", "tiny", "sd15-object"]),
+    "sample": (schemas.sample_or_evaluate, ["default", "embedded", "smoke"]),
+    "evaluate": (schemas.sample_or_evaluate, ["default", "all-classes", "compare", "tiny"]),
+    "embedded": (schemas.RecipeConfig, ["default", "tiny", "continued", "ninth", "twelfth"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_validates_and_records_the_same_json(name):
+    """A preset's dict validates into its schema and comes back (to_dict, what run folders record) as the same
+    JSON; the default preset is the schema's defaults."""
+    schema, presets = PRESETS[name]
+    for preset in presets:
+        raw = load_config_file(f"{name}.py:{preset}")
+        config = as_config(raw, schema)
+        assert to_dict(config) == json.loads(json.dumps(raw)), (name, preset)
+        assert as_config(config, schema) is config  # a typed config passes through
+        if preset == "default":
+            assert config == type(config)(), name
+
+
+@pytest.mark.parametrize("schema, domain", [
+    (schemas.LoraSettings, "unguide_jax.edits.lora:LoraConfig"),
+    (schemas.ObjectiveSettings, "unguide_jax.erasers.unguide.objective:ObjectiveConfig"),
+    (schemas.PromptSettings, "unguide_jax.erasers.learnable_prompts:PromptConfig"),
+    (schemas.PureSettings, "unguide_jax.erasers.pure:PureConfig"),
+    (schemas.UceSettings, "unguide_jax.erasers.uce:UceConfig"),
+    (schemas.AttackSettingsConfig, "unguide_jax.evaluation.attack:AttackConfig"),
+    (schemas.ProbeSettings, "unguide_jax.erasers.unguide.probe:ProbeConfig"),
+])
+def test_sub_configs_mirror_the_settings_classes_they_build(schema, domain):
+    import importlib
+
+    module, name = domain.split(":")
+    domain_fields = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))}
+    fields = {f.name for f in dataclasses.fields(schema)}
+    assert fields <= domain_fields  # the probe leaves out the sequential rule's round_draws and z
+    assert fields == domain_fields or schema is schemas.ProbeSettings
+    assert all(f.metadata.get("doc") for f in dataclasses.fields(schema))
+
+
+def test_help_lists_every_key_with_its_value_and_doc(capsys):
+    assert train.main(["--config", "unguide.py:tiny", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "usage: unguide-train" in out and "schema UnguideTrainConfig" in out
+    for field in dataclasses.fields(schemas.UnguideTrainConfig):
+        assert f"\n  {field.name}" in out, field.name
+    assert '  lora.rank = 1\n      LoRA rank' in out
+    assert '  iterations = 4\n' in out  # the tiny preset's value
+    assert '  variant = ""\n      diffusers weight variant' in out
+    assert sample.main(["--config", "evaluate.py", "-h"]) == 0
+    out = capsys.readouterr().out
+    assert "schema EvaluateConfig" in out and "  attack.settings.prefix_tokens = 3\n" in out
+
+
+def test_plain_script_help():
+    """``python train.py --help`` (the default config, overrides shown) exits 0."""
+    done = subprocess.run([sys.executable, "train.py", "--help", "--config.lora.rank=2"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and "  lora.rank = 2\n" in done.stdout and "configs/unguide.py" in done.stdout
+    # (a config error's one line and exit status 2: test_a_config_error_is_one_line_naming_the_key_and_exit_2)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.stepz=3"], "error: unknown config key 'stepz'"),
+    (["--config.iterations=many"], "error: --config.iterations='many': cannot parse as int"),
+    (["--config.iterations=0"], "error: config.iterations must be > 0, got 0"),
+    (['--config.lora={"rank": "two"}'], "error: config.lora.rank: expected int, got 'two' (str)"),
+    (["--config.dtype=float64"], "error: config.dtype must be one of ('float32', 'bfloat16'), got 'float64'"),
+    (["--config", "nope.py"], "error: --config: missing config file 'nope.py'"),
+    (["--config", "unguide.py:sd99"], "error: --config unguide.py:sd99: unknown preset 'sd99'"),
+    (["--config.method=esd"], "error: config.method must be one of"),
+    (["--steps=3"], "error: unknown argument '--steps=3'"),
+])
+def test_a_config_error_is_one_line_naming_the_key_and_exit_2(capsys, args, message):
+    assert train.main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert captured.err.startswith(message), captured.err
+
+
+def test_print_config_and_sub_config_merge(capsys):
+    assert train.main(["--config", "unguide.py:tiny", '--config.lora={"rank": 2}', "--config.objective.ddim_steps",
+                       "6", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["lora"] == {"rank": 2, "alpha": 8.0, "targets": "object"}  # merged: alpha, targets kept
+    assert printed["objective"]["ddim_steps"] == 6 and printed["iterations"] == 4
+    expected = dict(load_config_file("unguide.py:tiny"), lora={"rank": 2, "alpha": 8.0, "targets": "object"})
+    expected["objective"] = dict(expected["objective"], ddim_steps=6)
+    assert printed == expected
+    # a free-form dict is replaced, not merged; null for an optional value
+    assert train.main(["--config", "pure.py", "--config.pure.retain_energy=null", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["pure"]["retain_energy"] is None
+    from unguide_jax.shapes.recipe import main as recipe_main
+
+    assert recipe_main(["--config", "embedded.py:seventh", '--config.diffusion.class_weights={"cross": 3}',
+                        "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["diffusion"]["class_weights"] == {"cross": 3.0}
+
+
+def test_config_files_resolve_as_paths_or_packaged_preset_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # away from the checkout: only the packaged presets are found by name
+    packaged = packaged_configs() / "unguide.py"
+    for name in ("unguide.py", "unguide", "configs/unguide.py"):
+        assert resolve_config_file(name) == packaged
+    assert load_config_file("unguide:tiny")["iterations"] == 4
+    own = tmp_path / "mine.py"
+    own.write_text("def get_config(preset):\n    return dict(method='uce', model='m', run_dir='r', preset=preset)\n")
+    assert resolve_config_file("mine.py") == Path("mine.py")
+    assert load_config_file("mine.py:x")["preset"] == "x"
+    (tmp_path / "sample.py").write_text("print('not a config')\n")  # like the repository's sample.py wrapper
+    assert resolve_config_file("sample.py") == packaged_configs() / "sample.py"
+    with pytest.raises(ConfigError, match="missing config file 'nothing'"):
+        resolve_config_file("nothing")
+
+
+def test_the_sample_fingerprint_is_unchanged():
+    """The images' fingerprint (manifest.json) of the same settings as before typed configs: reruns of existing
+    out_dirs keep their images."""
+    from unguide_jax.cli.sample import _fingerprint, image_settings
+
+    config = parse_cli(["--config", "sample.py:embedded"], "sample.py", sample_or_evaluate)
+    assert _fingerprint(image_settings(config, "base")) == "af6ba90c04bb78b6"
+    assert _fingerprint(image_settings(config, "unguide")) == "79d28b8a53dcc065"
+    assert _fingerprint(image_settings(config, "fixed")) == "952d43b1c5449b95"
+    fp16 = dataclasses.replace(config, variant="fp16")  # a new key counts once it is set
+    assert _fingerprint(image_settings(fp16, "base")) != "af6ba90c04bb78b6"
+
+
+def test_jobs_take_a_dict_or_the_typed_config():
+    raw = load_config_file("unguide.py:tiny")
+    typed = as_config(raw, schemas.train_schema)
+    assert isinstance(typed, schemas.UnguideTrainConfig) and typed.lora.rank == 1
+    with pytest.raises(ConfigKeyError, match="unknown config key 'lora.dropout'"):
+        as_config(dict(raw, lora=dict(raw["lora"], dropout=0.1)), schemas.train_schema)
+    with pytest.raises(ConfigError, match=r"config.prompt.tokens: expected int, got 2.5"):
+        as_config(dict(load_config_file("learnable_prompts.py"), prompt={"tokens": 2.5}), schemas.train_schema)
+    # older records (a checkpoint's config) may lack keys (defaults) or hold ones since removed (strict=False)
+    old = {k: v for k, v in to_dict(typed).items() if k not in ("variant", "revision")}
+    assert as_config(dict(old, retired_key=1), schemas.train_schema, strict=False) == typed

@@ -18,18 +18,16 @@ from unguide_jax.loading.diffusers_folder import (
     save_component,
 )
 from unguide_jax.loading.random_model import MERGES
+from unguide_jax.loading.resolve import load_model
 from unguide_jax.loading.tokenizer import write_clip_tokenizer
 from unguide_jax.models.vae import AutoencoderKL
-from unguide_jax.shapes import (
-    EMBEDDED_MODEL,
-    EVALUATOR,
-    RECIPE_RECORD,
-    load_embedded_model,
-    load_evaluator,
-    pretrain,
-)
+from unguide_jax.shapes import EMBEDDED_MODEL, EVALUATOR, RECIPE_RECORD, pretrain
 from unguide_jax.shapes import data as shapes
-from unguide_jax.shapes.classifier import evaluate_on_fresh_images, load_classifier
+from unguide_jax.shapes.classifier import (
+    evaluate_on_fresh_images,
+    load_classifier,
+    load_evaluator,
+)
 from unguide_jax.shapes.recipe import STAGES
 
 # Only the BPE file inside the wheel is read: importing open_clip would need torchvision, which we do not install.
@@ -41,7 +39,7 @@ FRESH_SEED = 90210
 
 @pytest.fixture(scope="module")
 def embedded():
-    return load_embedded_model()
+    return load_model("embedded")
 
 
 @pytest.fixture(scope="module")

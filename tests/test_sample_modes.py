@@ -1,5 +1,6 @@
 """sample.py with edits: base / adapter / unguide / fixed modes, adapter sources, probe records, reruns."""
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -33,15 +34,18 @@ def setup(tiny_pipeline_dir, tmp_path_factory):
 
 
 def run(setup, out, *overrides):
-    args = ["--config", f"{REPO}/configs/sample.py", f"--config.model={setup['folder']}", "--config.num_steps=3",
-            '--config.prompts=["a photo of the cat", "the cat", "of the"]', "--config.batch_size=2",
-            "--config.probe.draws=2", "--config.probe.ddim_steps=10", "--config.probe.t_enc=7",
-            f"--config.out_dir={out}", *overrides]
-    assert sample.main(args) == 0
+    assert sample.main(run_args(setup, out, *overrides)) == 0
     return json.loads((Path(out) / "manifest.json").read_text())
 
 
-def test_unguide_mode_records_w_and_d_and_reruns_skip_done_images(setup, tmp_path):
+def run_args(setup, out, *overrides):
+    return ["--config", f"{REPO}/configs/sample.py", f"--config.model={setup['folder']}", "--config.num_steps=3",
+            '--config.prompts=["a photo of the cat", "the cat", "of the"]', "--config.batch_size=2",
+            "--config.probe.draws=2", "--config.probe.ddim_steps=10", "--config.probe.t_enc=7",
+            f"--config.out_dir={out}", *overrides]
+
+
+def test_unguide_mode_records_w_and_d_and_reruns_skip_done_images(setup, tmp_path, capsys):
     out = tmp_path / "ug"
     manifest = run(setup, out, f"--config.adapters=[\"{setup['adapter_file']}\"]")
     assert manifest["settings"]["mode"] == "unguide" and manifest["settings"]["images_generated"] == 3
@@ -58,8 +62,9 @@ def test_unguide_mode_records_w_and_d_and_reruns_skip_done_images(setup, tmp_pat
     assert again["settings"]["images_generated"] == 1 and again["settings"]["images_kept"] == 2
     assert [r["w"] for r in again["images"]] == [r["w"] for r in manifest["images"]]
 
-    with pytest.raises(FileExistsError, match="other settings"):
-        run(setup, out, f"--config.adapters=[\"{setup['adapter_file']}\"]", "--config.mode=adapter")
+    assert sample.main(run_args(setup, out, f"--config.adapters=[\"{setup['adapter_file']}\"]",
+                                "--config.mode=adapter")) == 2
+    assert "holds images made with other settings" in capsys.readouterr().err
     overwritten = run(setup, out, f"--config.adapters=[\"{setup['adapter_file']}\"]", "--config.mode=adapter",
                       "--config.overwrite=true")
     assert overwritten["settings"]["images_generated"] == 3 and "w" not in overwritten["images"][0]
@@ -84,24 +89,30 @@ def test_fixed_w_of_one_is_the_base_model_and_zero_the_adapter(setup, tmp_path):
     assert np.abs(split - edited).max() <= 1
 
 
+CONFIG_ERROR = 2  # a config error: one line on stderr, exit status 2
+
+
 @pytest.mark.parametrize("overrides, error, message", [
     (["--config.mode=adapter"], ValueError, "mode=adapter needs config.adapters"),
-    (["--config.mode=sideways"], ValueError, "unknown mode 'sideways'"),
+    (["--config.mode=sideways"], CONFIG_ERROR, "config.mode must be one of .*, got 'sideways'"),
     (["--config.adapters=[\"/no/such/adapter.safetensors\"]"], FileNotFoundError, "missing adapter"),
-    (["--config.probe.draws=0", "--config.adapters=[\"ADAPTER\"]"], ValueError, "probe draws must be >= 1"),
+    (["--config.probe.draws=0", "--config.adapters=[\"ADAPTER\"]"], CONFIG_ERROR, "probe draws must be >= 1"),
 ])
-def test_bad_modes_and_adapters_are_named(setup, tmp_path, overrides, error, message):
+def test_bad_modes_and_adapters_are_named(setup, tmp_path, capsys, overrides, error, message):
     overrides = [o.replace("ADAPTER", str(setup["adapter_file"])) for o in overrides]
-    with pytest.raises(error, match=message):
-        run(setup, tmp_path / "bad", *overrides)
+    # Every one is bad input: one line on stderr, exit status 2 (the error types: what the library raises).
+    args = ["--config", f"{REPO}/configs/sample.py", f"--config.model={setup['folder']}", "--config.prompt=a",
+            f"--config.out_dir={tmp_path / 'bad'}", *overrides]
+    assert sample.main(args) == CONFIG_ERROR
+    assert re.search(message, capsys.readouterr().err)
 
 
-def test_an_adapter_of_another_model_is_refused(setup, tmp_path):
+def test_an_adapter_of_another_model_is_refused(setup, tmp_path, capsys):
     other = {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k":
              {"lora_A": np.zeros((7, 1), np.float32), "lora_B": np.zeros((1, 64), np.float32)}}
     save_adapter(tmp_path / "other.safetensors", other, LORA)
-    with pytest.raises(ValueError, match="does not fit down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"):
-        run(setup, tmp_path / "out", f"--config.adapters=[\"{tmp_path / 'other.safetensors'}\"]")
+    assert sample.main(run_args(setup, tmp_path / "out", f"--config.adapters=[\"{tmp_path / 'other.safetensors'}\"]")) == 2
+    assert "does not fit down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k" in capsys.readouterr().err
 
 
 def test_sequential_probe_is_the_paper_probe_on_fewer_draws(setup):

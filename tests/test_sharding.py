@@ -17,9 +17,11 @@ import pytest
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
+from unguide_jax.edits.files import load_adapter
 from unguide_jax.training.sharding import (
     FSDP,
     PARTITION_RULES,
+    auto_mesh_shape,
     fsdp_spec,
     make_mesh,
     partition_spec,
@@ -154,3 +156,37 @@ def test_mesh_sizes_must_fit_the_devices():
         make_mesh(data=n + 1, fsdp=1)
     with pytest.raises(ValueError, match="does not divide"):
         make_mesh(data=-1, fsdp=n + 1)
+
+
+def test_the_default_mesh_follows_the_device_count_and_the_batch():
+    assert auto_mesh_shape(8, 1) == (1, 8)       # one sample per step: every device splits the base weights
+    assert auto_mesh_shape(8, 4) == (4, 2)
+    assert auto_mesh_shape(8, 16) == (8, 1)
+    assert auto_mesh_shape(6, 4) == (2, 3)
+    assert auto_mesh_shape(1, 3) == (1, 1)
+    with pytest.raises(ValueError, match="give both as 0"):
+        make_mesh(data=0, fsdp=1)
+    n = len(jax.devices())
+    with pytest.raises(ValueError, match=f"samples_per_step=1 is not divisible by the mesh's data size {n + 1}"):
+        make_mesh(data=n + 1, fsdp=1, devices=list(jax.devices()) * (n + 1), batch_size=1)
+
+
+def test_the_default_unguide_config_trains_the_same_adapter_on_one_and_eight_devices(tiny_pipeline_dir, tmp_path):
+    """The shipped UnGuide preset (samples_per_step 1) on 8 devices: the mesh derives itself (1 x 8 fsdp)."""
+    folder, _ = tiny_pipeline_dir("sd1")
+    runs = {}
+    for devices in (1, 8):
+        run_dir = tmp_path / f"run{devices}"
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+        # The default preset's learning rate (the tiny preset's 1e-3 lets Adam, which normalises each
+        # gradient element, turn a reduction-order difference of a near-zero gradient into ~1e-5).
+        result = subprocess.run([sys.executable, "train.py", "--config", "configs/unguide.py:tiny",
+                                 f"--config.model={folder}", f"--config.run_dir={run_dir}", "--config.learning_rate=3e-5"],
+                                cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+        assert first["devices"] == devices and first["mesh"] == {"data": 1, "fsdp": devices}
+        runs[devices], _ = load_adapter(run_dir / "adapter.safetensors")
+    for module, ab in runs[1].items():
+        for part in ("lora_A", "lora_B"):
+            np.testing.assert_allclose(runs[8][module][part], ab[part], atol=1e-5, err_msg=f"{module}.{part}")

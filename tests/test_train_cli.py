@@ -1,6 +1,7 @@
 """train.py end to end on a tiny random SD1-flavour model: the run folder, resume == uninterrupted,
 and bad input that stops before any training with a message naming the problem."""
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -8,7 +9,6 @@ import numpy as np
 import pytest
 
 import train
-from unguide_jax.cli.config import ConfigKeyError
 from unguide_jax.edits.files import load_adapter, read_adapter_metadata
 from unguide_jax.edits.lora import LoraConfig
 from unguide_jax.training.checkpoints import RunCheckpoints
@@ -67,8 +67,8 @@ def test_run_folder_and_a_resumed_run_matches_an_uninterrupted_one(tiny_pipeline
 
     # The same run in two sessions: 2 steps, then resumed to 4 from the step-2 checkpoint.
     assert train.main(train_args(folder, split, "--config.iterations=2")) == 0
-    with pytest.raises(FileExistsError, match="already holds checkpoints.*resume=true"):
-        train.main(train_args(folder, split, "--config.iterations=4"))
+    assert train.main(train_args(folder, split, "--config.iterations=4")) == 2  # bad input: one line, status 2
+    assert re.search("already holds checkpoints.*resume=true", capsys.readouterr().err)
     assert train.main(train_args(folder, split, "--config.iterations=4", "--config.resume=true")) == 0
     assert "resuming" in capsys.readouterr().out
     resumed, _ = load_adapter(split / "adapter.safetensors")
@@ -77,36 +77,42 @@ def test_run_folder_and_a_resumed_run_matches_an_uninterrupted_one(tiny_pipeline
             np.testing.assert_allclose(resumed[module][part], ab[part], atol=1e-6, rtol=0)
     assert [json.loads(line)["step"] for line in (split / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3, 4]
 
-    with pytest.raises(ValueError, match=r"cannot resume .*learning_rate: 0\.001 -> 0\.5"):
-        train.main(train_args(folder, split, "--config.iterations=6", "--config.resume=true",
-                              "--config.learning_rate=0.5"))
+    assert train.main(train_args(folder, split, "--config.iterations=6", "--config.resume=true",
+                                 "--config.learning_rate=0.5")) == 2
+    assert re.search(r"cannot resume .*learning_rate: 0\.001 -> 0\.5", capsys.readouterr().err)
+
+
+CONFIG_ERROR = 2  # a config error: one line on stderr, exit status 2
 
 
 @pytest.mark.parametrize("override, error, message", [
     ("--config.concept={bad_concept}", ValueError, "unknown field.* colour"),
     ("--config.concept=no-such-concept", FileNotFoundError, "no concept named 'no-such-concept'"),
     ("--config.lora.targets=attn9", ValueError, "'attn9' .* matches no layer"),
-    ('--config.export=["onnx"]', ValueError, r"unknown export format\(s\) \['onnx'\]"),
-    ("--config.iterations=0", ValueError, "config.iterations must be > 0"),
-    ("--config.learning_rate=nan", ValueError, "config.learning_rate must be > 0, got nan"),
-    ("--config.objective.timestep_mode=exact", ValueError, "timestep_mode must be one of"),
+    ('--config.export=["onnx"]', CONFIG_ERROR, r"unknown export format\(s\) \['onnx'\]"),
+    ("--config.iterations=0", CONFIG_ERROR, "config.iterations must be > 0"),
+    ("--config.learning_rate=nan", CONFIG_ERROR, "config.learning_rate must be > 0, got nan"),
+    ("--config.objective.timestep_mode=exact", CONFIG_ERROR, "timestep_mode must be one of"),
 ])
-def test_bad_input_stops_before_training_and_names_the_problem(tiny_pipeline_dir, tmp_path, override, error, message):
+def test_bad_input_stops_before_training_and_names_the_problem(tiny_pipeline_dir, tmp_path, capsys, override, error,
+                                                               message):
     folder, _ = tiny_pipeline_dir("sd1")
     bad_concept = tmp_path / "bad.json"
     bad_concept.write_text(json.dumps({"name": "x", "targets": ["a cat"], "references": ["a dog"], "colour": "red"}))
-    with pytest.raises(error, match=message):
-        train.main(train_args(folder, tmp_path / "run", override.format(bad_concept=bad_concept)))
+    args = train_args(folder, tmp_path / "run", override.format(bad_concept=bad_concept))
+    # Every one is bad input: one line on stderr, exit status 2 (the error types: what the library raises).
+    assert train.main(args) == CONFIG_ERROR
+    assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
 
 
-def test_missing_model_folder_and_unknown_keys_are_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match=f"missing model folder: {tmp_path / 'nope'}"):
-        train.main(train_args(tmp_path / "nope", tmp_path / "run"))
-    with pytest.raises(ConfigKeyError, match="unknown config key 'lora.dropout'"):
-        train.main(train_args(tmp_path, tmp_path / "run", "--config.lora.dropout=0.1"))
-    with pytest.raises(ValueError, match="unknown preset 'sd99'"):
-        train.main(["--config", f"{REPO}/configs/unguide.py:sd99"])
+def test_missing_model_folder_and_unknown_keys_are_errors(tmp_path, capsys):
+    assert train.main(train_args(tmp_path / "nope", tmp_path / "run")) == CONFIG_ERROR
+    assert f"error: missing model: {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+    assert train.main(train_args(tmp_path, tmp_path / "run", "--config.lora.dropout=0.1")) == CONFIG_ERROR
+    assert "unknown config key 'lora.dropout'" in capsys.readouterr().err
+    assert train.main(["--config", f"{REPO}/configs/unguide.py:sd99"]) == CONFIG_ERROR
+    assert "unknown preset 'sd99'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("preset", ["default", "tiny", "sd15-object", "sd15-nudity"])

@@ -11,7 +11,11 @@ from pathlib import Path
 
 def packaged_configs() -> Path:
     """The folder of the shipped presets (``unguide.py``, ``sample.py``, ...)."""
-    return Path(str(resources.files("unguide_jax.configs")))
+    try:
+        return Path(str(resources.files("unguide_jax.configs")))
+    except ModuleNotFoundError:
+        # A checkout on sys.path without an install: the repository's own configs/.
+        return Path(__file__).resolve().parent.parent / "configs"
 
 
 def packaged_concepts() -> Path:

@@ -11,8 +11,7 @@ from pathlib import Path
 
 from unguide_jax.edits.export import EXPORTERS, check_exports, export_edit
 from unguide_jax.edits.sources import load_edit
-from unguide_jax.loading.diffusers_folder import load_pipeline
-from unguide_jax.shapes import resolve_model_path
+from unguide_jax.loading.resolve import load_model
 
 
 def main(argv=None) -> int:
@@ -24,7 +23,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="export folder")
     args = parser.parse_args(argv)
     check_exports(args.formats)
-    sd = load_pipeline(resolve_model_path(args.model))
+    sd = load_model(args.model)
     edit, _ = load_edit(args.sources, sd.params["unet"])
     for path in export_edit(args.formats, Path(args.out), edit, sd.unet, sd.params["unet"]):
         print(path)

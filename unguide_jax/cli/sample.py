@@ -5,6 +5,9 @@ PNGs, grid, manifest; or, with an evaluation config (``job="evaluate"``), the er
     unguide-sample --config sample.py --config.model=PATH --config.prompt="a photo of a cat"
     unguide-sample --config sample.py:embedded --config.adapters='["runs/unguide-shapes-arrow"]'
     unguide-sample --config evaluate.py          # the erasure evaluation table
+    unguide-sample --config evaluate.py --help   # every key: its value in this preset, its doc
+
+Keys: ``unguide_jax.cli.schemas`` (SampleConfig; EvaluateConfig for a config with job="evaluate").
 
 Modes (``config.mode``, ``unguide_jax.erasers.unguide.modes``) with the edits of ``config.adapters``
 (several add up): base, adapter, unguide (w per prompt from the probe), fixed (``config.w``), auto.
@@ -19,15 +22,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import sys
 import time
+import warnings
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 from PIL import Image
 
-from unguide_jax.cli.config import parse_cli
+from unguide_jax.cli.config import Command, ConfigError, as_config, run_cli, to_dict
 from unguide_jax.cli.runtime import setup_runtime
+from unguide_jax.cli.schemas import EvaluateConfig, SampleConfig, sample_or_evaluate
 from unguide_jax.diffusion.batching import ImageRequest, generate_images
 from unguide_jax.diffusion.images import (
     image_grid,
@@ -38,18 +45,21 @@ from unguide_jax.diffusion.images import (
 )
 from unguide_jax.diffusion.prompts import Request, collect_requests
 from unguide_jax.edits.sources import load_edit
-from unguide_jax.erasers.unguide.modes import SAMPLE_MODES, resolve_mode, weights_for
+from unguide_jax.erasers.unguide.modes import resolve_mode, weights_for
 from unguide_jax.erasers.unguide.probe import ProbeConfig, WProbe
 from unguide_jax.evaluation.erasure import run_evaluation
-from unguide_jax.loading.diffusers_folder import load_pipeline
 from unguide_jax.loading.random_model import ensure_random_model
+from unguide_jax.loading.resolve import load_model
 from unguide_jax.loading.weights import write_json
 from unguide_jax.models.dtypes import dtype_named
-from unguide_jax.shapes import load_evaluator, resolve_model_path
+from unguide_jax.shapes.classifier import load_evaluator
 from unguide_jax.shapes.data import CLASSES, STYLES, class_named_in
 
 # Keys that do not change what an image looks like: a rerun may change them and still skip done images.
 NOT_IMAGE_KEYS = ("out_dir", "batch_size", "grid_cols", "evaluator", "overwrite", "create_random_model")
+# Keys newer than the manifests they would fingerprint: counted only when set, so that the default
+# settings keep the fingerprint they had (and reruns still skip the images made before).
+ONLY_WHEN_SET = ("variant", "revision", "model_config")
 
 
 def _content_digest(path: Path) -> str:
@@ -62,15 +72,17 @@ def _content_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def image_settings(config: dict, mode: str) -> dict:
+def image_settings(config: SampleConfig, mode: str) -> dict:
     """What the images depend on; its fingerprint is stored in the manifest and compared on a rerun."""
-    out = {k: v for k, v in config.items() if k not in NOT_IMAGE_KEYS and k not in ("probe", "w", "mode")}
+    settings = to_dict(config)
+    out = {k: v for k, v in settings.items() if k not in NOT_IMAGE_KEYS and k not in ("probe", "w", "mode")
+           and not (k in ONLY_WHEN_SET and not v)}
     out["mode"] = mode
-    out["adapter_digests"] = [_content_digest(Path(a)) for a in config["adapters"]]
+    out["adapter_digests"] = [_content_digest(Path(a)) for a in config.adapters]
     if mode == "unguide":
-        out["probe"] = {k: v for k, v in config["probe"].items() if k != "prompt_chunk"}
+        out["probe"] = {k: v for k, v in settings["probe"].items() if k != "prompt_chunk"}
     if mode == "fixed":
-        out["w"] = config["w"]
+        out["w"] = config.w
     return out
 
 
@@ -83,27 +95,58 @@ def _check_previous_run(out_dir: Path, fingerprint: str, overwrite: bool) -> boo
     manifest = out_dir / "manifest.json"
     if not manifest.is_file():
         return not overwrite
-    previous = json.loads(manifest.read_text()).get("settings", {}).get("fingerprint")
+    try:
+        previous = json.loads(manifest.read_text()).get("settings", {}).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        previous = None  # a damaged manifest: only the images it would describe matter
     if previous == fingerprint:
         return not overwrite
     if overwrite:
         return False
+    if not _made_images(out_dir):
+        return True  # a failed run that made no image (its manifest still says "running"): nothing to protect
     raise FileExistsError(f"{out_dir} holds images made with other settings (manifest fingerprint {previous}, now "
                           f"{fingerprint}): choose another out_dir, or pass --config.overwrite=true")
+
+
+def _made_images(out_dir: Path) -> bool:
+    return any(IMAGE_FILE.match(p.name) for p in out_dir.iterdir()) if out_dir.is_dir() else False
+
+
+IMAGE_FILE = re.compile(r"^\d{5}_.*_s\d+\.png$")  # what image_name writes
+
+
+def _check_sizes(sd, requests: list[Request], height: int | None, width: int | None) -> None:
+    """Every request's size fits the model (before anything is written)."""
+    for size in sorted({(r.height or height, r.width or width, r.source) for r in requests}, key=str):
+        try:
+            sd.latent_shape(size[0], size[1])
+        except ValueError as err:
+            where = f" ({size[2]})" if size[2] and ":" in size[2] else ""
+            raise ConfigError(f"config.height/width{where}: {err}") from None
+
+
+def _long_prompts(sd, prompts: list[str]) -> dict[str, int]:
+    """Prompts longer than the tokenizer's limit (the text encoder sees only the first tokens): prompt ->
+    its token count (start and end tokens included)."""
+    limit = sd.tokenizer.model_max_length
+    counts = {p: len(sd.tokenizer(p, truncation=False).input_ids) for p in sorted(set(prompts))}
+    return {p: n for p, n in counts.items() if n > limit}
 
 
 def image_name(index: int, request: Request) -> str:
     return f"{index:05d}_{slug(request.prompt)}_s{request.seed}.png"
 
 
-def _probe_weights(config: dict, sd, edit, requests: list[Request], out_dir: Path) -> tuple[list[float], dict]:
+def _probe_weights(config: SampleConfig, fingerprint: str, sd, edit, requests: list[Request],
+                   out_dir: Path) -> tuple[list[float], dict]:
     """w per request from the probe (each distinct prompt and guidance probed once; cached in probe.json)."""
-    probe_config = ProbeConfig(**config["probe"])
+    probe_config = ProbeConfig(**dataclasses.asdict(config.probe))
     cache_file = out_dir / "probe.json"
     key_of = lambda r: f"{r.guidance_scale}|{r.prompt}"  # noqa: E731
     cached = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
-    if cached.get("fingerprint") != config["_fingerprint"]:
-        cached = {"fingerprint": config["_fingerprint"], "prompts": {}}
+    if cached.get("fingerprint") != fingerprint:
+        cached = {"fingerprint": fingerprint, "prompts": {}}
     probes: dict[tuple, WProbe] = {}
     todo: dict[tuple, dict[str, Request]] = {}
     for r in requests:
@@ -121,23 +164,31 @@ def _probe_weights(config: dict, sd, edit, requests: list[Request], out_dir: Pat
     return [cached["prompts"][key_of(r)] for r in requests], summary
 
 
-def run_sampling(config: dict) -> Path:
-    if config.get("create_random_model"):
-        ensure_random_model(config["model"], seed=int(config["seed"]))
-    if not config["model"]:
-        raise ValueError("config.model is empty: give a diffusers-layout Stable Diffusion folder or 'embedded'")
-    requests = collect_requests(config)
-    if config["mode"] not in SAMPLE_MODES:
-        raise ValueError(f"unknown mode {config['mode']!r}; use one of {SAMPLE_MODES}")
-    out_dir = Path(config["out_dir"])
-    sd = load_pipeline(
-        resolve_model_path(config["model"]), dtype=dtype_named(config["dtype"]), param_dtype=dtype_named(config["param_dtype"], "param_dtype"),
-        allow_pickle=bool(config["allow_pickle"]), clip_skip=int(config["clip_skip"]),
-    )
-    edit, adapter_info = load_edit(list(config["adapters"]), sd.params["unet"])
-    mode = resolve_mode(config["mode"], edit is not None)
+def run_sampling(config: SampleConfig | Mapping) -> Path:
+    """The sample job (``config``: a SampleConfig, or a dict validated into one); returns the manifest."""
+    config = as_config(config, SampleConfig)
+    if config.create_random_model:
+        ensure_random_model(config.model, seed=config.seed)
+    if not config.model:
+        raise ConfigError("config.model is empty: give a diffusers-layout Stable Diffusion folder or 'embedded'")
+    requests = collect_requests(config)  # an empty or unreadable prompt source fails here, before the model loads
+    out_dir = Path(config.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"config.out_dir: {out_dir} is a file, not a folder")
+    sd = load_model(config.model, dtype=dtype_named(config.dtype), param_dtype=dtype_named(config.param_dtype),
+                    allow_pickle=config.allow_pickle, clip_skip=config.clip_skip, variant=config.variant,
+                    revision=config.revision, config_folder=config.model_config or None)
+    _check_sizes(sd, requests, config.height or None, config.width or None)
+    long_prompts = _long_prompts(sd, [r.prompt for r in requests] + [config.negative_prompt])
+    if long_prompts:
+        first, count = next(iter(long_prompts.items()))
+        warnings.warn(f"{len(long_prompts)} prompt(s) are longer than the tokenizer's {sd.tokenizer.model_max_length} "
+                      f"tokens and are cut to that (e.g. {first[:60]!r}{'...' if len(first) > 60 else ''}: {count} "
+                      "tokens); the manifest records which", stacklevel=2)
+    edit, adapter_info = load_edit(list(config.adapters), sd.params["unet"])
+    mode = resolve_mode(config.mode, edit is not None)
     fingerprint = _fingerprint(image_settings(config, mode))
-    keep_existing = _check_previous_run(out_dir, fingerprint, bool(config["overwrite"]))
+    keep_existing = _check_previous_run(out_dir, fingerprint, config.overwrite)
     # Written first, so that images of an interrupted run are known to belong to these settings.
     write_manifest(out_dir, {"fingerprint": fingerprint, "status": "running"}, [])
     started = time.perf_counter()
@@ -145,14 +196,14 @@ def run_sampling(config: dict) -> Path:
 
     def probe():
         nonlocal probe_records, probe_summary
-        probe_records, probe_summary = _probe_weights(dict(config, _fingerprint=fingerprint), sd, edit, requests, out_dir)
+        probe_records, probe_summary = _probe_weights(config, fingerprint, sd, edit, requests, out_dir)
         return [p["w"] for p in probe_records]
 
-    ws = weights_for(mode, len(requests), fixed_w=config["w"], probe=probe)
+    ws = weights_for(mode, len(requests), fixed_w=config.w, probe=probe)
 
     names = [image_name(i, r) for i, r in enumerate(requests)]
     todo = [i for i, name in enumerate(names) if not (keep_existing and (out_dir / name).is_file())]
-    height, width = int(config["height"]) or None, int(config["width"]) or None
+    height, width = config.height or None, config.width or None
     image_requests = [ImageRequest(requests[i].prompt, requests[i].seed, requests[i].guidance_scale, ws[i],
                                    requests[i].height or height, requests[i].width or width) for i in todo]
 
@@ -160,9 +211,9 @@ def run_sampling(config: dict) -> Path:
         for j, image in zip(indices, images):
             save_png(out_dir / names[todo[j]], image)
 
-    generate_images(sd, image_requests, batch_size=int(config["batch_size"]), num_steps=int(config["num_steps"]),
-                    eta=float(config["eta"]), negative_prompt=config["negative_prompt"],
-                    edit=None if mode == "base" else edit, fused=bool(config["fused"]), on_batch=save_batch)
+    generate_images(sd, image_requests, batch_size=config.batch_size, num_steps=config.num_steps, eta=config.eta,
+                    negative_prompt=config.negative_prompt, edit=None if mode == "base" else edit, fused=config.fused,
+                    on_batch=save_batch, edit_name=", ".join(config.adapters))
     images = [np.asarray(Image.open(out_dir / name).convert("RGB")) for name in names]
     records = []
     for i, (req, image) in enumerate(zip(requests, images)):
@@ -170,16 +221,19 @@ def run_sampling(config: dict) -> Path:
                       height=int(image.shape[0]), width=int(image.shape[1]), source=req.source, mode=mode)
         if ws[i] is not None:
             record["w"] = ws[i]
+        if req.prompt in long_prompts:
+            record.update(prompt_tokens=long_prompts[req.prompt], truncated_to=sd.tokenizer.model_max_length)
         if probe_records[i] is not None:
             record.update(D=probe_records[i]["D"], D_empty=probe_records[i]["D_empty"])
         records.append(record)
-    evaluation = _evaluate(config.get("evaluator", ""), images, records)
+    evaluation = _evaluate(config.evaluator, images, records)
     if len({im.shape for im in images}) == 1:
-        save_png(out_dir / "grid.png", image_grid(images, int(config["grid_cols"])))
-    summary = dict(config)
+        save_png(out_dir / "grid.png", image_grid(images, config.grid_cols))
+    summary = to_dict(config)
     summary.update(mode=mode, fingerprint=fingerprint, status="done", adapters_loaded=adapter_info, sampler="DDIM",
                    scheduler=dataclasses.asdict(sd.scheduler), versions=versions(),
                    images_generated=len(todo), images_kept=len(requests) - len(todo),
+                   prompts_truncated=sorted(long_prompts),
                    seconds=round(time.perf_counter() - started, 2), **probe_summary)
     if evaluation:
         summary["evaluation"] = evaluation
@@ -207,20 +261,17 @@ def _evaluate(evaluator: str, images: list[np.ndarray], records: list[dict]) -> 
     return summary
 
 
-DEFAULT_CONFIG = "configs/sample.py"
+COMMAND = Command(prog="unguide-sample", summary="Sample images (with or without edits, UnGuidance), or evaluate "
+                  "erasures (a config with job=\"evaluate\").", default_config="sample.py", schema=sample_or_evaluate)
 
 
-def main(argv=None) -> int:
-    config = parse_cli(sys.argv[1:] if argv is None else argv, DEFAULT_CONFIG)
+def sample_or_evaluate_job(config: SampleConfig | EvaluateConfig) -> int:
     setup_runtime()
-    job = config.pop("job", "sample")
-    if job == "evaluate":
+    if isinstance(config, EvaluateConfig):
         out_dir = run_evaluation(config)
         print((out_dir / "results.md").read_text())
         print(f"wrote {out_dir / 'results.json'} and the images under {out_dir}")
         return 0
-    if job != "sample":
-        raise ValueError(f"unknown job {job!r} in the config (sample, evaluate)")
     manifest = run_sampling(config)
     print(f"wrote {manifest}")
     evaluation = json.loads(manifest.read_text())["settings"].get("evaluation")
@@ -228,6 +279,10 @@ def main(argv=None) -> int:
         print(f"evaluator: {evaluation['classified_as_prompted']} of {evaluation['images_naming_a_class']} images "
               f"are classified as the class their prompt names ({evaluation['accuracy']:.0%})")
     return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(COMMAND, argv, sample_or_evaluate_job)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ prompts, PURE or UCE.
     unguide-train --config learnable_prompts.py
     unguide-train --config pure.py        # closed form: seconds, no iterations
     unguide-train --config uce.py
+    unguide-train --config pure.py --help            # every key: its value in this preset, its doc
+    unguide-train --config unguide.py:tiny --print-config   # the resolved config as JSON
+
+Keys: ``unguide_jax.cli.schemas`` (one schema per eraser, chosen by ``method``).
 
 Run folder (``config.run_dir``):
     config.json            the resolved config (file preset + overrides)
@@ -22,22 +26,27 @@ from __future__ import annotations
 
 import sys
 
-from unguide_jax.cli.config import parse_cli
+from unguide_jax.cli.config import Command, run_cli
 from unguide_jax.cli.runtime import setup_runtime
+from unguide_jax.cli.schemas import TrainConfig, train_schema
 from unguide_jax.training.run import run_training
 from unguide_jax.training.sharding import maybe_initialize_distributed
 
-DEFAULT_CONFIG = "configs/unguide.py"
+COMMAND = Command(prog="unguide-train", summary="Erase a concept: UnGuide (default), learnable prompts, PURE or UCE.",
+                  default_config="unguide.py", schema=train_schema)
 
 
-def main(argv=None) -> int:
-    config = parse_cli(sys.argv[1:] if argv is None else argv, DEFAULT_CONFIG)
+def train(config: TrainConfig) -> int:
     setup_runtime()
     maybe_initialize_distributed()
     run_dir = run_training(config)
     made = [run_dir / name for name in ("adapter.safetensors", "edit.safetensors") if (run_dir / name).is_file()]
     print(f"wrote {', '.join(str(m) for m in made)}")
     return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(COMMAND, argv, train)
 
 
 if __name__ == "__main__":

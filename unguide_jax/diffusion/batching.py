@@ -15,6 +15,10 @@ from tqdm import tqdm
 from unguide_jax.diffusion.pipeline import StableDiffusion
 
 
+class NonFiniteImage(RuntimeError):
+    """Sampling produced NaN/inf latents: the uint8 cast would hide them (as a black image)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageRequest:
     prompt: str
@@ -27,13 +31,16 @@ class ImageRequest:
 
 def generate_images(sd: StableDiffusion, requests: Sequence[ImageRequest], *, batch_size: int, num_steps: int,
                     eta: float = 0.0, negative_prompt: str = "", edit=None, fused: bool = True,
-                    desc: str = "sampling", progress: bool = True,
+                    desc: str = "sampling", progress: bool = True, edit_name: str = "",
                     on_batch: Callable[[list[int], list[np.ndarray]], None] | None = None) -> list[np.ndarray]:
     """One uint8 image per request, in request order. ``on_batch(indices, images)`` is called as each
     batch is done (e.g. to write its PNGs, so that an interrupted run keeps what it made).
 
     ``edit`` None: the base model. ``edit`` given: requests with ``w`` None sample the edited model,
     the others UnGuidance with their w (a batch never mixes the two).
+
+    Each image's final latents are checked: a NaN/inf one raises ``NonFiniteImage`` naming the prompt,
+    the seed and ``edit_name`` (what the edit is, for the message) before its batch reaches ``on_batch``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -52,6 +59,17 @@ def generate_images(sd: StableDiffusion, requests: Sequence[ImageRequest], *, ba
             num_steps=num_steps, eta=eta, height=height, width=width, negative_prompt=negative_prompt, edit=edit,
             w=None if plain else [r.w for r in padded], fused=fused,
         )
+        latents = getattr(out, "latents", None)
+        latents = np.asarray(out.images if latents is None else latents, np.float32)
+        for row, i in enumerate(batch):
+            if not np.all(np.isfinite(latents[row])):
+                r = requests[i]
+                with_edit = (f" with the edit {edit_name}" if edit_name else " with an edit") if edit is not None else ""
+                weight = f", w={r.w}" if r.w is not None else ""
+                raise NonFiniteImage(
+                    f"the image of prompt {r.prompt!r} (seed {r.seed}, guidance {r.guidance_scale}{weight}) has "
+                    f"non-finite latents (NaN/inf){with_edit}; nothing of its batch was written. The edit or the "
+                    "settings make the model diverge (a too strong edit, or float16 overflow?)")
         for i, image in zip(batch, out.images):
             results[i] = image
         if on_batch is not None:

@@ -9,20 +9,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unguide_jax.diffusion.sampler import initial_latents, sample_latents
+from unguide_jax.diffusion.sampler import (
+    XLA_CPU_OPTIONS,
+    initial_latents,
+    sample_latents,
+)
 from unguide_jax.diffusion.schedulers import SchedulerConfig
 from unguide_jax.models.text_encoder import CLIPTextModel
 from unguide_jax.models.unet import UNet2DConditionModel
 from unguide_jax.models.vae import AutoencoderKL
 
 
-@functools.partial(jax.jit, static_argnames=("text_encoder", "skip_last_layers"))
+@functools.partial(jax.jit, static_argnames=("text_encoder", "skip_last_layers"), compiler_options=XLA_CPU_OPTIONS)
 def encode_text(text_encoder: CLIPTextModel, params, input_ids: jax.Array, skip_last_layers: int = 0) -> jax.Array:
     hidden, _ = text_encoder.apply({"params": params}, input_ids, skip_last_layers=skip_last_layers)
     return hidden
 
 
-@functools.partial(jax.jit, static_argnames=("vae",))
+@functools.partial(jax.jit, static_argnames=("vae",), compiler_options=XLA_CPU_OPTIONS)
 def decode_to_pixels(vae: AutoencoderKL, params, latents: jax.Array) -> jax.Array:
     """Scaled latents -> images in [0, 1], NHWC fp32."""
     images = vae.apply({"params": params}, latents, method=AutoencoderKL.decode_latents)

@@ -22,6 +22,48 @@ from unguide_jax.edits.edit import Edit, apply_unet, merge_weights
 
 Denoiser = Callable[[jax.Array, jax.Array], jax.Array]  # (latents, timestep) -> model output
 
+# XLA options for the jitted samplers (``jax.jit(..., compiler_options=...)``). YNNPACK fusions off:
+# on the CPU they made the shipped model's UNet step about 1.4x slower (their reductions and
+# element-wise graphs cost more than XLA's own loops; docs/benchmarks.md, levers). An XLA CPU option:
+# other backends ignore it.
+XLA_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+# Rows per UNet call on the CPU: a sampler step's UNet rows go through in chunks of about this many,
+# one after the other, so that each chunk's activations stay in the caches (on the shipped model,
+# 32 rows cost 1.2x less per row than 64, 128 rows 1.2x more; docs/benchmarks.md, levers). Other
+# backends take the whole batch in one call.
+CPU_ROWS_PER_CALL = 32
+
+
+def rows_per_call() -> int:
+    """The UNet chunk size for this backend (0: the whole batch at once)."""
+    return CPU_ROWS_PER_CALL if jax.default_backend() == "cpu" else 0
+
+
+def map_rows(fn: Callable[..., jax.Array], chunk: int, *arrays: jax.Array) -> jax.Array:
+    """``fn(*arrays)`` for a row-independent ``fn``, computed over chunks of rows one after the other
+    (``lax.map``): the same values, less memory traffic. The chunk is the largest divisor of the rows
+    in [chunk / 2, chunk]; with none, or ``chunk`` <= 0, or no more rows than ``chunk``: one call."""
+    n = arrays[0].shape[0]
+    size = next((c for c in range(min(chunk, n), max(chunk // 2, 1) - 1, -1) if n % c == 0), 0) if chunk > 0 else 0
+    if not size or size >= n:
+        return fn(*arrays)
+    split = [a.reshape(n // size, size, *a.shape[1:]) for a in arrays]
+    out = jax.lax.map(lambda xs: fn(*xs), split)
+    return out.reshape(n, *out.shape[2:])
+
+
+def unet_rows(unet, params, edit, sample, t, context, strength=None) -> jax.Array:
+    """``apply_unet`` over the rows of (sample, context[, strength]) at timestep ``t``, in chunks of
+    ``rows_per_call()``. ``t``: a scalar or one timestep per row."""
+    n = sample.shape[0]
+    t = jnp.broadcast_to(jnp.asarray(t), (n,))
+    has_strength = strength is not None
+    strength = strength if has_strength else jnp.ones((n,))
+    return map_rows(lambda x, tt, c, s: apply_unet(unet, params, edit, x, tt, c, strength=s if has_strength else None),
+                    rows_per_call(), sample, t, context, strength)
+
 
 def initial_latents(seeds: jax.Array, shape: tuple[int, int, int], dtype=jnp.float32) -> jax.Array:
     """x_T for each prompt from its own seed: the same seed gives the same noise in any batch."""
@@ -67,7 +109,7 @@ def guided_prediction(unet, unet_params, z, t, cond, uncond, guidance_scale, edi
 
     ``edit`` (``unguide_jax.edits.edit.Edit``, optional) is applied fully to both branches.
     """
-    out = apply_unet(unet, unet_params, edit, jnp.concatenate([z, z]), t, jnp.concatenate([uncond, cond]))
+    out = unet_rows(unet, unet_params, edit, jnp.concatenate([z, z]), t, jnp.concatenate([uncond, cond]))
     uncond_out, cond_out = jnp.split(out, 2)
     return _cfg(uncond_out, cond_out, guidance_scale)
 
@@ -88,8 +130,8 @@ def unguided_prediction(unet, base_params, edit, z, t, cond, uncond, guidance_sc
     n = z.shape[0]
     if merged is None:
         strength = jnp.concatenate([jnp.zeros((2 * n,)), jnp.ones((2 * n,))])
-        out = apply_unet(unet, base_params, edit, jnp.concatenate([z, z, z, z]), t,
-                         jnp.concatenate([uncond, cond, uncond, cond]), strength=strength)
+        out = unet_rows(unet, base_params, edit, jnp.concatenate([z, z, z, z]), t,
+                        jnp.concatenate([uncond, cond, uncond, cond]), strength)
         base_u, base_c, edit_u, edit_c = jnp.split(out, 4)
         base, edited = _cfg(base_u, base_c, guidance_scale), _cfg(edit_u, edit_c, guidance_scale)
     else:
@@ -107,7 +149,8 @@ def fold_weights(params, edit):
     return merge_weights(params, edit), Edit(memory=edit.memory)
 
 
-@functools.partial(jax.jit, static_argnames=("unet", "config", "num_steps", "eta", "fused"))
+@functools.partial(jax.jit, static_argnames=("unet", "config", "num_steps", "eta", "fused"),
+                   compiler_options=XLA_CPU_OPTIONS)
 def sample_latents(
     unet,
     config: SchedulerConfig,

@@ -13,14 +13,31 @@ from typing import Mapping
 
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
 
 from unguide_jax.edits.edit import Edit, PromptMemory
 from unguide_jax.edits.lora import Adapter, LoraConfig
-from unguide_jax.loading.weights import write_safetensors
+from unguide_jax.loading.weights import (
+    read_safetensors_with_metadata,
+    write_safetensors,
+)
 
 ADAPTER_FORMAT = "unguide-jax-lora/1"
 _PARTS = ("lora_A", "lora_B")
+
+
+class NonFiniteEdit(ValueError):
+    """An edit holding NaN or infinite values: refused when loaded and when a trainer saves it."""
+
+
+def check_finite(tensors: Mapping[str, np.ndarray], where: str) -> None:
+    """Every tensor finite; else ``NonFiniteEdit`` naming ``where`` (a file, or what is being saved) and
+    the tensor (module path and part)."""
+    for name, value in tensors.items():
+        value = np.asarray(value)
+        if np.issubdtype(value.dtype, np.inexact) and not np.all(np.isfinite(value)):
+            bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+            raise NonFiniteEdit(f"{where}: tensor {name} holds {bad} non-finite value(s) (NaN/inf) of {np.size(value)}; "
+                                "this edit cannot be used (a diverged or damaged training run?)")
 
 
 def save_adapter(path: str | Path, adapter: Adapter, config: LoraConfig,
@@ -32,7 +49,8 @@ def save_adapter(path: str | Path, adapter: Adapter, config: LoraConfig,
             tensors[f"{module}.{part}"] = np.asarray(ab[part], np.float32)
         if ab["lora_A"].shape[1] != config.rank:
             raise ValueError(f"adapter module {module} has rank {ab['lora_A'].shape[1]}, the config says {config.rank}")
-    metadata = {key: json.dumps(value) for key, value in (extra or {}).items()}
+    check_finite(tensors, f"refusing to save the adapter {path}")
+    metadata = {key: json.dumps(value, allow_nan=False) for key, value in (extra or {}).items()}
     metadata.update(format=ADAPTER_FORMAT, rank=str(config.rank), alpha=repr(float(config.alpha)),
                     targets=config.targets)
     return write_safetensors(path, tensors, metadata)
@@ -43,12 +61,11 @@ def load_adapter(path: str | Path) -> tuple[Adapter, LoraConfig]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"missing adapter file: {path}")
-    with safe_open(str(path), framework="numpy") as f:
-        metadata = f.metadata() or {}
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    tensors, metadata = read_safetensors_with_metadata(path)
     if metadata.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"{path} is not an unguide-jax adapter (metadata format {metadata.get('format')!r}, "
                          f"expected {ADAPTER_FORMAT!r}); PEFT/kohya files are read by unguide_jax.edits.lora_formats")
+    check_finite(tensors, str(path))
     config = LoraConfig(rank=int(metadata["rank"]), alpha=float(metadata["alpha"]), targets=metadata["targets"])
     adapter: Adapter = {}
     for name, value in tensors.items():
@@ -68,8 +85,7 @@ def load_adapter(path: str | Path) -> tuple[Adapter, LoraConfig]:
 
 def read_adapter_metadata(path: str | Path) -> dict[str, object]:
     """The writer's extra metadata (JSON-decoded), without reading the tensors."""
-    with safe_open(str(path), framework="numpy") as f:
-        metadata = f.metadata() or {}
+    _, metadata = read_safetensors_with_metadata(path, names=False)
     fixed = {"format", "rank", "alpha", "targets"}
     return {k: json.loads(v) for k, v in metadata.items() if k not in fixed}
 
@@ -93,7 +109,7 @@ def save_edit(path: str | Path, edit, kind: str, extra: Mapping[str, object] | N
     for module, leaves in (edit.deltas or {}).items():
         for name, value in leaves.items():
             tensors[f"delta.{module}.{name}"] = np.asarray(value, np.float32)
-    metadata = {key: json.dumps(value) for key, value in (extra or {}).items()}
+    metadata = {key: json.dumps(value, allow_nan=False) for key, value in (extra or {}).items()}
     metadata.update(format=EDIT_FORMAT, kind=kind)
     if edit.memory is not None:
         tensors["memory.keys"] = np.asarray(edit.memory.keys, np.float32)
@@ -101,6 +117,7 @@ def save_edit(path: str | Path, edit, kind: str, extra: Mapping[str, object] | N
         metadata["memory_scope"] = edit.memory.scope
     if not tensors:
         raise ValueError("the edit is empty: nothing to save")
+    check_finite(tensors, f"refusing to save the {kind} edit {path}")
     return write_safetensors(path, tensors, metadata)
 
 
@@ -109,11 +126,10 @@ def load_edit_file(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"missing edit file: {path}")
-    with safe_open(str(path), framework="numpy") as f:
-        metadata = f.metadata() or {}
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    tensors, metadata = read_safetensors_with_metadata(path)
     if metadata.get("format") != EDIT_FORMAT:
         raise ValueError(f"{path} is not an unguide-jax edit (metadata format {metadata.get('format')!r})")
+    check_finite(tensors, str(path))
     loras: dict[int, dict] = {}
     alphas: dict[int, float] = {}
     deltas: dict[str, dict] = {}

@@ -24,6 +24,7 @@ from unguide_jax.edits import edit as edit_lib
 from unguide_jax.edits.files import (
     ADAPTER_FORMAT,
     EDIT_FORMAT,
+    check_finite,
     load_adapter,
     load_edit_file,
     read_adapter_metadata,
@@ -92,10 +93,29 @@ def load_edit(sources: Sequence[str | Path] | str | Path, unet_params: Mapping) 
     loaded = [_load_one(s, unet_params) for s in sources]
     if not loaded:
         return None, []
+    for e, info in loaded:
+        check_finite(edit_tensors(e), info["source"])
     edit = edit_lib.combine([e for e, _ in loaded])
     for (e, info) in loaded:
         edit_lib.check_edit_fits(unet_params, e, what=info["source"])
     return edit, [json.loads(json.dumps(info, default=_jsonable)) for _, info in loaded]
+
+
+def edit_tensors(edit: edit_lib.Edit) -> dict[str, object]:
+    """The edit's arrays by a readable name (``<module>.lora_B``, ``<module>.<param> (delta)``, ``memory.keys``)."""
+    out: dict[str, object] = {}
+    for i, (adapter, alpha) in enumerate(edit.loras):
+        prefix = f"lora {i}: " if len(edit.loras) > 1 else ""
+        out[f"{prefix}alpha"] = alpha
+        for module, ab in adapter.items():
+            for part, value in ab.items():
+                out[f"{prefix}{module}.{part}"] = value
+    for module, leaves in (edit.deltas or {}).items():
+        for name, value in leaves.items():
+            out[f"{module}.{name} (delta)"] = value
+    if edit.memory is not None:
+        out["memory.keys"], out["memory.values"] = edit.memory.keys, edit.memory.values
+    return out
 
 
 def _jsonable(value):

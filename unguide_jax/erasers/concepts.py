@@ -3,10 +3,12 @@ the prompts that judge the erasure (synonyms, other). Spec unguide.md §1.
 
 A concept file is JSON with exactly the fields of ``Concept``; ``targets``/``references`` (and the
 other lists) may be given as one string. Shipped files live in ``configs/concepts/<name>.json`` at
-the repository root, which is not part of the installed package: ``concepts_dir`` finds it from
-this source file (an editable install or a checkout), or from ``$UNGUIDE_CONCEPTS_DIR``.
+the repository root, installed as package data (``unguide_jax.configs``, see
+``unguide_jax.resources``): ``concepts_dir`` finds them in an editable install and in a wheel
+alike, unless ``$UNGUIDE_CONCEPTS_DIR`` names another folder.
 
-The shapes-model files are generated from ``unguide_jax.shapes.data``:
+The shapes-model files are generated from ``unguide_jax.shapes.data`` (in an editable install the
+shipped folder is the repository's ``configs/concepts``):
     python -m unguide_jax.erasers.concepts --write-shapes
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import re
 from pathlib import Path
 
+from unguide_jax.resources import packaged_concepts
 from unguide_jax.shapes.data import CLASSES, STYLES, SYNONYMS, TEMPLATES
 
 KINDS = ("object", "style", "explicit")
@@ -75,10 +78,11 @@ class Concept:
 
 
 def concepts_dir() -> Path:
+    """The folder of the shipped concept files, or ``$UNGUIDE_CONCEPTS_DIR`` when set."""
     override = os.environ.get("UNGUIDE_CONCEPTS_DIR")
     if override:
         return Path(override)
-    return Path(__file__).resolve().parents[2] / "configs" / "concepts"
+    return packaged_concepts()
 
 
 def concept_from_dict(raw: dict, source: str = "concept") -> Concept:

@@ -17,6 +17,12 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from unguide_jax.cli.config import as_config
+from unguide_jax.cli.schemas import (
+    LearnablePromptsTrainConfig,
+    UnguideTrainConfig,
+    train_schema,
+)
 from unguide_jax.edits.edit import Edit, lora_edit, memory_layers
 from unguide_jax.edits.files import save_adapter, save_edit
 from unguide_jax.edits.lora import LoraConfig, count_parameters, target_modules
@@ -37,19 +43,14 @@ from unguide_jax.training.checkpoints import RunCheckpoints
 from unguide_jax.training.sharding import jit_train_step
 
 
-def lora_config_from(config: Mapping) -> LoraConfig:
-    """The LoRA settings of an UnGuide config (a run's config.json or a checkpoint's record)."""
-    lora = config["lora"]
-    return LoraConfig(rank=int(lora["rank"]), alpha=float(lora["alpha"]), targets=str(lora["targets"]))
-
-
 class UnguideTrainer:
     """UnGuide: a LoRA adapter, the objective of spec §3, Adam on the adapter."""
 
-    def __init__(self, config: Mapping):
-        self.lora = lora_config_from(config)
-        self.objective = ObjectiveConfig(**config["objective"])
-        self.learning_rate = float(config["learning_rate"])
+    def __init__(self, config: UnguideTrainConfig | Mapping):
+        config = as_config(config, UnguideTrainConfig, strict=False)
+        self.lora = LoraConfig(**dataclasses.asdict(config.lora))
+        self.objective = ObjectiveConfig(**dataclasses.asdict(config.objective))
+        self.learning_rate = config.learning_rate
         self.optimizer = make_optimizer(self.learning_rate)
 
     def describe(self, unet_params) -> dict:
@@ -76,12 +77,12 @@ class UnguideTrainer:
     def checkpoint_info(self) -> dict:
         return {"kind": "lora", "rank": self.lora.rank, "alpha": self.lora.alpha, "targets": self.lora.targets}
 
-    def save(self, state, run_dir: Path, concept, config: Mapping) -> Edit:
+    def save(self, state, run_dir: Path, concept, config: UnguideTrainConfig) -> Edit:
         adapter = jax.device_get(state.adapter)
         save_adapter(run_dir / ADAPTER_FILE, adapter, self.lora, extra={
-            "concept": concept.to_json(), "base_model": str(config["model"]), "steps": int(state.step),
+            "concept": concept.to_json(), "base_model": config.model, "steps": int(state.step),
             "objective": dataclasses.asdict(self.objective), "learning_rate": self.learning_rate,
-            "seed": int(config["seed"]),
+            "seed": config.seed,
         })
         return self.to_edit(adapter)
 
@@ -89,9 +90,10 @@ class UnguideTrainer:
 class PromptTrainer:
     """Learnable prompts: memory tokens and an ESD fine-tune of a parameter subset, trained alternately."""
 
-    def __init__(self, config: Mapping):
-        self.prompt = learnable_prompts.PromptConfig(**config["prompt"])
-        self.objective = ObjectiveConfig(**config["objective"])
+    def __init__(self, config: LearnablePromptsTrainConfig | Mapping):
+        config = as_config(config, LearnablePromptsTrainConfig, strict=False)
+        self.prompt = learnable_prompts.PromptConfig(**dataclasses.asdict(config.prompt))
+        self.objective = ObjectiveConfig(**dataclasses.asdict(config.objective))
         self._concept_vector = None
 
     def describe(self, unet_params) -> dict:
@@ -129,9 +131,9 @@ class PromptTrainer:
     def checkpoint_info(self) -> dict:
         return {"kind": "learnable_prompts", "prompt_tokens": "dropped"}
 
-    def save(self, state, run_dir: Path, concept, config: Mapping) -> Edit:
+    def save(self, state, run_dir: Path, concept, config: LearnablePromptsTrainConfig) -> Edit:
         adapter = jax.device_get(state.adapter)
-        extra = {"concept": concept.to_json(), "base_model": str(config["model"]), "steps": int(state.step),
+        extra = {"concept": concept.to_json(), "base_model": config.model, "steps": int(state.step),
                  "prompt": dataclasses.asdict(self.prompt), "objective": dataclasses.asdict(self.objective)}
         save_edit(run_dir / "edit_with_prompt.safetensors", self.to_edit(adapter, True),
                   "learnable_prompts", dict(extra, keep_prompt=True))
@@ -147,7 +149,8 @@ class ClosedForm:
 
 
 ADAPTER_FILE, EDIT_FILE = "adapter.safetensors", "edit.safetensors"
-TRAINED: dict[str, Callable[[Mapping], Any]] = {"unguide": UnguideTrainer, "learnable_prompts": PromptTrainer}
+# A trainer is built from its train config (or a dict such as a checkpoint's record).
+TRAINED: dict[str, Callable[..., Any]] = {"unguide": UnguideTrainer, "learnable_prompts": PromptTrainer}
 CLOSED_FORM: dict[str, ClosedForm] = {
     "pure": ClosedForm("pure", pure.PureConfig, pure.pure_edit),
     "uce": ClosedForm("uce", uce.UceConfig, uce.uce_edit),
@@ -161,17 +164,17 @@ def restore_checkpoint_edit(step_dir: Path, unet_params: Mapping) -> tuple[Edit,
     checkpoints = RunCheckpoints(step_dir.parent)
     try:
         step = int(step_dir.name)
-        config = checkpoints.saved_config(step)
-        method = config.get("method", "unguide")
+        saved = checkpoints.saved_config(step)
+        method = saved.get("method", "unguide")
         if method not in TRAINED:
             raise ValueError(f"{step_dir}: a checkpoint of method {method!r} holds no edit to sample with")
+        config = as_config(saved, train_schema, strict=False)  # a record of this or an older version
         trainer = TRAINED[method](config)
-        abstract = jax.eval_shape(lambda key: trainer.init_for_restore(key, unet_params),
-                                  jax.random.key(int(config["seed"])))
+        abstract = jax.eval_shape(lambda key: trainer.init_for_restore(key, unet_params), jax.random.key(config.seed))
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
         state, _ = checkpoints.restore(abstract, step=step)
     finally:
         checkpoints.close()
-    info = dict(trainer.checkpoint_info(), source=str(step_dir), steps=int(state.step), concept=config.get("concept"))
+    info = dict(trainer.checkpoint_info(), source=str(step_dir), steps=int(state.step), concept=saved.get("concept"))
     return trainer.to_edit(state.adapter), info

@@ -29,16 +29,19 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unguide_jax.cli.config import as_config, to_dict
+from unguide_jax.cli.schemas import EvaluateConfig, Method
 from unguide_jax.diffusion.batching import ImageRequest, generate_images
 from unguide_jax.diffusion.images import image_grid, save_png, slug, versions
 from unguide_jax.edits.sources import load_edit
 from unguide_jax.erasers.concepts import load_concept
-from unguide_jax.erasers.unguide.modes import MODES, weights_for
+from unguide_jax.erasers.unguide.modes import weights_for
 from unguide_jax.erasers.unguide.probe import ProbeConfig, WProbe
 from unguide_jax.evaluation.attack import (
     AttackConfig,
@@ -46,11 +49,11 @@ from unguide_jax.evaluation.attack import (
     prefixed_ids,
     run_attack,
 )
-from unguide_jax.loading.diffusers_folder import load_pipeline
+from unguide_jax.loading.resolve import load_model
 from unguide_jax.loading.weights import write_json
 from unguide_jax.models.dtypes import dtype_named
 from unguide_jax.shapes import data as shapes
-from unguide_jax.shapes import load_evaluator, resolve_model_path
+from unguide_jax.shapes.classifier import load_evaluator
 
 PROTOCOLS = ("mace", "reference")
 METRIC_KEYS = ("acc_e", "acc_s", "acc_g", "h_o")
@@ -114,41 +117,17 @@ def score(prompt_set: PromptSet, class_probs: np.ndarray, owners: np.ndarray) ->
     return out
 
 
-@dataclasses.dataclass(frozen=True)
-class Method:
-    """One row of the table: which edit of the erasure (None: the base model) and how it is sampled."""
-
-    name: str
-    edit: str | None = None      # a key of the erasure's ``edits``
-    mode: str = "base"           # base | adapter | unguide | fixed
-    w: float = 2.0               # mode "fixed"
-
-    @classmethod
-    def from_config(cls, raw) -> "Method":
-        if isinstance(raw, str):  # shorthand for the single-edit case: base / adapter / unguide / fixed
-            raw = {"name": raw, "edit": None if raw == "base" else "unguide", "mode": raw}
-        unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown keys {unknown} in an evaluation method (name, edit, mode, w)")
-        method = cls(**raw)
-        if method.mode not in MODES:
-            raise ValueError(f"evaluation method {method.name!r}: unknown mode {method.mode!r}; known: {MODES}")
-        if (method.mode == "base") != (method.edit is None):
-            raise ValueError(f"evaluation method {method.name!r}: mode base takes no edit, the other modes need one")
-        return method
-
-
-def _probe(sd, edit, config, prompts, embeddings=None):
+def _probe(sd, edit, config: EvaluateConfig, prompts, embeddings=None):
     started = time.perf_counter()
-    probe = WProbe(sd, edit, ProbeConfig(**config["probe"]))
-    result = probe.run(prompts, config["guidance_scale"], prompt_embeddings=embeddings)
+    probe = WProbe(sd, edit, ProbeConfig(**dataclasses.asdict(config.probe)))
+    result = probe.run(prompts, config.guidance_scale, prompt_embeddings=embeddings)
     info = {"D_empty": result.d_empty, "probe_seconds": round(time.perf_counter() - started, 2),
             "probe_unet_rows": probe.unet_calls,
             "probe": {p: dict(D=float(d), w=float(w)) for p, d, w in zip(prompts, result.d, result.w)}}
     return [float(w) for w in result.w], info
 
 
-def _method_ws(method: Method, config: dict, sd, edit, prompts: list[str]) -> tuple[list[float | None], dict]:
+def _method_ws(method: Method, config: EvaluateConfig, sd, edit, prompts: list[str]) -> tuple[list[float | None], dict]:
     info = {"w": float(method.w)} if method.mode == "fixed" else {}
 
     def probe():
@@ -159,10 +138,10 @@ def _method_ws(method: Method, config: dict, sd, edit, prompts: list[str]) -> tu
     return weights_for(method.mode, len(prompts), fixed_w=method.w, probe=probe), info
 
 
-def _attack(sd, evaluator, erased: int, target_prompt: str, method: Method, edit, config: dict, x0: np.ndarray,
-            seeds: list[int]) -> dict:
+def _attack(sd, evaluator, erased: int, target_prompt: str, method: Method, edit, config: EvaluateConfig,
+            x0: np.ndarray, seeds: list[int]) -> dict:
     """The prefix attack on the method's edit, one target image per seed; success = the erased class is back."""
-    attack = AttackConfig(**config["attack"]["settings"])
+    attack = AttackConfig(**dataclasses.asdict(config.attack.settings))
     started = time.perf_counter()
     ids = jnp.asarray(prefixed_ids(sd, target_prompt, attack.prefix_tokens))
     contexts, texts = [], []
@@ -178,38 +157,35 @@ def _attack(sd, evaluator, erased: int, target_prompt: str, method: Method, edit
         w, _ = _probe(sd, edit, config, texts, embeddings=contexts)
     elif method.mode == "fixed":
         w = [float(method.w)] * len(seeds)
-    images = sd.generate(texts, seeds, guidance_scale=float(config["guidance_scale"]),
-                         num_steps=int(config["num_steps"]), edit=edit, w=w, fused=bool(config["fused"]),
-                         prompt_embeddings=contexts).images
+    images = sd.generate(texts, seeds, guidance_scale=config.guidance_scale, num_steps=config.num_steps, edit=edit,
+                         w=w, fused=config.fused, prompt_embeddings=contexts).images
     predicted = evaluator.predict(images)[0]
     return dict(success_rate=float(np.mean(predicted == erased)), prompts=texts,
                 seconds=round(time.perf_counter() - started, 2), settings=dataclasses.asdict(attack))
 
 
-def evaluate_erasure(sd, evaluator, concept, edits_by_name: dict, config: dict, out_dir: Path) -> dict:
-    """Every method of ``config["methods"]`` on one erased concept; writes its PNGs and grids under out_dir."""
+def evaluate_erasure(sd, evaluator, concept, edits_by_name: dict, config: EvaluateConfig, out_dir: Path) -> dict:
+    """Every method of ``config.methods`` on one erased concept; writes its PNGs and grids under out_dir."""
     prompt_set = PromptSet.from_concept(concept)
-    n = int(config["images_per_prompt"])
+    n = config.images_per_prompt
     owners = np.repeat(np.arange(len(prompt_set.items)), n)
-    paraphrases = list(concept.paraphrases) if config["paraphrases"] else []
-    attack_images = int(config["attack"]["images"]) if config["attack"]["enabled"] else 0
+    paraphrases = list(concept.paraphrases) if config.paraphrases else []
+    attack_images = config.attack.images if config.attack.enabled else 0
     x0 = None
     if attack_images:  # the attack's targets: the base model's own images of the concept, its latents
-        seeds = [int(config["seed"]) + j for j in range(attack_images)]
-        x0 = sd.generate([prompt_set.prompts[0]] * attack_images, seeds, guidance_scale=float(config["guidance_scale"]),
-                         num_steps=int(config["num_steps"])).latents
+        seeds = [config.seed + j for j in range(attack_images)]
+        x0 = sd.generate([prompt_set.prompts[0]] * attack_images, seeds, guidance_scale=config.guidance_scale,
+                         num_steps=config.num_steps).latents
     results = {}
-    for raw in config["methods"]:
-        method = Method.from_config(raw)
+    for method in config.method_rows():
         edit = edits_by_name[method.edit] if method.edit else None
         started = time.perf_counter()
         prompts = prompt_set.prompts + paraphrases
         ws, info = _method_ws(method, config, sd, edit, prompts)
-        requests = [ImageRequest(p, int(config["seed"]) + j, float(config["guidance_scale"]), ws[i])
+        requests = [ImageRequest(p, config.seed + j, config.guidance_scale, ws[i])
                     for i, p in enumerate(prompts) for j in range(n)]
-        images = generate_images(sd, requests, batch_size=int(config["batch_size"]), num_steps=int(config["num_steps"]),
-                                 eta=float(config["eta"]), edit=edit, fused=bool(config["fused"]),
-                                 desc=f"{concept.name}: {method.name}")
+        images = generate_images(sd, requests, batch_size=config.batch_size, num_steps=config.num_steps,
+                                 eta=config.eta, edit=edit, fused=config.fused, desc=f"{concept.name}: {method.name}")
         seconds = round(time.perf_counter() - started, 2)
         class_probs, _ = evaluator.probabilities(np.stack(images))
         main = len(prompt_set.items) * n
@@ -267,31 +243,22 @@ def format_table(summary: dict, protocol: str = "mace") -> str:
     return "\n".join(lines)
 
 
-def run_evaluation(config: dict) -> Path:
-    """The evaluation job: every erasure of ``config["erasures"]``, every method; results.json + results.md."""
-    if config["evaluator"] != "embedded":
-        raise ValueError(f"unknown evaluator {config['evaluator']!r}: the only one is 'embedded' (the shapes classifier)")
-    methods = [Method.from_config(m) for m in config["methods"]]
-    if len({m.name for m in methods}) != len(methods):
-        raise ValueError("evaluation method names must be unique")
-    if not config["erasures"]:
-        raise ValueError("config.erasures is empty: give [{concept: ..., edits: {name: source, ...}}, ...]")
-    out_dir = Path(config["out_dir"])
+def run_evaluation(config: EvaluateConfig | Mapping) -> Path:
+    """The evaluation job (``config``: an EvaluateConfig, or a dict validated into one): every erasure of
+    ``config.erasures``, every method; results.json + results.md."""
+    config = as_config(config, EvaluateConfig)
+    methods = config.method_rows()
+    out_dir = Path(config.out_dir)
     started = time.perf_counter()
-    sd = load_pipeline(resolve_model_path(config["model"]), dtype=dtype_named(config["dtype"]))
+    sd = load_model(config.model, dtype=dtype_named(config.dtype), variant=config.variant, revision=config.revision,
+                    config_folder=config.model_config or None)
     evaluator = load_evaluator()
     cases = []
-    for erasure in config["erasures"]:
-        unknown_keys = sorted(set(erasure) - {"concept", "edits"})
-        if unknown_keys:
-            raise ValueError(f"unknown keys {unknown_keys} in an erasure of config.erasures (known: concept, edits)")
-        concept = load_concept(erasure["concept"])
+    for erasure in config.erasures:
+        concept = load_concept(erasure.concept)
         loaded, info = {}, {}
-        for name, sources in erasure.get("edits", {}).items():
-            loaded[name], info[name] = load_edit(sources, sd.params["unet"])
-        missing = sorted({m.edit for m in methods if m.edit and m.edit not in loaded})
-        if missing:
-            raise ValueError(f"erasure of {concept.name!r} has no edit named {missing} (it has {sorted(loaded)})")
+        for name, sources in erasure.edits.items():
+            loaded[name], info[name] = load_edit(list(sources), sd.params["unet"])
         cases.append((concept, loaded, info))
     per_concept = []
     for concept, loaded, info in cases:
@@ -299,14 +266,14 @@ def run_evaluation(config: dict) -> Path:
         result["edits"] = info
         per_concept.append(result)
     summary = average(per_concept, [m.name for m in methods])
-    settings = dict(config)
+    settings = {k: v for k, v in to_dict(config).items() if k != "job"}
     settings.update(versions=versions(), seconds=round(time.perf_counter() - started, 1),
                     evaluator="embedded shapes classifier (unguide_jax/assets/shapes-classifier)")
     write_json(out_dir / "results.json", {"settings": settings, "average": summary, "concepts": per_concept})
     concepts = ", ".join(c["concept"] for c in per_concept)
-    n = config["images_per_prompt"]
+    n = config.images_per_prompt
     text = [f"Erasure evaluation on the embedded shapes model: {concepts}; {n} images per prompt, seeds "
-            f"{config['seed']}+j, CFG {config['guidance_scale']}, {config['num_steps']} DDIM steps.", ""]
+            f"{config.seed}+j, CFG {config.guidance_scale}, {config.num_steps} DDIM steps.", ""]
     for protocol in PROTOCOLS:
         text += [f"Protocol: {protocol}", "", format_table(summary, protocol), ""]
     (out_dir / "results.md").write_text("\n".join(text))

@@ -7,6 +7,7 @@ Layout: ``model_index.json``, ``unet/``, ``text_encoder/``, ``vae/``, ``tokenize
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,8 +55,27 @@ def build_module(name: str, config, dtype=jnp.float32, param_dtype=jnp.float32):
 
 def params_from_state_dict(name: str, module, state_dict, param_dtype=None) -> dict:
     """A component's PyTorch state dict -> its Flax params (every tensor used exactly once)."""
-    abstract = abstract_params(module, *module.init_inputs())
+    abstract = module_abstract_params(module)
     return torch_to_flax(state_dict, abstract, dtype=param_dtype, rename=COMPONENTS[name].rename, what=name)
+
+
+def module_abstract_params(module) -> dict:
+    """``abstract_params`` of a component module, remembered per (class, config, dtypes): tracing a
+    full-size UNet's init takes seconds, and every load of the same architecture would repeat it.
+    The tree holds immutable ShapeDtypeStructs and is only read."""
+    fields = {f.name for f in dataclasses.fields(module)} - {"parent", "name"}
+    if fields == {"config", "dtype", "param_dtype"}:
+        try:
+            return _abstract_params_of(type(module), module.config, module.dtype, module.param_dtype)
+        except TypeError:  # an unhashable config value: no cache
+            pass
+    return abstract_params(module, *module.init_inputs())
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_params_of(module_cls, config, dtype, param_dtype) -> dict:
+    module = module_cls(config, dtype=dtype, param_dtype=param_dtype)
+    return abstract_params(module, *module.init_inputs())
 
 
 def load_component(

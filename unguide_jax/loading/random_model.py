@@ -1,4 +1,4 @@
-"""A tiny Stable Diffusion with *random* weights, for smoke runs until the embedded model ships.
+"""A tiny Stable Diffusion with *random* weights, for smoke runs (`sample.py:smoke`) and tests.
 
 It has the real architecture and folder layout (so loading, sampling and the outputs are
 exercised end to end), a byte-level CLIP tokenizer, and produces noise-like images.

@@ -11,7 +11,9 @@ holds the whole model under LDM names::
 It carries no configs, tokenizer or scheduler settings, and nothing can be downloaded here, so
 the caller names a local diffusers-layout folder of the same architecture whose
 ``unet/config.json``, ``vae/config.json``, ``text_encoder/config.json``, ``tokenizer/`` and
-``scheduler/scheduler_config.json`` are used (its weight files are never read). The renaming
+``scheduler/scheduler_config.json`` are used (its weight files are never read) -- or one of the
+configs shipped for SD 1.x / 2.x (:mod:`unguide_jax.loading.sd_configs`), by name or picked from
+the checkpoint's tensor shapes (:func:`pick_shipped_config`). The renaming
 itself is diffusers' own (``diffusers.loaders.single_file_utils``): it turns the checkpoint into
 per-component diffusers state dicts, which then go through the same strict PyTorch -> Flax
 conversion as :func:`unguide_jax.loading.diffusers_folder.load_pipeline` (every tensor used once, shapes checked).
@@ -20,9 +22,11 @@ diffusers and torch must be installed for this module.
 from __future__ import annotations
 
 import re
+import tempfile
 import types
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -38,6 +42,7 @@ from unguide_jax.loading.diffusers_folder import (
     load_tokenizer,
     params_from_state_dict,
 )
+from unguide_jax.loading.sd_configs import SHIPPED_CONFIGS, ShippedConfig
 from unguide_jax.loading.weights import PICKLE_SUFFIXES, read_pickle, read_weights
 from unguide_jax.models.config_io import read_json
 
@@ -63,7 +68,7 @@ class SingleFileError(ValueError):
 
 def load_single_file(
     checkpoint_path: str | Path,
-    config_folder: str | Path,
+    config_folder: str | Path | None = None,
     *,
     dtype=jnp.float32,
     param_dtype=jnp.float32,
@@ -80,6 +85,11 @@ def load_single_file(
     scheduler says ``"prediction_type": "v_prediction"`` (SD 2.x base and SD 1.x: ``"epsilon"``);
     the checkpoint itself does not record it.
 
+    ``config_folder`` may also name a shipped config (``"sd1"``, ``"sd2-base"``, ``"sd2-v"``; an
+    existing folder of that name wins), or be ``None``: then the shipped config is picked from the
+    checkpoint's tensors (:func:`pick_shipped_config`) -- SD 1.x is recognised outright, SD 2.x
+    asks for ``"sd2-base"`` or ``"sd2-v"`` since its weights do not tell the two apart.
+
     ``dtype``/``param_dtype``/``clip_skip`` are as in :func:`unguide_jax.loading.diffusers_folder.load_pipeline`.
     Pickled checkpoints (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) are refused unless
     ``allow_pickle=True``, and then read with ``torch.load(weights_only=True)``.
@@ -90,15 +100,34 @@ def load_single_file(
     and diffusers' text encoder config has one layer fewer); such a surplus final block is dropped.
     Any other mismatch between checkpoint and configs is an error naming the offending tensors.
     """
-    checkpoint_path, config_folder = Path(checkpoint_path), Path(config_folder)
+    checkpoint_path = Path(checkpoint_path)
     # Everything that can be checked cheaply is checked before reading gigabytes of weights.
     if not checkpoint_path.is_file():
         raise FileNotFoundError(f"missing checkpoint file: {checkpoint_path}")
+    kw = {"dtype": dtype, "param_dtype": param_dtype, "allow_pickle": allow_pickle, "clip_skip": clip_skip,
+          "extract_ema": extract_ema}
+    shipped = shipped_config_named(config_folder)
+    if shipped is None and config_folder is None:
+        shipped = pick_shipped_config(checkpoint_path, allow_pickle=allow_pickle)
+    if shipped is None:
+        return _load(checkpoint_path, Path(config_folder), None, **kw)
+    with tempfile.TemporaryDirectory(prefix=f"unguide-{shipped.name}-config-") as tmp:
+        # The tokenizer is read into memory here, so the folder may go once the model is loaded.
+        return _load(checkpoint_path, shipped.write(tmp), shipped.name, **kw)
+
+
+def _load(checkpoint_path: Path, config_folder: Path, shipped_name: str | None, *, dtype, param_dtype, allow_pickle,
+          clip_skip, extract_ema) -> StableDiffusion:
+    label = config_folder if shipped_name is None else f"the shipped {shipped_name!r} config"
+
+    def where(rel: str) -> str:
+        return str(config_folder / rel) if shipped_name is None else f"{label}'s {rel}"
+
     configs = read_config_folder(config_folder)
-    parsed = {name: COMPONENTS[name].config_cls.from_dict(configs[name], source=str(config_folder / CONFIG_FILES[name]))
+    parsed = {name: COMPONENTS[name].config_cls.from_dict(configs[name], source=where(CONFIG_FILES[name]))
               for name in ("unet", "text_encoder", "vae")}
-    scheduler = SchedulerConfig.from_dict(configs["scheduler"], source=str(config_folder / CONFIG_FILES["scheduler"]))
-    check_compatible(parsed["unet"], parsed["text_encoder"], config_folder)
+    scheduler = SchedulerConfig.from_dict(configs["scheduler"], source=where(CONFIG_FILES["scheduler"]))
+    check_compatible(parsed["unet"], parsed["text_encoder"], label)
     tokenizer = load_tokenizer(config_folder / "tokenizer")
     if checkpoint_path.suffix in PICKLE_SUFFIXES and not allow_pickle:
         read_pickle(checkpoint_path, allow_pickle=False)  # raises PickledWeightsRefused, explaining why
@@ -119,8 +148,8 @@ def load_single_file(
             params[name] = params_from_state_dict(name, module, state_dicts.pop(name), param_dtype)
         except ConversionError as e:
             raise SingleFileError(
-                f"{checkpoint_path}: its {_PART_NAMES[name]} does not match {config_folder / CONFIG_FILES[name]} "
-                f"(is the config folder the same architecture?): {e}"
+                f"{checkpoint_path}: its {_PART_NAMES[name]} does not match {where(CONFIG_FILES[name])} "
+                f"({'is the config folder the same architecture?' if shipped_name is None else 'pass config_folder: a diffusers folder of its architecture'}): {e}"
             ) from e
         modules[name] = module
 
@@ -171,6 +200,90 @@ def check_layout(keys: Iterable[str], source: Any = "checkpoint") -> str:
             f"{'; '.join(missing)}. First keys: {sample}"
         )
     return text_kind
+
+
+def shipped_config_named(config_folder: str | Path | None) -> ShippedConfig | None:
+    """The shipped config ``config_folder`` names ("sd1", "sd2-base", "sd2-v"), unless a folder of that name exists."""
+    if config_folder is None or str(config_folder) not in SHIPPED_CONFIGS or Path(config_folder).is_dir():
+        return None
+    return SHIPPED_CONFIGS[str(config_folder)]
+
+
+def checkpoint_shapes(path: str | Path, allow_pickle: bool = False) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, without reading the weights: the safetensors header; for a pickle
+    (only with ``allow_pickle``) a memory-mapped ``torch.load`` (a full load for pre-zip pickles)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="numpy") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    if path.suffix not in PICKLE_SUFFIXES:
+        raise SingleFileError(f"{path}: not a single-file checkpoint (expected .safetensors or {', '.join(PICKLE_SUFFIXES)})")
+    if not allow_pickle:
+        read_pickle(path, allow_pickle=False)  # raises PickledWeightsRefused, explaining why
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (pre-zip) pickles cannot be memory-mapped
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+
+
+_CROSS_ATTENTION_KEY = re.compile(rf"^{re.escape(UNET_PREFIX)}.*\.attn2\.to_k\.weight$")
+_TEXT_NAMES = {"clip": f"SD 1.x-style CLIP ({CLIP_PREFIX}*)", "open_clip": f"SD 2.x-style OpenCLIP ({OPEN_CLIP_PREFIX}*)"}
+
+
+def checkpoint_signature(shapes: Mapping[str, tuple[int, ...]], source: Any = "checkpoint") -> tuple[str, int, int, int]:
+    """(text encoder kind, cross-attention width, UNet in_channels, UNet base width), from tensor shapes alone:
+    what :attr:`ShippedConfig.signature` is matched against."""
+    text_kind = check_layout(shapes, source)
+    widths = {shape[-1] for key, shape in shapes.items() if _CROSS_ATTENTION_KEY.match(key) and len(shape) >= 2}
+    conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    if len(widths) != 1 or conv_in is None or len(conv_in) != 4:
+        raise SingleFileError(
+            f"{source}: cannot read the architecture from its UNet (cross-attention widths {sorted(widths)}, "
+            f"conv_in {conv_in}); pass config_folder: a diffusers folder of its architecture"
+        )
+    return text_kind, widths.pop(), int(conv_in[1]), int(conv_in[0])
+
+
+def pick_shipped_config(checkpoint_path: str | Path, *, allow_pickle: bool = False) -> ShippedConfig:
+    """The shipped config that fits a single-file checkpoint, from its tensor shapes.
+
+    The text encoder's layout and the UNet's cross-attention width decide: CLIP and 768 is SD 1.x
+    ("sd1"); OpenCLIP and 1024 is SD 2.x. SD 2.x base (512 px, epsilon) and 768-v (v-prediction)
+    have the same tensors, and a safetensors file records neither, so that case is an error asking
+    for ``config_folder="sd2-base"`` or ``"sd2-v"`` rather than a guess (diffusers guesses v unless a
+    pickle's ``global_step`` is 875000; a wrong guess samples noise). Anything else (SDXL, an
+    inpainting UNet with 9 input channels, ...) is an error asking for a config folder.
+    """
+    path = Path(checkpoint_path)
+    return shipped_config_for(checkpoint_shapes(path, allow_pickle), path)
+
+
+def shipped_config_for(shapes: Mapping[str, tuple[int, ...]], source: Any = "checkpoint") -> ShippedConfig:
+    """:func:`pick_shipped_config` on tensor name -> shape."""
+    path = source
+    signature = checkpoint_signature(shapes, source)
+    matches = [c for c in SHIPPED_CONFIGS.values() if c.signature == signature]
+    if len(matches) == 1:
+        return matches[0]
+    text_kind, width, in_channels, base = signature
+    found = (f"text encoder {_TEXT_NAMES[text_kind]}, cross-attention width {width}, UNet in_channels {in_channels}"
+             + (" (an inpainting model?)" if in_channels == 9 else "") + f", UNet base width {base}")
+    if not matches:
+        shipped = "; ".join(f"{c.name}: {c.description}" for c in SHIPPED_CONFIGS.values())
+        raise SingleFileError(
+            f"{path}: no shipped config fits this checkpoint ({found}). Shipped: {shipped}. Pass config_folder: "
+            "a diffusers-layout folder of its architecture (its weights are not needed)."
+        )
+    options = " or ".join(f"config_folder={c.name!r} ({c.description})" for c in matches)
+    raise SingleFileError(
+        f"{path}: ambiguous single file ({found}): its tensors fit several shipped configs, which differ in what "
+        f"the weights do not record (the prediction type and native size). Pass {options}, or a diffusers folder."
+    )
 
 
 def convert_checkpoint(

@@ -24,7 +24,35 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"missing weights file: {path}")
-    return load_file(str(path))  # bf16 comes back as ml_dtypes.bfloat16
+    try:
+        return load_file(str(path))  # bf16 comes back as ml_dtypes.bfloat16
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise UnreadableWeights(path, err) from None
+
+
+class UnreadableWeights(ValueError):
+    """A weights file that is not a readable safetensors file (truncated, damaged, or another format)."""
+
+    def __init__(self, path: str | Path, err: BaseException):
+        self.path = Path(path)
+        super().__init__(f"{path} is not a readable safetensors file (truncated or damaged?): {err}")
+
+
+def read_safetensors_with_metadata(path: str | Path, names: bool = True) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; a damaged file is an ``UnreadableWeights`` naming it.
+    ``names=False`` reads the metadata only (no tensors)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"missing file: {path}")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {name: f.get_tensor(name) for name in f.keys()} if names else {}
+    except Exception as err:
+        raise UnreadableWeights(path, err) from None
+    return tensors, metadata
 
 
 def read_pickle(path: str | Path, allow_pickle: bool) -> dict[str, np.ndarray]:
@@ -32,7 +60,7 @@ def read_pickle(path: str | Path, allow_pickle: bool) -> dict[str, np.ndarray]:
     if not allow_pickle:
         raise PickledWeightsRefused(
             f"{path} is a pickled PyTorch file; pickles can run code when loaded. Convert it to safetensors, "
-            "or pass allow_pickle=True (--allow-pickle) to load it with torch.load(weights_only=True)."
+            "or pass --config.allow_pickle=true to load it with torch.load(weights_only=True)."
         )
     import torch  # optional dependency: pip install 'unguide-jax[torch]'
 
@@ -89,10 +117,41 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray], metad
     return path
 
 
+def _non_finite_at(obj, where: str = "") -> str | None:
+    """The key path of the first NaN/inf float in a JSON-able value (None: none)."""
+    if isinstance(obj, float):
+        return None if obj == obj and obj not in (float("inf"), float("-inf")) else (where or "<root>")
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for k, v in items:
+        found = _non_finite_at(v, f"{where}[{k}]" if isinstance(k, int) else f"{where}.{k}" if where else str(k))
+        if found:
+            return found
+    return None
+
+
+def dumps_json(obj, *, what: str = "a JSON record", **kwargs) -> str:
+    """``json.dumps`` that refuses NaN and infinities (bare ``NaN`` is not JSON): the error names the key
+    path of the first non-finite value and ``what`` was being written."""
+    try:
+        return json.dumps(obj, allow_nan=False, **kwargs)
+    except ValueError:
+        where = _non_finite_at(obj)
+        if where is None:
+            raise
+        raise ValueError(f"{what}: {where} is not a finite number; refusing to write non-standard JSON") from None
+
+
 def write_json(path: str | Path, obj) -> Path:
+    """Strict JSON (no NaN/inf), written atomically: every JSON file the project writes goes through here."""
     path = Path(path)
+    text = dumps_json(obj, what=str(path), indent=2, sort_keys=False) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
     return path

@@ -56,17 +56,41 @@ def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, i
     """(B, T, H*D) projections in, (B, T, H*D) out. Logits and softmax run in fp32.
 
     ``key_mask`` (B, S) bool, optional: which keys each batch row may attend to.
+
+    Written out rather than ``jax.nn.dot_product_attention``, for the CPU (docs/benchmarks.md, levers):
+    the 1/sqrt(D) scale goes into the exponent (no pass of its own over the T x S logits), and the
+    softmax is normalised after the product with V (a division over T x D instead of T x S). One head
+    (the small UNets' outer blocks) is a plain batched matmul, no head axis.
     """
     b, t, c = q.shape
     s = k.shape[1]
-    out = jax.nn.dot_product_attention(
-        q.reshape(b, t, heads, c // heads),
-        k.reshape(b, s, heads, c // heads),
-        v.reshape(b, s, heads, v.shape[-1] // heads),
-        mask=None if key_mask is None else key_mask[:, None, None, :],
-        is_causal=is_causal,
-    )
-    return out.reshape(b, t, -1)
+    d = c // heads
+    dv = v.shape[-1] // heads
+    f32 = jnp.float32
+    if heads == 1:
+        logits = jnp.einsum("btd,bsd->bts", q, k, preferred_element_type=f32)[:, None]
+    else:
+        logits = jnp.einsum("bthd,bshd->bhts", q.reshape(b, t, heads, d), k.reshape(b, s, heads, d),
+                            preferred_element_type=f32)
+    masked = None
+    if key_mask is not None:
+        masked = key_mask[:, None, None, :]
+    if is_causal:
+        causal = jnp.tril(jnp.ones((t, s), bool))[None, None]
+        masked = causal if masked is None else masked & causal
+    if masked is not None:
+        logits = jnp.where(masked, logits, jnp.finfo(f32).min)
+    peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    probs = jnp.exp((logits - peak) * (1.0 / math.sqrt(d)))
+    total = jnp.sum(probs, axis=-1, keepdims=True)  # (B, H, T, 1)
+    if heads == 1:
+        out = jnp.einsum("bts,bsd->btd", probs[:, 0].astype(v.dtype), v, preferred_element_type=f32)
+        out = out / total[:, 0]
+    else:
+        out = jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v.reshape(b, s, heads, dv),
+                         preferred_element_type=f32)
+        out = out / jnp.swapaxes(total, 1, 2)
+    return out.astype(q.dtype).reshape(b, t, heads * dv)
 
 
 def timestep_embedding(

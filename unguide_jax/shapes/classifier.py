@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from unguide_jax.loading.weights import read_safetensors, write_json, write_safetensors
+from unguide_jax.shapes import EVALUATOR
 from unguide_jax.shapes import data as shapes
 
 
@@ -205,3 +206,8 @@ def evaluate_on_fresh_images(classifier: Classifier, seed: int, count: int) -> d
     correct = pred_class == labels
     return {"class_accuracy": float(correct.mean()), "style_accuracy": float((pred_style == styles).mean()),
             "per_class_accuracy": accuracy_by_group(correct, labels, classifier.config.classes), "eval_images": count}
+
+
+def load_evaluator() -> Classifier:
+    """The shipped shapes classifier (class and style heads)."""
+    return load_classifier(EVALUATOR)

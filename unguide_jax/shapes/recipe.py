@@ -15,11 +15,13 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
-from unguide_jax.cli.config import parse_cli
+from unguide_jax.cli.config import Command, as_config, run_cli, to_dict
 from unguide_jax.cli.runtime import setup_runtime
+from unguide_jax.cli.schemas import RECIPE_STAGES, RecipeConfig
 from unguide_jax.diffusion.images import save_png
 from unguide_jax.diffusion.pipeline import StableDiffusion
 from unguide_jax.diffusion.schedulers import SchedulerConfig
@@ -44,53 +46,55 @@ from unguide_jax.shapes.classifier import (
 from unguide_jax.shapes.quality import format_quality_table, run_quality_gate
 from unguide_jax.training.loop import MetricsLog
 
-STAGES = ("tokenizer", "evaluator", "vae", "vae_decoder", "text_encoder", "diffusion", "quality")
+STAGES = RECIPE_STAGES  # tokenizer, evaluator, vae, vae_decoder, text_encoder, diffusion, quality
 MODEL_DIR, EVALUATOR_DIR = "shapes-sd", "shapes-classifier"
 
 
-def _stage_tokenizer(config: dict, work: Path, log: MetricsLog) -> None:
-    bpe = config["tokenizer"]["bpe_file"] or None
-    write_clip_tokenizer(work / "tokenizer.tmp", open_clip_merges(bpe), max_length=config["tokenizer"]["max_length"])
+def _stage_tokenizer(config: RecipeConfig, work: Path, log: MetricsLog) -> None:
+    bpe = config.tokenizer.bpe_file or None
+    write_clip_tokenizer(work / "tokenizer.tmp", open_clip_merges(bpe), max_length=config.tokenizer.max_length)
     shutil.rmtree(work / "tokenizer", ignore_errors=True)
     (work / "tokenizer.tmp").rename(work / "tokenizer")
     log({"stage": "tokenizer", "vocab_size": len(load_tokenizer(work / "tokenizer"))})
 
 
-def _stage_evaluator(config: dict, work: Path, log: MetricsLog) -> None:
-    cfg = config["evaluator"]
-    clf_config = ClassifierConfig(image_size=config["image_size"], channels=tuple(cfg["channels"]))
-    params, metrics = train_classifier(clf_config, steps=cfg["steps"], batch_size=cfg["batch_size"],
-                                       learning_rate=cfg["learning_rate"], seed=config["seed"], eval_images=cfg["eval_images"],
-                                       data_seed=cfg["data_seed"], eval_seed=cfg["eval_seed"],
-                                       blur_sigma_max=cfg["blur_sigma_max"], log=log)
+def _stage_evaluator(config: RecipeConfig, work: Path, log: MetricsLog) -> None:
+    cfg = config.evaluator
+    clf_config = ClassifierConfig(image_size=config.image_size, channels=cfg.channels)
+    params, metrics = train_classifier(clf_config, steps=cfg.steps, batch_size=cfg.batch_size,
+                                       learning_rate=cfg.learning_rate, seed=config.seed, eval_images=cfg.eval_images,
+                                       data_seed=cfg.data_seed, eval_seed=cfg.eval_seed,
+                                       blur_sigma_max=cfg.blur_sigma_max, log=log)
     save_classifier(work / f"{EVALUATOR_DIR}.tmp", clf_config, params, metrics)
     (work / f"{EVALUATOR_DIR}.tmp").rename(work / EVALUATOR_DIR)
     log({"stage": "evaluator", "done": True, **{k: v for k, v in metrics.items() if k != "per_class_accuracy"}})
 
 
-def _loop_checkpoint(config: dict, work: Path, stage: str) -> pretrain.LoopCheckpoint:
-    return pretrain.LoopCheckpoint(work / CHECKPOINTS[stage], config["checkpoint_every"])
+def _loop_checkpoint(config: RecipeConfig, work: Path, stage: str) -> pretrain.LoopCheckpoint:
+    return pretrain.LoopCheckpoint(work / CHECKPOINTS[stage], config.checkpoint_every)
 
 
-def _stage_vae(config: dict, work: Path, log: MetricsLog) -> None:
+def _stage_vae(config: RecipeConfig, work: Path, log: MetricsLog) -> None:
     checkpoint = _loop_checkpoint(config, work, "vae")
-    vae_config, params, metrics = pretrain.train_vae(config["vae"], config["image_size"], config["seed"] + 10, log,
+    # pretrain takes each stage's settings as the recipe.json dict they are recorded as
+    vae_config, params, metrics = pretrain.train_vae(to_dict(config.vae), config.image_size, config.seed + 10, log,
                                                      checkpoint)
     _write_component(work, "vae", vae_config, params, metrics)
     checkpoint.remove()
     log({"stage": "vae", "done": True, **metrics})
 
 
-def _stage_vae_decoder(config: dict, work: Path, log: MetricsLog) -> None:
-    cfg = config["vae_decoder"]
+def _stage_vae_decoder(config: RecipeConfig, work: Path, log: MetricsLog) -> None:
+    cfg = config.vae_decoder
     vae, params = load_component(work / "vae", "vae")
     evaluator = load_classifier(work / EVALUATOR_DIR)
-    images, _, labels, styles = shapes.batch(cfg["eval_seed"], 0, cfg["eval_images"], config["image_size"],
-                                             layout=cfg["eval_layout"])
+    images, _, labels, styles = shapes.batch(cfg.eval_seed, 0, cfg.eval_images, config.image_size,
+                                             layout=cfg.eval_layout)
     before = pretrain.round_trip_accuracy(vae, params, evaluator, images, labels, styles)
     log({"stage": "vae_decoder", "round_trip_before": before})
     checkpoint = _loop_checkpoint(config, work, "vae_decoder")
-    params, metrics = pretrain.train_decoder(cfg, vae, params, config["image_size"], config["seed"] + 40, log, checkpoint)
+    params, metrics = pretrain.train_decoder(to_dict(cfg), vae, params, config.image_size, config.seed + 40, log,
+                                             checkpoint)
     after = pretrain.round_trip_accuracy(vae, params, evaluator, images, labels, styles)
     metrics.update(round_trip_before=before, round_trip_after=after)
     _write_component(work, "vae_decoder", vae.config, params, metrics, kind="vae")
@@ -98,9 +102,9 @@ def _stage_vae_decoder(config: dict, work: Path, log: MetricsLog) -> None:
     log({"stage": "vae_decoder", "done": True, **metrics})
 
 
-def _shipped_vae(config: dict) -> str:
+def _shipped_vae(config: RecipeConfig) -> str:
     """The stage whose VAE the model ships: the tuned decoder's when the recipe runs that stage."""
-    return "vae_decoder" if "vae_decoder" in config["stages"] else "vae"
+    return "vae_decoder" if "vae_decoder" in config.stages else "vae"
 
 
 def _write_component(work: Path, name: str, component_config, params, metrics: dict, kind: str = "") -> None:
@@ -111,24 +115,25 @@ def _write_component(work: Path, name: str, component_config, params, metrics: d
     (work / f"{name}.tmp").rename(work / name)
 
 
-def _stage_text_encoder(config: dict, work: Path, log: MetricsLog) -> None:
+def _stage_text_encoder(config: RecipeConfig, work: Path, log: MetricsLog) -> None:
     tokenizer = load_tokenizer(work / "tokenizer")
-    text_cfg = pretrain.text_config(config["text_encoder"], len(tokenizer), tokenizer.model_max_length)
-    params, metrics = pretrain.train_text_encoder(config["text_encoder"], text_cfg, tokenizer, config["seed"] + 30, log)
+    settings = to_dict(config.text_encoder)
+    text_cfg = pretrain.text_config(settings, len(tokenizer), tokenizer.model_max_length)
+    params, metrics = pretrain.train_text_encoder(settings, text_cfg, tokenizer, config.seed + 30, log)
     _write_component(work, "text_encoder", text_cfg, params, metrics)
     log({"stage": "text_encoder", "done": True, **metrics})
 
 
-def _stage_diffusion(config: dict, work: Path, log: MetricsLog) -> None:
-    cfg = config["diffusion"]
+def _stage_diffusion(config: RecipeConfig, work: Path, log: MetricsLog) -> None:
+    cfg = config.diffusion
     # Both VAEs encode alike (vae_decoder keeps the encoder): the latents, and so the UNet, do not depend on which.
     vae, vae_params = load_component(work / _shipped_vae(config), "vae")
     tokenizer = load_tokenizer(work / "tokenizer")
     started = time.perf_counter()
-    indices = (shapes.indices_for_class_weights(cfg["data_seed"], cfg["train_images"], cfg["class_weights"])
-               if cfg["class_weights"] else range(cfg["train_images"]))
-    images, captions, _, _ = shapes.batch_at(cfg["data_seed"], indices, config["image_size"], cfg["synonym_prob"],
-                                             layout=cfg["layout"])
+    indices = (shapes.indices_for_class_weights(cfg.data_seed, cfg.train_images, cfg.class_weights)
+               if cfg.class_weights else range(cfg.train_images))
+    images, captions, _, _ = shapes.batch_at(cfg.data_seed, indices, config.image_size, cfg.synonym_prob,
+                                             layout=cfg.layout)
     mean, logvar = pretrain.encode_dataset(vae, vae_params, images)
     vae_config = dataclasses.replace(vae.config, scaling_factor=round(pretrain.latent_scaling_factor(mean, logvar), 5))
     data = pretrain.DiffusionData(mean, logvar, pretrain.tokenize_captions(tokenizer, captions),
@@ -137,13 +142,13 @@ def _stage_diffusion(config: dict, work: Path, log: MetricsLog) -> None:
          "scaling_factor": vae_config.scaling_factor, "train_images": len(images)})
     text_encoder_module, text_params = load_component(work / "text_encoder", "text_encoder")
     text_cfg = text_encoder_module.config
-    unet_cfg = pretrain.unet_config(config["unet"], mean.shape[1], mean.shape[-1], text_cfg.hidden_size)
+    unet_cfg = pretrain.unet_config(to_dict(config.unet), mean.shape[1], mean.shape[-1], text_cfg.hidden_size)
     # SD's schedule (scaled_linear 0.00085..0.012, leading, steps_offset 1); the prediction type is the recipe's.
-    scheduler = SchedulerConfig(prediction_type=cfg["prediction_type"])
-    init_params = load_component(cfg["init_unet"], "unet")[1] if cfg["init_unet"] else None
+    scheduler = SchedulerConfig(prediction_type=cfg.prediction_type)
+    init_params = load_component(cfg.init_unet, "unet")[1] if cfg.init_unet else None
     checkpoint = _loop_checkpoint(config, work, "diffusion")
     unet, text_encoder, unet_params, metrics = pretrain.train_diffusion(
-        cfg, unet_cfg, text_cfg, vae_config, scheduler, data, text_params, config["seed"] + 20, log, checkpoint,
+        to_dict(cfg), unet_cfg, text_cfg, vae_config, scheduler, data, text_params, config.seed + 20, log, checkpoint,
         init_params)
     sd = StableDiffusion(unet=unet, text_encoder=text_encoder, vae=AutoencoderKL(vae_config), tokenizer=tokenizer,
                          scheduler=scheduler,
@@ -158,10 +163,10 @@ def _stage_diffusion(config: dict, work: Path, log: MetricsLog) -> None:
     log({"stage": "diffusion", "done": True, **metrics})
 
 
-def _stage_quality(config: dict, work: Path, log: MetricsLog) -> None:
+def _stage_quality(config: RecipeConfig, work: Path, log: MetricsLog) -> None:
     sd = load_pipeline(work / MODEL_DIR)
     evaluator = load_classifier(work / EVALUATOR_DIR)
-    metrics, grid = run_quality_gate(sd, evaluator, **config["quality"])
+    metrics, grid = run_quality_gate(sd, evaluator, **to_dict(config.quality))
     save_png(work / "quality_grid.png", grid)
     write_json(work / "quality.json", metrics)
     (work / "quality.md").write_text(format_quality_table(metrics) + "\n")
@@ -194,31 +199,30 @@ CHECKPOINTS = {"vae": "vae.loop.safetensors", "vae_decoder": "vae_decoder.loop.s
 _SHIPS_THE_VAE = ("diffusion", "quality")
 
 
-def run_recipe(config: dict) -> Path:
-    config = {k: v for k, v in config.items() if k != "publish"}
-    unknown = [s for s in config["stages"] if s not in STAGES]
-    if unknown:
-        raise ValueError(f"unknown recipe stages {unknown}; known: {list(STAGES)}")
-    shapes.class_weight_vector(config["diffusion"]["class_weights"])  # a bad weight fails before any stage runs
-    work = Path(config["work_dir"])
+def run_recipe(config: RecipeConfig | Mapping) -> Path:
+    """Run the recipe's stages (``config``: a RecipeConfig, or a dict validated into one, which checks the
+    stage names and class weights before any stage runs); returns the work folder."""
+    config = as_config(config, RecipeConfig)
+    record = {k: v for k, v in to_dict(config).items() if k != "publish"}  # recipe.json; stages compare with it
+    work = Path(config.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     recipe_file = work / "recipe.json"
     previous = json.loads(recipe_file.read_text()) if recipe_file.is_file() else None
     for stage in STAGES:
         made = [work / name for name in (STAGE_OUTPUTS[stage], CHECKPOINTS.get(stage)) if name and (work / name).exists()]
-        if stage in config["stages"] and made and previous is not None:
-            changed = _changed_settings(stage, previous, config)
+        if stage in config.stages and made and previous is not None:
+            changed = _changed_settings(stage, previous, record)
             if changed:
                 raise ValueError(f"{made[0]} was made with other settings of {changed}: "
                                  f"delete it (and what follows) or use another work_dir")
     source = _reuse_source(config)
-    write_json(recipe_file, config)
+    write_json(recipe_file, record)
     log = MetricsLog(work / "metrics.jsonl", append=True, timestamps=True)
     for stage in STAGES:
-        if stage not in config["stages"]:
+        if stage not in config.stages:
             continue
         if source is not None and not (work / STAGE_OUTPUTS[stage]).exists():
-            _reuse_stage(*source, stage, config, work, log)
+            _reuse_stage(*source, stage, record, work, log)
         if (work / STAGE_OUTPUTS[stage]).exists():
             print(f"[recipe] {stage}: done already ({work / STAGE_OUTPUTS[stage]})")
             continue
@@ -245,11 +249,11 @@ def _stage_settings(stage: str, config: dict) -> dict:
     return settings
 
 
-def _reuse_source(config: dict) -> tuple[Path, dict] | None:
+def _reuse_source(config: RecipeConfig) -> tuple[Path, dict] | None:
     """(work_dir, resolved config) of the run named by ``reuse_from``, or None."""
-    if not config["reuse_from"]:
+    if not config.reuse_from:
         return None
-    source = Path(config["reuse_from"])
+    source = Path(config.reuse_from)
     source_recipe = source / "recipe.json"
     if not source_recipe.is_file():
         raise FileNotFoundError(f"reuse_from={str(source)!r} is not a recipe run: no {source_recipe}")
@@ -316,15 +320,22 @@ def unpack_shipped(work: str | Path, assets: Path | None = None) -> Path:
     return work
 
 
-def main(argv=None) -> int:
-    config = parse_cli(sys.argv[1:] if argv is None else argv, "configs/embedded.py")
+COMMAND = Command(prog="python -m unguide_jax.shapes.recipe", summary="Pretrain the embedded shapes model, stage by "
+                  "stage (resumable).", default_config="embedded.py", schema=RecipeConfig)
+
+
+def recipe_job(config: RecipeConfig) -> int:
     setup_runtime()
     work = run_recipe(config)
     print(f"recipe outputs in {work}")
-    if config["publish"]:
+    if config.publish:
         publish(work, ASSETS)
         print(f"published to {ASSETS}")
     return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(COMMAND, argv, recipe_job)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ RECORD_FORMAT = "unguide-jax-checkpoint/1"
 
 
 class CheckpointError(RuntimeError):
-    pass
+    exit_code = 2  # a damaged or unfitting checkpoint is bad input to the command-line tools
 
 
 def _is_typed_key(x) -> bool:

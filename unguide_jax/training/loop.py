@@ -14,11 +14,32 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from unguide_jax.loading.weights import dumps_json
 from unguide_jax.training.checkpoints import RunCheckpoints
 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class Diverged(RuntimeError):
+    """The loss or the trained parameters' norm left ``factor`` times its early range."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DivergenceGuard:
+    """Stop a run whose loss or trained-parameter norm (the adapter's global L2 norm) leaves
+    ``factor`` x its early range. The norm is compared from the first step with the largest norm seen
+    so far (the initial one included) over the first ``warmup`` steps of the session, then with that
+    range frozen; the loss is compared once ``warmup`` steps have set its range (max |loss|), since
+    single early losses vary with the drawn timestep. ``factor`` 0 turns the guard off."""
+
+    factor: float = 20.0
+    warmup: int = 10
+
+    def __post_init__(self):
+        if self.factor < 0 or self.warmup < 1:
+            raise ValueError(f"divergence guard: factor must be >= 0 (0: off) and warmup >= 1, got {self}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +94,7 @@ class MetricsLog:
         if self.timestamps:
             record = {"time": round(time.time(), 2), **record}
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(dumps_json(record, what=str(self.path)) + "\n")
 
 
 @jax.jit
@@ -81,18 +102,51 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+@jax.jit
+def _global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+class _DivergenceWatch:
+    def __init__(self, guard: DivergenceGuard, adapter, start: int):
+        self.guard, self.start = guard, start
+        self.norm_range = float(_global_norm(adapter)) if guard.factor else 0.0
+        self.loss_range = 0.0
+
+    def problem(self, step: int, loss: float, adapter) -> str | None:
+        """What left its range at ``step`` (None: nothing); updates the early ranges."""
+        factor, warm = self.guard.factor, step - self.start <= self.guard.warmup
+        if not factor:
+            return None
+        norm = float(_global_norm(adapter))
+        if not math.isfinite(norm) or (self.norm_range > 0 and norm > factor * self.norm_range):
+            return (f"the trained parameters' norm is {norm:.4g} after step {step}, more than divergence.factor="
+                    f"{factor:g} x its early value {self.norm_range:.4g}")
+        if warm:
+            self.norm_range = max(self.norm_range, norm)
+            self.loss_range = max(self.loss_range, abs(loss))
+        elif self.loss_range > 0 and abs(loss) > factor * self.loss_range:
+            return (f"the loss is {loss:.4g} at step {step}, more than divergence.factor={factor:g} x its early range "
+                    f"(max {self.loss_range:.4g} over steps {self.start + 1}-{self.start + self.guard.warmup})")
+        return None
+
+
 def train_loop(state, step_fn: Callable, *, iterations: int, checkpoint_every: int, checkpoints: RunCheckpoints | None,
-               config: dict, log: Callable[[dict], None], progress: bool = True):
+               config: dict, log: Callable[[dict], None], progress: bool = True,
+               divergence: DivergenceGuard | None = DivergenceGuard()):
     """Run ``step_fn(state) -> (state, metrics)`` until ``state.step == iterations``.
 
     ``state.step`` counts finished updates. A checkpoint is saved after every ``checkpoint_every``-th
     update (0: none in between) and after the last. A non-finite loss stops the run with
     ``NonFiniteLoss`` before anything from that step is saved; a checkpoint whose adapter is not
-    finite is never written either, so the newest checkpoint is always a good one.
+    finite is never written either, so the newest checkpoint is always a good one. ``divergence`` (None:
+    off) stops a run whose loss or adapter norm leaves its early range with ``Diverged``, also before
+    anything from that step is logged or saved.
     """
     start = int(state.step)
     if start > iterations:
         raise ValueError(f"the run is at step {start}, past iterations={iterations}")
+    watch = _DivergenceWatch(divergence, state.adapter, start) if divergence is not None else None
     bar = tqdm(total=iterations, initial=start, desc=config.get("method", "unguide"), unit="step", disable=not progress)
     try:
         for _ in range(start, iterations):
@@ -102,6 +156,10 @@ def train_loop(state, step_fn: Callable, *, iterations: int, checkpoint_every: i
             step = int(state.step)
             if not math.isfinite(metrics["loss"]):
                 raise NonFiniteLoss(_nonfinite_message(f"loss is {metrics['loss']} at step {step}", checkpoints))
+            if watch is not None and (problem := watch.problem(step, metrics["loss"], state.adapter)):
+                raise Diverged(_nonfinite_message(f"training diverged: {problem}", checkpoints,
+                                                  "Try a lower learning_rate (or raise divergence.factor; 0 turns "
+                                                  "the guard off)."))
             log({"step": step, **{k: round(v, 8) if isinstance(v, float) else v for k, v in metrics.items()},
                  "seconds": round(time.perf_counter() - began, 4)})
             bar.set_postfix(loss=f"{metrics['loss']:.5f}")
@@ -115,8 +173,8 @@ def train_loop(state, step_fn: Callable, *, iterations: int, checkpoint_every: i
     return state
 
 
-def _nonfinite_message(what: str, checkpoints: RunCheckpoints | None) -> str:
+def _nonfinite_message(what: str, checkpoints: RunCheckpoints | None, advice: str = "Try a lower learning_rate.") -> str:
     latest = checkpoints.latest_step() if checkpoints is not None else None
     kept = (f"the last good checkpoint is step {latest} in {checkpoints.directory}" if latest is not None
             else "no checkpoint was saved before it")
-    return f"{what}; training stopped ({kept}). Try a lower learning_rate."
+    return f"{what}; training stopped ({kept}). {advice}"

@@ -12,67 +12,47 @@ Run folder (``config.run_dir``):
 """
 from __future__ import annotations
 
-import math
+import dataclasses
+import sys
 from pathlib import Path
+from typing import Mapping
 
 import jax
 
+from unguide_jax.cli.config import ConfigError, as_config, to_dict
+from unguide_jax.cli.schemas import TrainConfig, train_schema
 from unguide_jax.edits.edit import check_edit_fits
-from unguide_jax.edits.export import check_exports, export_edit
+from unguide_jax.edits.export import export_edit
 from unguide_jax.edits.files import save_edit
 from unguide_jax.erasers.concepts import load_concept
-from unguide_jax.erasers.registry import CLOSED_FORM, EDIT_FILE, ERASERS, TRAINED
-from unguide_jax.loading.diffusers_folder import load_pipeline
+from unguide_jax.erasers.registry import CLOSED_FORM, EDIT_FILE, TRAINED
+from unguide_jax.loading.resolve import load_model, resolve_model_source
 from unguide_jax.loading.weights import write_json
 from unguide_jax.models.dtypes import dtype_named
-from unguide_jax.shapes import resolve_model_path
 from unguide_jax.training.checkpoints import RunCheckpoints
-from unguide_jax.training.loop import MetricsLog, RunPaths, train_loop
+from unguide_jax.training.loop import DivergenceGuard, MetricsLog, RunPaths, train_loop
+from unguide_jax.training.run_folder import claim_run_folder
 from unguide_jax.training.sharding import make_mesh, shard, shardings_for
 
 # A resumed run must agree with its checkpoint on these; the rest (iterations, checkpointing,
 # mesh, exports, run_dir) may change between sessions.
 TRAINING_KEYS = ("method", "model", "concept", "lora", "prompt", "objective", "learning_rate", "seed", "dtype",
                  "param_dtype")
-TRAIN_DTYPES = ("float32", "bfloat16")
 
 
-def _positive(config: dict, key: str, allow_zero: bool = False) -> None:
-    value = config
-    for part in key.split("."):
-        value = value[part]
-    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0
-            or (value == 0 and not allow_zero)):
-        raise ValueError(f"config.{key} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+def check_config(config: TrainConfig | Mapping) -> TrainConfig:
+    """The typed config (a dict is validated: ``unguide_jax.cli.schemas``), and the checks of keys a
+    preset may leave empty for the user to fill (``model``, ``run_dir``); errors name the key."""
+    config = as_config(config, train_schema)
+    if not config.model:
+        raise ConfigError("config.model is empty: give a diffusers-layout Stable Diffusion folder or 'embedded'")
+    if not config.run_dir:
+        raise ConfigError("config.run_dir is empty")
+    return config
 
 
-def check_config(config: dict) -> str:
-    """Value checks that need no model; each error names the key. Returns the method."""
-    method = config.get("method", "unguide")
-    if method not in ERASERS:
-        raise ValueError(f"config.method must be one of {ERASERS}, got {method!r}")
-    if not config["model"]:
-        raise ValueError("config.model is empty: give a diffusers-layout Stable Diffusion folder or 'embedded'")
-    if not config["run_dir"]:
-        raise ValueError("config.run_dir is empty")
-    for key in ("dtype", "param_dtype"):
-        dtype_named(config[key], key, TRAIN_DTYPES)
-    check_exports(config["export"])
-    if method in CLOSED_FORM:
-        return method
-    for key in ("iterations", "keep"):
-        _positive(config, key)
-    _positive(config, "checkpoint_every", allow_zero=True)
-    if method == "unguide":
-        _positive(config, "learning_rate")
-        _positive(config, "lora.rank")
-    else:
-        _positive(config, "prompt.model_learning_rate")
-        _positive(config, "prompt.prompt_learning_rate")
-    return method
-
-
-def check_resumable(saved: dict, config: dict, where: Path) -> None:
+def check_resumable(saved: Mapping, config: TrainConfig | Mapping, where: Path) -> None:
+    config = to_dict(config) if isinstance(config, TrainConfig) else config
     changed = [k for k in TRAINING_KEYS if saved.get(k) != config.get(k)]
     if changed:
         detail = "; ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed)
@@ -80,43 +60,49 @@ def check_resumable(saved: dict, config: dict, where: Path) -> None:
                          "Use another run_dir for a new run.")
 
 
-def resolve_model_folder(name_or_path: str) -> Path:
-    folder = resolve_model_path(name_or_path)
-    if name_or_path == "embedded" and not folder.is_dir():
-        raise FileNotFoundError(f"missing model folder: {folder} (the embedded model is not built or installed)")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"missing model folder: {folder}")
-    if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(f"missing model folder: {folder} has no model_index.json (not a diffusers folder)")
-    return folder
+def _load(config: TrainConfig):
+    return load_model(config.model, dtype=dtype_named(config.dtype), param_dtype=dtype_named(config.param_dtype),
+                      allow_pickle=config.allow_pickle, variant=config.variant, revision=config.revision,
+                      config_folder=config.model_config or None)
 
 
-def run_training(config: dict, progress: bool = True) -> Path:
-    """Train (or resume) one eraser as ``config`` says; returns the run folder."""
-    method = check_config(config)
-    concept = load_concept(config["concept"])
-    if method in CLOSED_FORM:
-        return run_closed_form(config, method, concept)
-    trainer = TRAINED[method](config)  # config values are checked here (ObjectiveConfig, LoraConfig, ...)
-    model_folder = resolve_model_folder(config["model"])
-    paths = RunPaths(Path(config["run_dir"]))
-    paths.root.mkdir(parents=True, exist_ok=True)
-    checkpoints = RunCheckpoints(paths.checkpoints, keep=int(config["keep"]))
+def run_training(config: TrainConfig | Mapping, progress: bool = True) -> Path:
+    """Train (or resume) one eraser as ``config`` says (a train schema, or a dict validated into one);
+    returns the run folder."""
+    config = check_config(config)
+    concept = load_concept(config.concept)
+    if config.method in CLOSED_FORM:
+        return run_closed_form(config, config.method, concept)
+    trainer = TRAINED[config.method](config)
+    source = resolve_model_source(config.model, revision=config.revision)  # a missing model fails before anything
+    record = to_dict(config)  # config.json and every checkpoint's config
+    with claim_run_folder(config.run_dir, record, identity_keys=TRAINING_KEYS, resume=config.resume,
+                          overwrite=config.overwrite) as folder:  # locked; another run's folder is refused
+        _train(config, trainer, concept, source, record, RunPaths(folder.work), progress)
+    return Path(config.run_dir)
+
+
+def _train(config: TrainConfig, trainer, concept, source, record: dict, paths: RunPaths, progress: bool) -> Path:
+    """``run_training`` in its claimed folder (``paths.root``: where it writes; a building folder when replacing)."""
+    checkpoints = RunCheckpoints(paths.checkpoints, keep=config.keep)
     try:
         latest = checkpoints.latest_step()
-        if latest is not None and not config["resume"]:
+        if latest is not None and not config.resume:
             raise FileExistsError(f"{paths.checkpoints} already holds checkpoints (latest: step {latest}): pass "
-                                  "--config.resume=true to continue that run, or choose another run_dir")
+                                  "--config.resume=true to continue that run, --config.overwrite=true to replace it, or "
+                                  "choose another run_dir")
         if latest is not None:
-            check_resumable(checkpoints.saved_config(latest), config, paths.root)  # before loading the model
+            check_resumable(checkpoints.saved_config(latest), record, paths.root)  # before loading the model
+        elif config.resume:
+            print(f"note: resume=true, but {paths.checkpoints} holds no complete checkpoint: starting a new run "
+                  "at step 0", file=sys.stderr)
 
-        sd = load_pipeline(model_folder, dtype=dtype_named(config["dtype"]), param_dtype=dtype_named(config["param_dtype"], "param_dtype"),
-                           allow_pickle=bool(config["allow_pickle"]))
+        sd = _load(config)
         described = trainer.describe(sd.params["unet"])
-        mesh = make_mesh(**config["mesh"])
+        mesh = make_mesh(**dataclasses.asdict(config.mesh), batch_size=config.objective.samples_per_step)
         unet_params = shard(sd.params["unet"], mesh)
         embeddings = trainer.embeddings(sd, concept)
-        key = jax.random.key(int(config["seed"]))
+        key = jax.random.key(config.seed)
         abstract = jax.eval_shape(trainer.init, key, unet_params)
         state_shardings = shardings_for(abstract, mesh)
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
@@ -128,40 +114,47 @@ def run_training(config: dict, progress: bool = True) -> Path:
         else:
             # Eager: a jitted init would take the UNet as an argument only to read kernel shapes.
             state = jax.device_put(trainer.init(key, unet_params), state_shardings)
-        write_json(paths.config, config)
+        write_json(paths.config, record)
         log = MetricsLog(paths.metrics, resume_from_step=int(state.step) if latest is not None else None)
         if latest is None:
-            log({"step": 0, "method": method, **described, "trained_parameters": trainer.parameters(state),
-                 "concept": concept.name, "model": str(model_folder)})
+            log({"step": 0, "method": config.method, **described, "trained_parameters": trainer.parameters(state),
+                 "concept": concept.name, "model": str(source.path), "devices": jax.device_count(),
+                 "mesh": dict(mesh.shape)})
 
         train_step = trainer.step_fn(sd, mesh)
         state = train_loop(state, lambda s: train_step(s, unet_params, embeddings),
-                           iterations=int(config["iterations"]), checkpoint_every=int(config["checkpoint_every"]),
-                           checkpoints=checkpoints, config=config, log=log, progress=progress)
+                           iterations=config.iterations, checkpoint_every=config.checkpoint_every,
+                           checkpoints=checkpoints, config=record, log=log, progress=progress,
+                           divergence=DivergenceGuard(**dataclasses.asdict(config.divergence)))
     finally:
         checkpoints.close()
 
     edit = trainer.save(state, paths.root, concept, config)
-    export_edit(config["export"], paths.export, edit, sd.unet, jax.device_get(unet_params))
+    export_edit(list(config.export), paths.export, edit, sd.unet, jax.device_get(unet_params))
     return paths.root
 
 
-def run_closed_form(config: dict, method: str, concept) -> Path:
+def run_closed_form(config: TrainConfig | Mapping, method: str, concept) -> Path:
     """PURE or UCE: one computation, no checkpoints; the run folder gets edit.safetensors and a report."""
+    config = check_config(config)
     eraser = CLOSED_FORM[method]
-    settings = eraser.settings_cls(**config[eraser.settings_key])
-    model_folder = resolve_model_folder(config["model"])
-    paths = RunPaths(Path(config["run_dir"]))
-    paths.root.mkdir(parents=True, exist_ok=True)
-    sd = load_pipeline(model_folder, dtype=dtype_named(config["dtype"]),
-                       param_dtype=dtype_named(config["param_dtype"], "param_dtype"),
-                       allow_pickle=bool(config["allow_pickle"]))
-    write_json(paths.config, config)
+    eraser.settings_cls(**dataclasses.asdict(getattr(config, eraser.settings_key)))  # its checks, before anything
+    resolve_model_source(config.model, revision=config.revision)  # a missing model fails before the run folder
+    with claim_run_folder(config.run_dir, to_dict(config), trained=False, overwrite=config.overwrite) as folder:
+        _closed_form(config, method, concept, RunPaths(folder.work))  # built beside a non-empty run_dir, swapped in
+    return Path(config.run_dir)
+
+
+def _closed_form(config: TrainConfig, method: str, concept, paths: RunPaths) -> Path:
+    eraser = CLOSED_FORM[method]
+    settings = eraser.settings_cls(**dataclasses.asdict(getattr(config, eraser.settings_key)))
+    sd = _load(config)
+    write_json(paths.config, to_dict(config))
     edit, report = eraser.compute(sd, concept, settings)
     check_edit_fits(sd.params["unet"], edit, what=method)
     MetricsLog(paths.metrics, resume_from_step=None)({"method": method, "concept": concept.name, **report})
     write_json(paths.root / "report.json", report)
-    save_edit(paths.root / EDIT_FILE, edit, method, {"concept": concept.to_json(), "base_model": str(config["model"]),
+    save_edit(paths.root / EDIT_FILE, edit, method, {"concept": concept.to_json(), "base_model": config.model,
                                                      "report": report})
-    export_edit(config["export"], paths.export, edit, sd.unet, sd.params["unet"])
+    export_edit(list(config.export), paths.export, edit, sd.unet, sd.params["unet"])
     return paths.root

@@ -34,22 +34,44 @@ PARTITION_RULES: tuple[tuple[str, P | str], ...] = (
 )
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ("data", "fsdp") mesh over ``devices`` (default all, across hosts); -1 takes what is left."""
+def auto_mesh_shape(devices: int, batch_size: int | None) -> tuple[int, int]:
+    """(data, fsdp) for ``devices``: the batch over "data" as far as it divides (the largest divisor of
+    the device count that also divides the batch), the remaining devices on "fsdp", which splits the
+    frozen base weights."""
+    batch = devices if batch_size is None else batch_size
+    data = max(d for d in range(1, devices + 1) if devices % d == 0 and batch % d == 0)
+    return data, devices // data
+
+
+def make_mesh(data: int = 0, fsdp: int = 0, devices: Sequence[jax.Device] | None = None,
+              batch_size: int | None = None) -> Mesh:
+    """A ("data", "fsdp") mesh over ``devices`` (default all, across hosts).
+
+    ``data`` = ``fsdp`` = 0: derived from the device count and ``batch_size`` (``auto_mesh_shape``);
+    -1 on one axis takes the devices the other leaves; explicit sizes must multiply to the device count.
+    """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
+    if data == 0 and fsdp == 0:
+        data, fsdp = auto_mesh_shape(n, batch_size)
+    elif data == 0 or fsdp == 0:
+        raise ValueError(f"mesh data={data} x fsdp={fsdp}: give both as 0 (derived from the {n} devices and the "
+                         "batch), or neither")
     if data == -1 and fsdp == -1:
-        raise ValueError("at most one of data and fsdp may be -1")
+        raise ValueError("at most one of mesh.data and mesh.fsdp may be -1")
     if data == -1:
         if fsdp < 1 or n % fsdp:
-            raise ValueError(f"fsdp={fsdp} does not divide the {n} devices")
+            raise ValueError(f"mesh fsdp={fsdp} does not divide the {n} devices")
         data = n // fsdp
     elif fsdp == -1:
         if data < 1 or n % data:
-            raise ValueError(f"data={data} does not divide the {n} devices")
+            raise ValueError(f"mesh data={data} does not divide the {n} devices")
         fsdp = n // data
     if data * fsdp != n:
         raise ValueError(f"mesh data={data} x fsdp={fsdp} needs {data * fsdp} devices, there are {n}")
+    if batch_size is not None and batch_size % data:
+        raise ValueError(f"samples_per_step={batch_size} is not divisible by the mesh's data size {data} "
+                         f"(mesh data={data} x fsdp={fsdp} on {n} devices; mesh.data=0, mesh.fsdp=0 fits any count)")
     return Mesh(np.asarray(devices, dtype=object).reshape(data, fsdp), MESH_AXES)
 
 

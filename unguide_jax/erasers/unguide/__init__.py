@@ -1,4 +1,5 @@
-"""UnGuide training core: concept files, the erasure objective, the jitted train step and its sharding.
+"""UnGuide: the erasure objective, the jitted LoRA train step, the w probe and the sampling modes of
+UnGuidance.
 
-Spec: /work/shared/spec/unguide.md §1–§3, §5.
+Spec: ../shared/spec/unguide.md §1–§5.
 """

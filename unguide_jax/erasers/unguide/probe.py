@@ -10,7 +10,8 @@ p, and is computed once per edit (``WProbe`` caches it). Paper rule: w = w_erase
 D(p) > D(""), else w_keep (2).
 
 All prompts of a chunk and all their draws run in one jitted call: ``jax.vmap`` over prompts of a
-function that batches the draws, the base/edited predictions at t coming out of one UNet call with a
+function that batches the draws (on the CPU ``lax.map``, one prompt after the other: 2R UNet rows at
+a time stay in the caches), the base/edited predictions at t coming out of one UNet call with a
 per-row edit strength (``unguide_jax.edits``).
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unguide_jax.diffusion.sampler import XLA_CPU_OPTIONS, rows_per_call
 from unguide_jax.diffusion.schedulers import SchedulerConfig
 from unguide_jax.edits.edit import Edit, apply_unet
 from unguide_jax.erasers.unguide.objective import (
@@ -98,7 +100,7 @@ def edit_minus_base(unet, base_params, edit: Edit, z, t, context) -> jax.Array:
     return edited - base
 
 
-@functools.partial(jax.jit, static_argnames=("unet", "scheduler_config", "config"))
+@functools.partial(jax.jit, static_argnames=("unet", "scheduler_config", "config"), compiler_options=XLA_CPU_OPTIONS)
 def probe_distances(unet, scheduler_config: SchedulerConfig, config: ProbeConfig, base_params, edit: Edit,
                     cond: jax.Array, uncond: jax.Array, guidance_scale: jax.Array, x_T: jax.Array,
                     t: jax.Array) -> jax.Array:
@@ -113,7 +115,10 @@ def probe_distances(unet, scheduler_config: SchedulerConfig, config: ProbeConfig
         diff = edit_minus_base(unet, base_params, edit, z, t, c_r)
         return jnp.sqrt(jnp.sum(diff.reshape(draws, -1) ** 2, axis=-1))
 
-    return jax.vmap(one_prompt)(cond, jnp.asarray(guidance_scale, jnp.float32))
+    scales = jnp.asarray(guidance_scale, jnp.float32)
+    if rows_per_call():  # the CPU: one prompt after the other (2R UNet rows per call, cache-sized)
+        return jax.lax.map(lambda args: one_prompt(*args), (cond, scales))
+    return jax.vmap(one_prompt)(cond, scales)
 
 
 def choose_w(d: np.ndarray, d_empty: float, config: ProbeConfig) -> np.ndarray:

@@ -1,0 +1,220 @@
+"""A run folder belongs to one run: who may write into ``run_dir``, and how it is replaced.
+
+``claim_run_folder`` is taken by every trainer (iterative and closed-form) before anything is written:
+
+- **Lock.** ``.<name>.lock`` beside the folder holds the writer's pid, host and start time (created
+  atomically, with its content). A second writer is refused with a message naming the holder. A lock
+  left by a dead process on this host is taken over with a warning; one from another host is never
+  guessed about (delete it by hand if that run is gone).
+- **Ownership.** A folder that holds another run (its ``config.json`` differs in the keys that make
+  a run what it is, or it holds files but no ``config.json``) is refused unless ``overwrite=true``.
+  The same run is the trainer's to continue (``resume=true``) or refuse (checkpoints without resume).
+- **Atomic replacement.** With ``overwrite=true`` (and for a closed-form rerun into a non-empty
+  folder) the new run is built in ``.<name>.building`` beside the folder and swapped in only when it
+  has finished: until then the old run stays whole; a failed run leaves it untouched.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+from unguide_jax.cli.config import ConfigError
+
+# What a run leaves in its folder, besides config.json and metrics.jsonl.
+RUN_OUTPUTS = ("adapter.safetensors", "edit.safetensors", "edit_with_prompt.safetensors", "report.json",
+               "checkpoints", "export")
+# Keys that may change without making a closed-form run another run.
+NOT_IDENTITY = ("run_dir", "export", "overwrite", "resume", "allow_pickle", "iterations", "checkpoint_every", "keep",
+                "mesh", "divergence")
+
+
+class RunFolderBusy(FileExistsError):
+    """Another live process holds the run folder's lock."""
+
+
+class RunFolderTaken(FileExistsError):
+    """The run folder holds another run, and ``overwrite`` was not given."""
+
+
+def lock_path(root: Path) -> Path:
+    return root.parent / f".{root.name}.lock"
+
+
+def building_path(root: Path) -> Path:
+    return root.parent / f".{root.name}.building"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _read_lock(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def run_folder_lock(root: Path) -> Iterator[Path]:
+    """Hold ``root``'s lock for the ``with`` block; ``RunFolderBusy`` if a live process holds it."""
+    path = lock_path(root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mine = {"pid": os.getpid(), "host": socket.gethostname(),
+            "started": datetime.datetime.now().isoformat(timespec="seconds"), "run_dir": str(root)}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{root.name}.lock.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(mine, f)
+    try:
+        for _ in range(3):
+            try:
+                os.link(tmp, path)  # atomic, and the lock is never seen empty
+                break
+            except FileExistsError:
+                holder = _read_lock(path)
+                if holder is None:
+                    raise RunFolderBusy(f"{root} is locked by {path}, which cannot be read: if no run is using "
+                                        f"{root}, delete {path}") from None
+                same_host = holder.get("host") == mine["host"]
+                if same_host and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
+                    warnings.warn(f"taking over the stale lock {path} of process {holder['pid']} on "
+                                  f"{holder['host']} (no longer running; started {holder.get('started')})",
+                                  stacklevel=3)
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                    continue
+                raise RunFolderBusy(
+                    f"{root} is in use by another run: process {holder.get('pid')} on {holder.get('host')} (since "
+                    f"{holder.get('started')}) holds {path}. Wait for it to finish, or choose another run_dir"
+                    + ("" if same_host else f"; if that run is gone, delete {path}")) from None
+        else:
+            raise RunFolderBusy(f"could not take the lock {path}: another process keeps taking it")
+    finally:
+        os.unlink(tmp)
+    try:
+        yield path
+    finally:
+        if (_read_lock(path) or {}).get("pid") == mine["pid"]:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def _saved_config(root: Path) -> dict | None:
+    try:
+        return json.loads((root / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _outputs(root: Path) -> list[str]:
+    found = []
+    for name in RUN_OUTPUTS:
+        p = root / name
+        if p.is_file() or (p.is_dir() and any(p.iterdir())):
+            found.append(name)
+    return found
+
+
+def _differences(saved: Mapping, record: Mapping, keys: Sequence[str] | None) -> list[str]:
+    if keys is None:
+        keys = sorted((set(saved) | set(record)) - set(NOT_IDENTITY))
+    return [k for k in keys if saved.get(k) != record.get(k)]
+
+
+class RunFolder:
+    """A claimed run folder: the run writes into ``work`` and ends up in ``root`` (the same folder, or a
+    building folder swapped in when the run has finished: ``replacing``)."""
+
+    def __init__(self, root: Path, work: Path, replacing: bool):
+        self.root, self.work, self.replacing = root, work, replacing
+
+
+def _describe(saved: Mapping) -> str:
+    parts = [f"{k} {saved[k]!r}" for k in ("method", "concept") if k in saved]
+    return ", ".join(parts)
+
+
+@contextlib.contextmanager
+def claim_run_folder(root: str | Path, record: Mapping, *, identity_keys: Sequence[str] | None = None,
+                     resume: bool = False, overwrite: bool = False, trained: bool = True) -> Iterator[RunFolder]:
+    """Lock ``root`` and decide where this run (``record``: its config as JSON) writes; see the module doc.
+
+    ``identity_keys``: the keys on which the saved config.json must agree for it to be this run (None:
+    every key but ``NOT_IDENTITY``). ``trained``: an iterative run (the caller handles its checkpoints
+    and ``resume``); a closed-form run into a non-empty folder of the same run is rebuilt and swapped in.
+    """
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"config.run_dir: {root} is a file, not a folder")
+    with run_folder_lock(root):
+        entries = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+        replacing = False
+        if entries:
+            saved = _saved_config(root)
+            if saved is None:
+                other = f"files ({', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''}) but no config.json of a run"
+            else:
+                changed = _differences(saved, record, identity_keys)
+                other = (f"another run ({_describe(saved)}; its config.json differs in {', '.join(changed)})"
+                         if changed else None)
+            if other and resume and saved is not None:
+                detail = "; ".join(f"{k}: {saved.get(k)!r} -> {record.get(k)!r}" for k in changed)
+                raise RunFolderTaken(f"cannot resume {root}: it was trained with other settings ({detail}). Use "
+                                     "another run_dir for a new run (or, without resume, --config.overwrite=true to "
+                                     "replace it)")
+            if other and not overwrite:
+                raise RunFolderTaken(f"{root} holds {other}: choose another run_dir, or pass --config.overwrite=true "
+                                     "to replace it")
+            outputs = _outputs(root)
+            if overwrite or not trained:
+                replacing = True
+            elif not resume and "checkpoints" not in outputs and outputs:
+                raise RunFolderTaken(f"{root} already holds this run, finished ({', '.join(outputs)}): pass "
+                                     "--config.overwrite=true to train it again, or choose another run_dir")
+        if replacing:
+            work = building_path(root)
+            if work.exists():
+                shutil.rmtree(work)  # left by a failed run: we hold the lock
+            work.mkdir(parents=True)
+        else:
+            work = root
+            root.mkdir(parents=True, exist_ok=True)
+        try:
+            yield RunFolder(root, work, replacing)
+        except BaseException:
+            if replacing:
+                if "checkpoints" in _outputs(work):
+                    print(f"note: the unfinished run is kept in {work} (its checkpoints); {root} is untouched. The "
+                          "next run into this run_dir removes it.", file=sys.stderr)
+                else:
+                    shutil.rmtree(work, ignore_errors=True)
+            raise
+        if replacing:
+            _swap(work, root)
+
+
+def _swap(work: Path, root: Path) -> None:
+    """``work`` becomes ``root``: the old run is renamed aside, the new one renamed into place, then the old one
+    removed (renames within one folder; the lock keeps other writers out meanwhile)."""
+    old = root.parent / f".{root.name}.replaced"
+    if old.exists():
+        shutil.rmtree(old)
+    if root.exists():
+        os.rename(root, old)
+    os.rename(work, root)
+    shutil.rmtree(old, ignore_errors=True)
