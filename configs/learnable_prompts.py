@@ -49,6 +49,7 @@ def get_config(preset: str = "default") -> dict:
         resume=False,
         divergence=dict(factor=20.0, warmup=10),  # stop when loss/adapter norm > factor x early range (0: off)
         mesh=dict(data=0, fsdp=0),   # device mesh; 0, 0: derived from the device count and the batch
+        remat="",                    # gradient checkpointing of UNet blocks: "" | blocks | dots (less memory)
         run_dir="runs/learnable-prompts-shapes-arrow",
         overwrite=False,          # run_dir holds another run: replace it (built beside it, swapped in at the end)
         # run_dir gets edit.safetensors (tokens dropped at inference: the authors' evaluation) and

@@ -157,14 +157,17 @@ def xla_optimisations_on():
 
 
 def test_shipped_model_draws_what_its_gate_record_says(embedded, evaluator, gate_record):
-    """The gate's class prompts sampled again exactly as the gate sampled them (its seeds, CFG, steps and image
-    count, 320 images): per prompt, the evaluator's counts match the shipped record within one image moved. So
-    the recorded gate figures are the shipped model's own, and the gate test below can read them."""
+    """Three of the gate's class prompts sampled again exactly as the gate sampled them (its seeds, CFG, steps
+    and image count, 96 images): per prompt, the evaluator's counts match the shipped record within one image
+    moved. So the recorded gate figures are the shipped model's own (weights that drew other images would
+    move these counts too), and the gate test below can read them. Which three: the first, a middle and the
+    last class, fixed, so the check is the same in every run (all ten: 320 images, 2 minutes more)."""
     from unguide_jax.shapes.quality import gate_prompts
 
     settings = gate_record["settings"]
     n = settings["images_per_prompt"]
     class_prompts = [item for item in gate_prompts() if item["kind"] == "class"]
+    class_prompts = [class_prompts[0], class_prompts[len(class_prompts) // 2], class_prompts[-1]]
     recorded = {r["prompt"]: r["predicted_class_counts"] for r in gate_record["per_prompt"] if r["kind"] == "class"}
     prompts = [item["prompt"] for item in class_prompts for _ in range(n)]
     seeds = [settings["seed"] + j for _ in class_prompts for j in range(n)]

@@ -78,15 +78,13 @@ def test_evaluation_command_end_to_end_on_a_tiny_model(tiny_pipeline_dir, tmp_pa
 
     repo = Path(__file__).resolve().parent.parent
     folder, _ = tiny_pipeline_dir("sd1")
-    lora_run, pure_run = tmp_path / "lora", tmp_path / "pure"
+    lora_run = tmp_path / "lora"
     assert train.main(["--config", f"{repo}/configs/unguide.py:tiny", f"--config.model={folder}",
                        f"--config.run_dir={lora_run}", "--config.iterations=1"]) == 0
-    assert train.main(["--config", f"{repo}/configs/pure.py:tiny", f"--config.model={folder}",
-                       f"--config.run_dir={pure_run}"]) == 0
-    erasures = [{"concept": "shapes-circle", "edits": {"unguide": [str(lora_run)], "pure": [str(pure_run)]}}]
+    # UnGuidance over the other erasers' edits: tests/test_erasers_cli.py.
+    erasures = [{"concept": "shapes-circle", "edits": {"unguide": [str(lora_run)]}}]
     methods = [{"name": "base model", "mode": "base"}, {"name": "LoRA only", "edit": "unguide", "mode": "adapter"},
-               {"name": "UnGuide", "edit": "unguide", "mode": "unguide"},
-               {"name": "UnGuidance over PURE", "edit": "pure", "mode": "unguide"}]
+               {"name": "UnGuide", "edit": "unguide", "mode": "unguide"}]
     out = tmp_path / "eval"
     assert sample.main(["--config", f"{repo}/configs/evaluate.py:tiny", f"--config.model={folder}",
                         f"--config.erasures={json.dumps(erasures)}", f"--config.methods={json.dumps(methods)}",
@@ -103,7 +101,7 @@ def test_evaluation_command_end_to_end_on_a_tiny_model(tiny_pipeline_dir, tmp_pa
         assert 0 <= row["paraphrase_leakage"] <= 1
         assert ("attack" in row) == (name != "base model")
     assert set(circle["methods"]["UnGuide"]["probe"]) == set(p for p, _, _ in circle["prompts"]) | set(circle["paraphrases"])
-    assert len(circle["methods"]["UnGuidance over PURE"]["attack"]["prompts"]) == 2
+    assert len(circle["methods"]["UnGuide"]["attack"]["prompts"]) == 2
     table = capsys.readouterr().out
-    assert "| UnGuidance over PURE |" in table and "attack: before → after" in table
+    assert "| UnGuide |" in table and "attack: before → after" in table
     assert len(list((out / "shapes-circle" / "unguide").glob("*.png"))) == 16 * 2

@@ -4,12 +4,7 @@ XLA_FLAGS must be set before jax is imported, so the multi-device run is a subpr
 same 3 steps twice, on a 1 x 1 mesh (one device) and on a data=2 x fsdp=4 mesh with two samples per
 step, and reports the adapters and the placements it saw.
 """
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -17,8 +12,8 @@ import pytest
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
-from unguide_jax.edits.files import load_adapter
-from unguide_jax.training.sharding import (
+from tests.devices import run_script
+from unguide_jax.parallel.mesh import (
     FSDP,
     PARTITION_RULES,
     auto_mesh_shape,
@@ -28,15 +23,13 @@ from unguide_jax.training.sharding import (
     path_name,
 )
 
-REPO = Path(__file__).resolve().parent.parent
-
 _EIGHT_DEVICE_RUN = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
     from unguide_jax.edits.lora import LoraConfig
     from unguide_jax.diffusion.schedulers import SchedulerConfig
-    from unguide_jax.training import sharding
+    from unguide_jax.parallel import mesh as sharding
     from unguide_jax.erasers.unguide.objective import ConceptEmbeddings, ObjectiveConfig
     from unguide_jax.erasers.unguide.train_step import init_train_state, make_optimizer, make_train_step
     from tests.tiny_models import flax_unet as tiny_unet
@@ -82,12 +75,7 @@ _EIGHT_DEVICE_RUN = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def eight_device_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharding") / "adapters.npz"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".cache" / "jax"))
-    result = subprocess.run([sys.executable, "-c", _EIGHT_DEVICE_RUN, str(out)], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_script(_EIGHT_DEVICE_RUN, 8, str(out))
     with np.load(out) as arrays:
         report["adapters"] = dict(arrays)
     return report
@@ -169,24 +157,3 @@ def test_the_default_mesh_follows_the_device_count_and_the_batch():
     n = len(jax.devices())
     with pytest.raises(ValueError, match=f"samples_per_step=1 is not divisible by the mesh's data size {n + 1}"):
         make_mesh(data=n + 1, fsdp=1, devices=list(jax.devices()) * (n + 1), batch_size=1)
-
-
-def test_the_default_unguide_config_trains_the_same_adapter_on_one_and_eight_devices(tiny_pipeline_dir, tmp_path):
-    """The shipped UnGuide preset (samples_per_step 1) on 8 devices: the mesh derives itself (1 x 8 fsdp)."""
-    folder, _ = tiny_pipeline_dir("sd1")
-    runs = {}
-    for devices in (1, 8):
-        run_dir = tmp_path / f"run{devices}"
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-        # The default preset's learning rate (the tiny preset's 1e-3 lets Adam, which normalises each
-        # gradient element, turn a reduction-order difference of a near-zero gradient into ~1e-5).
-        result = subprocess.run([sys.executable, "train.py", "--config", "configs/unguide.py:tiny",
-                                 f"--config.model={folder}", f"--config.run_dir={run_dir}", "--config.learning_rate=3e-5"],
-                                cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, result.stderr[-3000:]
-        first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
-        assert first["devices"] == devices and first["mesh"] == {"data": 1, "fsdp": devices}
-        runs[devices], _ = load_adapter(run_dir / "adapter.safetensors")
-    for module, ab in runs[1].items():
-        for part in ("lora_A", "lora_B"):
-            np.testing.assert_allclose(runs[8][module][part], ab[part], atol=1e-5, err_msg=f"{module}.{part}")

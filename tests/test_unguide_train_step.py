@@ -121,7 +121,7 @@ def _plain_alphas_cumprod():
 
 def _plain_sample_loss_and_grad(tiny, mode, x_T, k, t, pair, objective):
     """One sample of the objective, step by step from the spec (§3, §5), with its adapter gradient."""
-    unet, params, adapter, emb, forward = tiny["unet"], tiny["params"], tiny["adapter"], tiny["embeddings"], tiny["forward"]
+    _, params, adapter, emb, forward = tiny["unet"], tiny["params"], tiny["adapter"], tiny["embeddings"], tiny["forward"]
     alphas = _plain_alphas_cumprod()
     lora_params = merge(params, [(adapter, LORA.alpha)])
     target, reference, uncond = emb.target[pair][None], emb.reference[pair][None], emb.uncond

@@ -52,6 +52,12 @@ from unguide_jax.loading.random_model import ensure_random_model
 from unguide_jax.loading.resolve import load_model
 from unguide_jax.loading.weights import write_json
 from unguide_jax.models.dtypes import dtype_named
+from unguide_jax.parallel.hosts import (
+    broadcast_json,
+    check_same_config,
+    is_main_process,
+    maybe_initialize_distributed,
+)
 from unguide_jax.shapes.classifier import load_evaluator
 from unguide_jax.shapes.data import CLASSES, STYLES, class_named_in
 
@@ -144,7 +150,7 @@ def _probe_weights(config: SampleConfig, fingerprint: str, sd, edit, requests: l
     probe_config = ProbeConfig(**dataclasses.asdict(config.probe))
     cache_file = out_dir / "probe.json"
     key_of = lambda r: f"{r.guidance_scale}|{r.prompt}"  # noqa: E731
-    cached = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    cached = broadcast_json(json.loads(cache_file.read_text()) if is_main_process() and cache_file.is_file() else {})
     if cached.get("fingerprint") != fingerprint:
         cached = {"fingerprint": fingerprint, "prompts": {}}
     probes: dict[tuple, WProbe] = {}
@@ -158,7 +164,8 @@ def _probe_weights(config: SampleConfig, fingerprint: str, sd, edit, requests: l
         result = probe.run([r.prompt for r in by_key.values()], [r.guidance_scale for r in by_key.values()])
         for key, record in zip(by_key, result.records()):
             cached["prompts"][key] = record
-        write_json(cache_file, cached)
+        if is_main_process():
+            write_json(cache_file, cached)
     summary = {"probe_seconds": round(time.perf_counter() - started, 2),
                "probe_unet_rows": sum(p.unet_calls for p in probes.values())}
     return [cached["prompts"][key_of(r)] for r in requests], summary
@@ -178,6 +185,7 @@ def run_sampling(config: SampleConfig | Mapping) -> Path:
     sd = load_model(config.model, dtype=dtype_named(config.dtype), param_dtype=dtype_named(config.param_dtype),
                     allow_pickle=config.allow_pickle, clip_skip=config.clip_skip, variant=config.variant,
                     revision=config.revision, config_folder=config.model_config or None)
+    sd = sd.on_every_device()
     _check_sizes(sd, requests, config.height or None, config.width or None)
     long_prompts = _long_prompts(sd, [r.prompt for r in requests] + [config.negative_prompt])
     if long_prompts:
@@ -186,11 +194,16 @@ def run_sampling(config: SampleConfig | Mapping) -> Path:
                       f"tokens and are cut to that (e.g. {first[:60]!r}{'...' if len(first) > 60 else ''}: {count} "
                       "tokens); the manifest records which", stacklevel=2)
     edit, adapter_info = load_edit(list(config.adapters), sd.params["unet"])
+    edit = sd.put_replicated(edit)
     mode = resolve_mode(config.mode, edit is not None)
     fingerprint = _fingerprint(image_settings(config, mode))
-    keep_existing = _check_previous_run(out_dir, fingerprint, config.overwrite)
-    # Written first, so that images of an interrupted run are known to belong to these settings.
-    write_manifest(out_dir, {"fingerprint": fingerprint, "status": "running"}, [])
+    # Several processes: the main one decides from its files, the others follow (and write nothing).
+    check_same_config(image_settings(config, mode), "sample config")
+    keep_existing = broadcast_json(_check_previous_run(out_dir, fingerprint, config.overwrite) if is_main_process()
+                                   else None)
+    if is_main_process():
+        # Written first, so that images of an interrupted run are known to belong to these settings.
+        write_manifest(out_dir, {"fingerprint": fingerprint, "status": "running"}, [])
     started = time.perf_counter()
     probe_records, probe_summary = [None] * len(requests), {}
 
@@ -202,18 +215,22 @@ def run_sampling(config: SampleConfig | Mapping) -> Path:
     ws = weights_for(mode, len(requests), fixed_w=config.w, probe=probe)
 
     names = [image_name(i, r) for i, r in enumerate(requests)]
-    todo = [i for i, name in enumerate(names) if not (keep_existing and (out_dir / name).is_file())]
+    todo = broadcast_json([i for i, name in enumerate(names) if not (keep_existing and (out_dir / name).is_file())]
+                          if is_main_process() else None)
     height, width = config.height or None, config.width or None
     image_requests = [ImageRequest(requests[i].prompt, requests[i].seed, requests[i].guidance_scale, ws[i],
                                    requests[i].height or height, requests[i].width or width) for i in todo]
 
     def save_batch(indices, images):
-        for j, image in zip(indices, images):
-            save_png(out_dir / names[todo[j]], image)
+        if is_main_process():
+            for j, image in zip(indices, images):
+                save_png(out_dir / names[todo[j]], image)
 
     generate_images(sd, image_requests, batch_size=config.batch_size, num_steps=config.num_steps, eta=config.eta,
                     negative_prompt=config.negative_prompt, edit=None if mode == "base" else edit, fused=config.fused,
                     on_batch=save_batch, edit_name=", ".join(config.adapters))
+    if not is_main_process():
+        return out_dir / "manifest.json"
     images = [np.asarray(Image.open(out_dir / name).convert("RGB")) for name in names]
     records = []
     for i, (req, image) in enumerate(zip(requests, images)):
@@ -232,7 +249,7 @@ def run_sampling(config: SampleConfig | Mapping) -> Path:
     summary = to_dict(config)
     summary.update(mode=mode, fingerprint=fingerprint, status="done", adapters_loaded=adapter_info, sampler="DDIM",
                    scheduler=dataclasses.asdict(sd.scheduler), versions=versions(),
-                   images_generated=len(todo), images_kept=len(requests) - len(todo),
+                   images_generated=len(todo), images_kept=len(requests) - len(todo), **sd.placement(),
                    prompts_truncated=sorted(long_prompts),
                    seconds=round(time.perf_counter() - started, 2), **probe_summary)
     if evaluation:
@@ -267,12 +284,17 @@ COMMAND = Command(prog="unguide-sample", summary="Sample images (with or without
 
 def sample_or_evaluate_job(config: SampleConfig | EvaluateConfig) -> int:
     setup_runtime()
+    maybe_initialize_distributed()
     if isinstance(config, EvaluateConfig):
         out_dir = run_evaluation(config)
+        if not is_main_process():
+            return 0
         print((out_dir / "results.md").read_text())
         print(f"wrote {out_dir / 'results.json'} and the images under {out_dir}")
         return 0
     manifest = run_sampling(config)
+    if not is_main_process():
+        return 0
     print(f"wrote {manifest}")
     evaluation = json.loads(manifest.read_text())["settings"].get("evaluation")
     if evaluation and evaluation["images_naming_a_class"]:

@@ -230,6 +230,8 @@ class TrainedConfig(TrainConfig):
     divergence: DivergenceSettings = option(DivergenceSettings(), "stop a diverging run (keeping the last good "
                                                                   "checkpoint)")
     mesh: MeshSettings = option(MeshSettings(), "the device mesh")
+    remat: str = option("", "gradient checkpointing of the UNet's blocks: '' off, 'blocks' (least memory) or 'dots' "
+                        "(keeps matmul outputs); the same result, less memory, more compute", choices=("", "blocks", "dots"))
 
     def validate(self) -> None:
         super().validate()

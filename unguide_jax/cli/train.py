@@ -29,8 +29,8 @@ import sys
 from unguide_jax.cli.config import Command, run_cli
 from unguide_jax.cli.runtime import setup_runtime
 from unguide_jax.cli.schemas import TrainConfig, train_schema
+from unguide_jax.parallel.hosts import maybe_initialize_distributed
 from unguide_jax.training.run import run_training
-from unguide_jax.training.sharding import maybe_initialize_distributed
 
 COMMAND = Command(prog="unguide-train", summary="Erase a concept: UnGuide (default), learnable prompts, PURE or UCE.",
                   default_config="unguide.py", schema=train_schema)

@@ -1,7 +1,9 @@
 """Many images in fixed-size batches: the loop shared by sample.py, the evaluation and the quality gate.
 
 Requests are grouped by image size; each batch is padded to ``batch_size`` (repeating its last
-request) so that every batch of a size reuses one compiled sampler.
+request) so that every batch of a size reuses one compiled sampler. On a model placed on a mesh
+(``StableDiffusion.on_mesh``), ``batch_size`` is rounded up to a multiple of the mesh's data size, so
+that the padding the devices need is filled with requests.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import numpy as np
 from tqdm import tqdm
 
 from unguide_jax.diffusion.pipeline import StableDiffusion
+from unguide_jax.parallel.batches import padded_rows
+from unguide_jax.parallel.hosts import is_main_process
 
 
 class NonFiniteImage(RuntimeError):
@@ -44,6 +48,7 @@ def generate_images(sd: StableDiffusion, requests: Sequence[ImageRequest], *, ba
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = padded_rows(batch_size, sd.mesh)
     if edit is None and any(r.w is not None for r in requests):
         raise ValueError("UnGuidance requests (w given) need an edit")
     size = lambda r: (r.height or sd.default_size, r.width or sd.default_size, r.w is None)  # noqa: E731
@@ -51,7 +56,7 @@ def generate_images(sd: StableDiffusion, requests: Sequence[ImageRequest], *, ba
     groups = [list(g) for _, g in itertools.groupby(order, key=lambda i: size(requests[i]))]
     batches = [g[i:i + batch_size] for g in groups for i in range(0, len(g), batch_size)]
     results: dict[int, np.ndarray] = {}
-    for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress or not batches):
+    for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress or not batches or not is_main_process()):
         padded = [requests[i] for i in batch + [batch[-1]] * (batch_size - len(batch))]
         height, width, plain = size(padded[0])
         out = sd.generate(

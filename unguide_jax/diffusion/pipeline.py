@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unguide_jax.diffusion.memory import check_fits
 from unguide_jax.diffusion.sampler import (
     XLA_CPU_OPTIONS,
     initial_latents,
@@ -18,6 +19,15 @@ from unguide_jax.diffusion.schedulers import SchedulerConfig
 from unguide_jax.models.text_encoder import CLIPTextModel
 from unguide_jax.models.unet import UNet2DConditionModel
 from unguide_jax.models.vae import AutoencoderKL
+from unguide_jax.parallel.batches import (
+    data_mesh,
+    data_size,
+    pad_rows,
+    padded_rows,
+    put_replicated,
+    put_rows,
+)
+from unguide_jax.parallel.hosts import to_numpy
 
 
 @functools.partial(jax.jit, static_argnames=("text_encoder", "skip_last_layers"), compiler_options=XLA_CPU_OPTIONS)
@@ -33,6 +43,11 @@ def decode_to_pixels(vae: AutoencoderKL, params, latents: jax.Array) -> jax.Arra
     return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
+# Compiled samplers by signature (static settings, argument shapes and placements): compiled ahead so
+# that their memory can be checked before they run, and reused like jit's own cache.
+_COMPILED_SAMPLERS: dict = {}
+
+
 @dataclasses.dataclass
 class Generation:
     images: np.ndarray  # uint8 (B, H, W, 3)
@@ -45,7 +60,8 @@ class StableDiffusion:
     """A loaded text-to-image model: static modules + one parameter pytree.
 
     ``params`` = {"unet": ..., "text_encoder": ..., "vae": ...}; adapters live elsewhere and are
-    applied on top of ``params["unet"]``.
+    applied on top of ``params["unet"]``. ``mesh``: set by ``on_mesh``, the devices that generation
+    shards its rows over (None: the default device).
     """
 
     unet: UNet2DConditionModel
@@ -55,6 +71,36 @@ class StableDiffusion:
     scheduler: SchedulerConfig
     params: dict
     clip_skip: int = 0
+    mesh: Any = None
+
+    def on_mesh(self, mesh) -> "StableDiffusion":
+        """This model with its weights replicated on ``mesh`` (``unguide_jax.parallel.batches.data_mesh``):
+        ``generate`` and the w probe then split their rows over the mesh's "data" axis."""
+        return dataclasses.replace(self, params=put_replicated(mesh, self.params), mesh=mesh)
+
+    def on_every_device(self) -> "StableDiffusion":
+        """On a data mesh over every device of every host when there are several, else unchanged."""
+        return self if jax.device_count() == 1 or self.mesh is not None else self.on_mesh(data_mesh())
+
+    def placement(self) -> dict:
+        """Where generation runs, for manifests: device and process counts and the mesh."""
+        mesh = {"data": 1, "fsdp": 1} if self.mesh is None else {k: int(v) for k, v in self.mesh.shape.items()}
+        devices = 1 if self.mesh is None else int(self.mesh.devices.size)
+        return {"devices": devices, "processes": jax.process_count(), "mesh": mesh, "backend": jax.default_backend()}
+
+    @property
+    def data_size(self) -> int:
+        """How many devices share the rows of a generation call."""
+        return data_size(self.mesh)
+
+    def put_rows(self, x, rows: int | None = None) -> jax.Array:
+        """``x`` padded to ``rows`` (repeating its last row) and, with a mesh, sharded over its data axis."""
+        x = pad_rows(x, x.shape[0] if rows is None else rows)
+        return jnp.asarray(x) if self.mesh is None else put_rows(self.mesh, x)
+
+    def put_replicated(self, tree):
+        """``tree`` (an edit, the probe's draws) where the weights are."""
+        return tree if self.mesh is None or tree is None else put_replicated(self.mesh, tree)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -63,6 +109,21 @@ class StableDiffusion:
     @property
     def default_size(self) -> int:
         return (self.unet.config.sample_size or 64) * self.vae_scale_factor
+
+    def _checked_sampler(self, static: dict, args: tuple, height, width):
+        """``sample_latents`` compiled for these arguments, after checking (once per shape) that it fits in
+        the devices' memory: a request that cannot fit ends in one line, not in an allocator crash."""
+        signature = (tuple(sorted(static.items(), key=lambda item: item[0])), jax.tree.structure(args),
+                     jax.config.read("jax_disable_most_optimizations"), jax.config.read("jax_default_matmul_precision"),
+                     tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in jax.tree.leaves(args)))
+        if signature not in _COMPILED_SAMPLERS:
+            compiled = sample_latents.lower(**static, **args).compile()
+            rows, (h, w, _) = args["cond"].shape[0], self.latent_shape(height, width)
+            f = self.vae_scale_factor
+            check_fits(compiled, f"sampling {rows} images of {h * f}x{w * f} px ({rows // self.data_size} per device, "
+                       f"{static['num_steps']} steps)", "lower batch_size or the image size, or use more devices")
+            _COMPILED_SAMPLERS[signature] = compiled
+        return _COMPILED_SAMPLERS[signature]
 
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
         if isinstance(prompts, str):
@@ -119,15 +180,16 @@ class StableDiffusion:
             # fp32 whatever the compute dtype: the same seed gives the same x_T, and the DDIM state
             # stays fp32 between steps (the UNet casts its own input).
             latents = initial_latents(seeds, self.latent_shape(height, width))
-        if w is not None:
-            w = jnp.asarray(np.broadcast_to(np.asarray(w, np.float32), (n,)))
-        z = sample_latents(
-            self.unet, self.scheduler, num_steps, float(eta), self.params["unet"], cond, uncond,
-            jnp.asarray(latents, jnp.float32), jnp.asarray(scales), jnp.asarray(seeds, jnp.uint32),
-            edit, w, fused=bool(fused),
-        )
-        pixels = decode_to_pixels(self.vae, self.params["vae"], z)
-        images = np.asarray(jnp.round(pixels * 255)).astype(np.uint8)
+        rows = padded_rows(n, self.mesh)
+        w = None if w is None else self.put_rows(np.broadcast_to(np.asarray(w, np.float32), (n,)), rows)
+        static = dict(unet=self.unet, config=self.scheduler, num_steps=num_steps, eta=float(eta), fused=bool(fused),
+                      row_groups=self.data_size)
+        args = dict(unet_params=self.params["unet"], cond=self.put_rows(cond, rows), uncond=self.put_rows(uncond, rows),
+                    latents=self.put_rows(np.asarray(latents, np.float32), rows), guidance_scale=self.put_rows(scales, rows),
+                    seeds=self.put_rows(seeds.astype(np.uint32), rows), edit=self.put_replicated(edit), w=w)
+        z = self._checked_sampler(static, args, height, width)(**args)
+        pixels = to_numpy(decode_to_pixels(self.vae, self.params["vae"], z))[:n]
+        images = np.round(pixels * 255).astype(np.uint8)
         settings = dict(num_steps=num_steps, eta=float(eta), negative_prompt=negative_prompt, scheduler="DDIM",
                         height=int(images.shape[1]), width=int(images.shape[2]))
-        return Generation(images=images, latents=np.asarray(z), settings=settings)
+        return Generation(images=images, latents=to_numpy(z)[:n], settings=settings)

@@ -41,28 +41,40 @@ def rows_per_call() -> int:
     return CPU_ROWS_PER_CALL if jax.default_backend() == "cpu" else 0
 
 
-def map_rows(fn: Callable[..., jax.Array], chunk: int, *arrays: jax.Array) -> jax.Array:
+def map_rows(fn: Callable[..., jax.Array], chunk: int, *arrays: jax.Array, groups: int = 1) -> jax.Array:
     """``fn(*arrays)`` for a row-independent ``fn``, computed over chunks of rows one after the other
     (``lax.map``): the same values, less memory traffic. The chunk is the largest divisor of the rows
-    in [chunk / 2, chunk]; with none, or ``chunk`` <= 0, or no more rows than ``chunk``: one call."""
+    in [chunk / 2, chunk]; with none, or ``chunk`` <= 0, or no more rows than ``chunk``: one call.
+
+    ``groups``: the rows are that many equal blocks, one per device of a "data" mesh axis; the chunks
+    are then taken within each block (``chunk`` rows per device per call), so that every call keeps
+    every device busy on rows it already holds."""
     n = arrays[0].shape[0]
-    size = next((c for c in range(min(chunk, n), max(chunk // 2, 1) - 1, -1) if n % c == 0), 0) if chunk > 0 else 0
-    if not size or size >= n:
+    if groups < 1 or n % groups:
+        raise ValueError(f"{n} rows do not split into {groups} equal groups")
+    local = n // groups
+    size = next((c for c in range(min(chunk, local), max(chunk // 2, 1) - 1, -1) if local % c == 0), 0) if chunk > 0 else 0
+    if not size or size >= local:
         return fn(*arrays)
-    split = [a.reshape(n // size, size, *a.shape[1:]) for a in arrays]
-    out = jax.lax.map(lambda xs: fn(*xs), split)
-    return out.reshape(n, *out.shape[2:])
+    calls = local // size
+
+    def split(a):  # (groups·calls·size, ...) -> (calls, groups·size, ...): call j takes chunk j of every group
+        return a.reshape(groups, calls, size, *a.shape[1:]).swapaxes(0, 1).reshape(calls, groups * size, *a.shape[1:])
+
+    out = jax.lax.map(lambda xs: fn(*xs), [split(a) for a in arrays])
+    return out.reshape(calls, groups, size, *out.shape[2:]).swapaxes(0, 1).reshape(n, *out.shape[2:])
 
 
-def unet_rows(unet, params, edit, sample, t, context, strength=None) -> jax.Array:
+def unet_rows(unet, params, edit, sample, t, context, strength=None, groups: int = 1) -> jax.Array:
     """``apply_unet`` over the rows of (sample, context[, strength]) at timestep ``t``, in chunks of
-    ``rows_per_call()``. ``t``: a scalar or one timestep per row."""
+    ``rows_per_call()`` (per device, with ``groups`` devices on the rows). ``t``: a scalar or one
+    timestep per row."""
     n = sample.shape[0]
     t = jnp.broadcast_to(jnp.asarray(t), (n,))
     has_strength = strength is not None
     strength = strength if has_strength else jnp.ones((n,))
     return map_rows(lambda x, tt, c, s: apply_unet(unet, params, edit, x, tt, c, strength=s if has_strength else None),
-                    rows_per_call(), sample, t, context, strength)
+                    rows_per_call(), sample, t, context, strength, groups=groups)
 
 
 def initial_latents(seeds: jax.Array, shape: tuple[int, int, int], dtype=jnp.float32) -> jax.Array:
@@ -104,13 +116,34 @@ def ddim_loop(
     return latents
 
 
-def guided_prediction(unet, unet_params, z, t, cond, uncond, guidance_scale, edit=None) -> jax.Array:
+def join_rows(parts: list[jax.Array], groups: int = 1) -> jax.Array:
+    """``jnp.concatenate(parts)`` when ``groups`` is 1. With the rows in ``groups`` device blocks, the
+    parts are joined block by block (block g of the result is block g of every part), so that each
+    device's rows stay on that device."""
+    if groups == 1:
+        return jnp.concatenate(parts)
+    blocks = [p.reshape(groups, -1, *p.shape[1:]) for p in parts]
+    joined = jnp.concatenate(blocks, axis=1)
+    return joined.reshape(-1, *joined.shape[2:])
+
+
+def split_rows(x: jax.Array, parts: int, groups: int = 1) -> list[jax.Array]:
+    """The inverse of ``join_rows`` for ``parts`` equal parts."""
+    if groups == 1:
+        return jnp.split(x, parts)
+    blocks = jnp.split(x.reshape(groups, -1, *x.shape[1:]), parts, axis=1)
+    return [b.reshape(-1, *b.shape[2:]) for b in blocks]
+
+
+def guided_prediction(unet, unet_params, z, t, cond, uncond, guidance_scale, edit=None, groups: int = 1) -> jax.Array:
     """CFG: one UNet call on [uncond; cond], then u + s·(c − u) with a per-example scale s.
 
-    ``edit`` (``unguide_jax.edits.edit.Edit``, optional) is applied fully to both branches.
+    ``edit`` (``unguide_jax.edits.edit.Edit``, optional) is applied fully to both branches. ``groups``:
+    the rows are that many device blocks (``join_rows``).
     """
-    out = unet_rows(unet, unet_params, edit, jnp.concatenate([z, z]), t, jnp.concatenate([uncond, cond]))
-    uncond_out, cond_out = jnp.split(out, 2)
+    out = unet_rows(unet, unet_params, edit, join_rows([z, z], groups), t, join_rows([uncond, cond], groups),
+                    groups=groups)
+    uncond_out, cond_out = split_rows(out, 2, groups)
     return _cfg(uncond_out, cond_out, guidance_scale)
 
 
@@ -120,7 +153,8 @@ def _cfg(uncond_out, cond_out, guidance_scale) -> jax.Array:
     return uncond_out + scale * (cond_out.astype(jnp.float32) - uncond_out)
 
 
-def unguided_prediction(unet, base_params, edit, z, t, cond, uncond, guidance_scale, w, merged=None) -> jax.Array:
+def unguided_prediction(unet, base_params, edit, z, t, cond, uncond, guidance_scale, w, merged=None,
+                        groups: int = 1) -> jax.Array:
     """UnGuidance (spec unguide.md §4): w·CFG_base + (1 − w)·CFG_edit, with w, s per example.
 
     ``merged`` None (fused): the four predictions (base/edit × uncond/cond) in one UNet call on 4B
@@ -129,14 +163,15 @@ def unguided_prediction(unet, base_params, edit, z, t, cond, uncond, guidance_sc
     """
     n = z.shape[0]
     if merged is None:
-        strength = jnp.concatenate([jnp.zeros((2 * n,)), jnp.ones((2 * n,))])
-        out = unet_rows(unet, base_params, edit, jnp.concatenate([z, z, z, z]), t,
-                        jnp.concatenate([uncond, cond, uncond, cond]), strength)
-        base_u, base_c, edit_u, edit_c = jnp.split(out, 4)
+        zeros, ones = jnp.zeros((n,)), jnp.ones((n,))
+        strength = join_rows([zeros, zeros, ones, ones], groups)
+        out = unet_rows(unet, base_params, edit, join_rows([z, z, z, z], groups), t,
+                        join_rows([uncond, cond, uncond, cond], groups), strength, groups=groups)
+        base_u, base_c, edit_u, edit_c = split_rows(out, 4, groups)
         base, edited = _cfg(base_u, base_c, guidance_scale), _cfg(edit_u, edit_c, guidance_scale)
     else:
-        base = guided_prediction(unet, base_params, z, t, cond, uncond, guidance_scale)
-        edited = guided_prediction(unet, merged[0], z, t, cond, uncond, guidance_scale, merged[1])
+        base = guided_prediction(unet, base_params, z, t, cond, uncond, guidance_scale, groups=groups)
+        edited = guided_prediction(unet, merged[0], z, t, cond, uncond, guidance_scale, merged[1], groups=groups)
     w = jnp.asarray(w, jnp.float32).reshape(-1, *([1] * (z.ndim - 1)))
     return w * base + (1.0 - w) * edited
 
@@ -149,7 +184,7 @@ def fold_weights(params, edit):
     return merge_weights(params, edit), Edit(memory=edit.memory)
 
 
-@functools.partial(jax.jit, static_argnames=("unet", "config", "num_steps", "eta", "fused"),
+@functools.partial(jax.jit, static_argnames=("unet", "config", "num_steps", "eta", "fused", "row_groups"),
                    compiler_options=XLA_CPU_OPTIONS)
 def sample_latents(
     unet,
@@ -165,22 +200,25 @@ def sample_latents(
     edit=None,
     w: jax.Array | None = None,
     fused: bool = True,
+    row_groups: int = 1,
 ) -> jax.Array:
     """Text-to-image DDIM with CFG for a batch of prompts. ``latents`` is x_T (NHWC).
 
     Without ``edit``: the model ``unet_params``. With ``edit`` and no ``w``: the edited model. With
-    both: UnGuidance between the base and the edited model, ``w`` (B,) per prompt.
+    both: UnGuidance between the base and the edited model, ``w`` (B,) per prompt. ``row_groups``: the
+    mesh's data size when the rows are sharded over it (``unguide_jax.parallel.batches``).
     """
     schedule = NoiseSchedule.from_config(config)
     timesteps, prev_timesteps = ddim_timesteps(config, num_steps)
     if w is None:
         params, rest = fold_weights(unet_params, edit)
-        denoise = lambda z, t: guided_prediction(unet, params, z, t, cond, uncond, guidance_scale, rest)  # noqa: E731
+        denoise = lambda z, t: guided_prediction(unet, params, z, t, cond, uncond, guidance_scale, rest,  # noqa: E731
+                                                      row_groups)
     else:
         if edit is None:
             raise ValueError("UnGuidance (w given) needs an edit")
         merged = None if fused and edit.supports_rows else fold_weights(unet_params, edit)
         denoise = lambda z, t: unguided_prediction(unet, unet_params, edit, z, t, cond, uncond,  # noqa: E731
-                                                   guidance_scale, w, merged)
+                                                   guidance_scale, w, merged, row_groups)
     keys = eta_noise_keys(seeds) if eta > 0 else None
     return ddim_loop(denoise, schedule, config, timesteps, prev_timesteps, latents, eta, keys)

@@ -40,7 +40,7 @@ from unguide_jax.erasers.unguide.train_step import (
     make_train_step,
 )
 from unguide_jax.training.checkpoints import RunCheckpoints
-from unguide_jax.training.sharding import jit_train_step
+from unguide_jax.training.sharded_step import jit_train_step
 
 
 class UnguideTrainer:

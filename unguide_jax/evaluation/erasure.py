@@ -52,6 +52,7 @@ from unguide_jax.evaluation.attack import (
 from unguide_jax.loading.resolve import load_model
 from unguide_jax.loading.weights import write_json
 from unguide_jax.models.dtypes import dtype_named
+from unguide_jax.parallel.hosts import check_same_config, is_main_process
 from unguide_jax.shapes import data as shapes
 from unguide_jax.shapes.classifier import load_evaluator
 
@@ -200,6 +201,9 @@ def evaluate_erasure(sd, evaluator, concept, edits_by_name: dict, config: Evalua
                                        x0, seeds)
             result["attack"]["before"] = float((class_probs[:attack_images].argmax(axis=1) == prompt_set.erased).mean())
         slug_name = slug(method.name)
+        if not is_main_process():
+            results[method.name] = result
+            continue
         for k, (request, image) in enumerate(zip(requests, images)):
             save_png(out_dir / slug_name / f"{k:05d}_{slug(request.prompt)}_s{request.seed}.png", image)
         cols = min(n, 8)
@@ -251,14 +255,16 @@ def run_evaluation(config: EvaluateConfig | Mapping) -> Path:
     out_dir = Path(config.out_dir)
     started = time.perf_counter()
     sd = load_model(config.model, dtype=dtype_named(config.dtype), variant=config.variant, revision=config.revision,
-                    config_folder=config.model_config or None)
+                    config_folder=config.model_config or None).on_every_device()
+    check_same_config(to_dict(config), "evaluation config")
     evaluator = load_evaluator()
     cases = []
     for erasure in config.erasures:
         concept = load_concept(erasure.concept)
         loaded, info = {}, {}
         for name, sources in erasure.edits.items():
-            loaded[name], info[name] = load_edit(list(sources), sd.params["unet"])
+            edit, info[name] = load_edit(list(sources), sd.params["unet"])
+            loaded[name] = sd.put_replicated(edit)
         cases.append((concept, loaded, info))
     per_concept = []
     for concept, loaded, info in cases:
@@ -268,7 +274,9 @@ def run_evaluation(config: EvaluateConfig | Mapping) -> Path:
     summary = average(per_concept, [m.name for m in methods])
     settings = {k: v for k, v in to_dict(config).items() if k != "job"}
     settings.update(versions=versions(), seconds=round(time.perf_counter() - started, 1),
-                    evaluator="embedded shapes classifier (unguide_jax/assets/shapes-classifier)")
+                    evaluator="embedded shapes classifier (unguide_jax/assets/shapes-classifier)", **sd.placement())
+    if not is_main_process():  # every process computed its share; one writes
+        return out_dir
     write_json(out_dir / "results.json", {"settings": settings, "average": summary, "concepts": per_concept})
     concepts = ", ".join(c["concept"] for c in per_concept)
     n = config.images_per_prompt

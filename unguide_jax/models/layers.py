@@ -51,17 +51,48 @@ def layer_norm(eps: float, name: str, mod: DtypeMixin) -> nn.LayerNorm:
     )
 
 
+# Largest fp32 score matrix (B·H·T·S·4 bytes) one attention call materialises. Beyond it the queries go
+# through in chunks (``lax.map``), each against every key: softmax is per query, so the result is the
+# same, and memory grows with T instead of T·S (SD 1.5 at 512 px: 4,096 tokens, 8 heads, 537 MB of
+# scores per image; the shipped model asked for 512 px: 65,536 tokens, 4.3 TB per batch).
+ATTENTION_SCORE_BYTES = 256 * 2**20
+
+
 def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, is_causal: bool = False,
-                         key_mask: jax.Array | None = None) -> jax.Array:
+                         key_mask: jax.Array | None = None, max_score_bytes: int | None = None) -> jax.Array:
     """(B, T, H*D) projections in, (B, T, H*D) out. Logits and softmax run in fp32.
 
-    ``key_mask`` (B, S) bool, optional: which keys each batch row may attend to.
+    ``key_mask`` (B, S) bool, optional: which keys each batch row may attend to. The path is chosen per
+    backend and size: on a GPU, fp16/bf16 without a mask, ``jax.nn.dot_product_attention`` (cuDNN's
+    flash attention: no score matrix in memory); elsewhere the einsum path below, with the queries in
+    chunks when the scores would pass ``max_score_bytes`` (default ``ATTENTION_SCORE_BYTES``).
 
     Written out rather than ``jax.nn.dot_product_attention``, for the CPU (docs/benchmarks.md, levers):
     the 1/sqrt(D) scale goes into the exponent (no pass of its own over the T x S logits), and the
     softmax is normalised after the product with V (a division over T x D instead of T x S). One head
     (the small UNets' outer blocks) is a plain batched matmul, no head axis.
     """
+    b, t, c = q.shape
+    s = k.shape[1]
+    if (jax.default_backend() == "gpu" and q.dtype in (jnp.float16, jnp.bfloat16) and key_mask is None
+            and not is_causal and (c // heads) % 8 == 0 and c // heads <= 128 and v.shape[-1] == c):
+        split = lambda x: x.reshape(b, -1, heads, c // heads)  # noqa: E731
+        out = jax.nn.dot_product_attention(split(q), split(k), split(v), implementation="cudnn")
+        return out.reshape(b, t, c)
+    limit = ATTENTION_SCORE_BYTES if max_score_bytes is None else max_score_bytes
+    score_bytes = b * heads * t * s * 4
+    if score_bytes > limit and t > 1 and not is_causal:
+        # The largest divisor of T whose chunk's scores fit (at least one query row).
+        rows = max(1, t * limit // score_bytes)
+        chunk = next(n for n in range(min(rows, t), 0, -1) if t % n == 0)
+        if chunk < t:
+            chunks = jnp.moveaxis(q.reshape(b, t // chunk, chunk, c), 1, 0)
+            out = jax.lax.map(lambda qc: _attention(qc, k, v, heads, None, key_mask), chunks)
+            return jnp.moveaxis(out, 0, 1).reshape(b, t, -1)
+    return _attention(q, k, v, heads, is_causal, key_mask)
+
+
+def _attention(q, k, v, heads: int, is_causal: bool | None, key_mask) -> jax.Array:
     b, t, c = q.shape
     s = k.shape[1]
     d = c // heads

@@ -27,6 +27,13 @@ from unguide_jax.models.layers import (
 )
 
 CROSS_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
+
+# ``UNet2DConditionModel.remat`` -> jax.checkpoint policy: "blocks" keeps only each block's inputs
+# (least memory), "dots" also keeps the matmul/conv outputs without batch dimensions.
+REMAT_POLICIES = {
+    "blocks": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 CROSS_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
 
 
@@ -216,15 +223,26 @@ class UNet2DConditionModel(nn.Module, DtypeMixin):
     config: UNetConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    # Gradient checkpointing of every resnet and transformer block (training memory): "" off; a policy
+    # of REMAT_POLICIES: what a block keeps for the backward pass, the rest is recomputed. The
+    # parameter tree is the same either way.
+    remat: str = ""
+
+    def _block(self, cls):
+        if not self.remat:
+            return cls
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be '' or one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+        return nn.remat(cls, policy=REMAT_POLICIES[self.remat])
 
     def _resnet(self, out_channels: int, name: str) -> ResnetBlock:
-        return ResnetBlock(
+        return self._block(ResnetBlock)(
             out_channels, self.config.norm_num_groups, self.config.norm_eps,
             dtype=self.dtype, param_dtype=self.param_dtype, name=name,
         )
 
     def _transformer(self, heads: int, layers: int, name: str) -> Transformer2D:
-        return Transformer2D(
+        return self._block(Transformer2D)(
             heads, self.config.norm_num_groups, layers, self.config.use_linear_projection,
             dtype=self.dtype, param_dtype=self.param_dtype, name=name,
         )

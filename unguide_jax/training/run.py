@@ -29,10 +29,11 @@ from unguide_jax.erasers.registry import CLOSED_FORM, EDIT_FILE, TRAINED
 from unguide_jax.loading.resolve import load_model, resolve_model_source
 from unguide_jax.loading.weights import write_json
 from unguide_jax.models.dtypes import dtype_named
+from unguide_jax.parallel.hosts import check_same_config, fetch_tree, is_main_process
+from unguide_jax.parallel.mesh import make_mesh, place, shard, shardings_for
 from unguide_jax.training.checkpoints import RunCheckpoints
 from unguide_jax.training.loop import DivergenceGuard, MetricsLog, RunPaths, train_loop
-from unguide_jax.training.run_folder import claim_run_folder
-from unguide_jax.training.sharding import make_mesh, shard, shardings_for
+from unguide_jax.training.run_folder import claim_run_folder_for_every_process
 
 # A resumed run must agree with its checkpoint on these; the rest (iterations, checkpointing,
 # mesh, exports, run_dir) may change between sessions.
@@ -76,8 +77,9 @@ def run_training(config: TrainConfig | Mapping, progress: bool = True) -> Path:
     trainer = TRAINED[config.method](config)
     source = resolve_model_source(config.model, revision=config.revision)  # a missing model fails before anything
     record = to_dict(config)  # config.json and every checkpoint's config
-    with claim_run_folder(config.run_dir, record, identity_keys=TRAINING_KEYS, resume=config.resume,
-                          overwrite=config.overwrite) as folder:  # locked; another run's folder is refused
+    check_same_config(record, "training config")  # several processes: all of them with the same one
+    with claim_run_folder_for_every_process(config.run_dir, record, identity_keys=TRAINING_KEYS, resume=config.resume,
+                                            overwrite=config.overwrite) as folder:  # locked; another run's is refused
         _train(config, trainer, concept, source, record, RunPaths(folder.work), progress)
     return Path(config.run_dir)
 
@@ -98,6 +100,8 @@ def _train(config: TrainConfig, trainer, concept, source, record: dict, paths: R
                   "at step 0", file=sys.stderr)
 
         sd = _load(config)
+        if config.remat:
+            sd = dataclasses.replace(sd, unet=sd.unet.clone(remat=config.remat))
         described = trainer.describe(sd.params["unet"])
         mesh = make_mesh(**dataclasses.asdict(config.mesh), batch_size=config.objective.samples_per_step)
         unet_params = shard(sd.params["unet"], mesh)
@@ -113,24 +117,31 @@ def _train(config: TrainConfig, trainer, concept, source, record: dict, paths: R
             print(f"resuming {paths.root} from step {int(state.step)}")
         else:
             # Eager: a jitted init would take the UNet as an argument only to read kernel shapes.
-            state = jax.device_put(trainer.init(key, unet_params), state_shardings)
-        write_json(paths.config, record)
-        log = MetricsLog(paths.metrics, resume_from_step=int(state.step) if latest is not None else None)
+            state = place(trainer.init(key, unet_params), state_shardings)
+        main = is_main_process()  # the one that writes files and draws the progress bar
+        if main:
+            write_json(paths.config, record)
+        log = (MetricsLog(paths.metrics, resume_from_step=int(state.step) if latest is not None else None) if main
+               else lambda record: None)
         if latest is None:
             log({"step": 0, "method": config.method, **described, "trained_parameters": trainer.parameters(state),
                  "concept": concept.name, "model": str(source.path), "devices": jax.device_count(),
-                 "mesh": dict(mesh.shape)})
+                 "processes": jax.process_count(), "mesh": dict(mesh.shape)})
 
         train_step = trainer.step_fn(sd, mesh)
         state = train_loop(state, lambda s: train_step(s, unet_params, embeddings),
                            iterations=config.iterations, checkpoint_every=config.checkpoint_every,
-                           checkpoints=checkpoints, config=record, log=log, progress=progress,
+                           checkpoints=checkpoints, config=record, log=log, progress=progress and main,
                            divergence=DivergenceGuard(**dataclasses.asdict(config.divergence)))
     finally:
         checkpoints.close()
 
-    edit = trainer.save(state, paths.root, concept, config)
-    export_edit(list(config.export), paths.export, edit, sd.unet, jax.device_get(unet_params))
+    # Collectives: every process gathers what the main one writes.
+    state = fetch_tree(state)
+    base = fetch_tree(unet_params) if config.export else None
+    if is_main_process():
+        edit = trainer.save(state, paths.root, concept, config)
+        export_edit(list(config.export), paths.export, edit, sd.unet, base)
     return paths.root
 
 
@@ -140,18 +151,23 @@ def run_closed_form(config: TrainConfig | Mapping, method: str, concept) -> Path
     eraser = CLOSED_FORM[method]
     eraser.settings_cls(**dataclasses.asdict(getattr(config, eraser.settings_key)))  # its checks, before anything
     resolve_model_source(config.model, revision=config.revision)  # a missing model fails before the run folder
-    with claim_run_folder(config.run_dir, to_dict(config), trained=False, overwrite=config.overwrite) as folder:
+    check_same_config(to_dict(config), "training config")
+    with claim_run_folder_for_every_process(config.run_dir, to_dict(config), trained=False,
+                                            overwrite=config.overwrite) as folder:
         _closed_form(config, method, concept, RunPaths(folder.work))  # built beside a non-empty run_dir, swapped in
     return Path(config.run_dir)
 
 
 def _closed_form(config: TrainConfig, method: str, concept, paths: RunPaths) -> Path:
+    """Every process computes the edit on its own default device (seconds); the main one writes it."""
     eraser = CLOSED_FORM[method]
     settings = eraser.settings_cls(**dataclasses.asdict(getattr(config, eraser.settings_key)))
     sd = _load(config)
-    write_json(paths.config, to_dict(config))
     edit, report = eraser.compute(sd, concept, settings)
     check_edit_fits(sd.params["unet"], edit, what=method)
+    if not is_main_process():
+        return paths.root
+    write_json(paths.config, to_dict(config))
     MetricsLog(paths.metrics, resume_from_step=None)({"method": method, "concept": concept.name, **report})
     write_json(paths.root / "report.json", report)
     save_edit(paths.root / EDIT_FILE, edit, method, {"concept": concept.to_json(), "base_model": config.model,

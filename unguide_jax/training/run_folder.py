@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 from unguide_jax.cli.config import ConfigError
+from unguide_jax.parallel.hosts import broadcast_json, is_main_process, process_count
 
 # What a run leaves in its folder, besides config.json and metrics.jsonl.
 RUN_OUTPUTS = ("adapter.safetensors", "edit.safetensors", "edit_with_prompt.safetensors", "report.json",
@@ -218,3 +219,28 @@ def _swap(work: Path, root: Path) -> None:
         os.rename(root, old)
     os.rename(work, root)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def claim_run_folder_for_every_process(root: str | Path, record: Mapping, **kwargs) -> Iterator[RunFolder]:
+    """``claim_run_folder`` in a multi-host job: the main process claims (and locks) the folder, the
+    others learn where it writes, or why it could not claim it. Only the main process writes files
+    there; the others take part in the collective Orbax checkpoints. One process: the plain claim."""
+    if process_count() == 1:
+        with claim_run_folder(root, record, **kwargs) as folder:
+            yield folder
+        return
+    if not is_main_process():
+        claimed = broadcast_json(None)
+        if "error" in claimed:
+            raise RunFolderTaken(f"process 0 could not claim the run folder {root}: {claimed['error']}")
+        yield RunFolder(Path(claimed["root"]), Path(claimed["work"]), claimed["replacing"])
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            folder = stack.enter_context(claim_run_folder(root, record, **kwargs))
+        except Exception as err:
+            broadcast_json({"error": str(err)})
+            raise
+        broadcast_json({"root": str(folder.root), "work": str(folder.work), "replacing": folder.replacing})
+        yield folder

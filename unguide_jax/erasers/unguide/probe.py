@@ -10,8 +10,8 @@ p, and is computed once per edit (``WProbe`` caches it). Paper rule: w = w_erase
 D(p) > D(""), else w_keep (2).
 
 All prompts of a chunk and all their draws run in one jitted call: ``jax.vmap`` over prompts of a
-function that batches the draws (on the CPU ``lax.map``, one prompt after the other: 2R UNet rows at
-a time stay in the caches), the base/edited predictions at t coming out of one UNet call with a
+function that batches the draws (on the CPU in groups of prompts of about ``rows_per_call()`` UNet
+rows, one group after the other, so that each group stays in the caches), the base/edited predictions at t coming out of one UNet call with a
 per-row edit strength (``unguide_jax.edits``).
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unguide_jax.diffusion.sampler import XLA_CPU_OPTIONS, rows_per_call
+from unguide_jax.diffusion.sampler import XLA_CPU_OPTIONS, map_rows, rows_per_call
 from unguide_jax.diffusion.schedulers import SchedulerConfig
 from unguide_jax.edits.edit import Edit, apply_unet
 from unguide_jax.erasers.unguide.objective import (
@@ -34,6 +34,8 @@ from unguide_jax.erasers.unguide.objective import (
     query_timestep_range,
     sample_until,
 )
+from unguide_jax.parallel.batches import padded_rows
+from unguide_jax.parallel.hosts import to_numpy
 
 RULES = ("paper", "sequential")
 
@@ -100,11 +102,13 @@ def edit_minus_base(unet, base_params, edit: Edit, z, t, context) -> jax.Array:
     return edited - base
 
 
-@functools.partial(jax.jit, static_argnames=("unet", "scheduler_config", "config"), compiler_options=XLA_CPU_OPTIONS)
+@functools.partial(jax.jit, static_argnames=("unet", "scheduler_config", "config", "row_groups"),
+                   compiler_options=XLA_CPU_OPTIONS)
 def probe_distances(unet, scheduler_config: SchedulerConfig, config: ProbeConfig, base_params, edit: Edit,
                     cond: jax.Array, uncond: jax.Array, guidance_scale: jax.Array, x_T: jax.Array,
-                    t: jax.Array) -> jax.Array:
-    """‖ε_edit − ε_base‖₂ per prompt and draw: (P, R). cond (P, L, D), uncond (1, L, D), guidance_scale (P,)."""
+                    t: jax.Array, row_groups: int = 1) -> jax.Array:
+    """‖ε_edit − ε_base‖₂ per prompt and draw: (P, R). cond (P, L, D), uncond (1, L, D), guidance_scale (P,).
+    ``row_groups``: the mesh's data size when the prompts are sharded over it."""
     draws = x_T.shape[0]
     t_enc = jnp.full((draws,), config.t_enc, jnp.int32)
     uncond_r = jnp.broadcast_to(uncond, (draws,) + uncond.shape[1:])
@@ -116,9 +120,10 @@ def probe_distances(unet, scheduler_config: SchedulerConfig, config: ProbeConfig
         return jnp.sqrt(jnp.sum(diff.reshape(draws, -1) ** 2, axis=-1))
 
     scales = jnp.asarray(guidance_scale, jnp.float32)
-    if rows_per_call():  # the CPU: one prompt after the other (2R UNet rows per call, cache-sized)
-        return jax.lax.map(lambda args: one_prompt(*args), (cond, scales))
-    return jax.vmap(one_prompt)(cond, scales)
+    # On the CPU, prompts in groups of about rows_per_call() UNet rows (2R per prompt), one group after
+    # the other, so that a group's activations stay in the caches; elsewhere all prompts in one call.
+    prompts_per_call = max(1, rows_per_call() // (2 * draws)) if rows_per_call() else 0
+    return map_rows(jax.vmap(one_prompt), prompts_per_call, cond, scales, groups=row_groups)
 
 
 def choose_w(d: np.ndarray, d_empty: float, config: ProbeConfig) -> np.ndarray:
@@ -147,25 +152,26 @@ class WProbe:
         self.sd, self.edit, self.config = sd, edit, config
         self.latent_shape = latent_shape or sd.latent_shape(None, None)
         self.x_T, self.t = probe_draws(config, sd.scheduler, self.latent_shape)
-        self._uncond = sd.encode_prompts([""])
+        self._uncond = sd.put_replicated(sd.encode_prompts([""]))
+        self._edit = sd.put_replicated(edit)
         self._empty: np.ndarray | None = None
         self.unet_calls = 0  # UNet rows evaluated, for cost accounting
 
     def _distances(self, cond: jax.Array, scales: np.ndarray, draws: slice = slice(None)) -> np.ndarray:
-        """(P, R') distances for the draws ``draws``, the prompts in padded chunks (one compile per shape)."""
-        chunk, n = min(self.config.prompt_chunk, cond.shape[0]), cond.shape[0]
-        x_T, t = self.x_T[draws], self.t[draws]
+        """(P, R') distances for the draws ``draws``, the prompts in padded chunks (one compile per shape),
+        each chunk's prompts split over the model's mesh."""
+        n = cond.shape[0]
+        chunk = padded_rows(min(self.config.prompt_chunk, n), self.sd.mesh)
+        x_T, t = self.sd.put_replicated((self.x_T[draws], self.t[draws]))
         steps = int(num_sampling_steps(self.config.objective, self.config.t_enc))
+        cond = to_numpy(cond)
         out = []
         for start in range(0, n, chunk):
             c, s = cond[start:start + chunk], scales[start:start + chunk]
-            pad = chunk - c.shape[0]
-            if pad:
-                c = jnp.concatenate([c, jnp.repeat(c[-1:], pad, axis=0)])
-                s = np.concatenate([s, np.repeat(s[-1:], pad)])
-            d = probe_distances(self.sd.unet, self.sd.scheduler, self.config, self.sd.params["unet"], self.edit,
-                                c, self._uncond, jnp.asarray(s, jnp.float32), x_T, t)
-            out.append(np.asarray(d)[: chunk - pad])
+            d = probe_distances(self.sd.unet, self.sd.scheduler, self.config, self.sd.params["unet"], self._edit,
+                                self.sd.put_rows(c, chunk), self._uncond, self.sd.put_rows(s.astype(np.float32), chunk),
+                                x_T, t, row_groups=self.sd.data_size)
+            out.append(to_numpy(d)[: c.shape[0]])
             self.unet_calls += chunk * x_T.shape[0] * (2 * steps + 2)  # CFG steps, then base + edited at t
         return np.concatenate(out)
 

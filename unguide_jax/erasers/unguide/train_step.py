@@ -21,7 +21,8 @@ from unguide_jax.erasers.unguide.objective import (
     draw_samples,
     unguide_loss,
 )
-from unguide_jax.training import sharding as sh
+from unguide_jax.parallel.mesh import PARTITION_RULES, batch_sharding
+from unguide_jax.training.sharded_step import jit_train_step
 
 
 @flax.struct.dataclass
@@ -55,7 +56,7 @@ def latent_shape_of(unet, latent_size: int | None = None) -> tuple[int, int, int
 
 def make_train_step(unet, scheduler_config: SchedulerConfig, lora_config: lora.LoraConfig, objective: ObjectiveConfig,
                     optimizer: optax.GradientTransformation, mesh=None, *, latent_size: int | None = None,
-                    rules=sh.PARTITION_RULES) -> Callable:
+                    rules=PARTITION_RULES) -> Callable:
     """-> step(state, unet_params, embeddings) -> (state, metrics), jitted, donating ``state``.
 
     metrics: loss, grad_norm, and the draws of sample 0 (t_enc, t). With a mesh, arguments are placed
@@ -70,7 +71,7 @@ def make_train_step(unet, scheduler_config: SchedulerConfig, lora_config: lora.L
         x_T, t_enc, t, pair_index = draw_samples(draw_key, scheduler_config, objective, latent_shape,
                                                  embeddings.num_pairs)
         if mesh is not None:
-            x_T = jax.lax.with_sharding_constraint(x_T, sh.batch_sharding(mesh, x_T.ndim, x_T.shape[0]))
+            x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding(mesh, x_T.ndim, x_T.shape[0]))
 
         def loss_of(adapter):
             return unguide_loss(unet, scheduler_config, lora_config, objective, unet_params, adapter, embeddings,
@@ -83,4 +84,4 @@ def make_train_step(unet, scheduler_config: SchedulerConfig, lora_config: lora.L
         metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), t_enc=t_enc[0], t=t[0])
         return new_state, metrics
 
-    return sh.jit_train_step(train_step, mesh, rules)
+    return jit_train_step(train_step, mesh, rules)

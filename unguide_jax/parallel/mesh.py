@@ -10,11 +10,10 @@ The same code runs on one device (a 1×1 mesh) and many.
 Paths are the pytree keys joined with "/", e.g. ``down_blocks.0.attentions.0/transformer_blocks.0/attn2/to_k/kernel``
 (Linen module names contain dots) or ``adapter/down_blocks.0.attentions.0…attn2.to_k/lora_A``.
 
-Multi-host: call ``maybe_initialize_distributed()`` before anything touches jax devices; see its docstring.
+Multi-host: ``unguide_jax.parallel.hosts``.
 """
 from __future__ import annotations
 
-import os
 import re
 from typing import Sequence
 
@@ -126,58 +125,21 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_size: int) -> NamedSharding:
     return NamedSharding(mesh, P("data", *([None] * (ndim - 1))))
 
 
+def place(tree, shardings):
+    """``jax.device_put(tree, shardings)`` that also works across hosts for typed PRNG keys (whose
+    ``device_put`` onto devices of other processes jax refuses): each key goes as its raw data. Every
+    process must pass the same values. A no-op for leaves already placed so."""
+    def put(x, sharding):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            if x.sharding == sharding:
+                return x
+            data = jax.device_put(np.asarray(jax.device_get(jax.random.key_data(x))) if x.is_fully_addressable
+                                  else jax.random.key_data(x), sharding)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return jax.device_put(x, sharding)
+    return jax.tree.map(put, tree, shardings)
+
+
 def shard(tree, mesh: Mesh, rules=PARTITION_RULES):
     """Place ``tree`` on the mesh according to ``rules`` (a no-op for leaves already placed so)."""
-    return jax.device_put(tree, shardings_for(tree, mesh, rules))
-
-
-def maybe_initialize_distributed() -> bool:
-    """Join a multi-host JAX job when the environment says so; return whether it did.
-
-    Call it first thing in a training entry point, on every host, before jax.devices() is used:
-      - JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES=n, JAX_PROCESS_ID=i (set on each host):
-        explicit cluster, e.g. several GPU machines or a localhost test with n processes;
-      - UNGUIDE_DISTRIBUTED=1 without those: jax.distributed.initialize() auto-detects the cluster
-        (Cloud TPU pods, SLURM, Open MPI).
-    With neither set it does nothing (single host). After it, jax.devices() lists every host's devices
-    and ``make_mesh`` spans them all; each host runs the same program (SPMD).
-    """
-    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if address:
-        missing = [v for v in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if v not in os.environ]
-        if missing:
-            raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {', '.join(missing)} is not")
-        jax.distributed.initialize(coordinator_address=address,
-                                   num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                                   process_id=int(os.environ["JAX_PROCESS_ID"]))
-        return True
-    if os.environ.get("UNGUIDE_DISTRIBUTED", "").lower() in ("1", "true", "yes"):
-        jax.distributed.initialize()
-        return True
-    return False
-
-
-def jit_train_step(train_step, mesh: Mesh | None, rules=PARTITION_RULES):
-    """``train_step(state, unet_params, embeddings) -> (state, metrics)`` jitted, donating the state.
-
-    With a mesh, arguments are placed by ``rules`` (base weights over "fsdp", adapters replicated),
-    embeddings and metrics replicated, and the jit carries explicit in/out shardings, built on the
-    first call from the argument shapes; the compiled step is reused while the shapes stay the same.
-    """
-    if mesh is None:
-        return jax.jit(train_step, donate_argnums=0)
-    compiled: dict = {}
-
-    def sharded_step(state, unet_params, embeddings):
-        args = (state, unet_params, embeddings)
-        signature = jax.tree.structure(args), tuple((x.shape, x.dtype) for x in jax.tree.leaves(args))
-        if signature not in compiled:
-            state_sh = shardings_for(state, mesh, rules)
-            in_sh = (state_sh, shardings_for(unet_params, mesh, rules), jax.tree.map(lambda _: replicated(mesh), embeddings))
-            compiled[signature] = (in_sh, jax.jit(train_step, in_shardings=in_sh,
-                                                  out_shardings=(state_sh, replicated(mesh)), donate_argnums=0))
-        in_sh, jitted = compiled[signature]
-        # A no-op for arguments already placed as the rules say (the usual case after the first step).
-        return jitted(*jax.device_put(args, in_sh))
-
-    return sharded_step
+    return place(tree, shardings_for(tree, mesh, rules))
