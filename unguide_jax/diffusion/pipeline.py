@@ -114,8 +114,9 @@ class StableDiffusion:
         """``sample_latents`` compiled for these arguments, after checking (once per shape) that it fits in
         the devices' memory: a request that cannot fit ends in one line, not in an allocator crash."""
         signature = (tuple(sorted(static.items(), key=lambda item: item[0])), jax.tree.structure(args),
-                     jax.config.read("jax_disable_most_optimizations"), jax.config.read("jax_default_matmul_precision"),
-                     tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in jax.tree.leaves(args)))
+                     jax.config.read("jax_disable_most_optimizations"), jax.config.jax_default_matmul_precision,
+                     tuple((np.shape(x), getattr(x, "dtype", type(x).__name__), getattr(x, "sharding", None))
+                           for x in jax.tree.leaves(args)))
         if signature not in _COMPILED_SAMPLERS:
             compiled = sample_latents.lower(**static, **args).compile()
             rows, (h, w, _) = args["cond"].shape[0], self.latent_shape(height, width)
