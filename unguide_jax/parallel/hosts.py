@@ -12,7 +12,7 @@ Start-up (``maybe_initialize_distributed``), from the environment:
     (Cloud TPU pods, SLURM, Open MPI);
   - JAX_COORDINATOR_TIMEOUT=seconds (default 300): how long to wait for the coordinator and the other
     processes before giving up with an error.
-On the CPU the cross-process collectives go through gloo.
+On the CPU the cross-process collectives go through gloo (jax's default).
 """
 from __future__ import annotations
 
@@ -57,8 +57,6 @@ def maybe_initialize_distributed() -> bool:
             raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {', '.join(missing)} is not")
         kwargs.update(coordinator_address=address, num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
                       process_id=int(os.environ["JAX_PROCESS_ID"]))
-    if jax.config.jax_platforms in (None, "", "cpu") and jax.config.jax_cpu_collectives_implementation in (None, ""):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts: collectives over gloo
     if address and int(os.environ["JAX_PROCESS_ID"]) != 0:
         # jaxlib aborts the whole process when it cannot reach the coordinator: check first, and say so.
         _wait_for_coordinator(address, timeout)
