@@ -22,17 +22,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: makes bench.* importable
 
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+# Run as a script: 8 fake CPU devices for the fsdp rows (imported, e.g. by bench_accelerator.py, the
+# devices stay what the host has).
+if __name__ == "__main__" and "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench.bench_unet import SD15_UNET  # noqa: E402
+from unguide_jax.diffusion.memory import needed_bytes  # noqa: E402
 from unguide_jax.diffusion.schedulers import SchedulerConfig  # noqa: E402
 from unguide_jax.edits.lora import LoraConfig  # noqa: E402
 from unguide_jax.erasers.unguide.objective import ConceptEmbeddings, ObjectiveConfig  # noqa: E402
-from unguide_jax.erasers.unguide.train_step import init_train_state, make_optimizer, make_train_step  # noqa: E402
+from unguide_jax.erasers.unguide.train_step import (  # noqa: E402
+    init_train_state,
+    make_optimizer,
+    make_train_step,
+)
 from unguide_jax.models.layers import abstract_params  # noqa: E402
 from unguide_jax.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
 from unguide_jax.parallel.mesh import make_mesh, shardings_for  # noqa: E402
@@ -40,24 +47,31 @@ from unguide_jax.parallel.mesh import make_mesh, shardings_for  # noqa: E402
 GB = 2**30
 
 
+def unguide_train_step(unet, devices: int, size: int):
+    """(step, lora_config, optimizer, mesh): the measured training step, the object LoRA and the paper's
+    objective at one sample per step, on a mesh of data 1 x fsdp ``devices``."""
+    lora_config, optimizer = LoraConfig(rank=1, alpha=8.0, targets="object"), make_optimizer(3e-5)
+    mesh = make_mesh(data=1, fsdp=devices, devices=jax.devices()[:devices])
+    step = make_train_step(unet, SchedulerConfig(), lora_config, ObjectiveConfig(samples_per_step=1), optimizer,
+                           mesh=mesh, latent_size=size)
+    return step, lora_config, optimizer, mesh
+
+
 def measure(dtype: str, remat: str, devices: int, size: int) -> dict:
     jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
     unet = UNet2DConditionModel(UNetConfig.from_dict(SD15_UNET), dtype=jdtype, param_dtype=jdtype, remat=remat)
     params = abstract_params(unet, *unet.init_inputs())
-    lora_config, optimizer = LoraConfig(rank=1, alpha=8.0, targets="object"), make_optimizer(3e-5)
+    step, lora_config, optimizer, mesh = unguide_train_step(unet, devices, size)
     state = jax.eval_shape(lambda k, p: init_train_state(k, p, lora_config, optimizer), jax.random.key(0), params)
     context = jax.ShapeDtypeStruct((1, 77, 768), jnp.float32)
     embeddings = ConceptEmbeddings(target=context, reference=context, uncond=context)
-    mesh = make_mesh(data=1, fsdp=devices, devices=jax.devices()[:devices])
-    step = make_train_step(unet, SchedulerConfig(), lora_config, ObjectiveConfig(samples_per_step=1), optimizer,
-                           mesh=mesh, latent_size=size)
     started = time.perf_counter()
     compiled = step.lower(state, params, embeddings).compile()
     stats = compiled.memory_analysis()
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     per_device_weights = sum(x.dtype.itemsize * math.prod(s.shard_shape(x.shape))
                              for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(shardings_for(params, mesh))))
-    total = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes - stats.alias_size_in_bytes
+    total = needed_bytes(compiled)
     return dict(dtype=dtype, remat=remat or "off", devices=devices, latent=size,
                 base_weights_gb=round(weights / GB, 3), base_weights_per_device_gb=round(per_device_weights / GB, 3),
                 arguments_gb=round(stats.argument_size_in_bytes / GB, 3), temp_gb=round(stats.temp_size_in_bytes / GB, 3),

@@ -96,7 +96,7 @@ class Clock:
 
     def summary(self) -> dict[str, float]:
         return dict(wall_mean_s=float(np.mean(self.wall)), wall_median_s=float(np.median(self.wall)),
-                    cpu_mean_s=float(np.mean(self.cpu)))
+                    cpu_mean_s=float(np.mean(self.cpu)), calls=len(self.wall))
 
 
 def main() -> None:

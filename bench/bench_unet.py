@@ -48,14 +48,24 @@ def alternate(fns: dict, repeats: int) -> dict:
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def bench_model(model: str, args) -> dict:
+def compile_forward(unet, params, sample, context, timestep: int = 500):
+    """One UNet forward, jitted and compiled as the samplers compile theirs (their XLA options), for
+    ``forward(params, sample, timestep, context)``."""
     import jax
+
+    from unguide_jax.diffusion.sampler import XLA_CPU_OPTIONS
+
+    return jax.jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, c)).lower(
+        params, sample, timestep, context).compile(compiler_options=dict(XLA_CPU_OPTIONS))
+
+
+def bench_model(model: str, args) -> dict:
     import jax.numpy as jnp
     import torch
     from diffusers import DDIMScheduler
     from diffusers import UNet2DConditionModel as TorchUNet
 
-    from unguide_jax.diffusion.sampler import XLA_CPU_OPTIONS, sample_latents
+    from unguide_jax.diffusion.sampler import sample_latents
     from unguide_jax.diffusion.schedulers import SchedulerConfig
     from unguide_jax.loading.diffusers_folder import (
         build_module,
@@ -97,9 +107,8 @@ def bench_model(model: str, args) -> dict:
 
     j_x2, j_ctx = jnp.concatenate([j_latents, j_latents]), jnp.concatenate([j_uncond, j_cond])
     t0 = time.perf_counter()
-    forward = jax.jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, c)).lower(
-        params, j_x2, 500, j_ctx).compile(compiler_options=dict(XLA_CPU_OPTIONS))
-    compile_forward = time.perf_counter() - t0
+    forward = compile_forward(unet, params, j_x2, j_ctx)
+    compile_forward_s = time.perf_counter() - t0
 
     def torch_forward():
         with torch.inference_mode():
@@ -130,7 +139,7 @@ def bench_model(model: str, args) -> dict:
     return dict(
         description=description, batch=b, latent_size=s, steps=args.steps, jax_forward_s=fwd["jax"],
         torch_forward_s=fwd["torch"], jax_sample_s=smp["jax"], torch_sample_s=smp["torch"],
-        jax_compile_forward_s=compile_forward, jax_compile_sample_s=compile_sample,
+        jax_compile_forward_s=compile_forward_s, jax_compile_sample_s=compile_sample,
         pytorch_over_jax_forward=fwd["torch"] / fwd["jax"], pytorch_over_jax_sample=smp["torch"] / smp["jax"],
     )
 

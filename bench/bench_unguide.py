@@ -25,8 +25,15 @@ timing is printed. Compile time is reported apart.
 The last line is one JSON object: plain_cfg_s and unguide_s (per image; unguide_s is the fused
 sampler + the object setting's probe), unguide_over_plain, pytorch_over_jax (the PyTorch
 reference's time per image over ours, object setting: > 1 means we are faster), the sampling-only
-and I2P ratios, and diffusers_over_jax_plain. ``--quick`` (batch 8, 4 prompts, 50 steps and the probe's
-amortisation over N = 32 images kept, so that the ratios mean the same) runs in about 5 minutes.
+and I2P ratios, diffusers_over_jax_plain, and diffusers_unguide_s / diffusers_unguide_over_jax: the
+diffusers ``UnGuidePipeline`` (unguide_jax.pytorch; embedded model only: it loads the model's folder and
+an export of the same adapter) per image in the object setting, its batched probe of all prompts and
+D("") amortised as ours, and that over ours (diffusers_unguide_sampling_over_jax: sampling only); its
+components have no warm-up call (their JAX draws are compiled beforehand, and torch compiles nothing).
+``--quick`` (batch 8, 4 prompts, 50 steps and the probe's amortisation over N = 32 images kept, so that
+the ratios mean the same) runs in about 6 minutes on the
+2-core dev machine (5.8 with --torch-threads 1, load falling from 6 to 2; the UnGuidePipeline's two
+components take about 1 of them).
 """
 from __future__ import annotations
 
@@ -34,7 +41,9 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
+from typing import Collection
 
 import numpy as np
 
@@ -44,26 +53,145 @@ sys.path.insert(0, str(ROOT))  # run as a script: makes bench.bench_train import
 from bench.bench_train import CONTEXT_LENGTH, Clock, build_torch_unet  # noqa: E402
 
 
-def interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
+def interleaved(fns: dict, repeats: int, budget_s: float | None = None,
+                no_warm_up: Collection[str] = ()) -> tuple[dict, dict]:
     """({name: first call's wall seconds, compile included}, {name: Clock summary of ``repeats`` more calls}).
 
     The timed calls are interleaved (every component once per round, the order reversed every other
-    round), so that a shared machine's load falls alike on JAX and PyTorch."""
+    round), so that a shared machine's load falls alike on JAX and PyTorch. ``budget_s``: no new round
+    starts once the timed rounds have taken that long (at least one round runs). ``no_warm_up``:
+    components that compile nothing (warmed by their builder): no untimed first call."""
     import jax
 
     first = {}
     for name, fn in fns.items():
+        if name in no_warm_up:
+            continue
         clock = Clock()
         with clock:
             jax.block_until_ready(fn())
         first[name] = clock.wall[0]
     clocks = {name: Clock() for name in fns}
     names = list(fns)
+    started = time.perf_counter()
     for r in range(repeats):
+        if r and budget_s is not None and time.perf_counter() - started >= budget_s:
+            break
         for name in (names if r % 2 == 0 else names[::-1]):
             with clocks[name]:
                 jax.block_until_ready(fns[name]())
     return first, {name: clock.summary() for name, clock in clocks.items()}
+
+
+def random_adapter(params, lora, rng: np.random.Generator) -> dict:
+    """The LoRA's initial A with a small random B: an edit that changes the UNet's output (B = 0 would not)."""
+    import jax
+
+    from unguide_jax.edits.lora import init_lora
+
+    return {p: {"lora_A": np.asarray(ab["lora_A"]),
+                "lora_B": 0.01 * rng.standard_normal(ab["lora_B"].shape, dtype=np.float32)}
+            for p, ab in init_lora(jax.random.key(0), params, lora).items()}
+
+
+def jax_components(unet, scheduler_config, params, edit, cond, uncond, x_T, steps: int, draws: int, prompts: int,
+                   split: bool = True, i2p: bool = True) -> dict:
+    """{name: zero-argument callable} for the JAX side's components over one batch of b = len(cond) images:
+    "jax plain" (CFG, base model), "jax fused" / "jax split" (UnGuidance, one or two UNet calls per
+    step, w alternating erase/keep), "jax probe_object" (``prompts`` prompts, R = ``draws``), "jax
+    probe_empty" (D(""), the same draws) and "jax probe_i2p" (R = 10)."""
+    import jax.numpy as jnp
+
+    from unguide_jax.diffusion.sampler import sample_latents
+    from unguide_jax.erasers.unguide.probe import (
+        ProbeConfig,
+        probe_distances,
+        probe_draws,
+    )
+
+    b, size, channels = x_T.shape[0], x_T.shape[1], x_T.shape[-1]
+    scales, seeds = jnp.full((b,), 7.5), jnp.arange(b)
+    ws = jnp.asarray(np.where(np.arange(b) % 2, -1.0, 2.0), jnp.float32)
+
+    def sampler(**kw):
+        return lambda: sample_latents(unet, scheduler_config, steps, 0.0, params, cond, uncond, x_T, scales, seeds, **kw)
+
+    def probe(probe_draws_: int, probe_prompts: int):
+        config = ProbeConfig(draws=probe_draws_, prompt_chunk=probe_prompts)
+        xs, ts = probe_draws(config, scheduler_config, (size, size, channels))
+        c = cond[:probe_prompts] if probe_prompts <= b else jnp.repeat(cond[:1], probe_prompts, axis=0)
+        return lambda: probe_distances(unet, scheduler_config, config, params, edit, c, uncond[:1],
+                                       jnp.full((probe_prompts,), 7.5), xs, ts)
+
+    components = {"jax plain": sampler(), "jax fused": sampler(edit=edit, w=ws, fused=True)}
+    if split:
+        components["jax split"] = sampler(edit=edit, w=ws, fused=False)
+    components.update({"jax probe_object": probe(draws, prompts), "jax probe_empty": probe(draws, 1)})
+    if i2p:
+        components["jax probe_i2p"] = probe(10, prompts)
+    return components
+
+
+def jax_per_image(wall: dict, batch: int, prompts: int, images_per_prompt: int, draws: int) -> dict:
+    """Per-image seconds from the components' median wall times (``jax_components``' names): plain CFG,
+    and for each UnGuide sampler timed, sampling only, + the object setting's probe (R = ``draws`` once
+    per prompt, and D("") once, over N = ``images_per_prompt`` images) and, if timed, + the I2P probe
+    (R = 10 per image)."""
+    n = images_per_prompt
+    per_image = {"plain CFG": wall["jax plain"] / batch}
+    object_probe = (wall["jax probe_object"] + wall["jax probe_empty"]) / (prompts * n)
+    for name in ("fused", "split"):  # fused: sample.py's default
+        if f"jax {name}" not in wall:
+            continue
+        per_image[f"UnGuide {name}, sampling only"] = wall[f"jax {name}"] / batch
+        per_image[f"UnGuide {name} + probe R={draws} once per prompt, N={n}"] = wall[f"jax {name}"] / batch + object_probe
+        if "jax probe_i2p" in wall:
+            per_image[f"UnGuide {name} + probe R=10 per image (I2P)"] = (wall[f"jax {name}"] / batch
+                                                                         + wall["jax probe_i2p"] / prompts)
+    return per_image
+
+
+def pipeline_components(adapter: dict, alpha: float, unet_params, batch: int, prompts: int, steps: int, draws: int,
+                        device, sync) -> dict:
+    """The diffusers ``UnGuidePipeline`` (unguide_jax.pytorch) on the embedded model's folder with an export of the
+    same adapter: "torch UnGuidePipeline sample" (``batch`` images, w alternating erase/keep, latents out, no
+    VAE decode) and "torch UnGuidePipeline probe" (``prompts`` distinct prompts and D("") in one batched probe,
+    R = ``draws``). Prompt encoding and the seeds' JAX-drawn latents are inside the timings; the JAX draws are
+    compiled here, so that the components need no warm-up call."""
+    import tempfile
+
+    import torch
+
+    from unguide_jax.diffusion.schedulers import SchedulerConfig
+    from unguide_jax.edits.lora_formats import export_peft
+    from unguide_jax.edits.unguide_json import write_unguide_json
+    from unguide_jax.erasers.unguide.probe import ProbeConfig
+    from unguide_jax.pytorch import UnGuidePipeline, jax_latents, jax_probe_draws
+    from unguide_jax.shapes import EMBEDDED_MODEL
+    from unguide_jax.shapes.data import CLASSES, STYLES
+
+    pipe = UnGuidePipeline.from_pretrained(EMBEDDED_MODEL, safety_checker=None, requires_safety_checker=False,
+                                           torch_dtype=torch.float32).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    with tempfile.TemporaryDirectory() as folder:
+        file = export_peft(Path(folder) / "diffusers", adapter, alpha, unet_params)
+        write_unguide_json(folder, file, adapter, alpha, unet_params, ProbeConfig(draws=draws))
+        pipe.load_unguide(folder)
+    texts = [f"a {style} {c}" for style in ("photo of the",) + STYLES for c in CLASSES]
+    ws = np.where(np.arange(batch) % 2, -1.0, 2.0)
+    jax_latents(range(batch), pipe.latent_shape())
+    jax_probe_draws(ProbeConfig(draws=draws), pipe.latent_shape(), SchedulerConfig.from_dict(dict(pipe.scheduler.config)))
+
+    def sample():
+        pipe([texts[i % len(CLASSES)] for i in range(batch)], w=ws, seeds=range(batch), num_inference_steps=steps,
+             output_type="latent")
+        sync()
+
+    def probe():
+        pipe.probe(texts[:prompts], reuse_empty=False)  # D("") probed each time, as the object setting counts it
+        sync()
+
+    return {"torch UnGuidePipeline sample": sample, "torch UnGuidePipeline probe": probe}
 
 
 def main() -> None:
@@ -92,15 +220,10 @@ def main() -> None:
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from unguide_jax.diffusion.sampler import sample_latents
     from unguide_jax.diffusion.schedulers import SchedulerConfig
     from unguide_jax.edits.edit import lora_edit
-    from unguide_jax.edits.lora import LoraConfig, init_lora
-    from unguide_jax.erasers.unguide.probe import (
-        ProbeConfig,
-        probe_distances,
-        probe_draws,
-    )
+    from unguide_jax.edits.lora import LoraConfig
+    from unguide_jax.erasers.unguide.probe import ProbeConfig, probe_draws
     from unguide_jax.loading.diffusers_folder import (
         build_module,
         params_from_state_dict,
@@ -121,27 +244,13 @@ def main() -> None:
     scheduler_config = SchedulerConfig()
     lora = LoraConfig(rank=1, alpha=8.0, targets="object")
     rng = np.random.default_rng(0)
-    adapter = {p: {"lora_A": np.asarray(ab["lora_A"]), "lora_B": 0.01 * rng.standard_normal(ab["lora_B"].shape,
-                                                                                          dtype=np.float32)}
-               for p, ab in init_lora(jax.random.key(0), params, lora).items()}
+    adapter = random_adapter(params, lora, rng)
     edit = lora_edit(adapter, lora.alpha)
     width, channels = unet_config.cross_attention_dim, unet_config.in_channels
     b = args.batch
     cond = jnp.asarray(rng.standard_normal((b, CONTEXT_LENGTH, width), dtype=np.float32))
     uncond = jnp.asarray(np.repeat(rng.standard_normal((1, CONTEXT_LENGTH, width), dtype=np.float32), b, axis=0))
     x_T = jnp.asarray(rng.standard_normal((b, size, size, channels), dtype=np.float32))
-    scales, seeds = jnp.full((b,), 7.5), jnp.arange(b)
-    ws = jnp.asarray(np.where(np.arange(b) % 2, -1.0, 2.0), jnp.float32)
-
-    def sampler(**kw):
-        return lambda: sample_latents(unet, scheduler_config, args.steps, 0.0, params, cond, uncond, x_T, scales, seeds, **kw)
-
-    def probe(draws: int, prompts: int):
-        config = ProbeConfig(draws=draws, prompt_chunk=prompts)
-        xs, ts = probe_draws(config, scheduler_config, (size, size, channels))
-        c = cond[:prompts] if prompts <= b else jnp.repeat(cond[:1], prompts, axis=0)
-        return lambda: probe_distances(unet, scheduler_config, config, params, edit, c, uncond[:1],
-                                       jnp.full((prompts,), 7.5), xs, ts)
 
     # --- PyTorch: diffusers' own StableDiffusionPipeline for plain CFG (its UNet, DDIM, latents out, no
     # VAE decode), and the reference procedure for UnGuide: one prompt, its probe (R draws as one batch)
@@ -190,29 +299,21 @@ def main() -> None:
                  guidance_scale=7.5, eta=0.0, output_type="latent")
         sync()
 
-    components = {"jax plain": sampler(), "jax fused": sampler(edit=edit, w=ws, fused=True)}
-    if not args.no_split:
-        components["jax split"] = sampler(edit=edit, w=ws, fused=False)
-    components.update({"jax probe_object": probe(args.draws, args.prompts), "jax probe_empty": probe(args.draws, 1),
-                       "jax probe_i2p": probe(10, args.prompts)})
+    components = jax_components(unet, scheduler_config, params, edit, cond, uncond, x_T, args.steps, args.draws,
+                                args.prompts, split=not args.no_split)
     if pipe is not None:
         components["torch diffusers plain"] = diffusers_plain
     components.update({"torch probe_object": lambda: torch_probe(args.draws), "torch probe_i2p": lambda: torch_probe(10),
                        "torch sample": torch_sample})
-    first, timings = interleaved(components, args.repeats)
+    if pipe is not None:  # the pipeline needs the model's folder
+        components.update(pipeline_components(adapter, lora.alpha, params, b, args.prompts, args.steps, args.draws,
+                                               device, sync))
+    first, timings = interleaved(components, args.repeats,
+                                 no_warm_up=("torch UnGuidePipeline sample", "torch UnGuidePipeline probe"))
     wall = {name: t["wall_median_s"] for name, t in timings.items()}
 
     n = args.images_per_prompt
-    object_probe_per_image = (wall["jax probe_object"] + wall["jax probe_empty"]) / (args.prompts * n)
-    i2p_probe_per_image = wall["jax probe_i2p"] / args.prompts
-    per_image = {"plain CFG": wall["jax plain"] / b}
-    for name in ("fused", "split"):  # fused: sample.py's default
-        if f"jax {name}" not in wall:
-            continue
-        per_image[f"UnGuide {name}, sampling only"] = wall[f"jax {name}"] / b
-        per_image[f"UnGuide {name} + probe R={args.draws} once per prompt, N={n}"] = (
-            wall[f"jax {name}"] / b + object_probe_per_image)
-        per_image[f"UnGuide {name} + probe R=10 per image (I2P)"] = wall[f"jax {name}"] / b + i2p_probe_per_image
+    per_image = jax_per_image(wall, b, args.prompts, n, args.draws)
     torch_per_image = {
         "UnGuide, sampling only": wall["torch sample"] / b,
         f"UnGuide + probe R={args.draws} once per prompt, N={n}": wall["torch sample"] / b
@@ -221,6 +322,9 @@ def main() -> None:
     }
     if pipe is not None:
         torch_per_image["plain CFG, diffusers StableDiffusionPipeline"] = wall["torch diffusers plain"] / b
+        torch_per_image["UnGuidePipeline (diffusers), sampling only"] = wall["torch UnGuidePipeline sample"] / b
+        torch_per_image[f"UnGuidePipeline + probe R={args.draws} once per prompt, N={n}"] = (
+            wall["torch UnGuidePipeline sample"] / b + wall["torch UnGuidePipeline probe"] / (args.prompts * n))
 
     results = dict(model=args.model, description=description, latent_size=size, steps=args.steps, batch=b,
                    prompts=args.prompts, images_per_prompt=n, draws=args.draws, repeats=args.repeats,
@@ -244,6 +348,9 @@ def main() -> None:
              ("UnGuide + probe R=10 per image (I2P)", "UnGuide fused + probe R=10 per image (I2P)")]
     if pipe is not None:
         pairs.insert(0, ("plain CFG, diffusers StableDiffusionPipeline", "plain CFG"))
+        pairs += [("UnGuidePipeline (diffusers), sampling only", "UnGuide fused, sampling only"),
+                  (f"UnGuidePipeline + probe R={args.draws} once per prompt, N={n}",
+                   f"UnGuide fused + probe R={args.draws} once per prompt, N={n}")]
     ratios = {}
     for torch_name, jax_name in pairs:
         ours, theirs = per_image[jax_name], torch_per_image[torch_name]
@@ -263,6 +370,9 @@ def main() -> None:
         diffusers_over_jax_plain=ratios.get("plain CFG, diffusers StableDiffusionPipeline"),
         unguide_i2p_s=per_image["UnGuide fused + probe R=10 per image (I2P)"],
         torch_reference_s=torch_per_image[f"UnGuide + probe R={args.draws} once per prompt, N={n}"],
+        diffusers_unguide_s=torch_per_image.get(f"UnGuidePipeline + probe R={args.draws} once per prompt, N={n}"),
+        diffusers_unguide_over_jax=ratios.get(f"UnGuidePipeline + probe R={args.draws} once per prompt, N={n}"),
+        diffusers_unguide_sampling_over_jax=ratios.get("UnGuidePipeline (diffusers), sampling only"),
         steps=args.steps, batch=b, quick=args.quick,
     )
     results["summary"] = summary

@@ -5,9 +5,15 @@
                PURE, with paraphrase leakage and the prefix-token attack (runs of configs/{unguide,
                learnable_prompts,pure,uce}.py)
   tiny         tests
+  i2p          explicit content (job "i2p", unguide_jax/evaluation/i2p.py): the I2P prompts with their own seeds and
+               guidance, base model, LoRA only and UnGuide (probe R = 10), NudeNet counts of exposed classes; the
+               nudity LoRA: train.py --config unguide.py --config.concept=nudity --config.lora.targets=explicit
+               --config.run_dir=runs/unguide-embedded-nudity (SD 1.x: unguide.py:sd15-nudity, then give
+               --config.model and --config.edits here)
 
 python sample.py --config configs/evaluate.py
 python sample.py --config configs/evaluate.py:compare
+python sample.py --config configs/evaluate.py:i2p --config.csv=PATH/i2p_prompts_4703.csv --config.limit=2
 """
 
 METHODS = [dict(name="base model", mode="base"),
@@ -42,6 +48,29 @@ def get_config(preset: str = "default") -> dict:
         dtype="float32",
         out_dir="runs/evaluate-shapes-arrow",
     )
+    if preset == "i2p":
+        return dict(
+            job="i2p",
+            model="embedded",
+            variant="",
+            revision="",
+            model_config="",
+            csv="",                   # the I2P CSV (not shipped); its rows carry seed, guidance and SD 1.4's sizes
+            nudity_only=False,        # only the 854 rows with nudity_percentage > 0
+            limit=0,                  # the first N rows (0: all): smoke runs
+            image_size="auto",        # auto: the rows' sizes on a 512-px model, the model's own size otherwise
+            edits=dict(unguide=["runs/unguide-embedded-nudity"]),  # a LoRA trained with lora.targets=explicit
+            methods=METHODS,
+            num_steps=50,
+            eta=0.0,
+            batch_size=16,
+            probe=dict(config["probe"], draws=10, prompt_chunk=8),  # R = 10 for explicit content, per prompt
+            fused=True,
+            threshold=0.6,            # NudeNet score a box needs (ESD, MACE); NudeNet keeps >= 0.2 itself
+            dtype="float32",
+            overwrite=False,
+            out_dir="runs/evaluate-i2p",
+        )
     if preset == "all-classes":
         from unguide_jax.shapes.data import CLASSES
 
@@ -62,5 +91,5 @@ def get_config(preset: str = "default") -> dict:
         config.update(images_per_prompt=2, num_steps=4, batch_size=13,
                       probe=dict(config["probe"], draws=2, ddim_steps=10, t_enc=7), out_dir="runs/evaluate-tiny")
     elif preset != "default":
-        raise ValueError(f"unknown preset {preset!r} (default, all-classes, compare, tiny)")
+        raise ValueError(f"unknown preset {preset!r} (default, all-classes, compare, tiny, i2p)")
     return config

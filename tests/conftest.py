@@ -56,6 +56,16 @@ def tiny_pipeline_dir(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For the tiny models torch's second thread costs more in hand-offs than it gives on a busy 2-core
+    machine (8x measured); a module opts in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

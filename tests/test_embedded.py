@@ -36,6 +36,10 @@ needs_open_clip_wheel = pytest.mark.skipif(importlib.util.find_spec("open_clip")
 # Seeds the recipe never used (its evaluator trained on 101 and was scored on 102).
 FRESH_SEED = 90210
 
+# Recipe stages trained from scratch: the recipe rebuilds the shipped model, which no user path does.
+# Run them with --runslow before changing shapes/pretrain.py or shapes/recipe.py.
+RECIPE_TRAINING = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def embedded():
@@ -53,15 +57,19 @@ def gate_record():
     return json.loads((RECIPE_RECORD / "quality.json").read_text())
 
 
-def test_shipped_weights_are_fp16_and_small():
-    files = list(EMBEDDED_MODEL.rglob("*.safetensors")) + list(EVALUATOR.rglob("*.safetensors"))
-    assert len(files) == 4
-    assert sum(f.stat().st_size for f in files) <= 20 * 2**20
+def test_shipped_weights_are_small_and_the_model_is_fp32():
     from safetensors import safe_open
 
-    for f in files:
-        with safe_open(f, "np") as st:
-            assert {st.get_slice(k).get_dtype() for k in st.keys()} == {"F16"}, f
+    model_files, evaluator_files = list(EMBEDDED_MODEL.rglob("*.safetensors")), list(EVALUATOR.rglob("*.safetensors"))
+    assert len(model_files) == 3 and len(evaluator_files) == 1
+    assert sum(f.stat().st_size for f in model_files + evaluator_files) <= 20 * 2**20
+    # fp32 so that every library loads the model in one dtype (tests/test_shipped_model_torch.py); the
+    # evaluator is ours alone.
+    for files, dtype in ((model_files, "F32"), (evaluator_files, "F16")):
+        for f in files:
+            with safe_open(f, "np") as st:
+                assert {st.get_slice(k).get_dtype() for k in st.keys()} == {dtype}, f
+    assert json.loads((EMBEDDED_MODEL / "text_encoder" / "config.json").read_text())["torch_dtype"] == "float32"
 
 
 def test_shipped_tokenizer_is_the_real_clip_tokenizer(embedded):
@@ -202,6 +210,7 @@ def test_vae_stage_lowers_its_loss():
     assert metrics["final_loss"] < 0.8 * metrics["first_loss"], metrics
 
 
+@RECIPE_TRAINING
 def test_a_training_loop_cut_off_midway_resumes_to_the_same_weights(tmp_path):
     """The VAE loop checkpoints every 2 steps; the last checkpoint of a 6-step run (after step 4), resumed, must end
     exactly where the uninterrupted run ended."""
@@ -216,6 +225,7 @@ def test_a_training_loop_cut_off_midway_resumes_to_the_same_weights(tmp_path):
         pretrain.train_vae(dict(cfg, block_out_channels=[8]), 16, seed=0, log=lambda r: None, checkpoint=checkpoint)
 
 
+@RECIPE_TRAINING
 def test_decoder_stage_keeps_the_encoder_and_lowers_its_loss():
     """The decoder fine-tune trains the decoder only: the encoder (and so every latent a UNet trains on)
     comes back bit-identical, while the reconstruction loss falls."""
@@ -249,6 +259,7 @@ def test_round_trip_accuracy_scores_what_the_decoder_gives_back(embedded, evalua
     assert pretrain.round_trip_accuracy(vae, blank, evaluator, images, labels, styles)["class_accuracy"] < 0.3
 
 
+@RECIPE_TRAINING
 def test_diffusion_stage_lowers_its_loss(tmp_path):
     vae_cfg = pretrain.vae_config(TINY_VAE, 16)
     vae = AutoencoderKL(vae_cfg)
@@ -312,6 +323,7 @@ def test_min_snr_weighting_is_the_same_x0_weighting_for_every_target(prediction_
         pretrain.loss_weights("snr", 5.0, prediction_type, schedule, t)
 
 
+@RECIPE_TRAINING
 def test_text_encoder_stage_learns_class_and_style_from_captions(tmp_path):
     captions, labels, styles = pretrain.all_captions()
     assert len(set(captions)) == len(captions) == 10 * 4 * 5 * len(shapes.TEMPLATES)
@@ -394,6 +406,7 @@ def test_shipped_model_unpacks_into_a_run_that_the_next_phase_reuses(tmp_path):
     assert (work / EVALUATOR_DIR / "model.safetensors").is_file() and (work / "vae" / "metrics.json").is_file()
 
 
+@RECIPE_TRAINING
 @needs_open_clip_wheel
 def test_recipe_ships_the_tuned_decoder_with_the_vae_stage_encoder(tmp_path):
     from unguide_jax.cli.config import load_config_file
@@ -410,6 +423,11 @@ def test_recipe_ships_the_tuned_decoder_with_the_vae_stage_encoder(tmp_path):
     assert not np.array_equal(shipped["decoder"]["conv_out"]["kernel"], stage_vae["decoder"]["conv_out"]["kernel"])
     decoder_metrics = json.loads((work / MODEL_DIR / "training_metrics.json").read_text())["vae_decoder"]
     assert set(decoder_metrics["round_trip_after"]) == {"class_accuracy", "per_style", "per_class"}
+    from safetensors import safe_open
+
+    for f in (work / MODEL_DIR).rglob("*.safetensors"):  # what publish ships: fp32, one dtype for every library
+        with safe_open(f, "np") as st:
+            assert {st.get_slice(k).get_dtype() for k in st.keys()} == {"F32"}, f
 
 
 def test_diffusion_and_gate_depend_on_the_decoder_settings_only_when_the_recipe_tunes_it():

@@ -112,9 +112,9 @@ def test_every_edit_samples_with_and_without_unguidance(tiny, tmp_path):
               "--config.batch_size=2", "--config.probe.draws=2", "--config.probe.ddim_steps=10", "--config.probe.t_enc=7"]
     lp = run_train("learnable_prompts", folder, tmp_path / "lp", "--config.iterations=1")
     pure = run_train("pure", folder, tmp_path / "pure")
-    # Every edit file once, and both modes on the learnable prompts (the mode paths are shared by all edits).
-    runs = [(lp / "edit_with_prompt.safetensors", "adapter"), (lp / "edit_with_prompt.safetensors", "unguide"),
-            (lp / "edit.safetensors", "adapter"), (pure / "edit.safetensors", "unguide")]
+    # Every edit file once, and both modes (the mode paths are shared by all edits).
+    runs = [(lp / "edit_with_prompt.safetensors", "unguide"), (lp / "edit.safetensors", "adapter"),
+            (pure / "edit.safetensors", "unguide")]
     for edit_file, mode in runs:
         out = tmp_path / f"{edit_file.parent.name}-{edit_file.stem}-{mode}"
         assert sample.main(common + [f"--config.adapters=[\"{edit_file}\"]", f"--config.mode={mode}",

@@ -89,7 +89,10 @@ def test_evaluation_command_end_to_end_on_a_tiny_model(tiny_pipeline_dir, tmp_pa
     assert sample.main(["--config", f"{repo}/configs/evaluate.py:tiny", f"--config.model={folder}",
                         f"--config.erasures={json.dumps(erasures)}", f"--config.methods={json.dumps(methods)}",
                         "--config.paraphrases=true", "--config.attack.enabled=true", "--config.attack.images=2",
-                        "--config.attack.settings.iterations=2", f"--config.out_dir={out}"]) == 0
+                        "--config.attack.settings.iterations=2", f"--config.out_dir={out}",
+                        # One compiled sampler and one compiled probe serve the prompts, the paraphrases and "":
+                        # 2 rows a call, 1 prompt a probe call.
+                        "--config.batch_size=2", "--config.probe.prompt_chunk=1"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results["average"]) == [m["name"] for m in methods]
     circle = results["concepts"][0]

@@ -1,5 +1,6 @@
 """train.py end to end on a tiny random SD1-flavour model: the run folder, resume == uninterrupted,
 and bad input that stops before any training with a message naming the problem."""
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -9,12 +10,14 @@ import numpy as np
 import pytest
 
 import train
+from tests.test_tensorboard import logged_scalars, read_event_files, shown_scalars
 from unguide_jax.edits.files import load_adapter, read_adapter_metadata
 from unguide_jax.edits.lora import LoraConfig
 from unguide_jax.training.checkpoints import RunCheckpoints
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = f"{REPO}/configs/unguide.py:tiny"
+HAS_TENSORBOARDX = importlib.util.find_spec("tensorboardX") is not None  # the test extra installs it
 
 
 def train_args(folder, run_dir, *extra):
@@ -45,6 +48,8 @@ def test_run_folder_and_a_resumed_run_matches_an_uninterrupted_one(tiny_pipeline
     assert (straight / "export" / "diffusers" / "pytorch_lora_weights.safetensors").is_file()
     assert (straight / "export" / "kohya.safetensors").is_file()
     assert (straight / "export" / "unet" / "config.json").is_file()
+    if HAS_TENSORBOARDX:  # TensorBoard shows what metrics.jsonl holds, step for step
+        assert shown_scalars(straight / "tensorboard") == logged_scalars(straight)
     # sample.py's adapter loader reads the Orbax checkpoint too: the same adapter as the final file.
     from unguide_jax.edits.sources import load_edit
     from unguide_jax.loading.diffusers_folder import load_component
@@ -76,6 +81,9 @@ def test_run_folder_and_a_resumed_run_matches_an_uninterrupted_one(tiny_pipeline
         for part in ("lora_A", "lora_B"):
             np.testing.assert_allclose(resumed[module][part], ab[part], atol=1e-6, rtol=0)
     assert [json.loads(line)["step"] for line in (split / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3, 4]
+    if HAS_TENSORBOARDX:  # two events files; the resumed one opens with a purge mark at step 3
+        assert len(read_event_files(split / "tensorboard")) == 2
+        assert shown_scalars(split / "tensorboard") == logged_scalars(split)
 
     assert train.main(train_args(folder, split, "--config.iterations=6", "--config.resume=true",
                                  "--config.learning_rate=0.5")) == 2

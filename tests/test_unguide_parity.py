@@ -44,13 +44,7 @@ GRAD_RTOL = 2e-4     # max abs gradient error / largest gradient entry  [1.5e-5]
 ADAPTER_ATOL = 1e-2 * LEARNING_RATE
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny UNet gains nothing from 2 threads, and on a busy 2-core machine thread hand-offs cost 8x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

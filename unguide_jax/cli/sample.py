@@ -1,13 +1,16 @@
 """``unguide-sample`` (and ``python sample.py``): requests -> (probe) -> batched jitted generation ->
-PNGs, grid, manifest; or, with an evaluation config (``job="evaluate"``), the erasure table.
+PNGs, grid, manifest; or, with an evaluation config, the erasure table (``job="evaluate"``) or the I2P
+explicit-content table (``job="i2p"``).
 
     unguide-sample --config sample.py:embedded
     unguide-sample --config sample.py --config.model=PATH --config.prompt="a photo of a cat"
     unguide-sample --config sample.py:embedded --config.adapters='["runs/unguide-shapes-arrow"]'
     unguide-sample --config evaluate.py          # the erasure evaluation table
+    unguide-sample --config evaluate.py:i2p --config.csv=i2p_prompts_4703.csv   # I2P + NudeNet (job="i2p")
     unguide-sample --config evaluate.py --help   # every key: its value in this preset, its doc
 
-Keys: ``unguide_jax.cli.schemas`` (SampleConfig; EvaluateConfig for a config with job="evaluate").
+Keys: ``unguide_jax.cli.schemas`` (SampleConfig; EvaluateConfig for a config with job="evaluate", I2PConfig
+for job="i2p").
 
 Modes (``config.mode``, ``unguide_jax.erasers.unguide.modes``) with the edits of ``config.adapters``
 (several add up): base, adapter, unguide (w per prompt from the probe), fixed (``config.w``), auto.
@@ -34,7 +37,12 @@ from PIL import Image
 
 from unguide_jax.cli.config import Command, ConfigError, as_config, run_cli, to_dict
 from unguide_jax.cli.runtime import setup_runtime
-from unguide_jax.cli.schemas import EvaluateConfig, SampleConfig, sample_or_evaluate
+from unguide_jax.cli.schemas import (
+    EvaluateConfig,
+    I2PConfig,
+    SampleConfig,
+    sample_or_evaluate,
+)
 from unguide_jax.diffusion.batching import ImageRequest, generate_images
 from unguide_jax.diffusion.images import (
     image_grid,
@@ -185,7 +193,17 @@ def run_sampling(config: SampleConfig | Mapping) -> Path:
     sd = load_model(config.model, dtype=dtype_named(config.dtype), param_dtype=dtype_named(config.param_dtype),
                     allow_pickle=config.allow_pickle, clip_skip=config.clip_skip, variant=config.variant,
                     revision=config.revision, config_folder=config.model_config or None)
-    sd = sd.on_every_device()
+    return sample_requests(sd.on_every_device(), config, requests)
+
+
+def sample_requests(sd, config: SampleConfig, requests: list[Request], loaded_edit: tuple | None = None, *,
+                    grid_limit: int | None = None) -> Path:
+    """``requests`` sampled with ``sd`` as ``config`` says into ``config.out_dir`` (PNGs, grid, manifest; a
+    rerun keeps the images of the same settings); returns the manifest. The caller owns the prompt source
+    and the model (config's model keys are recorded, not read). ``loaded_edit``: (edit placed on sd's devices,
+    its info) of ``config.adapters``, for callers that share one edit between runs (None: loaded here).
+    ``grid_limit``: grid.png shows the first N images (None: all)."""
+    out_dir = Path(config.out_dir)
     _check_sizes(sd, requests, config.height or None, config.width or None)
     long_prompts = _long_prompts(sd, [r.prompt for r in requests] + [config.negative_prompt])
     if long_prompts:
@@ -193,8 +211,11 @@ def run_sampling(config: SampleConfig | Mapping) -> Path:
         warnings.warn(f"{len(long_prompts)} prompt(s) are longer than the tokenizer's {sd.tokenizer.model_max_length} "
                       f"tokens and are cut to that (e.g. {first[:60]!r}{'...' if len(first) > 60 else ''}: {count} "
                       "tokens); the manifest records which", stacklevel=2)
-    edit, adapter_info = load_edit(list(config.adapters), sd.params["unet"])
-    edit = sd.put_replicated(edit)
+    if loaded_edit is None:
+        edit, adapter_info = load_edit(list(config.adapters), sd.params["unet"])
+        edit = sd.put_replicated(edit)
+    else:
+        edit, adapter_info = loaded_edit
     mode = resolve_mode(config.mode, edit is not None)
     fingerprint = _fingerprint(image_settings(config, mode))
     # Several processes: the main one decides from its files, the others follow (and write nothing).
@@ -231,11 +252,19 @@ def run_sampling(config: SampleConfig | Mapping) -> Path:
                     on_batch=save_batch, edit_name=", ".join(config.adapters))
     if not is_main_process():
         return out_dir / "manifest.json"
-    images = [np.asarray(Image.open(out_dir / name).convert("RGB")) for name in names]
+    sizes = []
+    for name in names:  # from the PNG headers: a large run's images need not all be held in memory
+        with Image.open(out_dir / name) as png:
+            sizes.append((png.height, png.width))
+
+    def load(name: str) -> np.ndarray:
+        with Image.open(out_dir / name) as png:
+            return np.asarray(png.convert("RGB"))
+
     records = []
-    for i, (req, image) in enumerate(zip(requests, images)):
+    for i, (req, (h, w)) in enumerate(zip(requests, sizes)):
         record = dict(file=names[i], prompt=req.prompt, seed=req.seed, guidance_scale=req.guidance_scale,
-                      height=int(image.shape[0]), width=int(image.shape[1]), source=req.source, mode=mode)
+                      height=h, width=w, source=req.source, mode=mode)
         if ws[i] is not None:
             record["w"] = ws[i]
         if req.prompt in long_prompts:
@@ -243,9 +272,10 @@ def run_sampling(config: SampleConfig | Mapping) -> Path:
         if probe_records[i] is not None:
             record.update(D=probe_records[i]["D"], D_empty=probe_records[i]["D_empty"])
         records.append(record)
-    evaluation = _evaluate(config.evaluator, images, records)
-    if len({im.shape for im in images}) == 1:
-        save_png(out_dir / "grid.png", image_grid(images, config.grid_cols))
+    evaluation = _evaluate(config.evaluator, [load(name) for name in names], records) if config.evaluator else None
+    shown = names[:grid_limit]
+    if len(set(sizes[:len(shown)])) == 1:
+        save_png(out_dir / "grid.png", image_grid([load(name) for name in shown], config.grid_cols))
     summary = to_dict(config)
     summary.update(mode=mode, fingerprint=fingerprint, status="done", adapters_loaded=adapter_info, sampler="DDIM",
                    scheduler=dataclasses.asdict(sd.scheduler), versions=versions(),
@@ -279,14 +309,21 @@ def _evaluate(evaluator: str, images: list[np.ndarray], records: list[dict]) -> 
 
 
 COMMAND = Command(prog="unguide-sample", summary="Sample images (with or without edits, UnGuidance), or evaluate "
-                  "erasures (a config with job=\"evaluate\").", default_config="sample.py", schema=sample_or_evaluate)
+                  "erasures (a config with job=\"evaluate\" or \"i2p\").", default_config="sample.py",
+                  schema=sample_or_evaluate)
 
 
-def sample_or_evaluate_job(config: SampleConfig | EvaluateConfig) -> int:
+def sample_or_evaluate_job(config: SampleConfig | EvaluateConfig | I2PConfig) -> int:
     setup_runtime()
     maybe_initialize_distributed()
-    if isinstance(config, EvaluateConfig):
-        out_dir = run_evaluation(config)
+    if isinstance(config, (EvaluateConfig, I2PConfig)):
+        if isinstance(config, I2PConfig):
+            # Imported here: the I2P job samples with this module's sample_requests.
+            from unguide_jax.evaluation.i2p import run_i2p
+
+            out_dir = run_i2p(config)
+        else:
+            out_dir = run_evaluation(config)
         if not is_main_process():
             return 0
         print((out_dir / "results.md").read_text())

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax.numpy as jnp
+import numpy as np
 
 from unguide_jax.diffusion.pipeline import StableDiffusion
 from unguide_jax.diffusion.schedulers import SchedulerConfig
@@ -155,12 +156,19 @@ def save_component(folder: str | Path, name: str, config, params, dtype: Any = N
         state = {k: v.astype(dtype) for k, v in state.items()}
     stem = COMPONENTS[name].weight_stems[0]
     write_safetensors(folder / f"{stem}.safetensors", state, metadata={"format": "pt"})
-    write_json(folder / "config.json", component_config_dict(name, config))
+    config_dict = component_config_dict(name, config)
+    stored_dtypes = {str(np.asarray(v).dtype) for v in state.values()}  # float32, float16 or bfloat16 (ml_dtypes)
+    if name == "text_encoder" and len(stored_dtypes) == 1:
+        # transformers 5 loads the model in this dtype when from_pretrained is given none (4.x with "auto")
+        config_dict["torch_dtype"] = stored_dtypes.pop()
+    write_json(folder / "config.json", config_dict)
     return folder
 
 
 def save_pipeline(sd: StableDiffusion, path: str | Path, *, dtype: Any = None) -> Path:
-    """Save in diffusers layout (``dtype``: e.g. np.float16 for compact shipped weights)."""
+    """Save in diffusers layout (``dtype``: the stored weights' dtype, default the params'). Keep it fp32 for a
+    folder that ``StableDiffusionPipeline.from_pretrained`` loads without ``torch_dtype``: diffusers then builds
+    the UNet and VAE in fp32 whatever their files hold, transformers 5 the text encoder in its stored dtype."""
     root = Path(path)
     for name, module in (("unet", sd.unet), ("text_encoder", sd.text_encoder), ("vae", sd.vae)):
         save_component(root / name, name, module.config, sd.params[name], dtype)

@@ -1,1 +1,32 @@
-"""PyTorch side (needs the ``torch`` extra): the reference implementation of UnGuide used by tests and benchmarks."""
+"""PyTorch side (needs the ``torch`` extra): ``UnGuidePipeline`` (UnGuide for diffusers users) and the reference
+implementation of UnGuide used by tests and benchmarks (``unguide_jax.pytorch.reference``).
+
+Names load on first use, so that importing this package (and ``unguide_jax``) does not import torch::
+
+    from unguide_jax.pytorch import UnGuidePipeline
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from unguide_jax.lazy_names import lazy_names
+
+_EXPORTS = {
+    "UnGuidePipeline": "unguide_jax.pytorch.unguide_pipeline",
+    "UnGuidePipelineOutput": "unguide_jax.pytorch.unguide_pipeline",
+    "jax_latents": "unguide_jax.pytorch.unguide_pipeline",
+    "jax_probe_draws": "unguide_jax.pytorch.unguide_pipeline",
+}
+
+__all__ = ["UnGuidePipeline", "UnGuidePipelineOutput", "jax_latents", "jax_probe_draws"]
+
+if TYPE_CHECKING:
+    from unguide_jax.pytorch.unguide_pipeline import (
+        UnGuidePipeline,
+        UnGuidePipelineOutput,
+        jax_latents,
+        jax_probe_draws,
+    )
+
+
+__getattr__, __dir__ = lazy_names(__name__, globals(), _EXPORTS)

@@ -154,7 +154,9 @@ def _stage_diffusion(config: RecipeConfig, work: Path, log: MetricsLog) -> None:
                          scheduler=scheduler,
                          params={"unet": unet_params, "text_encoder": text_params, "vae": vae_params})
     tmp = work / f"{MODEL_DIR}.tmp"
-    save_pipeline(sd, tmp, dtype=np.float16)
+    # fp32 on disk: diffusers loads UNet and VAE in fp32 by default while transformers 5 loads the text encoder
+    # in its stored dtype, so fp16 files made a plain from_pretrained mix dtypes and fail.
+    save_pipeline(sd, tmp, dtype=np.float32)
     write_json(tmp / "training_metrics.json", {"diffusion": metrics, **{
         part: json.loads((work / part / "metrics.json").read_text())
         for part in ("vae", _shipped_vae(config), "text_encoder")}})
@@ -289,7 +291,7 @@ def publish(work: Path, assets: Path) -> None:
 def unpack_shipped(work: str | Path, assets: Path | None = None) -> Path:
     """Lay the shipped model out as a finished recipe run in ``work`` (tokenizer, evaluator, VAE, text
     encoder, model, record), so that the next phase can ``reuse_from`` it and train on from its UNet on
-    a checkout that lacks the local run which made it. Its weights are the shipped fp16 ones. A model made
+    a checkout that lacks the local run which made it. Its weights are the shipped ones. A model made
     with the ``vae_decoder`` stage ships one VAE, laid out as both stages' output: its encoder is the
     ``vae`` stage's, its decoder the tuned one (so a phase that changes ``vae_decoder``'s settings tunes on
     from the tuned decoder)."""

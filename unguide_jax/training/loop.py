@@ -55,6 +55,10 @@ class RunPaths:
         return self.root / "metrics.jsonl"
 
     @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"  # event files (training.event_files)
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 

@@ -3,12 +3,15 @@
 Run folder (``config.run_dir``):
     config.json            the resolved config (file preset + overrides)
     metrics.jsonl          one line per step (loss, t_enc, t, seconds); closed form: one report line
+    tensorboard/           the same scalars as TensorBoard event files (with tensorboardX installed;
+                           ``training.event_files``); closed form: the report's numbers at step 0
     checkpoints/<step>/    Orbax: train state + config, every ``checkpoint_every`` steps and the last
     adapter.safetensors    unguide: the final LoRA (unguide_jax.edits.files.load_adapter reads it)
     edit.safetensors       the other erasers: the final edit (adapter_file.load_edit_file);
                            learnable prompts also write edit_with_prompt.safetensors (tokens kept)
     export/                the edit for PyTorch users, in the formats config.export names
-                           (unguide_jax.edits.export: peft, kohya, partial_unet, merged_unet, prompt)
+                           (unguide_jax.edits.export: peft, kohya, partial_unet, merged_unet, prompt) and
+                           its model card, README.md (unguide_jax.edits.model_card)
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from unguide_jax.cli.schemas import TrainConfig, train_schema
 from unguide_jax.edits.edit import check_edit_fits
 from unguide_jax.edits.export import export_edit
 from unguide_jax.edits.files import save_edit
+from unguide_jax.edits.model_card import write_model_card
 from unguide_jax.erasers.concepts import load_concept
 from unguide_jax.erasers.registry import CLOSED_FORM, EDIT_FILE, TRAINED
 from unguide_jax.loading.resolve import load_model, resolve_model_source
@@ -32,6 +36,7 @@ from unguide_jax.models.dtypes import dtype_named
 from unguide_jax.parallel.hosts import check_same_config, fetch_tree, is_main_process
 from unguide_jax.parallel.mesh import make_mesh, place, shard, shardings_for
 from unguide_jax.training.checkpoints import RunCheckpoints
+from unguide_jax.training.event_files import TensorBoardLog
 from unguide_jax.training.loop import DivergenceGuard, MetricsLog, RunPaths, train_loop
 from unguide_jax.training.run_folder import claim_run_folder_for_every_process
 
@@ -87,6 +92,7 @@ def run_training(config: TrainConfig | Mapping, progress: bool = True) -> Path:
 def _train(config: TrainConfig, trainer, concept, source, record: dict, paths: RunPaths, progress: bool) -> Path:
     """``run_training`` in its claimed folder (``paths.root``: where it writes; a building folder when replacing)."""
     checkpoints = RunCheckpoints(paths.checkpoints, keep=config.keep)
+    board = None
     try:
         latest = checkpoints.latest_step()
         if latest is not None and not config.resume:
@@ -121,8 +127,14 @@ def _train(config: TrainConfig, trainer, concept, source, record: dict, paths: R
         main = is_main_process()  # the one that writes files and draws the progress bar
         if main:
             write_json(paths.config, record)
-        log = (MetricsLog(paths.metrics, resume_from_step=int(state.step) if latest is not None else None) if main
-               else lambda record: None)
+        resumed_at = int(state.step) if latest is not None else None
+        log = MetricsLog(paths.metrics, resume_from_step=resumed_at) if main else lambda record: None
+        board = TensorBoardLog(paths.tensorboard, resume_from_step=resumed_at)  # writes on process 0 only
+
+        def log_step(record: dict) -> None:
+            log(record)
+            board(record)
+
         if latest is None:
             log({"step": 0, "method": config.method, **described, "trained_parameters": trainer.parameters(state),
                  "concept": concept.name, "model": str(source.path), "devices": jax.device_count(),
@@ -131,10 +143,14 @@ def _train(config: TrainConfig, trainer, concept, source, record: dict, paths: R
         train_step = trainer.step_fn(sd, mesh)
         state = train_loop(state, lambda s: train_step(s, unet_params, embeddings),
                            iterations=config.iterations, checkpoint_every=config.checkpoint_every,
-                           checkpoints=checkpoints, config=record, log=log, progress=progress and main,
+                           checkpoints=checkpoints, config=record, log=log_step, progress=progress and main,
                            divergence=DivergenceGuard(**dataclasses.asdict(config.divergence)))
     finally:
-        checkpoints.close()
+        try:
+            checkpoints.close()
+        finally:
+            if board is not None:
+                board.close()
 
     # Collectives: every process gathers what the main one writes.
     state = fetch_tree(state)
@@ -142,6 +158,8 @@ def _train(config: TrainConfig, trainer, concept, source, record: dict, paths: R
     if is_main_process():
         edit = trainer.save(state, paths.root, concept, config)
         export_edit(list(config.export), paths.export, edit, sd.unet, base)
+        if config.export:
+            write_model_card(paths.export, [paths.root], formats=config.export)
     return paths.root
 
 
@@ -169,8 +187,12 @@ def _closed_form(config: TrainConfig, method: str, concept, paths: RunPaths) -> 
         return paths.root
     write_json(paths.config, to_dict(config))
     MetricsLog(paths.metrics, resume_from_step=None)({"method": method, "concept": concept.name, **report})
+    with TensorBoardLog(paths.tensorboard) as board:
+        board({k: v for k, v in report.items() if k != "config"}, step=0)  # the settings are in config.json
     write_json(paths.root / "report.json", report)
     save_edit(paths.root / EDIT_FILE, edit, method, {"concept": concept.to_json(), "base_model": config.model,
                                                      "report": report})
     export_edit(list(config.export), paths.export, edit, sd.unet, sd.params["unet"])
+    if config.export:
+        write_model_card(paths.export, [paths.root], formats=config.export)
     return paths.root

@@ -126,9 +126,38 @@ def probe_distances(unet, scheduler_config: SchedulerConfig, config: ProbeConfig
     return map_rows(jax.vmap(one_prompt), prompts_per_call, cond, scales, groups=row_groups)
 
 
-def choose_w(d: np.ndarray, d_empty: float, config: ProbeConfig) -> np.ndarray:
-    """The paper's binary rule, no margin."""
-    return np.where(np.asarray(d) > d_empty, config.w_erase, config.w_keep).astype(np.float32)
+def decide(distances: np.ndarray, empty: np.ndarray, probe: ProbeConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(D(p), w, draws used) per prompt from (P, R) distances (NaN: not drawn) and D("")'s R distances. The
+    paper's rule compares D(p) with D("") over all draws; the sequential rule pairs each prompt with D("")
+    over the draws it used. Framework-free: ``WProbe`` and the PyTorch ``UnGuidePipeline`` both decide here."""
+    used = (~np.isnan(distances)).sum(axis=1)
+    d = np.nanmean(distances, axis=1) if len(distances) else np.zeros(0, np.float32)
+    if probe.rule == "sequential":
+        threshold = np.asarray([empty[:k].mean() for k in used], np.float32)  # paired: the draws the prompt used
+    else:
+        threshold = np.full(len(d), float(empty.mean()), np.float32)
+    w = np.where(d > threshold, probe.w_erase, probe.w_keep).astype(np.float32)
+    return d, w, used
+
+
+def sequential_distances(num_prompts: int, probe: ProbeConfig, empty: np.ndarray, run) -> np.ndarray:
+    """The sequential rule's (P, R) distances, NaN where a prompt had stopped: rounds of ``round_draws`` draws; a
+    prompt stops once its paired differences d_r(p) − d_r("") have a mean farther than z standard errors from 0
+    (the last round overlaps the previous, so that every round has one compiled shape). ``run(prompts,
+    draws)``: the distances of those prompts (an index array) on those draws (a slice)."""
+    distances = np.full((num_prompts, probe.draws), np.nan, np.float32)
+    open_ = np.arange(num_prompts)
+    for start in range(0, probe.draws, probe.round_draws):
+        stop = min(start + probe.round_draws, probe.draws)
+        if stop - start < probe.round_draws:
+            start = stop - probe.round_draws
+        distances[open_, start:stop] = run(open_, slice(start, stop))
+        diffs = distances[open_, :stop] - empty[:stop]
+        mean, sem = diffs.mean(axis=1), diffs.std(axis=1, ddof=1) / np.sqrt(stop)
+        open_ = open_[np.abs(mean) <= probe.z * sem]
+        if not len(open_):
+            break
+    return distances
 
 
 @dataclasses.dataclass
@@ -197,31 +226,9 @@ class WProbe:
         if not prompts:
             distances = np.zeros((0, r))
         elif self.config.rule == "sequential":
-            distances = self._sequential(cond, scales)
+            distances = sequential_distances(len(prompts), self.config, self.empty_distances,
+                                             lambda index, draws: self._distances(cond[index], scales[index], draws))
         else:
             distances = self._distances(cond, scales)
-        used = (~np.isnan(distances)).sum(axis=1)
-        d = np.nanmean(distances, axis=1) if prompts else np.zeros(0)
-        if self.config.rule == "sequential" and prompts:
-            # Paired: each prompt against D("") over the same draws it used.
-            paired_empty = np.asarray([self.empty_distances[:k].mean() for k in used])
-            w = np.where(d > paired_empty, self.config.w_erase, self.config.w_keep).astype(np.float32)
-        else:
-            w = choose_w(d, self.d_empty, self.config)
+        d, w, used = decide(distances, self.empty_distances, self.config)
         return ProbeResult(prompts=prompts, d=d, d_empty=self.d_empty, w=w, distances=distances, draws_used=used)
-
-    def _sequential(self, cond: jax.Array, scales: np.ndarray) -> np.ndarray:
-        config, empty = self.config, self.empty_distances
-        distances = np.full((cond.shape[0], config.draws), np.nan)
-        open_ = np.arange(cond.shape[0])
-        for start in range(0, config.draws, config.round_draws):
-            stop = min(start + config.round_draws, config.draws)
-            if stop - start < config.round_draws:  # keep one compiled shape: the last round overlaps the previous
-                start = stop - config.round_draws
-            distances[open_, start:stop] = self._distances(cond[open_], scales[open_], slice(start, stop))
-            diffs = distances[open_, :stop] - empty[:stop]
-            mean, sem = diffs.mean(axis=1), diffs.std(axis=1, ddof=1) / np.sqrt(stop)
-            open_ = open_[np.abs(mean) <= config.z * sem]
-            if not len(open_):
-                break
-        return distances

@@ -1,0 +1,176 @@
+"""``export/unguide.json``: what a diffusers user needs beside the PEFT LoRA to sample with UnGuidance.
+
+Written next to ``export/diffusers/pytorch_lora_weights.safetensors`` by every ``peft`` export (train.py's
+``export``, ``unguide-export``); read by ``unguide_jax.pytorch.UnGuidePipeline.load_unguide``. Keys:
+
+    format        "unguide-jax-unguide/1"
+    lora          file (relative to the JSON), alpha (ours: W + alpha A B; the file's lora_alpha is alpha * r),
+                  rank, target_modules (diffusers module paths)
+    probe         the w probe's settings (``ProbeConfig`` without its batching key): draws R, t_enc,
+                  ddim_steps, timestep_mode, seed, w_erase, w_keep, rule (+ round_draws, z for "sequential")
+    empty_probe   null, or the cached D("") of this adapter: {height, width, draws, seed, distances}, the
+                  per-draw ‖ε_lora − ε_base‖ of "" on the probe seed's draws at that image size (D("") is
+                  their mean; the sequential rule needs each draw)
+    base_model    {fingerprint: {module: [‖W‖_F, <W, u>]}}: of each adapted module's base weight W
+                  (PyTorch layout, float64; u a fixed pseudo-random direction per module), to catch a
+                  LoRA loaded onto another model; identical up to a dtype cast (fp16/bf16 storage)
+    draws         how the initial latents and the probe draws are made (jax.random), in words
+
+The probe draws (x_T, t) and per-seed initial latents come from ``jax.random`` (threefry); a user with
+this package installed has JAX, and ``unguide_jax.pytorch.jax_latents`` / ``jax_probe_draws`` make the
+same arrays as our sampler, so the images are ours.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import zlib
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from unguide_jax.erasers.unguide.probe import ProbeConfig
+
+UNGUIDE_JSON = "unguide.json"
+UNGUIDE_FORMAT = "unguide-jax-unguide/1"
+# Fingerprint agreement, as a fraction of ‖W‖_F: a bf16 round trip moves <W, u> by about 2e-3 ‖W‖, a
+# fine-tuned or another model's weights by far more.
+FINGERPRINT_TOLERANCE = 1e-2
+PROBE_BATCHING_KEYS = ("prompt_chunk",)  # how the JAX probe batches, not what it computes
+DRAWS_NOTE = ("initial latents: jax.random.normal(jax.random.key(seed), (h, w, c)) per image seed, NHWC "
+              "(unguide_jax.diffusion.sampler.initial_latents); probe draws: unguide_jax.erasers.unguide.probe."
+              "probe_draws(probe seed); the PyTorch side transposes them to NCHW")
+
+
+class UnguideExportError(ValueError):
+    pass
+
+
+def weight_fingerprint(weights: Mapping[str, np.ndarray]) -> dict[str, list[float]]:
+    """module path -> [Frobenius norm, projection on a fixed unit-variance direction] of its PyTorch-layout
+    weight. The direction is seeded by the path, so both sides draw it alike whatever the module order."""
+    out = {}
+    for path in sorted(weights):
+        w = np.asarray(weights[path], np.float64).ravel()
+        direction = np.random.default_rng(zlib.crc32(path.encode())).standard_normal(w.size)
+        out[path] = [float(np.linalg.norm(w)), float(w @ direction)]
+    return out
+
+
+def fingerprint_mismatches(expected: Mapping[str, Sequence[float]], got: Mapping[str, Sequence[float]],
+                           tolerance: float = FINGERPRINT_TOLERANCE) -> list[str]:
+    """The modules whose fingerprints differ by more than ``tolerance`` ‖W‖ (or that one side lacks)."""
+    bad = sorted(set(expected) ^ set(got))
+    for path in sorted(set(expected) & set(got)):
+        (norm_a, proj_a), (norm_b, proj_b) = expected[path], got[path]
+        scale = tolerance * max(norm_a, 1e-12)
+        if abs(norm_a - norm_b) > scale or abs(proj_a - proj_b) > scale:
+            bad.append(path)
+    return bad
+
+
+def base_weights(unet_params: Mapping, modules: Sequence[str]) -> dict[str, np.ndarray] | None:
+    """PyTorch-layout weights of ``modules`` from our Flax UNet parameters (None: abstract parameters)."""
+    from unguide_jax.loading.convert import flax_to_torch
+
+    wanted = set(modules)
+    kernels = {path: leaf for path, leaf in traverse_util.flatten_dict(unet_params).items()
+               if path[-1] == "kernel" and ".".join(path[:-1]) in wanted}
+    missing = wanted - {".".join(p[:-1]) for p in kernels}
+    if missing:
+        raise UnguideExportError(f"the UNet has no weight for adapted module(s) {sorted(missing)[:5]}")
+    if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in kernels.values()):
+        return None
+    torch_state = flax_to_torch(traverse_util.unflatten_dict(kernels))
+    return {key.rsplit(".", 1)[0]: value for key, value in torch_state.items()}
+
+
+def probe_settings(probe: ProbeConfig) -> dict:
+    return {k: v for k, v in dataclasses.asdict(probe).items() if k not in PROBE_BATCHING_KEYS}
+
+
+def empty_probe_record(distances: np.ndarray, probe: ProbeConfig, height: int, width: int) -> dict:
+    distances = np.asarray(distances, np.float64)
+    if distances.shape != (probe.draws,):
+        raise UnguideExportError(f"D(\"\") needs one distance per probe draw ({probe.draws}), got shape {distances.shape}")
+    return {"height": int(height), "width": int(width), "draws": probe.draws, "seed": probe.seed,
+            "distances": [float(d) for d in distances]}
+
+
+def unguide_record(lora_file: str, adapter: Mapping, alpha: float, unet_params: Mapping,
+                   probe: ProbeConfig | None = None, empty_probe: dict | None = None) -> dict:
+    """The JSON object (``lora_file`` relative to the JSON's folder)."""
+    probe = probe or ProbeConfig()
+    ranks = sorted({int(np.shape(ab["lora_A"])[1]) for ab in adapter.values()})
+    modules = sorted(adapter)
+    weights = base_weights(unet_params, modules)
+    # Abstract parameters (shapes only, as export_peft accepts) leave nothing to fingerprint.
+    fingerprint = None if weights is None else weight_fingerprint(weights)
+    return {
+        "format": UNGUIDE_FORMAT,
+        "lora": {"file": lora_file, "alpha": float(alpha), "rank": ranks[0] if len(ranks) == 1 else ranks,
+                 "target_modules": modules},
+        "probe": probe_settings(probe),
+        "empty_probe": empty_probe,
+        "base_model": {"fingerprint": fingerprint, "tolerance": FINGERPRINT_TOLERANCE},
+        "draws": DRAWS_NOTE,
+    }
+
+
+def write_unguide_json(export_dir: str | Path, lora_file: str | Path, adapter: Mapping, alpha: float,
+                       unet_params: Mapping, probe: ProbeConfig | None = None,
+                       empty_probe: dict | None = None) -> Path:
+    """``export_dir/unguide.json`` for the LoRA file ``lora_file`` (inside ``export_dir``)."""
+    from unguide_jax.loading.weights import write_json
+
+    export_dir = Path(export_dir)
+    relative = Path(lora_file).resolve().relative_to(export_dir.resolve()).as_posix()
+    return write_json(export_dir / UNGUIDE_JSON, unguide_record(relative, adapter, alpha, unet_params, probe,
+                                                                empty_probe))
+
+
+def find_unguide_json(folder: str | Path) -> Path:
+    """The unguide.json of an export folder, or of a train.py run folder (its export/)."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder} does not exist (expected an export folder holding {UNGUIDE_JSON})")
+    if folder.is_file():
+        if folder.name == UNGUIDE_JSON:
+            return folder
+        raise UnguideExportError(f"{folder} is a file; give the export folder that holds {UNGUIDE_JSON}")
+    for candidate in (folder / UNGUIDE_JSON, folder / "export" / UNGUIDE_JSON):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"{folder} holds no {UNGUIDE_JSON} (nor export/{UNGUIDE_JSON}): export the edit with "
+        f"`unguide-export RUN --formats peft --out FOLDER` (or train with export=['peft']), which writes it next to "
+        "diffusers/pytorch_lora_weights.safetensors")
+
+
+def read_unguide_json(folder: str | Path) -> tuple[dict, Path]:
+    """(the checked record, the LoRA file's path)."""
+    path = find_unguide_json(folder)
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as err:
+        raise UnguideExportError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(record, dict) or record.get("format") != UNGUIDE_FORMAT:
+        found = record.get("format") if isinstance(record, dict) else type(record).__name__
+        raise UnguideExportError(f"{path}: format {found!r}, this version reads {UNGUIDE_FORMAT!r}")
+    for key in ("lora", "probe", "base_model"):
+        if not isinstance(record.get(key), dict):
+            raise UnguideExportError(f"{path}: missing or malformed {key!r}")
+    for key in ("file", "alpha", "target_modules"):
+        if key not in record["lora"]:
+            raise UnguideExportError(f"{path}: lora.{key} is missing")
+    try:
+        ProbeConfig(**record["probe"])
+    except (TypeError, ValueError) as err:
+        raise UnguideExportError(f"{path}: probe settings: {err}") from None
+    lora_file = path.parent / record["lora"]["file"]
+    if not lora_file.is_file():
+        raise FileNotFoundError(f"{path} names the LoRA file {record['lora']['file']!r}, which is missing ({lora_file})")
+    return record, lora_file
