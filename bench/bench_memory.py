@@ -3,6 +3,7 @@ memory analysis (nothing is allocated: the weights are shapes only).
 
     python bench/bench_memory.py                       # the table: fp32/bf16 x remat off/blocks x 1/8 devices
     python bench/bench_memory.py --quick               # bf16 only, 1 and 8 devices, remat off and on
+    python bench/bench_memory.py --dtypes float32      # fp32 only
 
 At 64x64 latents (512 px), batch 1, the object LoRA (rank 1, attn2 K/V), the paper's objective (t_enc
 up to 40 of 50 DDIM steps, the CFG trajectory without gradient, then base and edited predictions at
@@ -80,11 +81,13 @@ def measure(dtype: str, remat: str, devices: int, size: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="bf16 only")
+    parser.add_argument("--quick", action="store_true", help="bf16 only (the same as --dtypes bfloat16)")
+    parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), default=["float32", "bfloat16"],
+                        help="the compute/parameter dtypes to measure")
     parser.add_argument("--size", type=int, default=64, help="latent height/width (64: 512 px)")
     args = parser.parse_args()
     rows = []
-    for dtype in (["bfloat16"] if args.quick else ["float32", "bfloat16"]):
+    for dtype in (["bfloat16"] if args.quick else args.dtypes):
         for remat in ("", "blocks"):
             for devices in (1, 8):
                 row = measure(dtype, remat, devices, args.size)
@@ -92,12 +95,13 @@ def main() -> None:
                 print(f"{dtype:8s} remat {row['remat']:6s} {devices} device(s): {row['total_per_device_gb']:6.2f} GB per "
                       f"device (base weights {row['base_weights_per_device_gb']:.2f} of {row['base_weights_gb']:.2f} GB, "
                       f"working {row['temp_gb']:.2f} GB; compiled in {row['compile_s']} s)", flush=True)
-    fits = [r for r in rows if r["dtype"] == "bfloat16" and r["devices"] == 1 and r["total_per_device_gb"] <= 16]
+    bf16_one = [r for r in rows if r["dtype"] == "bfloat16" and r["devices"] == 1]
+    fits = all(r["total_per_device_gb"] <= 16 for r in bf16_one) if bf16_one else None  # None: not measured
     one = {(r["dtype"], r["remat"]): r for r in rows if r["devices"] == 1}
     eight = {(r["dtype"], r["remat"]): r for r in rows if r["devices"] == 8}
     ratios = {f"{d}/{m}": round(eight[(d, m)]["base_weights_per_device_gb"] / one[(d, m)]["base_weights_per_device_gb"], 3)
               for (d, m) in one if (d, m) in eight}
-    print(json.dumps(dict(rows=rows, bf16_one_device_fits_16gb=bool(fits), fsdp8_weights_per_device_ratio=ratios,
+    print(json.dumps(dict(rows=rows, bf16_one_device_fits_16gb=fits, fsdp8_weights_per_device_ratio=ratios,
                           backend=jax.default_backend())))
 
 

@@ -31,9 +31,23 @@ def tiny(tiny_pipeline_dir):
     return folder, unet, params
 
 
-def test_learnable_prompts_train_resume_and_export(tiny, tmp_path):
+@pytest.fixture(scope="module")
+def trained_runs(tiny, tmp_path_factory):
+    """method -> its tiny-preset run folder, trained once for every test of this file that needs it."""
+    folder, _, _ = tiny
+    root, runs = tmp_path_factory.mktemp("runs"), {}
+
+    def get(method: str) -> Path:
+        if method not in runs:
+            runs[method] = run_train(method, folder, root / method)
+        return runs[method]
+
+    return get
+
+
+def test_learnable_prompts_train_resume_and_export(tiny, trained_runs, tmp_path):
     folder, unet, params = tiny
-    straight = run_train("learnable_prompts", folder, tmp_path / "straight")
+    straight = trained_runs("learnable_prompts")
     records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["method"] == "learnable_prompts" and records[0]["prompt_layers"] == 1
     assert records[0]["trained_tensors"] == 4 * 5  # to_q, to_k, to_v, to_out.0 (kernel + bias) of 4 attn2 layers
@@ -84,9 +98,9 @@ def _diffusers_unet_with(folder, state_dict=None, lora_folder=None):
 
 
 @pytest.mark.parametrize("method", ["pure", "uce"])
-def test_closed_form_erasers_and_their_exports_in_diffusers(tiny, tmp_path, method):
+def test_closed_form_erasers_and_their_exports_in_diffusers(tiny, trained_runs, method):
     folder, unet, params = tiny
-    run = run_train(method, folder, tmp_path / method)
+    run = trained_runs(method)
     edit, info = load_edit_file(run / "edit.safetensors")
     report = json.loads((run / "report.json").read_text())
     assert info["kind"] == method and report["seconds"] >= 0
@@ -105,13 +119,12 @@ def test_closed_form_erasers_and_their_exports_in_diffusers(tiny, tmp_path, meth
         np.testing.assert_allclose(theirs, ours, atol=1e-4)
 
 
-def test_every_edit_samples_with_and_without_unguidance(tiny, tmp_path):
+def test_every_edit_samples_with_and_without_unguidance(tiny, trained_runs, tmp_path):
     folder, _, _ = tiny
     prompts = '--config.prompts=["a photo of the cat", "of the"]'
     common = ["--config", f"{REPO}/configs/sample.py", f"--config.model={folder}", "--config.num_steps=2", prompts,
               "--config.batch_size=2", "--config.probe.draws=2", "--config.probe.ddim_steps=10", "--config.probe.t_enc=7"]
-    lp = run_train("learnable_prompts", folder, tmp_path / "lp", "--config.iterations=1")
-    pure = run_train("pure", folder, tmp_path / "pure")
+    lp, pure = trained_runs("learnable_prompts"), trained_runs("pure")
     # Every edit file once, and both modes (the mode paths are shared by all edits).
     runs = [(lp / "edit_with_prompt.safetensors", "unguide"), (lp / "edit.safetensors", "adapter"),
             (pure / "edit.safetensors", "unguide")]

@@ -193,7 +193,7 @@ def test_probe_matches_the_one_prompt_at_a_time_reference(setup, mode):
     from unguide_jax.edits.edit import lora_edit
     from unguide_jax.erasers.unguide.probe import (
         ProbeConfig,
-        choose_w,
+        decide,
         probe_distances,
         probe_draws,
     )
@@ -222,9 +222,9 @@ def test_probe_matches_the_one_prompt_at_a_time_reference(setup, mode):
                                      torch.from_numpy(uncond), torch.from_numpy(uncond), 7.5)
     np.testing.assert_allclose(got, expected, rtol=1e-4)
     np.testing.assert_allclose(got_empty, expected_empty, rtol=1e-4)
-    d, d_empty = got.mean(axis=1), float(got_empty.mean())
-    np.testing.assert_array_equal(choose_w(d, d_empty, config),
-                                  choose_w(expected.mean(axis=1), float(expected_empty.mean()), config))
+    _, w, _ = decide(got, got_empty, config)
+    _, expected_w, _ = decide(expected, expected_empty, config)
+    np.testing.assert_array_equal(w, expected_w)
 
 
 def test_unguidance_sampling_matches_the_two_model_reference(setup):
