@@ -127,7 +127,7 @@ PRESETS = {  # config file -> (schema chooser, its presets)
     "pure": (schemas.train_schema, ["default", "tiny", "sd15-object"]),
     "uce": (schemas.train_schema, ["default", "tiny", "sd15-object"]),
     "sample": (schemas.sample_or_evaluate, ["default", "embedded", "smoke"]),
-    "evaluate": (schemas.sample_or_evaluate, ["default", "all-classes", "compare", "tiny"]),
+    "evaluate": (schemas.sample_or_evaluate, ["default", "all-classes", "compare", "tiny", "i2p"]),
     "embedded": (schemas.RecipeConfig, ["default", "tiny", "continued", "ninth", "twelfth"]),
 }
 

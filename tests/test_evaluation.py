@@ -15,7 +15,7 @@ def test_prompt_set_of_a_shipped_concept():
         PromptSet.from_concept(load_concept("cat"))
 
 
-def test_scores_under_both_protocols():
+def test_scores_under_every_protocol_match_hand_computations():
     ps = PromptSet(erased=0, items=(("t", "target", 0), ("s1", "synonym", 0), ("s2", "synonym", 0),
                                     ("o1", "other", 1), ("o2", "other", 2)))
     owners = np.repeat(np.arange(5), 2)
@@ -23,19 +23,27 @@ def test_scores_under_both_protocols():
     hit = lambda c, strength=0.8: np.eye(3)[c] * (strength - 0.1) + 0.1  # noqa: E731
     p[0], p[1] = hit(0), hit(1)          # target: one image still the erased class
     p[2], p[3] = hit(2), hit(2)          # synonym 1: erased
-    p[4], p[5] = hit(0), hit(0)          # synonym 2: leaks
-    p[6], p[7] = hit(1), hit(1)          # other 1: kept
+    p[4], p[5] = hit(0, 0.5), hit(0)     # synonym 2: leaks
+    p[6], p[7] = hit(1), hit(1, 0.6)     # other 1: kept
     p[8], p[9] = hit(2), hit(0)          # other 2: one image turned into the erased class
     got = score(ps, p, owners)
+    # MACE: the mean probability of the prompt's class (the erased class for synonyms).
     mace = got["mace"]
-    assert (mace["acc_e"], mace["acc_g"], mace["acc_s"]) == (0.5, 0.5, 0.75)
-    assert mace["h_o"] == pytest.approx(3 / (2 + 1 / 0.75 + 2))
-    # reference: texts per class (3, 1, 1): an image's score is its class's share of 3 p_0 + p_1 + p_2.
+    assert mace["acc_e"] == pytest.approx((0.8 + 0.1) / 2)
+    assert mace["acc_g"] == pytest.approx(((0.1 + 0.1) / 2 + (0.5 + 0.8) / 2) / 2)
+    assert mace["acc_s"] == pytest.approx(((0.8 + 0.6) / 2 + (0.8 + 0.1) / 2) / 2)
+    assert mace["h_o"] == pytest.approx(3 / (1 / 0.55 + 1 / 0.575 + 1 / 0.625))
+    # reference: 5 texts, 3 of class 0; an image credits its own text: p_c / (3 p_0 + p_1 + p_2).
     ref = got["reference"]
-    share = lambda probs, c: (probs * [3, 1, 1])[c] / (probs * [3, 1, 1]).sum()  # noqa: E731
-    assert ref["acc_e"] == pytest.approx((share(p[0], 0) + share(p[1], 0)) / 2)
-    assert ref["acc_s"] == pytest.approx(np.mean([share(p[6], 1), share(p[7], 1), share(p[8], 2), share(p[9], 2)]))
-    assert ref["per_prompt"]["s2"] == pytest.approx(share(p[4], 0))
+    own = lambda probs, c: probs[c] / (probs * [3, 1, 1]).sum()  # noqa: E731
+    assert ref["acc_e"] == pytest.approx((0.8 / 2.6 + 0.1 / 1.2) / 2)
+    assert ref["acc_e"] == pytest.approx((own(p[0], 0) + own(p[1], 0)) / 2)
+    assert ref["per_prompt"]["s2"] == pytest.approx((own(p[4], 0) + own(p[5], 0)) / 2)
+    assert ref["acc_s"] == pytest.approx(np.mean([own(p[6], 1), own(p[7], 1), own(p[8], 2), own(p[9], 2)]))
+    assert own(np.array([1.0, 0, 0]), 0) == pytest.approx(1 / 3)  # a perfect image of the erased class credits 1/(its texts)
+    # top1 (an extra): argmax hits.
+    top1 = got["top1"]
+    assert (top1["acc_e"], top1["acc_g"], top1["acc_s"]) == (0.5, 0.5, 0.75)
 
 
 def test_harmonic_overall_is_zero_when_a_term_is():
@@ -68,6 +76,30 @@ def test_shipped_shapes_concepts_carry_anchors_and_paraphrases():
             assert class_named_in(prompt) is None, prompt
 
 
+def _check_derived_settings(folder, run):
+    """config.json records the transferred learning rate; A starts along the concept direction."""
+    import json
+
+    from unguide_jax.edits.files import load_adapter
+    from unguide_jax.erasers.unguide.concept_direction import concept_directions
+    from unguide_jax.erasers.unguide.transfer import transfer_settings
+    from unguide_jax.loading.resolve import load_model
+
+    derived = json.loads((run / "config.json").read_text())["derived"]
+    sd = load_model(str(folder))
+    concept = load_concept("shapes-arrow")
+    target = np.asarray(sd.encode_prompts(list(concept.targets)))
+    expected = transfer_settings("kv_scale", 1e-3, sd.params["unet"], target)
+    assert derived["transfer"] == "kv_scale" and derived["lora_init"] == "concept"
+    assert derived["learning_rate"] == pytest.approx(expected.learning_rate, rel=1e-6)
+    adapter, config = load_adapter(run / "adapter.safetensors")
+    assert config.init == "concept"
+    a = concept_directions(target, np.asarray(sd.encode_prompts(list(concept.references) + [""])), 1)[:, 0]
+    for ab in adapter.values():  # A moves little in one step: it still points along the concept direction
+        got = np.asarray(ab["lora_A"])[:, 0]
+        assert abs(got @ a) / (np.linalg.norm(got) * np.linalg.norm(a)) > 0.99
+
+
 def test_evaluation_command_end_to_end_on_a_tiny_model(tiny_pipeline_dir, tmp_path, capsys):
     """Plumbing only (a random tiny model draws noise): every method row, both protocols, paraphrases, attack."""
     import json
@@ -79,12 +111,20 @@ def test_evaluation_command_end_to_end_on_a_tiny_model(tiny_pipeline_dir, tmp_pa
     repo = Path(__file__).resolve().parent.parent
     folder, _ = tiny_pipeline_dir("sd1")
     lora_run = tmp_path / "lora"
+    # The defaults' way: the transferred learning rate and A started on the concept (tiny: "none", "random").
     assert train.main(["--config", f"{repo}/configs/unguide.py:tiny", f"--config.model={folder}",
-                       f"--config.run_dir={lora_run}", "--config.iterations=1"]) == 0
+                       f"--config.run_dir={lora_run}", "--config.iterations=1", "--config.transfer=kv_scale",
+                       "--config.lora.init=concept"]) == 0
+    assert "transfer kv_scale:" in capsys.readouterr().out
+    _check_derived_settings(folder, lora_run)
     # UnGuidance over the other erasers' edits: tests/test_erasers_cli.py.
     erasures = [{"concept": "shapes-circle", "edits": {"unguide": [str(lora_run)]}}]
     methods = [{"name": "base model", "mode": "base"}, {"name": "LoRA only", "edit": "unguide", "mode": "adapter"},
-               {"name": "UnGuide", "edit": "unguide", "mode": "unguide"}]
+               {"name": "UnGuide", "edit": "unguide", "mode": "unguide"},
+               {"name": "UnGuide, paper rule", "edit": "unguide", "mode": "unguide", "rule": "paper"},
+               {"name": "oracle", "edit": "unguide", "mode": "oracle"},
+               {"name": "w -1", "edit": "unguide", "mode": "fixed", "w": -1.0},
+               {"name": "w 2", "edit": "unguide", "mode": "fixed", "w": 2.0}]
     out = tmp_path / "eval"
     assert sample.main(["--config", f"{repo}/configs/evaluate.py:tiny", f"--config.model={folder}",
                         f"--config.erasures={json.dumps(erasures)}", f"--config.methods={json.dumps(methods)}",
@@ -98,7 +138,7 @@ def test_evaluation_command_end_to_end_on_a_tiny_model(tiny_pipeline_dir, tmp_pa
     circle = results["concepts"][0]
     assert circle["erased_class"] == "circle" and len(circle["paraphrases"]) == 3
     for name, row in circle["methods"].items():
-        for protocol in ("mace", "reference"):
+        for protocol in ("mace", "reference", "top1"):
             assert set(row[protocol]) >= {"acc_e", "acc_s", "acc_g", "h_o", "per_prompt"}
             assert len(row[protocol]["per_prompt"]) == 13
         assert 0 <= row["paraphrase_leakage"] <= 1
@@ -108,3 +148,21 @@ def test_evaluation_command_end_to_end_on_a_tiny_model(tiny_pipeline_dir, tmp_pa
     table = capsys.readouterr().out
     assert "| UnGuide |" in table and "attack: before → after" in table
     assert len(list((out / "shapes-circle" / "unguide").glob("*.png"))) == 16 * 2
+    # The default rule is calibrated (threshold from the concept's own D), the paper row compares with D("").
+    assert circle["methods"]["UnGuide"]["probe_rule"] == "calibrated"
+    assert circle["methods"]["UnGuide"]["probe_threshold"] > 0
+    paper_row = circle["methods"]["UnGuide, paper rule"]
+    assert paper_row["probe_rule"] == "paper" and paper_row["probe_threshold"] is None
+    assert set(paper_row["rules_agree_with_oracle"]) == {"paper"}
+    assert set(circle["methods"]["UnGuide"]["rules_agree_with_oracle"]) == {"paper", "calibrated"}
+    # The oracle row is fixed-w sampling: w -1 on the target and its synonyms, 2 on the other classes.
+    import numpy as np
+    from PIL import Image
+
+    def images(row):
+        return [np.asarray(Image.open(f)) for f in sorted((out / "shapes-circle" / row).glob("*.png"))]
+
+    oracle, minus, plus = images("oracle"), images("w-1"), images("w-2")
+    kinds = [k for _, k, _ in circle["prompts"] for _ in range(2)]
+    for k, kind in enumerate(kinds):
+        np.testing.assert_array_equal(oracle[k], minus[k] if kind != "other" else plus[k])

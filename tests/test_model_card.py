@@ -94,7 +94,7 @@ def test_train_run_export_card_names_model_concept_settings_and_both_uses(unguid
     assert meta["library_name"] == "diffusers" and TAGS <= set(meta["tags"])
     assert "base_model" not in meta  # the embedded model is on no hub: base_model takes hub ids only
     assert "embedded shapes model shipped with unguide-jax" in body and "not on the Hugging Face hub" in body
-    assert "**shapes-arrow**" in body and "| a photo of the arrow | a photo of the ring |" in body
+    assert "**shapes-arrow**" in body and "| a photo of the arrow | a photo of the sky |" in body
     assert "Forget anchors" not in body  # UnGuide trains on the target and reference prompts
     assert "UnGuide (Polowczyk et al." in body
     assert "| `lora.rank` | `1` |" in body and "| `lora.alpha` | `8.0` |" in body

@@ -179,6 +179,21 @@ def test_divergence_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 8
 
 
+def test_a_single_loss_spike_is_not_divergence_a_sustained_rise_is():
+    from unguide_jax.training.loop import _DivergenceWatch
+
+    adapter = {"a": jnp.ones(3)}
+
+    def first_problem(losses):
+        watch = _DivergenceWatch(DivergenceGuard(factor=20, warmup=4), adapter, start=0)
+        return next(((i + 1, p) for i, loss in enumerate(losses) if (p := watch.problem(i + 1, loss, adapter))), None)
+
+    early = [0.01, 0.005, 0.008, 0.01]
+    assert first_problem(early + [0.02, 0.3, 0.01, 0.02, 0.01]) is None  # one step at 30 x the early range
+    step, problem = first_problem(early + [0.9] * 6)  # the window of 4 averages (0.005 + 0.008 + 0.01 + 0.9) / 4
+    assert step == 5 and "the loss averages 0.2308 over steps 2-5 (last 0.9)" in problem
+
+
 def test_a_huge_learning_rate_is_stopped_and_resume_without_checkpoint_says_so(tiny, tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert train.main(train_args(tiny, "unguide", run_dir, "--config.learning_rate=1e30", "--config.iterations=2",

@@ -139,3 +139,47 @@ def test_sequential_probe_is_the_paper_probe_on_fewer_draws(setup):
             assert seq.d_empty == pytest.approx(paper.d_empty, rel=1e-6)
         else:
             assert probe.unet_calls < paper_probe.unet_calls
+
+
+def test_calibrated_probe_thresholds_halfway_between_the_concept_and_nothing(setup):
+    """Rule calibrated (ours): the same draws and D(p) as the paper's probe, a threshold √(D(concept) · D("")) from
+    the edit's own targets on those draws; without concept prompts it is refused by name."""
+    from unguide_jax.edits.sources import load_edit
+    from unguide_jax.erasers.unguide.probe import (
+        ProbeConfig,
+        WProbe,
+    )
+
+    sd = load_pipeline(setup["folder"])
+    edit, _ = load_edit(setup["adapter_file"], sd.params["unet"])
+    prompts, concept = ["a photo of the cat", "of the"], ["a photo of the cat"]
+    common = dict(draws=3, ddim_steps=10, t_enc=7, prompt_chunk=1)  # one compiled shape for "", prompts, concept
+    paper = WProbe(sd, edit, ProbeConfig(**common)).run(prompts)
+    result = WProbe(sd, edit, ProbeConfig(**common, rule="calibrated"), concept_prompts=concept).run(prompts)
+    np.testing.assert_allclose(result.distances, paper.distances, rtol=1e-5)
+    expected = np.sqrt(paper.d[0] * paper.d_empty)  # the concept prompt is the first prompt here
+    assert result.threshold == pytest.approx(expected, rel=1e-5)
+    np.testing.assert_array_equal(result.w, np.where(paper.d > expected, -1.0, 2.0))
+    assert result.records()[0]["threshold"] == result.threshold
+    with pytest.raises(ValueError, match="needs the edit's concept prompts"):
+        WProbe(sd, edit, ProbeConfig(**common, rule="calibrated"))
+
+
+def test_decision_rules_by_hand():
+    from unguide_jax.erasers.unguide.probe import (
+        ProbeConfig,
+        calibrated_threshold,
+        decide,
+    )
+
+    distances = np.array([[3.0, 2.8], [0.6, 0.7], [0.5, 0.5]], np.float32)
+    empty = np.array([0.5, 0.4], np.float32)
+    d, w, used = decide(distances, empty, ProbeConfig(draws=2))
+    np.testing.assert_allclose(d, [2.9, 0.65, 0.5])
+    np.testing.assert_array_equal(w, [-1, -1, -1])  # the paper: everything above D("") = 0.45
+    threshold = calibrated_threshold(distances[:1], empty)
+    assert threshold == pytest.approx(np.sqrt(2.9 * 0.45))
+    _, w, _ = decide(distances, empty, ProbeConfig(draws=2, rule="calibrated"), threshold)
+    np.testing.assert_array_equal(w, [-1, 2, 2])
+    with pytest.raises(ValueError, match="needs the threshold"):
+        decide(distances, empty, ProbeConfig(draws=2, rule="calibrated"))

@@ -33,6 +33,7 @@ def test_run_folder_and_a_resumed_run_matches_an_uninterrupted_one(tiny_pipeline
     config = json.loads((straight / "config.json").read_text())
     assert config["model"] == str(folder) and config["iterations"] == 4
     assert config["export"] == ["peft", "kohya", "merged_unet"]
+    assert config["derived"] == {"transfer": "none", "learning_rate": 1e-3, "paper_learning_rate": 1e-3}  # tiny: as given
     records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["step"] == 0 and records[0]["lora_modules"] == 8  # attn2.to_k/to_v of 4 transformer blocks
     steps = records[1:]
@@ -123,7 +124,7 @@ def test_missing_model_folder_and_unknown_keys_are_errors(tmp_path, capsys):
     assert "unknown preset 'sd99'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("preset", ["default", "tiny", "sd15-object", "sd15-nudity"])
+@pytest.mark.parametrize("preset", ["default", "paper", "tiny", "sd15-object", "sd15-nudity"])
 def test_presets_name_existing_concepts_and_target_rules(preset):
     from unguide_jax.cli.config import load_config_file
     from unguide_jax.edits.lora import TARGET_RULES
@@ -135,3 +136,8 @@ def test_presets_name_existing_concepts_and_target_rules(preset):
     ObjectiveConfig(**config["objective"])
     assert config["lora"]["targets"] in TARGET_RULES
     assert jax.tree.leaves(config)  # a plain nested dict of values
+    # The paper's settings exactly on SD 1.x and in the paper preset; the embedded default transfers them.
+    paper = preset in ("paper", "sd15-object", "sd15-nudity", "tiny")
+    assert (config["transfer"], config["lora"]["init"]) == (("none", "random") if paper else ("kv_scale", "concept"))
+    assert (config["learning_rate"], config["lora"]["rank"], config["lora"]["alpha"]) == (
+        (1e-3 if preset == "tiny" else 3e-5), 1, 8.0)

@@ -152,8 +152,13 @@ def image_name(index: int, request: Request) -> str:
     return f"{index:05d}_{slug(request.prompt)}_s{request.seed}.png"
 
 
+def concept_targets(edit_info: list[dict]) -> list[str]:
+    """The target prompts of the loaded edits' concepts (train.py's adapters and edits carry their concept)."""
+    return [t for info in edit_info for t in (info.get("concept") or {}).get("targets", [])]
+
+
 def _probe_weights(config: SampleConfig, fingerprint: str, sd, edit, requests: list[Request],
-                   out_dir: Path) -> tuple[list[float], dict]:
+                   out_dir: Path, concept_prompts: list[str] = ()) -> tuple[list[float], dict]:
     """w per request from the probe (each distinct prompt and guidance probed once; cached in probe.json)."""
     probe_config = ProbeConfig(**dataclasses.asdict(config.probe))
     cache_file = out_dir / "probe.json"
@@ -168,7 +173,8 @@ def _probe_weights(config: SampleConfig, fingerprint: str, sd, edit, requests: l
             todo.setdefault(sd.latent_shape(r.height, r.width), {})[key_of(r)] = r
     started = time.perf_counter()
     for shape, by_key in todo.items():
-        probe = probes.setdefault(shape, WProbe(sd, edit, probe_config, latent_shape=shape))
+        probe = probes.setdefault(shape, WProbe(sd, edit, probe_config, latent_shape=shape,
+                                                 concept_prompts=concept_prompts))
         result = probe.run([r.prompt for r in by_key.values()], [r.guidance_scale for r in by_key.values()])
         for key, record in zip(by_key, result.records()):
             cached["prompts"][key] = record
@@ -230,7 +236,8 @@ def sample_requests(sd, config: SampleConfig, requests: list[Request], loaded_ed
 
     def probe():
         nonlocal probe_records, probe_summary
-        probe_records, probe_summary = _probe_weights(config, fingerprint, sd, edit, requests, out_dir)
+        probe_records, probe_summary = _probe_weights(config, fingerprint, sd, edit, requests, out_dir,
+                                                            concept_targets(adapter_info))
         return [p["w"] for p in probe_records]
 
     ws = weights_for(mode, len(requests), fixed_w=config.w, probe=probe)

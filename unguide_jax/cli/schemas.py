@@ -34,7 +34,9 @@ from unguide_jax.erasers.pure import PureConfig
 from unguide_jax.erasers.uce import UceConfig
 from unguide_jax.erasers.unguide.modes import MODES, SAMPLE_MODES
 from unguide_jax.erasers.unguide.objective import ObjectiveConfig
+from unguide_jax.erasers.unguide.probe import RULES as PROBE_RULES
 from unguide_jax.erasers.unguide.probe import ProbeConfig
+from unguide_jax.erasers.unguide.transfer import TRANSFER_RULES
 from unguide_jax.evaluation.attack import AttackConfig
 from unguide_jax.models.dtypes import DTYPES
 from unguide_jax.shapes import data as shapes_data
@@ -64,6 +66,10 @@ def image_side(value) -> str | None:
 def _exports(formats) -> str | None:
     unknown = [f for f in formats if f not in EXPORTERS]
     return f"has unknown export format(s) {unknown}; known: {sorted(EXPORTERS)}" if unknown else None
+
+
+def _transfer_rule(rule) -> str | None:
+    return None if rule in TRANSFER_RULES else f"must be one of {TRANSFER_RULES}, got {rule!r}"
 
 
 # --- settings shared by several jobs ----------------------------------------------------------------
@@ -107,7 +113,9 @@ class ProbeSettings(Config):
                        check=seed_range)
     w_erase: float = option(-1.0, "w1: the prompt carries the concept, lean on the edit")
     w_keep: float = option(2.0, "w2: an unrelated prompt, lean on the base model")
-    rule: str = option("paper", 'w1 if D(p) > D("") else w2 (paper); sequential: stop early per prompt')
+    rule: str = option("paper", 'paper: w1 if D(p) > D("") else w2; sequential: stop early per prompt; calibrated: '
+                                'w1 if D(p) > √(D(concept) · D("")), the edit\'s own targets giving D(concept)',
+                       choices=PROBE_RULES)
     prompt_chunk: int = option(8, "prompts per jitted probe call (the last chunk is padded)")
 
     def validate(self) -> None:
@@ -124,6 +132,8 @@ class LoraSettings(Config):
     rank: int = option(1, "LoRA rank", check=positive)
     alpha: float = option(8.0, "multiplies A @ B directly (UnGuide's convention, not PEFT's alpha / r)")
     targets: str = option("object", '"object" (attn2.to_k/to_v), "explicit" (ESD-u style) or a regex over module paths')
+    init: str = option("concept", "A's init: random (the paper: N(0, 1/r²)) | concept (ours: along the target's tokens "
+                                 "outside the anchor's and \"\"'s span, erasers/unguide/concept_direction.py)")
 
     def validate(self) -> None:
         self.check_with(LoraConfig)
@@ -248,8 +258,11 @@ class UnguideTrainConfig(TrainedConfig):
 
     method: str = option("unguide", "the eraser: unguide | learnable_prompts | pure | uce (each has its own keys)")
     lora: LoraSettings = option(LoraSettings(), "the LoRA adapter")
-    learning_rate: float = option(3e-5, "Adam (0.9, 0.999, 1e-8) learning rate; no schedule, no clipping",
-                                  check=positive)
+    learning_rate: float = option(3e-5, "Adam (0.9, 0.999, 1e-8) learning rate; no schedule, no clipping (with "
+                                  "transfer=kv_scale: the SD 1.4 value the rule scales)", check=positive)
+    transfer: str = option("kv_scale", "none: the settings as given | kv_scale: scale the learning rate from SD 1.4 to this "
+                                   "model's K/V scale (erasers/unguide/transfer.py); config.json records the result",
+                           check=_transfer_rule)
     export: tuple[str, ...] = option((), "also write the adapter for PyTorch users in these formats: "
                                          f"{', '.join(EXPORTERS)}", check=_exports)
 
@@ -371,8 +384,9 @@ class Method:
 
     name: str
     edit: str | None = None      # a key of the erasure's ``edits``
-    mode: str = "base"           # base | adapter | unguide | fixed
+    mode: str = "base"           # base | adapter | unguide | fixed | oracle
     w: float = 2.0               # mode "fixed"
+    rule: str = ""               # mode "unguide": this row's probe rule ("": the config's probe.rule)
 
     @classmethod
     def from_config(cls, raw) -> "Method":
@@ -380,12 +394,14 @@ class Method:
             raw = {"name": raw, "edit": None if raw == "base" else "unguide", "mode": raw}
         unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"unknown keys {unknown} in an evaluation method (name, edit, mode, w)")
+            raise ValueError(f"unknown keys {unknown} in an evaluation method (name, edit, mode, w, rule)")
         method = cls(**raw)
         if method.mode not in MODES:
             raise ValueError(f"evaluation method {method.name!r}: unknown mode {method.mode!r}; known: {MODES}")
         if (method.mode == "base") != (method.edit is None):
             raise ValueError(f"evaluation method {method.name!r}: mode base takes no edit, the other modes need one")
+        if method.rule and method.rule not in PROBE_RULES:
+            raise ValueError(f"evaluation method {method.name!r}: unknown probe rule {method.rule!r}; known: {PROBE_RULES}")
         return method
 
 
@@ -437,6 +453,8 @@ class AttackSettings(Config):
 # The paper's comparison: the base model, the LoRA alone, and UnGuide (probe, then UnGuidance).
 UNGUIDE_TABLE_ROWS = ({"name": "base model", "mode": "base"}, {"name": "LoRA only", "edit": "unguide", "mode": "adapter"},
                       {"name": "UnGuide", "edit": "unguide", "mode": "unguide"})
+# ... and the probe's upper bound: UnGuidance with the w a perfect probe would give.
+ORACLE_ROW = {"name": "UnGuide, oracle w (upper bound)", "edit": "unguide", "mode": "oracle"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -453,17 +471,20 @@ class EvaluateConfig(Config):
         (Erasure("shapes-arrow", {"unguide": ("runs/unguide-shapes-arrow",)}),),
         "what was erased and by which edits: [{concept, edits: {name: [sources]}}, ...]")
     methods: tuple[str | dict[str, Any], ...] = option(
-        UNGUIDE_TABLE_ROWS,
-        f"rows of the table: {{name, edit (a key of an erasure's edits; none for base), mode ({' | '.join(MODES)}), w}}")
+        UNGUIDE_TABLE_ROWS + (ORACLE_ROW,),
+        f"rows of the table: {{name, edit (a key of an erasure's edits; none for base), mode ({' | '.join(MODES)}), w, "
+        "rule (the row's probe rule)}")
     images_per_prompt: int = option(16, "images per prompt: target, synonyms, the other classes", check=positive)
     seed: int = option(2024, "image j of every prompt: seed + j (paired across prompts and methods)", check=seed_range)
     guidance_scale: float = option(7.5, "CFG scale")
     num_steps: int = option(50, "DDIM steps", check=positive)
     eta: float = option(0.0, "DDIM η", check=non_negative)
     batch_size: int = option(104, "images per jitted generation call", check=positive)
-    probe: ProbeSettings = option(ProbeSettings(prompt_chunk=16), "the w probe of the unguide rows")
+    probe: ProbeSettings = option(ProbeSettings(prompt_chunk=16, rule="calibrated"), "the w probe of the unguide rows")
     fused: bool = option(True, "UnGuidance: base and edited predictions in one UNet call per step")
     paraphrases: bool = option(False, "also sample the concept's paraphrase prompts (leakage)")
+    train_missing: dict[str, str] = option({}, "edit name -> a train config (configs/unguide.py:paper): an edit whose "
+                                               "run folder is missing is trained first, with the erasure's concept")
     attack: AttackSettings = option(AttackSettings(), "the prefix-token attack on each edit")
     evaluator: str = option("embedded", "the classifier that scores the images (the shipped shapes classifier)",
                             choices=("embedded",))
@@ -479,6 +500,10 @@ class EvaluateConfig(Config):
             if missing:
                 raise InvalidValue(f"erasures[{i}].edits", f": erasure of {erasure.concept!r} has no edit named "
                                                            f"{missing} (it has {sorted(erasure.edits)})")
+            for name in self.train_missing:
+                if len(erasure.edits.get(name, ())) != 1:
+                    raise InvalidValue("train_missing", f": edit {name!r} of {erasure.concept!r} needs exactly one source "
+                                                        "(the run folder to train)")
 
     def method_rows(self) -> list[Method]:
         return [Method.from_config(m) for m in self.methods]

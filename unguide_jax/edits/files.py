@@ -52,7 +52,7 @@ def save_adapter(path: str | Path, adapter: Adapter, config: LoraConfig,
     check_finite(tensors, f"refusing to save the adapter {path}")
     metadata = {key: json.dumps(value, allow_nan=False) for key, value in (extra or {}).items()}
     metadata.update(format=ADAPTER_FORMAT, rank=str(config.rank), alpha=repr(float(config.alpha)),
-                    targets=config.targets)
+                    targets=config.targets, init=config.init)
     return write_safetensors(path, tensors, metadata)
 
 
@@ -66,7 +66,8 @@ def load_adapter(path: str | Path) -> tuple[Adapter, LoraConfig]:
         raise ValueError(f"{path} is not an unguide-jax adapter (metadata format {metadata.get('format')!r}, "
                          f"expected {ADAPTER_FORMAT!r}); PEFT/kohya files are read by unguide_jax.edits.lora_formats")
     check_finite(tensors, str(path))
-    config = LoraConfig(rank=int(metadata["rank"]), alpha=float(metadata["alpha"]), targets=metadata["targets"])
+    config = LoraConfig(rank=int(metadata["rank"]), alpha=float(metadata["alpha"]), targets=metadata["targets"],
+                        init=metadata.get("init", "random"))
     adapter: Adapter = {}
     for name, value in tensors.items():
         module, _, part = name.rpartition(".")
@@ -86,7 +87,7 @@ def load_adapter(path: str | Path) -> tuple[Adapter, LoraConfig]:
 def read_adapter_metadata(path: str | Path) -> dict[str, object]:
     """The writer's extra metadata (JSON-decoded), without reading the tensors."""
     _, metadata = read_safetensors_with_metadata(path, names=False)
-    fixed = {"format", "rank", "alpha", "targets"}
+    fixed = {"format", "rank", "alpha", "targets", "init"}
     return {k: json.loads(v) for k, v in metadata.items() if k not in fixed}
 
 

@@ -37,10 +37,13 @@ class LoraConfig:
     rank: int = 1
     alpha: float = 8.0
     targets: str = "object"  # a rule name from TARGET_RULES, or a regex over module paths
+    init: str = "random"     # A's init: random (the paper) | concept (erasers/unguide/concept_direction.py)
 
     def __post_init__(self):
         if self.rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if self.init not in ("random", "concept"):
+            raise ValueError(f"LoRA init must be random or concept, got {self.init!r}")
 
     @property
     def pattern(self) -> str:
@@ -75,13 +78,21 @@ def target_modules(params: Mapping, targets: str) -> list[str]:
     return chosen
 
 
-def init_lora(key: jax.Array, params: Mapping, config: LoraConfig, dtype=jnp.float32) -> Adapter:
-    """A ~ N(0, (1/r)^2) as the reference (std 1/r), B = 0: the adapted model starts equal to the base."""
+def init_lora(key: jax.Array, params: Mapping, config: LoraConfig, dtype=jnp.float32, directions=None) -> Adapter:
+    """A ~ N(0, (1/r)^2) as the reference (std 1/r), B = 0: the adapted model starts equal to the base.
+    ``directions`` (in, r): A's init for the cross-attention K/V layers, the ones that read the text tokens the
+    directions live in (``lora.init = "concept"``); other layers keep the random init."""
     kernels = _kernels(params)
     adapter = {}
     for i, path in enumerate(target_modules(params, config.targets)):
         fan_in, fan_out = _in_out(path, kernels[path])
-        a = jax.random.normal(jax.random.fold_in(key, i), (fan_in, config.rank), dtype) / config.rank
+        if directions is not None and re.search(TARGET_RULES["object"], path):
+            if directions.shape != (fan_in, config.rank):
+                raise ValueError(f"LoRA init directions {directions.shape} do not fit {path} ({fan_in} inputs, rank "
+                                 f"{config.rank})")
+            a = jnp.asarray(directions, dtype)
+        else:
+            a = jax.random.normal(jax.random.fold_in(key, i), (fan_in, config.rank), dtype) / config.rank
         adapter[path] = {"lora_A": a, "lora_B": jnp.zeros((config.rank, fan_out), dtype)}
     return adapter
 

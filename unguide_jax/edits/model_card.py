@@ -363,7 +363,8 @@ def _training_section(record: EditRecord) -> list[str]:
                 + (f"; {seconds} s on the machine that made it." if seconds is not None else ".")]
     if record.method not in TRAINED_METHODS:
         return ["How this edit was trained is not recorded in its source (unknown)."]
-    lr = config.get("learning_rate", metadata.get("learning_rate"))
+    derived = config.get("derived") or metadata.get("derived") or {}
+    lr = derived.get("learning_rate", config.get("learning_rate", metadata.get("learning_rate")))
     if record.method == "learnable_prompts":
         prompt = config.get("prompt") or metadata.get("prompt") or {}
         lr = {k: prompt[k] for k in ("model_learning_rate", "prompt_learning_rate") if k in prompt} or None
@@ -380,9 +381,14 @@ def _training_section(record: EditRecord) -> list[str]:
         parts.append("steps: unknown")
     if isinstance(lr, Mapping):
         parts.append("Adam learning rates " + ", ".join(f"{k} {v}" for k, v in lr.items()))
+    elif derived.get("transfer", "none") != "none":
+        parts.append(f"Adam learning rate {lr:.3g} (the paper's {derived.get('paper_learning_rate')} transferred to this "
+                     f"model by the {derived['transfer']} rule)")
     else:
         parts.append(f"Adam learning rate {lr}" if lr is not None else "learning rate: unknown")
     parts.append(f"seed {seed}" if seed is not None else "seed: unknown")
+    if derived.get("lora_init"):
+        parts.append(f"LoRA A initialised along the concept ({derived['lora_init']})")
     if config.get("dtype"):
         parts.append(f"compute dtype {config['dtype']}")
     lines = ["Trained with unguide-jax (JAX/Flax): " + "; ".join(parts) + "."]

@@ -30,7 +30,11 @@ KINDS = ("object", "style", "explicit")
 class Concept:
     name: str
     targets: tuple[str, ...]
-    references: tuple[str, ...]  # same length as targets, or one reference used for every target
+    # The anchors: what each target should turn into. UnGuide's objective pushes ε(target) to ε(anchor) −
+    # γ (ε(target) − ε(anchor)), and the LoRA's collateral damage lands on whatever the anchor draws, so an
+    # anchor is a neutral prompt outside the evaluated classes (the paper: scenes, "a photo of the forest");
+    # "" gives ESD's anchor. Same length as targets, or one reference used for every target.
+    references: tuple[str, ...]
     synonyms: tuple[str, ...] = ()
     other: tuple[str, ...] = ()
     kind: str = "object"
@@ -126,11 +130,19 @@ def _photo(noun: str) -> str:
     return f"a photo of the {noun}"
 
 
+# The anchor every shapes concept turns into (the training objective's reference prompt). The paper anchors
+# on scenes outside the evaluated classes; this model knows no scenes, only shapes, and every image it draws
+# is one. Neutral here means: the base model's images of the anchor spread over the ten classes with none
+# dominant, and the erasure LoRA leaves it nearly as it is (docs/results.md, "Neutral anchors"). Of the
+# scene words tried, "forest" draws stars (77 %) and "street" rings (94 %); "sky" spreads widest (no class
+# above 39 %, normalised entropy 0.70). "" spreads wider still (23 %, 0.90) but is ESD's anchor, not
+# UnGuide's; it stays available in a concept file.
+SHAPES_ANCHOR = "sky"
+
+
 def shape_anchor(cls: str) -> str:
-    """A fixed derangement of the classes (the next class in CLASSES order) standing in for the
-    paper's scene anchors: the shapes model knows no scenes, only other shapes. Adjacent classes are
-    never near-duplicates (circle/ring/crescent are not neighbours), so the anchor is a real change."""
-    return CLASSES[(CLASSES.index(cls) + 1) % len(CLASSES)]
+    """The anchor of a shapes class: the same neutral scene for every class (``SHAPES_ANCHOR``)."""
+    return SHAPES_ANCHOR
 
 
 # Erasing "solid" has no neutral style to fall back on; outlined (no fill) is its opposite.

@@ -11,11 +11,13 @@ closed-form one a function ``(sd, concept, settings) -> (edit, report)`` with it
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from unguide_jax.cli.config import as_config
 from unguide_jax.cli.schemas import (
@@ -25,9 +27,15 @@ from unguide_jax.cli.schemas import (
 )
 from unguide_jax.edits.edit import Edit, lora_edit, memory_layers
 from unguide_jax.edits.files import save_adapter, save_edit
-from unguide_jax.edits.lora import LoraConfig, count_parameters, target_modules
+from unguide_jax.edits.lora import (
+    TARGET_RULES,
+    LoraConfig,
+    count_parameters,
+    target_modules,
+)
 from unguide_jax.erasers import learnable_prompts, pure, uce
 from unguide_jax.erasers.common import cross_attention_layers, kernel
+from unguide_jax.erasers.unguide.concept_direction import concept_directions
 from unguide_jax.erasers.unguide.objective import (
     ConceptEmbeddings,
     ObjectiveConfig,
@@ -39,6 +47,7 @@ from unguide_jax.erasers.unguide.train_step import (
     make_optimizer,
     make_train_step,
 )
+from unguide_jax.erasers.unguide.transfer import transfer_settings
 from unguide_jax.training.checkpoints import RunCheckpoints
 from unguide_jax.training.sharded_step import jit_train_step
 
@@ -50,20 +59,38 @@ class UnguideTrainer:
         config = as_config(config, UnguideTrainConfig, strict=False)
         self.lora = LoraConfig(**dataclasses.asdict(config.lora))
         self.objective = ObjectiveConfig(**dataclasses.asdict(config.objective))
+        self.transfer_rule = config.transfer
         self.learning_rate = config.learning_rate
         self.optimizer = make_optimizer(self.learning_rate)
+        self.derived: dict = {}  # settings derived from the model (transfer, A's init): config.json's "derived"
+        self._directions = None
 
     def describe(self, unet_params) -> dict:
         return {"lora_modules": len(target_modules(unet_params, self.lora.targets))}  # "matches no layer" fails here
 
     def init(self, key, unet_params):
-        return init_train_state(key, unet_params, self.lora, self.optimizer)
+        return init_train_state(key, unet_params, self.lora, self.optimizer, directions=self._directions)
 
     def init_for_restore(self, key, unet_params):
         return self.init(key, unet_params)
 
     def embeddings(self, sd, concept):
-        return embed_concept(sd, concept)
+        """The concept's encodings; also derives what depends on the model: the transferred learning rate and
+        (``lora.init = "concept"``) A's starting direction."""
+        embeddings = embed_concept(sd, concept)
+        transfer = transfer_settings(self.transfer_rule, self.learning_rate, sd.params["unet"], embeddings.target)
+        self.learning_rate = transfer.learning_rate
+        self.optimizer = make_optimizer(self.learning_rate)
+        self.derived = transfer.record()
+        self.derived_note = transfer.describe()
+        reads_text = any(re.search(TARGET_RULES["object"], m) for m in target_modules(sd.params["unet"], self.lora.targets))
+        if self.lora.init == "concept" and reads_text:
+            neutral = np.concatenate([np.asarray(embeddings.reference), np.asarray(embeddings.uncond)])
+            self._directions = concept_directions(np.asarray(embeddings.target), neutral, self.lora.rank)
+            self.derived["lora_init"] = "concept"
+        elif self.lora.init == "concept":
+            self.derived["lora_init"] = "random (lora.init=concept starts the cross-attention K/V only; none is adapted)"
+        return embeddings
 
     def step_fn(self, sd, mesh):
         return make_train_step(sd.unet, sd.scheduler, self.lora, self.objective, self.optimizer, mesh=mesh)
@@ -82,7 +109,7 @@ class UnguideTrainer:
         save_adapter(run_dir / ADAPTER_FILE, adapter, self.lora, extra={
             "concept": concept.to_json(), "base_model": config.model, "steps": int(state.step),
             "objective": dataclasses.asdict(self.objective), "learning_rate": self.learning_rate,
-            "seed": config.seed,
+            "seed": config.seed, "derived": self.derived,
         })
         return self.to_edit(adapter)
 

@@ -11,13 +11,17 @@ the probe's w, a fixed w):
     Acc_g  synonym images recognised as the erased class                (lower is better)
     H_o    3 / (1/(1 − Acc_e) + 1/Acc_s + 1/(1 − Acc_g))
 
-Two scoring protocols:
-    mace       top-1 among the 10 class names, synonyms credited to their base class (the comparable
-               default, as MACE and the paper's Table 1);
-    reference  the reference code's: a softmax over all the prompt texts (target, synonyms, others).
-               Our classifier scores classes, not wordings, so each text's logit is its class's logit;
-               the four texts of the erased class then carry 4·p_e of the mass, and an image scores the
-               mass of its class's texts (a probability, not a top-1 hit).
+Scoring protocols (docs/results.md, "The protocols"):
+    mace       MACE's ``metrics/evaluate_clip_accuracy.py``: per image the softmax probability of the
+               prompt's class among the 10 class texts, averaged over a prompt's images (a mean
+               probability, not a top-1 count); synonym prompts are scored against the erased class.
+               The comparable default, as in the paper's Table 1.
+    reference  the UnGuide authors' ``merge_metrics_results.py``: a softmax over all the table's prompt
+               texts (target, synonyms, others), an image credited with its own prompt's text. Our
+               classifier scores classes, not wordings, so each text's logit is its class's logit: the
+               four texts of the erased class tie, and an image of class c credits p_c / Σ_c' n_c' p_c'
+               (n_c' texts of class c'); an erased-class image therefore credits at most 1/4.
+    top1       an extra, named as such: top-1 among the 10 classes, synonyms credited to the erased class.
 Averages over several concepts are means of the per-concept values. Optional columns:
     paraphrases  images of prompts that evoke the class without naming it (the concept file's
                  ``paraphrases``) recognised as the erased class: leakage (compare with the base row)
@@ -56,7 +60,7 @@ from unguide_jax.parallel.hosts import check_same_config, is_main_process
 from unguide_jax.shapes import data as shapes
 from unguide_jax.shapes.classifier import load_evaluator
 
-PROTOCOLS = ("mace", "reference")
+PROTOCOLS = ("mace", "reference", "top1")
 METRIC_KEYS = ("acc_e", "acc_s", "acc_g", "h_o")
 
 
@@ -97,15 +101,17 @@ def harmonic_overall(acc_e: float, acc_s: float, acc_g: float) -> float:
 
 
 def score(prompt_set: PromptSet, class_probs: np.ndarray, owners: np.ndarray) -> dict[str, dict]:
-    """Acc_e / Acc_s / Acc_g / H_o under both protocols; class_probs (n_images, 10), owners: prompt index per image."""
+    """Acc_e / Acc_s / Acc_g / H_o under every protocol; class_probs (n_images, 10), owners: prompt index per image."""
     kinds = np.asarray([k for _, k, _ in prompt_set.items])
     labels = np.asarray([c for _, _, c in prompt_set.items])
     texts_per_class = np.bincount(labels, minlength=class_probs.shape[1]).astype(np.float64)
-    weighted = class_probs * texts_per_class
-    text_mass = weighted / weighted.sum(axis=1, keepdims=True)  # the 13-way softmax, summed over a class's texts
+    own = labels[owners]
+    rows = np.arange(len(owners))
+    own_text = class_probs[rows, own] / (class_probs * texts_per_class).sum(axis=1)  # the table's texts, tied per class
     per_image = {
-        "mace": (class_probs.argmax(axis=1) == labels[owners]).astype(np.float64),
-        "reference": text_mass[np.arange(len(owners)), labels[owners]],
+        "mace": class_probs[rows, own].astype(np.float64),
+        "reference": own_text,
+        "top1": (class_probs.argmax(axis=1) == own).astype(np.float64),
     }
     out = {}
     for protocol, credit in per_image.items():
@@ -118,25 +124,46 @@ def score(prompt_set: PromptSet, class_probs: np.ndarray, owners: np.ndarray) ->
     return out
 
 
-def _probe(sd, edit, config: EvaluateConfig, prompts, embeddings=None):
+def _probe(sd, edit, config: EvaluateConfig, prompts, concept_prompts, embeddings=None, rule: str = ""):
     started = time.perf_counter()
-    probe = WProbe(sd, edit, ProbeConfig(**dataclasses.asdict(config.probe)))
+    settings = dict(dataclasses.asdict(config.probe), rule=rule or config.probe.rule)
+    probe = WProbe(sd, edit, ProbeConfig(**settings), concept_prompts=concept_prompts)
     result = probe.run(prompts, config.guidance_scale, prompt_embeddings=embeddings)
     info = {"D_empty": result.d_empty, "probe_seconds": round(time.perf_counter() - started, 2),
+            "probe_rule": settings["rule"], "probe_threshold": result.threshold,
             "probe_unet_rows": probe.unet_calls,
             "probe": {p: dict(D=float(d), w=float(w)) for p, d, w in zip(prompts, result.d, result.w)}}
     return [float(w) for w in result.w], info
 
 
-def _method_ws(method: Method, config: EvaluateConfig, sd, edit, prompts: list[str]) -> tuple[list[float | None], dict]:
+def oracle_ws(prompt_set: PromptSet, config: EvaluateConfig, extra: int = 0) -> list[float]:
+    """The w a perfect probe gives: w_erase on the target and synonyms, w_keep on the other classes (and on the
+    ``extra`` paraphrase prompts after them, which evoke the concept: w_erase)."""
+    carries = [kind != "other" for _, kind, _ in prompt_set.items] + [True] * extra
+    return [config.probe.w_erase if c else config.probe.w_keep for c in carries]
+
+
+def rule_agreements(info: dict, prompts: list[str], oracle: list[float], config: EvaluateConfig) -> dict:
+    """The share of prompts where each threshold rule, applied to this row's D(p), gives the oracle's w (paper:
+    D(""); calibrated: √(D(concept) · D("")), known when the row ran that rule)."""
+    d = np.asarray([info["probe"][p]["D"] for p in prompts])
+    bars = {"paper": info["D_empty"]}
+    if info.get("probe_threshold") is not None:
+        bars["calibrated"] = info["probe_threshold"]
+    return {rule: float(np.mean(np.where(d > bar, config.probe.w_erase, config.probe.w_keep) == np.asarray(oracle)))
+            for rule, bar in bars.items()}
+
+
+def _method_ws(method: Method, config: EvaluateConfig, sd, edit, prompts: list[str],
+               oracle: list[float], concept_prompts: list[str]) -> tuple[list[float | None], dict]:
     info = {"w": float(method.w)} if method.mode == "fixed" else {}
 
     def probe():
-        ws, probe_info = _probe(sd, edit, config, prompts)
+        ws, probe_info = _probe(sd, edit, config, prompts, concept_prompts, rule=method.rule)
         info.update(probe_info)
         return ws
 
-    return weights_for(method.mode, len(prompts), fixed_w=method.w, probe=probe), info
+    return weights_for(method.mode, len(prompts), fixed_w=method.w, probe=probe, oracle=oracle), info
 
 
 def _attack(sd, evaluator, erased: int, target_prompt: str, method: Method, edit, config: EvaluateConfig,
@@ -155,9 +182,11 @@ def _attack(sd, evaluator, erased: int, target_prompt: str, method: Method, edit
     contexts = jnp.stack(contexts)
     w = None
     if method.mode == "unguide":
-        w, _ = _probe(sd, edit, config, texts, embeddings=contexts)
+        w, _ = _probe(sd, edit, config, texts, [target_prompt], embeddings=contexts, rule=method.rule)
     elif method.mode == "fixed":
         w = [float(method.w)] * len(seeds)
+    elif method.mode == "oracle":  # the attacked prompts still ask for the erased concept
+        w = [float(config.probe.w_erase)] * len(seeds)
     images = sd.generate(texts, seeds, guidance_scale=config.guidance_scale, num_steps=config.num_steps, edit=edit,
                          w=w, fused=config.fused, prompt_embeddings=contexts).images
     predicted = evaluator.predict(images)[0]
@@ -165,8 +194,25 @@ def _attack(sd, evaluator, erased: int, target_prompt: str, method: Method, edit
                 seconds=round(time.perf_counter() - started, 2), settings=dataclasses.asdict(attack))
 
 
-def evaluate_erasure(sd, evaluator, concept, edits_by_name: dict, config: EvaluateConfig, out_dir: Path) -> dict:
-    """Every method of ``config.methods`` on one erased concept; writes its PNGs and grids under out_dir."""
+def _generate_cached(sd, requests: list[ImageRequest], edit, edit_key, config: EvaluateConfig, cache: dict,
+                     desc: str) -> list[np.ndarray]:
+    """The images of ``requests``, each (edit, prompt, seed, guidance, w) drawn once per run: the base model's
+    images of a prompt serve every erasure, and an oracle row reuses the probe row's images wherever the w agree."""
+    keys = [(edit_key, r.prompt, r.seed, r.guidance_scale, r.w) for r in requests]
+    todo = [i for i, k in enumerate(keys) if k not in cache]
+    if todo:
+        images = generate_images(sd, [requests[i] for i in todo], batch_size=config.batch_size,
+                                 num_steps=config.num_steps, eta=config.eta, edit=edit, fused=config.fused, desc=desc)
+        cache.update({keys[i]: image for i, image in zip(todo, images)})
+    return [cache[k] for k in keys]
+
+
+def evaluate_erasure(sd, evaluator, concept, edits_by_name: dict, config: EvaluateConfig, out_dir: Path,
+                     cache: dict | None = None, edit_keys: dict | None = None) -> dict:
+    """Every method of ``config.methods`` on one erased concept; writes its PNGs and grids under out_dir.
+    ``cache``: images already drawn in this run (``_generate_cached``); ``edit_keys``: edit name -> what identifies
+    the edit in that cache (its sources)."""
+    cache = {} if cache is None else cache
     prompt_set = PromptSet.from_concept(concept)
     n = config.images_per_prompt
     owners = np.repeat(np.arange(len(prompt_set.items)), n)
@@ -182,11 +228,16 @@ def evaluate_erasure(sd, evaluator, concept, edits_by_name: dict, config: Evalua
         edit = edits_by_name[method.edit] if method.edit else None
         started = time.perf_counter()
         prompts = prompt_set.prompts + paraphrases
-        ws, info = _method_ws(method, config, sd, edit, prompts)
+        oracle = oracle_ws(prompt_set, config, len(paraphrases))
+        ws, info = _method_ws(method, config, sd, edit, prompts, oracle, list(concept.targets))
+        if method.mode == "unguide":  # the share of the table's prompts where the probe's w is the oracle's
+            k = len(prompt_set.items)
+            info["probe_agrees_with_oracle"] = float(np.mean(np.asarray(ws[:k]) == np.asarray(oracle[:k])))
+            info["rules_agree_with_oracle"] = rule_agreements(info, prompt_set.prompts, oracle[:k], config)
         requests = [ImageRequest(p, config.seed + j, config.guidance_scale, ws[i])
                     for i, p in enumerate(prompts) for j in range(n)]
-        images = generate_images(sd, requests, batch_size=config.batch_size, num_steps=config.num_steps,
-                                 eta=config.eta, edit=edit, fused=config.fused, desc=f"{concept.name}: {method.name}")
+        edit_key = None if edit is None else ((edit_keys or {}).get(method.edit) or (concept.name, method.edit))
+        images = _generate_cached(sd, requests, edit, edit_key, config, cache, desc=f"{concept.name}: {method.name}")
         seconds = round(time.perf_counter() - started, 2)
         class_probs, _ = evaluator.probabilities(np.stack(images))
         main = len(prompt_set.items) * n
@@ -247,6 +298,26 @@ def format_table(summary: dict, protocol: str = "mace") -> str:
     return "\n".join(lines)
 
 
+def train_missing_edits(config: EvaluateConfig) -> list[str]:
+    """Train every ``train_missing`` edit whose run folder is missing (its train config, the erasure's concept);
+    returns the folders trained."""
+    from unguide_jax.cli.config import load_config_file
+    from unguide_jax.training.run import run_training
+
+    trained = []
+    for erasure in config.erasures:
+        for name, spec in config.train_missing.items():
+            run_dir = Path(erasure.edits[name][0])
+            if (run_dir / "config.json").is_file() and any(run_dir.glob("*.safetensors")):
+                continue
+            train_config = dict(load_config_file(spec), concept=erasure.concept, run_dir=str(run_dir), overwrite=True)
+            if is_main_process():
+                print(f"training {name} for {erasure.concept}: {spec} -> {run_dir}", flush=True)
+            run_training(train_config, progress=False)
+            trained.append(str(run_dir))
+    return trained
+
+
 def run_evaluation(config: EvaluateConfig | Mapping) -> Path:
     """The evaluation job (``config``: an EvaluateConfig, or a dict validated into one): every erasure of
     ``config.erasures``, every method; results.json + results.md."""
@@ -254,6 +325,7 @@ def run_evaluation(config: EvaluateConfig | Mapping) -> Path:
     methods = config.method_rows()
     out_dir = Path(config.out_dir)
     started = time.perf_counter()
+    trained = train_missing_edits(config)
     sd = load_model(config.model, dtype=dtype_named(config.dtype), variant=config.variant, revision=config.revision,
                     config_folder=config.model_config or None).on_every_device()
     check_same_config(to_dict(config), "evaluation config")
@@ -266,14 +338,15 @@ def run_evaluation(config: EvaluateConfig | Mapping) -> Path:
             edit, info[name] = load_edit(list(sources), sd.params["unet"])
             loaded[name] = sd.put_replicated(edit)
         cases.append((concept, loaded, info))
-    per_concept = []
-    for concept, loaded, info in cases:
-        result = evaluate_erasure(sd, evaluator, concept, loaded, config, out_dir / concept.name)
+    per_concept, cache = [], {}
+    for (concept, loaded, info), erasure in zip(cases, config.erasures):
+        edit_keys = {name: tuple(sources) for name, sources in erasure.edits.items()}
+        result = evaluate_erasure(sd, evaluator, concept, loaded, config, out_dir / concept.name, cache, edit_keys)
         result["edits"] = info
         per_concept.append(result)
     summary = average(per_concept, [m.name for m in methods])
     settings = {k: v for k, v in to_dict(config).items() if k != "job"}
-    settings.update(versions=versions(), seconds=round(time.perf_counter() - started, 1),
+    settings.update(versions=versions(), seconds=round(time.perf_counter() - started, 1), trained_first=trained,
                     evaluator="embedded shapes classifier (unguide_jax/assets/shapes-classifier)", **sd.placement())
     if not is_main_process():  # every process computed its share; one writes
         return out_dir

@@ -146,6 +146,8 @@ def jax_probe_draws(probe: ProbeConfig, latent_shape: tuple[int, int, int],
     return _nchw(x_T), torch.from_numpy(np.asarray(t, np.int64))
 
 
+PIPELINE_RULES = ("paper", "sequential")  # calibrated needs the concept's own D: JAX-side only for now
+
 # --- the rule (paper or sequential), on per-draw distances ------------------------------------------------
 
 class UnGuidePipeline(StableDiffusionPipeline):
@@ -162,6 +164,9 @@ class UnGuidePipeline(StableDiffusionPipeline):
         Returns the unguide.json record."""
         settings, lora_file = read_unguide_json(folder)
         probe = ProbeConfig(**settings["probe"])
+        if probe.rule not in PIPELINE_RULES:
+            raise ValueError(f"{folder}: unguide.json asks for probe rule {probe.rule!r}; this pipeline decides with "
+                             f"{PIPELINE_RULES} (export with --probe rule=paper, or probe with unguide-sample)")
         modules = self._check_lora_file(lora_file, settings)
         if check_base_model:
             self._check_base_model(settings, modules, lora_file)

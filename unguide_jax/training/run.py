@@ -112,6 +112,10 @@ def _train(config: TrainConfig, trainer, concept, source, record: dict, paths: R
         mesh = make_mesh(**dataclasses.asdict(config.mesh), batch_size=config.objective.samples_per_step)
         unet_params = shard(sd.params["unet"], mesh)
         embeddings = trainer.embeddings(sd, concept)
+        if getattr(trainer, "derived", None):
+            record = {**record, "derived": trainer.derived}  # config.json: what the settings became on this model
+            if is_main_process():
+                print(trainer.derived_note)
         key = jax.random.key(config.seed)
         abstract = jax.eval_shape(trainer.init, key, unet_params)
         state_shardings = shardings_for(abstract, mesh)

@@ -37,7 +37,7 @@ from unguide_jax.erasers.unguide.objective import (
 from unguide_jax.parallel.batches import padded_rows
 from unguide_jax.parallel.hosts import to_numpy
 
-RULES = ("paper", "sequential")
+RULES = ("paper", "sequential", "calibrated")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +52,10 @@ class ProbeConfig:
     w_erase: float = -1.0           # w1: the prompt carries the concept, lean on the edit
     w_keep: float = 2.0             # w2: unrelated prompt, lean on the base (away from the edit)
     rule: str = "paper"             # w1 if D(p) > D("") else w2
+    # rule "calibrated" (ours): w1 if D(p) > √(D(concept) · D("")), D(concept) the mean D of the edit's own target
+    # prompts on the same draws: a threshold halfway, on a log scale, between what the edit does to its concept
+    # and what it does to nothing. The paper's threshold D("") is the floor every prompt sits on: a prompt the
+    # edit hardly touches still lands just above it (on the shipped model 0.47–0.74 against 0.48, the concept 2.9).
     prompt_chunk: int = 8           # prompts per jitted call (the last chunk is padded: one compile)
     # rule "sequential" (ours, not the paper's): draws in rounds of round_draws, up to `draws`; a prompt stops
     # once its paired differences d_r(p) − d_r("") have a mean farther than z standard errors from 0.
@@ -126,18 +130,29 @@ def probe_distances(unet, scheduler_config: SchedulerConfig, config: ProbeConfig
     return map_rows(jax.vmap(one_prompt), prompts_per_call, cond, scales, groups=row_groups)
 
 
-def decide(distances: np.ndarray, empty: np.ndarray, probe: ProbeConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decide(distances: np.ndarray, empty: np.ndarray, probe: ProbeConfig,
+           threshold: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(D(p), w, draws used) per prompt from (P, R) distances (NaN: not drawn) and D("")'s R distances. The
     paper's rule compares D(p) with D("") over all draws; the sequential rule pairs each prompt with D("")
-    over the draws it used. Framework-free: ``WProbe`` and the PyTorch ``UnGuidePipeline`` both decide here."""
+    over the draws it used; the calibrated rule compares with ``threshold`` (``calibrated_threshold``).
+    Framework-free: ``WProbe`` and the PyTorch ``UnGuidePipeline`` both decide here."""
     used = (~np.isnan(distances)).sum(axis=1)
     d = np.nanmean(distances, axis=1) if len(distances) else np.zeros(0, np.float32)
     if probe.rule == "sequential":
-        threshold = np.asarray([empty[:k].mean() for k in used], np.float32)  # paired: the draws the prompt used
+        bar = np.asarray([empty[:k].mean() for k in used], np.float32)  # paired: the draws the prompt used
+    elif probe.rule == "calibrated":
+        if threshold is None:
+            raise ValueError("probe rule calibrated needs the threshold from the edit's concept prompts")
+        bar = np.full(len(d), float(threshold), np.float32)
     else:
-        threshold = np.full(len(d), float(empty.mean()), np.float32)
-    w = np.where(d > threshold, probe.w_erase, probe.w_keep).astype(np.float32)
+        bar = np.full(len(d), float(empty.mean()), np.float32)
+    w = np.where(d > bar, probe.w_erase, probe.w_keep).astype(np.float32)
     return d, w, used
+
+
+def calibrated_threshold(concept_distances: np.ndarray, empty: np.ndarray) -> float:
+    """√(D(concept) · D("")): D(concept) the mean over the concept prompts' (C, R) distances."""
+    return float(np.sqrt(np.nanmean(concept_distances) * np.mean(empty)))
 
 
 def sequential_distances(num_prompts: int, probe: ProbeConfig, empty: np.ndarray, run) -> np.ndarray:
@@ -168,17 +183,27 @@ class ProbeResult:
     w: np.ndarray           # (P,)
     distances: np.ndarray   # (P, R) per draw; NaN where a sequential probe stopped before the draw
     draws_used: np.ndarray  # (P,)
+    threshold: float | None = None  # rule calibrated: √(D(concept) · D(""))
 
     def records(self) -> list[dict]:
-        return [dict(prompt=p, D=float(d), D_empty=self.d_empty, w=float(w), carries_concept=bool(d > self.d_empty),
-                     draws=int(n)) for p, d, w, n in zip(self.prompts, self.d, self.w, self.draws_used)]
+        bar = self.d_empty if self.threshold is None else self.threshold
+        extra = {} if self.threshold is None else {"threshold": self.threshold}
+        return [dict(prompt=p, D=float(d), D_empty=self.d_empty, w=float(w), carries_concept=bool(d > bar),
+                     draws=int(n), **extra) for p, d, w, n in zip(self.prompts, self.d, self.w, self.draws_used)]
 
 
 class WProbe:
     """The probe of one edit over one model: fixed draws, D("") computed once, prompts in chunks."""
 
-    def __init__(self, sd, edit: Edit, config: ProbeConfig, latent_shape: tuple[int, int, int] | None = None):
+    def __init__(self, sd, edit: Edit, config: ProbeConfig, latent_shape: tuple[int, int, int] | None = None,
+                 concept_prompts: Sequence[str] = ()):
+        """``concept_prompts``: the edit's own target prompts (rule calibrated sets its threshold from them)."""
+        if config.rule == "calibrated" and not concept_prompts:
+            raise ValueError("probe rule calibrated needs the edit's concept prompts (its targets): none were given; "
+                             "an adapter saved by train.py carries its concept, or choose rule paper")
         self.sd, self.edit, self.config = sd, edit, config
+        self.concept_prompts = list(concept_prompts)
+        self._threshold: float | None = None
         self.latent_shape = latent_shape or sd.latent_shape(None, None)
         self.x_T, self.t = probe_draws(config, sd.scheduler, self.latent_shape)
         self._uncond = sd.put_replicated(sd.encode_prompts([""]))
@@ -216,6 +241,16 @@ class WProbe:
     def d_empty(self) -> float:
         return float(self.empty_distances.mean())
 
+    def threshold(self, guidance_scale: float) -> float | None:
+        """Rule calibrated: √(D(concept) · D("")), computed on first use (None for the other rules)."""
+        if self.config.rule != "calibrated":
+            return None
+        if self._threshold is None:
+            concept = self._distances(self.sd.encode_prompts(self.concept_prompts),
+                                      np.full(len(self.concept_prompts), guidance_scale, np.float32))
+            self._threshold = calibrated_threshold(concept, self.empty_distances)
+        return self._threshold
+
     def run(self, prompts: Sequence[str], guidance_scales: float | Sequence[float] = 7.5,
             prompt_embeddings: jax.Array | None = None) -> ProbeResult:
         """D(p), D("") and w for ``prompts`` (``prompt_embeddings``: encoder outputs to use instead)."""
@@ -230,5 +265,7 @@ class WProbe:
                                              lambda index, draws: self._distances(cond[index], scales[index], draws))
         else:
             distances = self._distances(cond, scales)
-        d, w, used = decide(distances, self.empty_distances, self.config)
-        return ProbeResult(prompts=prompts, d=d, d_empty=self.d_empty, w=w, distances=distances, draws_used=used)
+        threshold = self.threshold(float(np.median(scales))) if prompts else None
+        d, w, used = decide(distances, self.empty_distances, self.config, threshold)
+        return ProbeResult(prompts=prompts, d=d, d_empty=self.d_empty, w=w, distances=distances, draws_used=used,
+                           threshold=threshold)

@@ -39,11 +39,11 @@ def make_optimizer(learning_rate: float) -> optax.GradientTransformation:
 
 
 def init_train_state(key: jax.Array, unet_params, lora_config: lora.LoraConfig,
-                     optimizer: optax.GradientTransformation) -> TrainState:
+                     optimizer: optax.GradientTransformation, directions=None) -> TrainState:
     if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         raise TypeError("init_train_state needs a typed PRNG key (jax.random.key), not a raw uint32 key")
     init_key, step_key = jax.random.split(key)
-    adapter = lora.init_lora(init_key, unet_params, lora_config)
+    adapter = lora.init_lora(init_key, unet_params, lora_config, directions=directions)
     return TrainState(step=jnp.zeros((), jnp.int32), adapter=adapter, opt_state=optimizer.init(adapter), key=step_key)
 
 
