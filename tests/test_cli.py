@@ -210,9 +210,10 @@ def test_print_config_and_sub_config_merge(capsys):
     assert train.main(["--config", "unguide.py:tiny", '--config.lora={"rank": 2}', "--config.objective.ddim_steps",
                        "6", "--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["lora"] == {"rank": 2, "alpha": 8.0, "targets": "object"}  # merged: alpha, targets kept
+    merged = {"rank": 2, "alpha": 8.0, "targets": "object", "init": "random"}
+    assert printed["lora"] == merged  # merged: alpha, targets, init kept
     assert printed["objective"]["ddim_steps"] == 6 and printed["iterations"] == 4
-    expected = dict(load_config_file("unguide.py:tiny"), lora={"rank": 2, "alpha": 8.0, "targets": "object"})
+    expected = dict(load_config_file("unguide.py:tiny"), lora=merged)
     expected["objective"] = dict(expected["objective"], ddim_steps=6)
     assert printed == expected
     # a free-form dict is replaced, not merged; null for an optional value

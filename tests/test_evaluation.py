@@ -128,7 +128,7 @@ def test_evaluation_command_end_to_end_on_a_tiny_model(tiny_pipeline_dir, tmp_pa
     out = tmp_path / "eval"
     assert sample.main(["--config", f"{repo}/configs/evaluate.py:tiny", f"--config.model={folder}",
                         f"--config.erasures={json.dumps(erasures)}", f"--config.methods={json.dumps(methods)}",
-                        "--config.paraphrases=true", "--config.attack.enabled=true", "--config.attack.images=2",
+                        "--config.paraphrases=true", "--config.attack.enabled=true", "--config.attack.images=1",
                         "--config.attack.settings.iterations=2", f"--config.out_dir={out}",
                         # One compiled sampler and one compiled probe serve the prompts, the paraphrases and "":
                         # 2 rows a call, 1 prompt a probe call.
@@ -144,7 +144,7 @@ def test_evaluation_command_end_to_end_on_a_tiny_model(tiny_pipeline_dir, tmp_pa
         assert 0 <= row["paraphrase_leakage"] <= 1
         assert ("attack" in row) == (name != "base model")
     assert set(circle["methods"]["UnGuide"]["probe"]) == set(p for p, _, _ in circle["prompts"]) | set(circle["paraphrases"])
-    assert len(circle["methods"]["UnGuide"]["attack"]["prompts"]) == 2
+    assert len(circle["methods"]["UnGuide"]["attack"]["prompts"]) == 1
     table = capsys.readouterr().out
     assert "| UnGuide |" in table and "attack: before → after" in table
     assert len(list((out / "shapes-circle" / "unguide").glob("*.png"))) == 16 * 2
