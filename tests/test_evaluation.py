@@ -166,3 +166,23 @@ def test_evaluation_command_end_to_end_on_a_tiny_model(tiny_pipeline_dir, tmp_pa
     kinds = [k for _, k, _ in circle["prompts"] for _ in range(2)]
     for k, kind in enumerate(kinds):
         np.testing.assert_array_equal(oracle[k], minus[k] if kind != "other" else plus[k])
+
+
+def test_missing_edits_are_trained_first_on_the_evaluated_model(tmp_path):
+    from unguide_jax.cli.config import as_config
+    from unguide_jax.cli.schemas import EvaluateConfig
+    from unguide_jax.evaluation.erasure import train_missing_edits
+
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "config.json").write_text("{}")
+    (done / "adapter.safetensors").write_bytes(b"")
+    erasures = [{"concept": "shapes-star", "edits": {"unguide": [str(tmp_path / "star")], "paper": [str(done)]}}]
+    config = as_config(dict(erasures=erasures, model="/models/mine", methods=["base"],
+                            train_missing={"unguide": "unguide.py", "paper": "unguide.py:paper"}), EvaluateConfig)
+    calls = []
+    assert train_missing_edits(config, calls.append) == [str(tmp_path / "star")]
+    (trained,) = calls  # the paper edit's folder holds a run: not trained again
+    assert (trained["concept"], trained["run_dir"], trained["model"]) == ("shapes-star", str(tmp_path / "star"),
+                                                                          "/models/mine")
+    assert trained["transfer"] == "kv_scale" and trained["iterations"] == 200

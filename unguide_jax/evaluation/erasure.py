@@ -298,11 +298,13 @@ def format_table(summary: dict, protocol: str = "mace") -> str:
     return "\n".join(lines)
 
 
-def train_missing_edits(config: EvaluateConfig) -> list[str]:
-    """Train every ``train_missing`` edit whose run folder is missing (its train config, the erasure's concept);
-    returns the folders trained."""
+def train_missing_edits(config: EvaluateConfig, train_runner=None) -> list[str]:
+    """Train every ``train_missing`` edit whose run folder is missing (its train config, the erasure's concept,
+    the evaluated model); returns the folders trained. ``train_runner``: ``run_training`` unless given."""
     from unguide_jax.cli.config import load_config_file
     from unguide_jax.training.run import run_training
+
+    train_runner = train_runner or (lambda c: run_training(c, progress=False))
 
     trained = []
     for erasure in config.erasures:
@@ -310,10 +312,13 @@ def train_missing_edits(config: EvaluateConfig) -> list[str]:
             run_dir = Path(erasure.edits[name][0])
             if (run_dir / "config.json").is_file() and any(run_dir.glob("*.safetensors")):
                 continue
-            train_config = dict(load_config_file(spec), concept=erasure.concept, run_dir=str(run_dir), overwrite=True)
+            # Trained on the model under evaluation, whatever model the train config names.
+            train_config = dict(load_config_file(spec), concept=erasure.concept, run_dir=str(run_dir), overwrite=True,
+                                model=config.model, variant=config.variant, revision=config.revision,
+                                model_config=config.model_config)
             if is_main_process():
                 print(f"training {name} for {erasure.concept}: {spec} -> {run_dir}", flush=True)
-            run_training(train_config, progress=False)
+            train_runner(train_config)
             trained.append(str(run_dir))
     return trained
 
