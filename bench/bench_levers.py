@@ -148,6 +148,34 @@ def main() -> None:
         compare("attention", {"jax.nn.dot_product_attention, ynn on": forward(ynn_default, patch=before),
                               "einsum, ynn on": forward(ynn_default)}, args.rounds, results, "YNNPACK on")
 
+    if run("attn_rows"):
+        def attention_in_row_chunks(n):
+            """The kept attention over chunks of n batch rows (lax.map): each chunk's T x S scores fit in L2."""
+            def attention(q, k, v, heads, is_causal=False, key_mask=None, max_score_bytes=None):
+                bb = q.shape[0]
+                if bb % n or key_mask is not None or bb == n:
+                    return layers.multi_head_attention(q, k, v, heads, is_causal, key_mask, max_score_bytes)
+                split = lambda a: a.reshape(bb // n, n, *a.shape[1:])  # noqa: E731
+                out = jax.lax.map(lambda qkv: layers.multi_head_attention(*qkv, heads, is_causal),
+                                  (split(q), split(k), split(v)))
+                return out.reshape(bb, *out.shape[2:])
+            return attention
+
+        for call_rows in (rows, rows // 2):  # one call over the CFG rows; one of the sampler's chunks
+            xs, cs = x[:call_rows], ctx[:call_rows]
+            variants = {}
+            for n in (0, 2, 8):
+                fn = jax.jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, c))
+                saved = unet_module.multi_head_attention
+                unet_module.multi_head_attention = attention_in_row_chunks(n) if n else saved
+                try:
+                    compiled = fn.lower(params, xs, 500, cs).compile(compiler_options=kept)
+                finally:
+                    unet_module.multi_head_attention = saved
+                variants[f"{n}-row chunks" if n else "whole call (kept)"] = (
+                    lambda c=compiled, xs=xs, cs=cs: c(params, xs, 500, cs).block_until_ready())
+            compare("attn_rows", variants, args.rounds, results, f"attention in row chunks, {call_rows}-row UNet call")
+
     if run("norm"):
         def group_norm_fast(groups, eps, name, mod):
             return nn.GroupNorm(num_groups=groups, epsilon=eps, use_fast_variance=True, dtype=mod.dtype,
@@ -199,6 +227,7 @@ def main() -> None:
             "single-thread Eigen": {"xla_cpu_multi_thread_eigen": False},
             "vector width 128": {"xla_cpu_prefer_vector_width": 128},
             "no loop unrolling": {"xla_cpu_disable_loop_unrolling": True},
+            "concurrency-optimised scheduler": {"xla_cpu_enable_concurrency_optimized_scheduler": True},
         }
         variants = {"kept options": forward()}
         for name, extra in flags.items():

@@ -1,5 +1,4 @@
 """The shipped shapes model and evaluator: they load (ours and diffusers), agree, and do their job."""
-import contextlib
 import importlib.util
 import json
 from pathlib import Path
@@ -152,19 +151,7 @@ def test_quality_gate_counts_what_each_prompt_drew(embedded, evaluator):
     assert grid.shape[:2] == (len(shapes.CLASSES) * size + 2, 2 * size + 2)  # a row of 2 images per class prompt
 
 
-@contextlib.contextmanager
-def xla_optimisations_on():
-    """The suite compiles with most XLA optimisations off (conftest.py), because compiling dominates its
-    tiny models. Sampling hundreds of images for 50 steps is the opposite case (160 images: 23 s optimised, 61 s not)."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", False)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_disable_most_optimizations", previous)
-
-
-def test_shipped_model_draws_what_its_gate_record_says(embedded, evaluator, gate_record):
+def test_shipped_model_draws_what_its_gate_record_says(embedded, evaluator, gate_record, xla_optimised):
     """Three of the gate's class prompts sampled again exactly as the gate sampled them (its seeds, CFG, steps
     and image count, 96 images): per prompt, the evaluator's counts match the shipped record within one image
     moved. So the recorded gate figures are the shipped model's own (weights that drew other images would
@@ -179,9 +166,8 @@ def test_shipped_model_draws_what_its_gate_record_says(embedded, evaluator, gate
     recorded = {r["prompt"]: r["predicted_class_counts"] for r in gate_record["per_prompt"] if r["kind"] == "class"}
     prompts = [item["prompt"] for item in class_prompts for _ in range(n)]
     seeds = [settings["seed"] + j for _ in class_prompts for j in range(n)]
-    with xla_optimisations_on():
-        images = embedded.generate(prompts, seeds, guidance_scale=settings["guidance_scale"],
-                                   num_steps=settings["num_steps"], eta=settings["eta"]).images
+    images = embedded.generate(prompts, seeds, guidance_scale=settings["guidance_scale"],
+                               num_steps=settings["num_steps"], eta=settings["eta"]).images
     predicted, _ = evaluator.predict(images)
     for k, item in enumerate(class_prompts):
         counts = np.bincount(predicted[k * n:(k + 1) * n], minlength=len(shapes.CLASSES))

@@ -100,7 +100,7 @@ def _check_derived_settings(folder, run):
         assert abs(got @ a) / (np.linalg.norm(got) * np.linalg.norm(a)) > 0.99
 
 
-def test_evaluation_command_end_to_end_on_a_tiny_model(tiny_pipeline_dir, tmp_path, capsys):
+def test_evaluation_command_end_to_end_on_a_tiny_model(tiny_pipeline_dir, tmp_path, capsys, xla_optimised):
     """Plumbing only (a random tiny model draws noise): every method row, both protocols, paraphrases, attack."""
     import json
     from pathlib import Path
@@ -130,9 +130,8 @@ def test_evaluation_command_end_to_end_on_a_tiny_model(tiny_pipeline_dir, tmp_pa
                         f"--config.erasures={json.dumps(erasures)}", f"--config.methods={json.dumps(methods)}",
                         "--config.paraphrases=true", "--config.attack.enabled=true", "--config.attack.images=1",
                         "--config.attack.settings.iterations=2", f"--config.out_dir={out}",
-                        # One compiled sampler and one compiled probe serve the prompts, the paraphrases and "":
-                        # 2 rows a call, 1 prompt a probe call.
-                        "--config.batch_size=2", "--config.probe.prompt_chunk=1"]) == 0
+                        # One compiled sampler and one compiled probe serve the prompts and the paraphrases.
+                        "--config.batch_size=16", "--config.probe.prompt_chunk=4"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results["average"]) == [m["name"] for m in methods]
     circle = results["concepts"][0]
