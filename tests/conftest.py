@@ -26,17 +26,7 @@ def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="run tests marked slow")
 
 
-# The files that take longest (a fresh clone's run, most first): they start first, so that the two
-# xdist workers end together instead of one waiting on a late multi-process file (longest job first;
-# pyproject.toml turns xdist's own order, by number of tests, off). The other files follow in their order.
-LONGEST_FIRST = ("test_multihost.py", "test_evaluation.py", "test_erasers_cli.py", "test_embedded.py",
-                 "test_sample_modes.py", "test_unguide_parity.py", "test_sampling_devices.py", "test_pipeline.py",
-                 "test_cli.py", "test_packaging.py")
-
-
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file stays
     has_gpu = any(d.platform == "gpu" for d in jax.devices())
     for item in items:
         if "slow" in item.keywords and not config.getoption("--runslow"):

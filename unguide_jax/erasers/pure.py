@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from unguide_jax.diffusion.sampler import XLA_CPU_OPTIONS
 from unguide_jax.diffusion.schedulers import (
     NoiseSchedule,
     SchedulerConfig,
@@ -85,7 +84,7 @@ def _capture(unet, params, sample, t, context):
     return out, {".".join(k[:-1]): v[0] for k, v in flat.items()}
 
 
-@functools.partial(jax.jit, static_argnames=("unet", "scheduler_config", "steps"), compiler_options=XLA_CPU_OPTIONS)
+@functools.partial(jax.jit, static_argnames=("unet", "scheduler_config", "steps"))
 def trajectory_activations(unet, scheduler_config: SchedulerConfig, steps: int, params, cond, uncond, x_T,
                            guidance_scale) -> dict[str, jax.Array]:
     """{attn2 path: (steps, N, d)} along DDIM with CFG from x_T (N, h, w, c); conditional rows only."""

@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from unguide_jax.diffusion.sampler import XLA_CPU_OPTIONS
 from unguide_jax.diffusion.schedulers import NoiseSchedule, SchedulerConfig, add_noise
 from unguide_jax.edits.edit import Edit, apply_unet
 
@@ -79,8 +78,7 @@ def nearest_tokens(embeddings: jax.Array, table: jax.Array) -> jax.Array:
     return jnp.argmin(d2, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("unet", "text_encoder", "scheduler_config", "config"),
-                   compiler_options=XLA_CPU_OPTIONS)
+@functools.partial(jax.jit, static_argnames=("unet", "text_encoder", "scheduler_config", "config"))
 def run_attack(unet, text_encoder, scheduler_config: SchedulerConfig, config: AttackConfig, unet_params, text_params,
                edit: Edit, ids: jax.Array, x0: jax.Array, key: jax.Array):
     """-> (token ids (L,) with the learnt prefix, loss per iteration). x0 (1, h, w, c): the target latent."""
