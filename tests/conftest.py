@@ -69,7 +69,7 @@ def one_torch_thread():
 @pytest.fixture
 def xla_optimised():
     """XLA's optimisations back on for one test: the suite compiles with most of them off (above), which
-    loses where a test runs its compiled programs many times (the shipped model's 96 images of 50 steps:
+    loses where a test runs its compiled programs many times (the shipped model's 160 images of 50 steps:
     23 s optimised, 61 s not; the evaluation end to end: 175 s against 224 s, compile included)."""
     previous = jax.config.read("jax_disable_most_optimizations")
     jax.config.update("jax_disable_most_optimizations", False)
