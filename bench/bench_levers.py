@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_train import CONTEXT_LENGTH, build_torch_unet  # noqa: E402
+from bench.levers_off.attention_before import dot_product_attention as attention_before  # noqa: E402
 
 
 def interleave(fns: dict, rounds: int) -> dict:
@@ -126,16 +127,6 @@ def main() -> None:
         return lambda: compiled(params, x, 500, ctx).block_until_ready()
 
     # --- the UNet forward ----------------------------------------------------------------------------
-    def attention_before(q, k, v, heads, is_causal=False, key_mask=None):
-        """The attention before issue 25: jax.nn.dot_product_attention."""
-        bb, t, c = q.shape
-        s = k.shape[1]
-        out = jax.nn.dot_product_attention(
-            q.reshape(bb, t, heads, c // heads), k.reshape(bb, s, heads, c // heads),
-            v.reshape(bb, s, heads, v.shape[-1] // heads),
-            mask=None if key_mask is None else key_mask[:, None, None, :], is_causal=is_causal)
-        return out.reshape(bb, t, -1)
-
     before = {(unet_module, "multi_head_attention"): attention_before}
     if run("ynn"):
         compare("ynn", {"YNNPACK fusions on (XLA default)": forward(ynn_default, patch=before),

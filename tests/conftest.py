@@ -1,12 +1,18 @@
 import os
 from pathlib import Path
 
+from tests.devices import FAST_COMPILE_XLA_FLAGS
+
 # Before jax is imported anywhere: a persistent compilation cache shared by every test run.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".cache" / "jax"))
 # XLA's CPU backend spends most of a cold run compiling tiny models (a jitted tiny-UNet init: 17 s
 # optimised, 5 s not). Measured on the whole suite with a cold cache: 1178 s -> 909 s on 2 cores.
 # An environment variable, so that the tests' subprocesses (8 CPU devices, CLI runs) compile alike.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# A faster compile of the same programs (tests/devices.py says how much); appended, so that a caller's flags
+# stay. Subprocesses inherit it (tests/devices.py sets their device count beside it).
+if FAST_COMPILE_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE_XLA_FLAGS).strip()
 
 import jax
 import numpy as np
@@ -64,17 +70,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def xla_optimised():
-    """XLA's optimisations back on for one test: the suite compiles with most of them off (above), which
-    loses where a test runs its compiled programs many times (the shipped model's 160 images of 50 steps:
-    23 s optimised, 61 s not; the evaluation end to end: 175 s against 224 s, compile included)."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", False)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
 
 
 @pytest.fixture

@@ -253,7 +253,9 @@ def test_restore_reshards_onto_another_mesh(tmp_path):
     import subprocess
     import sys
 
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    from tests.devices import with_device_count
+
+    env = dict(os.environ, XLA_FLAGS=with_device_count(os.environ.get("XLA_FLAGS", ""), 4), JAX_PLATFORMS="cpu")
     script = f"CK = {str(tmp_path / 'ck')!r}\n" + RESHARD_SCRIPT
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -51,6 +51,22 @@ def test_harmonic_overall_is_zero_when_a_term_is():
     assert harmonic_overall(0.0, 1.0, 0.0) == pytest.approx(1.0)
 
 
+def test_rule_agreements_count_the_prompts_each_bar_gives_the_oracles_w():
+    from types import SimpleNamespace
+
+    from unguide_jax.erasers.unguide.probe import ProbeConfig
+    from unguide_jax.evaluation.erasure import rule_agreements
+
+    config = SimpleNamespace(probe=ProbeConfig())  # the only part of the evaluation's config it reads
+    erase, keep = config.probe.w_erase, config.probe.w_keep
+    info = {"probe": {"a": {"D": 3.0}, "b": {"D": 1.5}, "c": {"D": 0.5}, "d": {"D": 2.5}}, "D_empty": 1.0,
+            "probe_threshold": 2.0}
+    oracle = [erase, keep, keep, erase]
+    # paper bar 1.0: a, b, d erase (b wrong); calibrated bar 2.0: a, d erase (all right).
+    assert rule_agreements(info, ["a", "b", "c", "d"], oracle, config) == {"paper": 0.75, "calibrated": 1.0}
+    assert set(rule_agreements(dict(info, probe_threshold=None), ["a"], [erase], config)) == {"paper"}
+
+
 def test_methods_parse_and_name_their_problems():
     from unguide_jax.evaluation.erasure import Method
 
@@ -100,7 +116,7 @@ def _check_derived_settings(folder, run):
         assert abs(got @ a) / (np.linalg.norm(got) * np.linalg.norm(a)) > 0.99
 
 
-def test_evaluation_command_end_to_end_on_a_tiny_model(tiny_pipeline_dir, tmp_path, capsys, xla_optimised):
+def test_evaluation_command_end_to_end_on_a_tiny_model(tiny_pipeline_dir, tmp_path, capsys):
     """Plumbing only (a random tiny model draws noise): every method row, both protocols, paraphrases, attack."""
     import json
     from pathlib import Path

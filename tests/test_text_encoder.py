@@ -109,7 +109,8 @@ def test_clip_skip_matches_transformers_hidden_states(te, skip):
     hidden, pooled = apply({"params": te.params}, te.input_ids, skip_last_layers=skip)
     assert _max_err(hidden, expected) < ATOL
     eos = (te.input_ids == te.model.config.eos_token_id).argmax(axis=1)
-    np.testing.assert_array_equal(np.asarray(pooled), np.asarray(hidden)[np.arange(2), eos])
+    # The same values up to rounding: the pooled row and the hidden states may come out of different fusions.
+    np.testing.assert_allclose(np.asarray(pooled), np.asarray(hidden)[np.arange(2), eos], rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="skip_last_layers"):
         te.model.apply({"params": te.params}, te.input_ids, skip_last_layers=te.model.config.num_hidden_layers)
 

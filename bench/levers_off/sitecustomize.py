@@ -10,23 +10,17 @@ them. Patches only; the package is not changed.
 import os
 
 if os.environ.get("UNGUIDE_BENCH_LEVERS_OFF") == "1":
-    import jax
+    # This folder is on PYTHONPATH. Layers first: the modules imported below take the attention from it by name.
+    from attention_before import dot_product_attention as _attention_before
 
-    # First: the modules imported below take the attention from it by name.
     from unguide_jax.models import layers as _layers
 
     _einsum_attention = _layers.multi_head_attention
 
     def _dot_product_attention(q, k, v, heads, is_causal=False, key_mask=None, max_score_bytes=None):
-        b, t, c = q.shape
-        s = k.shape[1]
-        if b * heads * t * s * 4 > _layers.ATTENTION_SCORE_BYTES:  # the memory path is not a lever
-            return _einsum_attention(q, k, v, heads, is_causal, key_mask, max_score_bytes)
-        out = jax.nn.dot_product_attention(
-            q.reshape(b, t, heads, c // heads), k.reshape(b, s, heads, c // heads),
-            v.reshape(b, s, heads, v.shape[-1] // heads),
-            mask=None if key_mask is None else key_mask[:, None, None, :], is_causal=is_causal)
-        return out.reshape(b, t, -1)
+        if q.shape[0] * heads * q.shape[1] * k.shape[1] * 4 > _layers.ATTENTION_SCORE_BYTES:
+            return _einsum_attention(q, k, v, heads, is_causal, key_mask, max_score_bytes)  # not a lever
+        return _attention_before(q, k, v, heads, is_causal, key_mask)
 
     _layers.multi_head_attention = _dot_product_attention
 

@@ -78,6 +78,11 @@ def target_modules(params: Mapping, targets: str) -> list[str]:
     return chosen
 
 
+def reads_text(path: str) -> bool:
+    """Whether the module is a cross-attention K/V projection, which reads the text tokens directly."""
+    return re.search(TARGET_RULES["object"], path) is not None
+
+
 def init_lora(key: jax.Array, params: Mapping, config: LoraConfig, dtype=jnp.float32, directions=None) -> Adapter:
     """A ~ N(0, (1/r)^2) as the reference (std 1/r), B = 0: the adapted model starts equal to the base.
     ``directions`` (in, r): A's init for the cross-attention K/V layers, the ones that read the text tokens the
@@ -86,7 +91,7 @@ def init_lora(key: jax.Array, params: Mapping, config: LoraConfig, dtype=jnp.flo
     adapter = {}
     for i, path in enumerate(target_modules(params, config.targets)):
         fan_in, fan_out = _in_out(path, kernels[path])
-        if directions is not None and re.search(TARGET_RULES["object"], path):
+        if directions is not None and reads_text(path):
             if directions.shape != (fan_in, config.rank):
                 raise ValueError(f"LoRA init directions {directions.shape} do not fit {path} ({fan_in} inputs, rank "
                                  f"{config.rank})")

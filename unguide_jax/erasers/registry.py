@@ -11,7 +11,6 @@ closed-form one a function ``(sd, concept, settings) -> (edit, report)`` with it
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -28,9 +27,9 @@ from unguide_jax.cli.schemas import (
 from unguide_jax.edits.edit import Edit, lora_edit, memory_layers
 from unguide_jax.edits.files import save_adapter, save_edit
 from unguide_jax.edits.lora import (
-    TARGET_RULES,
     LoraConfig,
     count_parameters,
+    reads_text,
     target_modules,
 )
 from unguide_jax.erasers import learnable_prompts, pure, uce
@@ -83,8 +82,8 @@ class UnguideTrainer:
         self.optimizer = make_optimizer(self.learning_rate)
         self.derived = transfer.record()
         self.derived_note = transfer.describe()
-        reads_text = any(re.search(TARGET_RULES["object"], m) for m in target_modules(sd.params["unet"], self.lora.targets))
-        if self.lora.init == "concept" and reads_text:
+        adapts_text = any(map(reads_text, target_modules(sd.params["unet"], self.lora.targets)))
+        if self.lora.init == "concept" and adapts_text:
             neutral = np.concatenate([np.asarray(embeddings.reference), np.asarray(embeddings.uncond)])
             self._directions = concept_directions(np.asarray(embeddings.target), neutral, self.lora.rank)
             self.derived["lora_init"] = "concept"

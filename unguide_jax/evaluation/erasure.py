@@ -46,7 +46,7 @@ from unguide_jax.diffusion.images import image_grid, save_png, slug, versions
 from unguide_jax.edits.sources import load_edit
 from unguide_jax.erasers.concepts import load_concept
 from unguide_jax.erasers.unguide.modes import weights_for
-from unguide_jax.erasers.unguide.probe import ProbeConfig, WProbe
+from unguide_jax.erasers.unguide.probe import ProbeConfig, WProbe, weights_at
 from unguide_jax.evaluation.attack import (
     AttackConfig,
     attacked_context,
@@ -150,7 +150,7 @@ def rule_agreements(info: dict, prompts: list[str], oracle: list[float], config:
     bars = {"paper": info["D_empty"]}
     if info.get("probe_threshold") is not None:
         bars["calibrated"] = info["probe_threshold"]
-    return {rule: float(np.mean(np.where(d > bar, config.probe.w_erase, config.probe.w_keep) == np.asarray(oracle)))
+    return {rule: float(np.mean(weights_at(d, bar, config.probe) == np.asarray(oracle, np.float32)))
             for rule, bar in bars.items()}
 
 

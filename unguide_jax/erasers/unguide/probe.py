@@ -106,20 +106,29 @@ def edit_minus_base(unet, base_params, edit: Edit, z, t, context) -> jax.Array:
     return edited - base
 
 
-@functools.partial(jax.jit, static_argnames=("unet", "scheduler_config", "config", "row_groups"),
-                   compiler_options=XLA_CPU_OPTIONS)
 def probe_distances(unet, scheduler_config: SchedulerConfig, config: ProbeConfig, base_params, edit: Edit,
                     cond: jax.Array, uncond: jax.Array, guidance_scale: jax.Array, x_T: jax.Array,
                     t: jax.Array, row_groups: int = 1) -> jax.Array:
     """‖ε_edit − ε_base‖₂ per prompt and draw: (P, R). cond (P, L, D), uncond (1, L, D), guidance_scale (P,).
     ``row_groups``: the mesh's data size when the prompts are sharded over it."""
+    # Compiled per trajectory, not per ProbeConfig: the rule, the seed, the w values and the chunking do not
+    # change the program, and a new static value would trace it again.
+    return _probe_distances(unet, scheduler_config, config.objective, config.t_enc, base_params, edit, cond, uncond,
+                            guidance_scale, x_T, t, row_groups)
+
+
+@functools.partial(jax.jit, static_argnames=("unet", "scheduler_config", "objective", "t_enc", "row_groups"),
+                   compiler_options=XLA_CPU_OPTIONS)
+def _probe_distances(unet, scheduler_config: SchedulerConfig, objective: ObjectiveConfig, t_enc: int, base_params,
+                     edit: Edit, cond: jax.Array, uncond: jax.Array, guidance_scale: jax.Array, x_T: jax.Array,
+                     t: jax.Array, row_groups: int = 1) -> jax.Array:
     draws = x_T.shape[0]
-    t_enc = jnp.full((draws,), config.t_enc, jnp.int32)
+    t_enc_r = jnp.full((draws,), t_enc, jnp.int32)
     uncond_r = jnp.broadcast_to(uncond, (draws,) + uncond.shape[1:])
 
     def one_prompt(c, scale):
         c_r = jnp.broadcast_to(c, (draws,) + c.shape)
-        z = sample_until(unet, base_params, scheduler_config, config.objective, x_T, t_enc, c_r, uncond_r, scale)
+        z = sample_until(unet, base_params, scheduler_config, objective, x_T, t_enc_r, c_r, uncond_r, scale)
         diff = edit_minus_base(unet, base_params, edit, z, t, c_r)
         return jnp.sqrt(jnp.sum(diff.reshape(draws, -1) ** 2, axis=-1))
 
@@ -146,8 +155,12 @@ def decide(distances: np.ndarray, empty: np.ndarray, probe: ProbeConfig,
         bar = np.full(len(d), float(threshold), np.float32)
     else:
         bar = np.full(len(d), float(empty.mean()), np.float32)
-    w = np.where(d > bar, probe.w_erase, probe.w_keep).astype(np.float32)
-    return d, w, used
+    return d, weights_at(d, bar, probe), used
+
+
+def weights_at(d: np.ndarray, bar, probe: ProbeConfig) -> np.ndarray:
+    """w per prompt: w_erase where D(p) passes the bar (a scalar or one per prompt), else w_keep."""
+    return np.where(np.asarray(d) > bar, probe.w_erase, probe.w_keep).astype(np.float32)
 
 
 def calibrated_threshold(concept_distances: np.ndarray, empty: np.ndarray) -> float:
@@ -229,6 +242,28 @@ class WProbe:
             self.unet_calls += chunk * x_T.shape[0] * (2 * steps + 2)  # CFG steps, then base + edited at t
         return np.concatenate(out)
 
+    def _distances_with_references(self, cond: jax.Array, scales: np.ndarray, guidance_scale: float) -> np.ndarray:
+        """The prompts' (P, R) distances. The references not known yet, D("") and (rule calibrated) the concept
+        prompts' distances, go in the same chunks as rows before the prompts: every prompt is its own row of the
+        vmap, so they come out as their own calls would give them, and one compiled shape serves them all."""
+        rows, row_scales, parts = [], [], []
+        if self._empty is None:
+            rows.append(to_numpy(self._uncond)), row_scales.append(np.ones(1, np.float32)), parts.append("empty")
+        if self.config.rule == "calibrated" and self._threshold is None:
+            rows.append(to_numpy(self.sd.encode_prompts(self.concept_prompts)))
+            row_scales.append(np.full(len(self.concept_prompts), guidance_scale, np.float32)), parts.append("concept")
+        if not rows:
+            return self._distances(cond, scales)
+        distances = self._distances(np.concatenate(rows + [to_numpy(cond)]), np.concatenate(row_scales + [scales]))
+        start = 0
+        for part, block in zip(parts, rows):
+            got, start = distances[start:start + len(block)], start + len(block)
+            if part == "empty":
+                self._empty = got[0]
+            else:
+                self._threshold = calibrated_threshold(got, self.empty_distances)
+        return distances[start:]
+
     @property
     def empty_distances(self) -> np.ndarray:
         """d_r("") for every draw, computed on first use (CFG on "" is the unconditional prediction whatever
@@ -258,14 +293,15 @@ class WProbe:
         scales = np.broadcast_to(np.asarray(guidance_scales, np.float32), (len(prompts),)).copy()
         cond = self.sd.encode_prompts(prompts) if prompt_embeddings is None else jnp.asarray(prompt_embeddings)
         r = self.config.draws
+        guidance = float(np.median(scales)) if prompts else 0.0
         if not prompts:
             distances = np.zeros((0, r))
         elif self.config.rule == "sequential":
             distances = sequential_distances(len(prompts), self.config, self.empty_distances,
                                              lambda index, draws: self._distances(cond[index], scales[index], draws))
         else:
-            distances = self._distances(cond, scales)
-        threshold = self.threshold(float(np.median(scales))) if prompts else None
+            distances = self._distances_with_references(cond, scales, guidance)
+        threshold = self.threshold(guidance) if prompts else None
         d, w, used = decide(distances, self.empty_distances, self.config, threshold)
         return ProbeResult(prompts=prompts, d=d, d_empty=self.d_empty, w=w, distances=distances, draws_used=used,
                            threshold=threshold)
