@@ -136,8 +136,7 @@ def test_evaluation_command_end_to_end_on_a_tiny_model(tiny_pipeline_dir, tmp_pa
     # UnGuidance over the other erasers' edits: tests/test_erasers_cli.py.
     erasures = [{"concept": "shapes-circle", "edits": {"unguide": [str(lora_run)]}}]
     methods = [{"name": "base model", "mode": "base"}, {"name": "LoRA only", "edit": "unguide", "mode": "adapter"},
-               {"name": "UnGuide", "edit": "unguide", "mode": "unguide"},
-               {"name": "UnGuide, paper rule", "edit": "unguide", "mode": "unguide", "rule": "paper"},
+               {"name": "UnGuide", "edit": "unguide", "mode": "unguide", "rule": "calibrated"},  # over the paper's
                {"name": "oracle", "edit": "unguide", "mode": "oracle"},
                {"name": "w -1", "edit": "unguide", "mode": "fixed", "w": -1.0},
                {"name": "w 2", "edit": "unguide", "mode": "fixed", "w": 2.0}]
@@ -146,8 +145,10 @@ def test_evaluation_command_end_to_end_on_a_tiny_model(tiny_pipeline_dir, tmp_pa
                         f"--config.erasures={json.dumps(erasures)}", f"--config.methods={json.dumps(methods)}",
                         "--config.paraphrases=true", "--config.attack.enabled=true", "--config.attack.images=1",
                         "--config.attack.settings.iterations=2", f"--config.out_dir={out}",
-                        # One compiled sampler and one compiled probe serve the prompts and the paraphrases.
-                        "--config.batch_size=16", "--config.probe.prompt_chunk=4"]) == 0
+                        # One compiled sampler and one compiled probe serve the prompts and the paraphrases:
+                        # 16 prompts, one image each, in one batch.
+                        "--config.images_per_prompt=1", "--config.num_steps=2", "--config.batch_size=16",
+                        "--config.probe.prompt_chunk=4", "--config.probe.rule=paper"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results["average"]) == [m["name"] for m in methods]
     circle = results["concepts"][0]
@@ -162,13 +163,11 @@ def test_evaluation_command_end_to_end_on_a_tiny_model(tiny_pipeline_dir, tmp_pa
     assert len(circle["methods"]["UnGuide"]["attack"]["prompts"]) == 1
     table = capsys.readouterr().out
     assert "| UnGuide |" in table and "attack: before → after" in table
-    assert len(list((out / "shapes-circle" / "unguide").glob("*.png"))) == 16 * 2
-    # The default rule is calibrated (threshold from the concept's own D), the paper row compares with D("").
+    assert len(list((out / "shapes-circle" / "unguide").glob("*.png"))) == 16
+    # The row's rule (calibrated: a threshold from the concept's own D) beats the config's (paper); the row also says
+    # how often the paper's bar D("") would have agreed with the oracle.
     assert circle["methods"]["UnGuide"]["probe_rule"] == "calibrated"
     assert circle["methods"]["UnGuide"]["probe_threshold"] > 0
-    paper_row = circle["methods"]["UnGuide, paper rule"]
-    assert paper_row["probe_rule"] == "paper" and paper_row["probe_threshold"] is None
-    assert set(paper_row["rules_agree_with_oracle"]) == {"paper"}
     assert set(circle["methods"]["UnGuide"]["rules_agree_with_oracle"]) == {"paper", "calibrated"}
     # The oracle row is fixed-w sampling: w -1 on the target and its synonyms, 2 on the other classes.
     import numpy as np
@@ -178,7 +177,7 @@ def test_evaluation_command_end_to_end_on_a_tiny_model(tiny_pipeline_dir, tmp_pa
         return [np.asarray(Image.open(f)) for f in sorted((out / "shapes-circle" / row).glob("*.png"))]
 
     oracle, minus, plus = images("oracle"), images("w-1"), images("w-2")
-    kinds = [k for _, k, _ in circle["prompts"] for _ in range(2)]
+    kinds = [k for _, k, _ in circle["prompts"]]
     for k, kind in enumerate(kinds):
         np.testing.assert_array_equal(oracle[k], minus[k] if kind != "other" else plus[k])
 

@@ -151,7 +151,7 @@ def test_installed_wheel_runs_from_another_folder(venv, tmp_path):
 
     # The tiny preset found by name among the installed presets, the concept among the installed files.
     trained = run(bin_dir / "unguide-train", "--config", "unguide.py:tiny", f"--config.model={model}",
-                  f"--config.run_dir={run_dir}")
+                  f"--config.run_dir={run_dir}", "--config.iterations=1")
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "wrote" in trained.stdout and not (elsewhere / "runs").exists()
     adapter, lora_config = load_adapter(run_dir / "adapter.safetensors")
