@@ -170,7 +170,8 @@ def test_shipped_model_draws_what_its_gate_record_says(gate_record):
     moved. So the recorded gate figures are the shipped model's own (weights that drew other images would
     move these counts too), and the gate test below can read them. Which three: the first, a middle and the
     last class, fixed, so the check is the same in every run (all ten: 320 images, 2 minutes more). In a
-    process compiled with XLA's optimisations: it runs 96 x 50 UNet steps (23 s against 61 s unoptimised)."""
+    process compiled with XLA's optimisations and default emitters: it runs 96 x 50 UNet steps (the sampling
+    25 s there; the whole test 108 s in-process with the suite's compile settings)."""
     from tests.devices import run_script
     from unguide_jax.shapes.quality import gate_prompts
 
