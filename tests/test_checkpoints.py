@@ -2,7 +2,6 @@
 and damaged or cut-off saves are never restored silently."""
 import json
 import shutil
-from pathlib import Path
 
 import flax.struct
 import jax
@@ -32,7 +31,6 @@ class ToyState:
     key: jax.Array
 
 
-REPO = Path(__file__).resolve().parent.parent
 OPTIMIZER = optax.adam(0.05)
 TARGET = jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)
 
@@ -249,14 +247,9 @@ print("resharded", [s.data.shape for s in b.addressable_shards])
 
 def test_restore_reshards_onto_another_mesh(tmp_path):
     """Saved from 4 devices, restored split over 2: the target shardings decide the placement."""
-    import os
-    import subprocess
-    import sys
+    from tests.devices import launch
 
-    from tests.devices import with_device_count
-
-    env = dict(os.environ, XLA_FLAGS=with_device_count(os.environ.get("XLA_FLAGS", ""), 4), JAX_PLATFORMS="cpu")
     script = f"CK = {str(tmp_path / 'ck')!r}\n" + RESHARD_SCRIPT
-    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    (out,) = launch(["-c", script], processes=1, devices_per_process=4, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resharded [(1, 4), (1, 4)]" in out.stdout  # lora_B (2, 4) split in two rows

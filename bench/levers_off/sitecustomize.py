@@ -10,7 +10,8 @@ them. Patches only; the package is not changed.
 import os
 
 if os.environ.get("UNGUIDE_BENCH_LEVERS_OFF") == "1":
-    # This folder is on PYTHONPATH. Layers first: the modules imported below take the attention from it by name.
+    # This folder is on PYTHONPATH. The layers are patched before the sampler is imported: the modules it
+    # imports take the attention from the layers module by name.
     from attention_before import dot_product_attention as _attention_before
 
     from unguide_jax.models import layers as _layers

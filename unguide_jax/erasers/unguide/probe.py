@@ -246,23 +246,20 @@ class WProbe:
         """The prompts' (P, R) distances. The references not known yet, D("") and (rule calibrated) the concept
         prompts' distances, go in the same chunks as rows before the prompts: every prompt is its own row of the
         vmap, so they come out as their own calls would give them, and one compiled shape serves them all."""
-        rows, row_scales, parts = [], [], []
-        if self._empty is None:
-            rows.append(to_numpy(self._uncond)), row_scales.append(np.ones(1, np.float32)), parts.append("empty")
-        if self.config.rule == "calibrated" and self._threshold is None:
-            rows.append(to_numpy(self.sd.encode_prompts(self.concept_prompts)))
-            row_scales.append(np.full(len(self.concept_prompts), guidance_scale, np.float32)), parts.append("concept")
-        if not rows:
+        empty = [to_numpy(self._uncond)] if self._empty is None else []
+        wants_concept = self.config.rule == "calibrated" and self._threshold is None
+        concept = [to_numpy(self.sd.encode_prompts(self.concept_prompts))] if wants_concept else []
+        if not empty and not concept:
             return self._distances(cond, scales)
-        distances = self._distances(np.concatenate(rows + [to_numpy(cond)]), np.concatenate(row_scales + [scales]))
-        start = 0
-        for part, block in zip(parts, rows):
-            got, start = distances[start:start + len(block)], start + len(block)
-            if part == "empty":
-                self._empty = got[0]
-            else:
-                self._threshold = calibrated_threshold(got, self.empty_distances)
-        return distances[start:]
+        n_empty, n_concept = len(empty), len(self.concept_prompts) if concept else 0
+        distances = self._distances(
+            np.concatenate(empty + concept + [to_numpy(cond)]),
+            np.concatenate([np.ones(n_empty, np.float32), np.full(n_concept, guidance_scale, np.float32), scales]))
+        if n_empty:
+            self._empty = distances[0]
+        if n_concept:
+            self._threshold = calibrated_threshold(distances[n_empty:n_empty + n_concept], self.empty_distances)
+        return distances[n_empty + n_concept:]
 
     @property
     def empty_distances(self) -> np.ndarray:
