@@ -72,9 +72,15 @@ def assert_ok(results):
 
 
 
-def run_script(script: str, devices: int, *args: str, optimised: bool = False):
+# For tests of the placement logic (partition rules, resharding), whose programs need every CPU device of
+# one process: the package otherwise uses one per process on the CPU (parallel.mesh.job_devices, and
+# docs/xla-cpu-concurrent-devices.md for why).
+ALL_CPU_DEVICES = {"UNGUIDE_ALL_CPU_DEVICES": "1"}
+
+
+def run_script(script: str, devices: int, *args: str, optimised: bool = False, extra_env=None):
     """``python -c script args...`` on ``devices`` CPU devices; the JSON value its last line prints."""
     (result,) = launch(["-c", script, *args], processes=1, devices_per_process=devices, timeout=900,
-                       optimised=optimised)
+                       optimised=optimised, extra_env=extra_env)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -247,9 +247,9 @@ print("resharded", [s.data.shape for s in b.addressable_shards])
 
 def test_restore_reshards_onto_another_mesh(tmp_path):
     """Saved from 4 devices, restored split over 2: the target shardings decide the placement."""
-    from tests.devices import launch
+    from tests.devices import ALL_CPU_DEVICES, launch
 
     script = f"CK = {str(tmp_path / 'ck')!r}\n" + RESHARD_SCRIPT
-    (out,) = launch(["-c", script], processes=1, devices_per_process=4, timeout=300)
+    (out,) = launch(["-c", script], processes=1, devices_per_process=4, timeout=300, extra_env=ALL_CPU_DEVICES)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resharded [(1, 4), (1, 4)]" in out.stdout  # lora_B (2, 4) split in two rows

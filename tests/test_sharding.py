@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
-from tests.devices import run_script
+from tests.devices import ALL_CPU_DEVICES, run_script
 from unguide_jax.parallel.mesh import (
     FSDP,
     PARTITION_RULES,
@@ -75,7 +75,7 @@ _EIGHT_DEVICE_RUN = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def eight_device_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharding") / "adapters.npz"
-    report = run_script(_EIGHT_DEVICE_RUN, 8, str(out))
+    report = run_script(_EIGHT_DEVICE_RUN, 8, str(out), extra_env=ALL_CPU_DEVICES)
     with np.load(out) as arrays:
         report["adapters"] = dict(arrays)
     return report

@@ -28,6 +28,7 @@ from unguide_jax.parallel.batches import (
     put_rows,
 )
 from unguide_jax.parallel.hosts import to_numpy
+from unguide_jax.parallel.mesh import job_devices
 
 
 @functools.partial(jax.jit, static_argnames=("text_encoder", "skip_last_layers"), compiler_options=XLA_CPU_OPTIONS)
@@ -79,8 +80,9 @@ class StableDiffusion:
         return dataclasses.replace(self, params=put_replicated(mesh, self.params), mesh=mesh)
 
     def on_every_device(self) -> "StableDiffusion":
-        """On a data mesh over every device of every host when there are several, else unchanged."""
-        return self if jax.device_count() == 1 or self.mesh is not None else self.on_mesh(data_mesh())
+        """On a data mesh over the job's devices (``parallel.mesh.job_devices``) when there are several, else
+        unchanged."""
+        return self if self.mesh is not None or len(job_devices()) == 1 else self.on_mesh(data_mesh())
 
     def placement(self) -> dict:
         """Where generation runs, for manifests: device and process counts and the mesh."""

@@ -18,7 +18,7 @@ from unguide_jax.parallel.mesh import make_mesh, place
 
 
 def data_mesh(devices=None) -> Mesh:
-    """Every device (of every host, by default) on the "data" axis."""
+    """Every device of the job (``job_devices()``, across hosts, by default) on the "data" axis."""
     return make_mesh(data=-1, fsdp=1, devices=devices)
 
 

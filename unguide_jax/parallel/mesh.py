@@ -10,11 +10,16 @@ The same code runs on one device (a 1×1 mesh) and many.
 Paths are the pytree keys joined with "/", e.g. ``down_blocks.0.attentions.0/transformer_blocks.0/attn2/to_k/kernel``
 (Linen module names contain dots) or ``adapter/down_blocks.0.attentions.0…attn2.to_k/lora_A``.
 
+Which devices a job uses: ``job_devices`` (every device, except on XLA:CPU with several devices in one
+process, where one per process: docs/xla-cpu-concurrent-devices.md).
+
 Multi-host: ``unguide_jax.parallel.hosts``.
 """
 from __future__ import annotations
 
+import os
 import re
+import sys
 from typing import Sequence
 
 import jax
@@ -33,6 +38,38 @@ PARTITION_RULES: tuple[tuple[str, P | str], ...] = (
 )
 
 
+# Set to 1 to let one CPU process use all its devices anyway: for tests of the placement logic (partition
+# rules, resharding a checkpoint). The values such a run computes may be wrong (job_devices).
+ALL_CPU_DEVICES_ENV = "UNGUIDE_ALL_CPU_DEVICES"
+_warned_cpu_devices = False
+
+
+def job_devices() -> list[jax.Device]:
+    """The devices a job spreads over: every device of every process, except on the CPU backend with more
+    than one device in a process, where only each process's first device.
+
+    Why: XLA:CPU (jaxlib 0.10.2) computes wrong values, differently from run to run, when programs run on
+    two devices of one process at the same time. With --xla_force_host_platform_device_count=2, the
+    sampler's rows at the edges of each device's batch came out wrong by up to 4 (latents) while the
+    others were bit-identical; with one core, one device per process, or one program at a time, every
+    row matches one device (docs/xla-cpu-concurrent-devices.md). CPU devices of one process share the
+    same cores, so using one of them costs no speed; several processes (hosts) keep their parallelism.
+    """
+    devices = jax.devices()
+    if jax.default_backend() != "cpu" or jax.local_device_count() == 1 or os.environ.get(ALL_CPU_DEVICES_ENV) == "1":
+        return devices
+    first = {}
+    for d in devices:
+        first.setdefault(d.process_index, d)
+    global _warned_cpu_devices
+    if not _warned_cpu_devices:
+        _warned_cpu_devices = True
+        print(f"note: using 1 of the {jax.local_device_count()} CPU devices of each process: XLA:CPU computes wrong "
+              "values when several devices of one process run at once (docs/xla-cpu-concurrent-devices.md)",
+              file=sys.stderr)
+    return [first[p] for p in sorted(first)]
+
+
 def auto_mesh_shape(devices: int, batch_size: int | None) -> tuple[int, int]:
     """(data, fsdp) for ``devices``: the batch over "data" as far as it divides (the largest divisor of
     the device count that also divides the batch), the remaining devices on "fsdp", which splits the
@@ -44,13 +81,16 @@ def auto_mesh_shape(devices: int, batch_size: int | None) -> tuple[int, int]:
 
 def make_mesh(data: int = 0, fsdp: int = 0, devices: Sequence[jax.Device] | None = None,
               batch_size: int | None = None) -> Mesh:
-    """A ("data", "fsdp") mesh over ``devices`` (default all, across hosts).
+    """A ("data", "fsdp") mesh over ``devices`` (default ``job_devices()``: all, across hosts).
 
     ``data`` = ``fsdp`` = 0: derived from the device count and ``batch_size`` (``auto_mesh_shape``);
     -1 on one axis takes the devices the other leaves; explicit sizes must multiply to the device count.
     """
-    devices = list(jax.devices() if devices is None else devices)
+    guarded = devices is None and len(job_devices()) < jax.device_count()
+    devices = list(job_devices() if devices is None else devices)
     n = len(devices)
+    why = (f" (a CPU process uses one of its {jax.local_device_count()} devices: docs/xla-cpu-concurrent-devices.md)"
+           if guarded else "")
     if data == 0 and fsdp == 0:
         data, fsdp = auto_mesh_shape(n, batch_size)
     elif data == 0 or fsdp == 0:
@@ -60,14 +100,14 @@ def make_mesh(data: int = 0, fsdp: int = 0, devices: Sequence[jax.Device] | None
         raise ValueError("at most one of mesh.data and mesh.fsdp may be -1")
     if data == -1:
         if fsdp < 1 or n % fsdp:
-            raise ValueError(f"mesh fsdp={fsdp} does not divide the {n} devices")
+            raise ValueError(f"mesh fsdp={fsdp} does not divide the {n} devices{why}")
         data = n // fsdp
     elif fsdp == -1:
         if data < 1 or n % data:
-            raise ValueError(f"mesh data={data} does not divide the {n} devices")
+            raise ValueError(f"mesh data={data} does not divide the {n} devices{why}")
         fsdp = n // data
     if data * fsdp != n:
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} needs {data * fsdp} devices, there are {n}")
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} needs {data * fsdp} devices, there are {n}{why}")
     if batch_size is not None and batch_size % data:
         raise ValueError(f"samples_per_step={batch_size} is not divisible by the mesh's data size {data} "
                          f"(mesh data={data} x fsdp={fsdp} on {n} devices; mesh.data=0, mesh.fsdp=0 fits any count)")

@@ -141,7 +141,7 @@ def _train(config: TrainConfig, trainer, concept, source, record: dict, paths: R
 
         if latest is None:
             log({"step": 0, "method": config.method, **described, "trained_parameters": trainer.parameters(state),
-                 "concept": concept.name, "model": str(source.path), "devices": jax.device_count(),
+                 "concept": concept.name, "model": str(source.path), "devices": int(mesh.devices.size),
                  "processes": jax.process_count(), "mesh": dict(mesh.shape)})
 
         train_step = trainer.step_fn(sd, mesh)
