@@ -6,10 +6,11 @@ XLA:CPU computes wrong values when several devices of one process run at once
 and UnGuidance; the paper and calibrated probe rules; the shipped evaluator's class probabilities) and is
 compared per row with one device: a maximum over a batch could hide one bad row among good ones.
 
-- 2 devices, twice in one process: one device of the two, every repeat the same.
+- 2, 3, 4 and 8 devices in one process (2 and 4 twice each): the job runs on one device of them.
 - 2 processes x 2 devices: the rows really are split over two devices (one per process), with the
   per-device row blocks of ``sampler.join_rows`` (2 processes x 1 device run the same program).
-- 3, 4 and 8 devices: the guard engages (the job's data mesh has one device).
+- The guard itself: on 3, 4 and 8 devices the meshes have one device, and the variable that lifts it works.
+The 20-repeat runs behind docs/xla-cpu-concurrent-devices.md are this job with ``full``.
 """
 import json
 
@@ -19,7 +20,10 @@ import pytest
 from tests.devices import launch
 
 JOB = "tests/device_count_job.py"
-LATENT_ATOL = 1e-3      # per row, after 10 steps (latents reach about 5)
+# Per row, after 10 steps: 1e-3 on latents of about 5 (a trained model's), as a fraction of the row's largest
+# value, since this random model's latents reach 45 (base) and 170 (UnGuidance with a random LoRA). Rounding
+# (3, 4, 8 devices) stayed within 1.1e-5 of it; the XLA:CPU defect's wrong rows were 7e-3 to 0.44 of it.
+LATENT_RTOL = 2e-4
 PROBE_RTOL = 1e-4
 
 
@@ -51,9 +55,10 @@ def assert_matches_one_device(run, one, repeats: int = 1):
     for kind in ("base", "mixed"):
         reference = one[f"{kind}/0"]
         assert reference.shape[0] == 20
+        scale = np.maximum(1.0, np.abs(reference).reshape(20, -1).max(axis=1))
         for r in range(repeats):
-            rows = np.abs(run[f"{kind}/{r}"] - reference).reshape(20, -1).max(axis=1)
-            assert rows.max() <= LATENT_ATOL, f"{kind}, repeat {r}: rows {np.flatnonzero(rows > LATENT_ATOL)} differ by {rows.max()}"
+            rows = np.abs(run[f"{kind}/{r}"] - reference).reshape(20, -1).max(axis=1) / scale
+            assert rows.max() <= LATENT_RTOL, f"{kind}, repeat {r}: rows {np.flatnonzero(rows > LATENT_RTOL)} off by {rows.max()}"
     assert np.abs(one["mixed/0"] - one["base/0"]).max() > 0.1  # the edit matters
     for rule in ("paper", "calibrated"):
         np.testing.assert_allclose(run[f"probe/{rule}/d"], one[f"probe/{rule}/d"], rtol=PROBE_RTOL, err_msg=rule)
@@ -63,10 +68,11 @@ def assert_matches_one_device(run, one, repeats: int = 1):
     np.testing.assert_allclose(run["scores"], one["scores"], atol=0.02)
 
 
-def test_two_devices_give_one_devices_rows_on_every_repeat(model, one_device, tmp_path):
-    run = run_job(tmp_path, model, processes=1, devices=2, repeats=2)
-    assert run["placement"]["devices"] == 1 and run["local_devices"] == 2
-    assert_matches_one_device(run, one_device, repeats=2)
+@pytest.mark.parametrize("devices, repeats", [(2, 2), (3, 1), (4, 2), (8, 1)])
+def test_one_process_with_several_devices_gives_one_devices_rows(model, one_device, tmp_path, devices, repeats):
+    run = run_job(tmp_path, model, processes=1, devices=devices, repeats=repeats)
+    assert run["placement"]["devices"] == 1 and run["local_devices"] == devices
+    assert_matches_one_device(run, one_device, repeats=repeats)
 
 
 def test_two_processes_of_two_devices_give_one_devices_rows(model, one_device, tmp_path):
@@ -93,12 +99,6 @@ def test_a_cpu_process_with_several_devices_uses_one(devices):
     (unguarded,) = launch(["-c", _GUARD], processes=1, devices_per_process=devices,
                           extra_env={"UNGUIDE_ALL_CPU_DEVICES": "1"})
     assert json.loads(unguarded.stdout.strip().splitlines()[-1])["data"] == devices
-
-
-@pytest.mark.slow
-def test_four_devices_give_one_devices_rows_on_every_repeat(model, one_device, tmp_path):
-    run = run_job(tmp_path, model, processes=1, devices=4, repeats=2)
-    assert_matches_one_device(run, one_device, repeats=2)
 
 
 def test_device_row_blocks_join_and_split_back():
