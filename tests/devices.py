@@ -74,7 +74,8 @@ def assert_ok(results):
 
 # For tests of the placement logic (partition rules, resharding), whose programs need every CPU device of
 # one process: the package otherwise uses one per process on the CPU (parallel.mesh.job_devices, and
-# docs/xla-cpu-concurrent-devices.md for why).
+# docs/xla-cpu-concurrent-devices.md for why). The name is parallel.mesh.ALL_CPU_DEVICES_ENV, written out:
+# conftest imports this module before it sets jax's environment, so it must not import jax.
 ALL_CPU_DEVICES = {"UNGUIDE_ALL_CPU_DEVICES": "1"}
 
 

@@ -17,7 +17,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.devices import launch
+from tests.devices import ALL_CPU_DEVICES, assert_ok, launch
 
 JOB = "tests/device_count_job.py"
 # Per row, after 10 steps: 1e-3 on latents of about 5 (a trained model's), as a fraction of the row's largest
@@ -31,8 +31,7 @@ def run_job(out, model, processes: int, devices: int, repeats: int = 1):
     out.mkdir(parents=True, exist_ok=True)
     results = launch([JOB, str(out), str(model), str(repeats)], processes=processes, devices_per_process=devices,
                      optimised=True)
-    for i, r in enumerate(results):
-        assert r.returncode == 0, f"process {i}:\n{r.stderr[-3000:]}"
+    assert_ok(results)
     record = json.loads(results[0].stdout.strip().splitlines()[-1])
     with np.load(out / "results.npz") as arrays:
         record.update(dict(arrays))
@@ -97,7 +96,7 @@ def test_a_cpu_process_with_several_devices_uses_one(devices):
     assert json.loads(result.stdout.strip().splitlines()[-1]) == dict(local=devices, job=[0], data=1, train=1)
     assert "using 1 of the" in result.stderr and "xla-cpu-concurrent-devices.md" in result.stderr
     (unguarded,) = launch(["-c", _GUARD], processes=1, devices_per_process=devices,
-                          extra_env={"UNGUIDE_ALL_CPU_DEVICES": "1"})
+                          extra_env=ALL_CPU_DEVICES)
     assert json.loads(unguarded.stdout.strip().splitlines()[-1])["data"] == devices
 
 
@@ -126,3 +125,9 @@ def test_xla_cpu_still_computes_wrong_values_on_two_devices_at_once(tmp_path):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert max(report["one_at_a_time"]) == 0.0
     assert max(report["at_once"]) > 1e-2, report
+
+
+def test_the_tests_lift_the_guard_by_its_name():
+    from unguide_jax.parallel.mesh import ALL_CPU_DEVICES_ENV
+
+    assert ALL_CPU_DEVICES == {ALL_CPU_DEVICES_ENV: "1"}

@@ -86,9 +86,10 @@ def make_mesh(data: int = 0, fsdp: int = 0, devices: Sequence[jax.Device] | None
     ``data`` = ``fsdp`` = 0: derived from the device count and ``batch_size`` (``auto_mesh_shape``);
     -1 on one axis takes the devices the other leaves; explicit sizes must multiply to the device count.
     """
-    guarded = devices is None and len(job_devices()) < jax.device_count()
+    guarded = devices is None
     devices = list(job_devices() if devices is None else devices)
     n = len(devices)
+    guarded = guarded and n < jax.device_count()
     why = (f" (a CPU process uses one of its {jax.local_device_count()} devices: docs/xla-cpu-concurrent-devices.md)"
            if guarded else "")
     if data == 0 and fsdp == 0:
