@@ -298,7 +298,7 @@ def unguide(bench: Bench, budget_s: float) -> dict:
     s, b = bench.s, bench.s.sample_batch
     unet, params = bench.unet("bfloat16"), bench.params("bfloat16")
     cond, uncond, x_T = bench.prompts(b)
-    lora = LoraConfig(rank=1, alpha=8.0, targets="object")
+    lora = LoraConfig(rank=1, alpha=8.0, targets="object", init="random")
     edit = lora_edit(random_adapter(params, lora, np.random.default_rng(0)), lora.alpha)
     components = jax_components(unet, SchedulerConfig(), params, edit, cond, uncond, x_T, s.steps, s.probe_draws,
                                 s.probe_prompts, split=False, i2p=False)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The CPU levers of issue 25, each measured side by side in one process (interleaved A, B, A, B, ...).
+"""The CPU levers (docs/benchmarks.md, "Levers"), each measured side by side in one process (interleaved A, B, A, B, ...).
 
     python bench/bench_levers.py            # shipped model, batch 32 (64 UNet rows with CFG), CPU
     python bench/bench_levers.py --quick    # fewer rounds, fewer sampler steps
@@ -11,7 +11,7 @@ variant is faster), and the same ratio on this process's CPU time, which a share
 less than wall time. The last line is one JSON object with every figure.
 
 The baseline of each lever is what the package does now (``kept``), except where the lever is the
-change itself (``attention``, ``ynn``): there the baseline is the code before issue 25.
+change itself (``attention``, ``ynn``): there the baseline is the code before the lever.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The README's main job timed with and without issue 25's CPU levers, side by side in one run.
+"""The README's main job timed with and without the CPU levers (docs/benchmarks.md, "Levers"), side by side in one run.
 
     python bench/bench_main_job.py                  # before, after: one run each, cold compilation caches
     python bench/bench_main_job.py --rounds 2       # before, after, after, before

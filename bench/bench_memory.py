@@ -51,7 +51,7 @@ GB = 2**30
 def unguide_train_step(unet, devices: int, size: int):
     """(step, lora_config, optimizer, mesh): the measured training step, the object LoRA and the paper's
     objective at one sample per step, on a mesh of data 1 x fsdp ``devices``."""
-    lora_config, optimizer = LoraConfig(rank=1, alpha=8.0, targets="object"), make_optimizer(3e-5)
+    lora_config, optimizer = LoraConfig(rank=1, alpha=8.0, targets="object", init="random"), make_optimizer(3e-5)
     mesh = make_mesh(data=1, fsdp=devices, devices=jax.devices()[:devices])
     step = make_train_step(unet, SchedulerConfig(), lora_config, ObjectiveConfig(samples_per_step=1), optimizer,
                            mesh=mesh, latent_size=size)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""JAX vs PyTorch, side by side in one run: UnGuide training iterations (spec unguide.md §3).
+"""JAX vs PyTorch, side by side in one run: UnGuide training iterations (the paper's objective).
 
     python bench/bench_train.py                                   # the embedded shapes model, CPU
     python bench/bench_train.py --model sd15 --size 64 --device cuda    # SD 1.5 UNet shapes, GPU
@@ -11,7 +11,7 @@ JAX runs our jitted train step (``unguide_jax.erasers.unguide.train_step``); PyT
 sequence as the JAX step drew (from its metrics), so both do the same amount of sampling.
 Compile time is reported apart. Text embeddings are random: their values do not change the cost.
 
-``--model embedded``: the shipped shapes model (unguide_jax.shapes.EMBEDDED_MODEL) if it exists,
+``--model embedded``: the shipped shapes model (unguide_jax.resources.EMBEDDED_MODEL) if it exists,
 else a random UNet of the same configuration (configs/embedded.py). ``--model sd15``: the SD 1.5
 UNet configuration with random weights.
 """
@@ -27,53 +27,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script: makes bench.bench_train importable
+sys.path.insert(0, str(ROOT))  # run as a script: makes bench.* importable
 
-from bench.bench_unet import SD15_UNET  # noqa: E402
+from bench.common import build_torch_unet  # noqa: E402
 
 CONTEXT_LENGTH = 77
-
-
-def embedded_unet_config():
-    """(diffusers UNet config dict, where it came from, default latent size) for ``--model embedded``."""
-    from unguide_jax.shapes import EMBEDDED_MODEL
-
-    config_file = EMBEDDED_MODEL / "unet" / "config.json"
-    if config_file.is_file():
-        raw = json.loads(config_file.read_text())
-        return raw, f"shipped weights ({EMBEDDED_MODEL})", raw["sample_size"]
-    import importlib.util
-
-    from unguide_jax.loading.diffusers_folder import component_config_dict
-    from unguide_jax.shapes import pretrain
-
-    spec = importlib.util.spec_from_file_location("embedded_recipe_config", ROOT / "configs" / "embedded.py")
-    recipe_config = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe_config)
-    cfg = recipe_config.get_config()
-    latent_size = cfg["image_size"] // 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)
-    unet_cfg = pretrain.unet_config(cfg["unet"], latent_size, cfg["vae"]["latent_channels"],
-                                    cfg["text_encoder"]["hidden_size"])
-    description = "random weights, shipped configuration (no shipped model found)"
-    return component_config_dict("unet", unet_cfg), description, latent_size
-
-
-def build_torch_unet(model: str):
-    """-> (diffusers UNet in fp32 on CPU, description, default latent size)."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    if model == "sd15":
-        return UNet2DConditionModel(**SD15_UNET).eval(), "SD 1.5 UNet, random weights", 32
-    raw, source, latent_size = embedded_unet_config()
-    from unguide_jax.shapes import EMBEDDED_MODEL
-
-    if source.startswith("shipped"):
-        unet = UNet2DConditionModel.from_pretrained(EMBEDDED_MODEL / "unet", torch_dtype=torch.float32)
-    else:
-        unet = UNet2DConditionModel.from_config(raw)
-    return unet.eval(), f"embedded shapes UNet, {source}", latent_size
 
 
 class Clock:
@@ -149,7 +107,7 @@ def main() -> None:
     unet = build_module("unet", unet_config, dtype=jax_dtype, param_dtype=jnp.float32)
     params = params_from_state_dict("unet", unet, torch_unet.state_dict(), param_dtype=jnp.float32)
 
-    lora_config = LoraConfig(rank=1, alpha=8.0, targets="object")
+    lora_config = LoraConfig(rank=1, alpha=8.0, targets="object", init="random")
     objective = ObjectiveConfig(timestep_mode=args.timestep_mode)
     learning_rate = 3e-5
     optimizer = make_optimizer(learning_rate)

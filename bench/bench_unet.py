@@ -25,12 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: makes bench.* importable
 
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8,
-)
+from bench.common import SD15_UNET, build_torch_unet  # noqa: E402
 
 
 def alternate(fns: dict, repeats: int) -> dict:
@@ -80,8 +75,6 @@ def bench_model(model: str, args) -> dict:
         torch_unet, description = TorchUNet(**SD15_UNET).eval(), "SD 1.5 UNet (860M), random weights"
         b, s = args.batch or 2, args.size or 32
     else:
-        from bench.bench_train import build_torch_unet
-
         torch_unet, description, default_size = build_torch_unet("embedded")
         b, s = args.batch or 32, args.size or default_size
     config = UNetConfig.from_dict(dict(torch_unet.config))

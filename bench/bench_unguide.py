@@ -4,7 +4,7 @@
     python bench/bench_unguide.py                                 # the embedded shapes model, CPU
     python bench/bench_unguide.py --model sd15 --size 64 --device cuda --images-per-prompt 8 --batch 8
 
-What one image costs (spec unguide.md §4), probe included:
+What one image costs with UnGuidance, probe included:
 - plain CFG: our jitted DDIM + CFG sampler, the base model alone (2 UNet rows per step), against
   diffusers' own StableDiffusionPipeline on the same batch (embedded model: its DDIM scheduler, the
   same embeddings and x_T, latents out, no VAE decode);
@@ -163,11 +163,11 @@ def pipeline_components(adapter: dict, alpha: float, unet_params, batch: int, pr
     import torch
 
     from unguide_jax.diffusion.schedulers import SchedulerConfig
-    from unguide_jax.edits.lora_formats import export_peft
-    from unguide_jax.edits.unguide_json import write_unguide_json
+    from unguide_jax.loading.lora_formats import export_peft
+    from unguide_jax.publishing.unguide_json import write_unguide_json
     from unguide_jax.erasers.unguide.probe import ProbeConfig
     from unguide_jax.pytorch import UnGuidePipeline, jax_latents, jax_probe_draws
-    from unguide_jax.shapes import EMBEDDED_MODEL
+    from unguide_jax.resources import EMBEDDED_MODEL
     from unguide_jax.shapes.data import CLASSES, STYLES
 
     pipe = UnGuidePipeline.from_pretrained(EMBEDDED_MODEL, safety_checker=None, requires_safety_checker=False,
@@ -175,7 +175,9 @@ def pipeline_components(adapter: dict, alpha: float, unet_params, batch: int, pr
     pipe.set_progress_bar_config(disable=True)
     with tempfile.TemporaryDirectory() as folder:
         file = export_peft(Path(folder) / "diffusers", adapter, alpha, unet_params)
-        write_unguide_json(folder, file, adapter, alpha, unet_params, ProbeConfig(draws=draws))
+        # The arrow's target prompt: what the default (calibrated) rule sets its threshold from.
+        write_unguide_json(folder, file, adapter, alpha, unet_params, ProbeConfig(draws=draws),
+                           concept_prompts=["a photo of the arrow"])
         pipe.load_unguide(folder)
     texts = [f"a {style} {c}" for style in ("photo of the",) + STYLES for c in CLASSES]
     ws = np.where(np.arange(batch) % 2, -1.0, 2.0)
@@ -242,7 +244,7 @@ def main() -> None:
     unet = build_module("unet", unet_config)
     params = params_from_state_dict("unet", unet, torch_unet.state_dict(), param_dtype=jnp.float32)
     scheduler_config = SchedulerConfig()
-    lora = LoraConfig(rank=1, alpha=8.0, targets="object")
+    lora = LoraConfig(rank=1, alpha=8.0, targets="object", init="random")
     rng = np.random.default_rng(0)
     adapter = random_adapter(params, lora, rng)
     edit = lora_edit(adapter, lora.alpha)
@@ -260,7 +262,7 @@ def main() -> None:
     sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
     pipe = None
     if args.model == "embedded":
-        from unguide_jax.shapes import EMBEDDED_MODEL
+        from unguide_jax.resources import EMBEDDED_MODEL
 
         if (EMBEDDED_MODEL / "model_index.json").is_file():
             pipe = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL, unet=torch_unet, safety_checker=None,

@@ -34,7 +34,7 @@ SEEDS = [0, 1]
 
 def main(out: Path, model: str, repeats: int, full: bool = False) -> None:
     sd = load_model(model).on_every_device()
-    config = LoraConfig(rank=2, alpha=8.0)
+    config = LoraConfig(rank=2, alpha=8.0, init="random")
     adapter = init_lora(jax.random.key(0), sd.params["unet"], config)
     # B is zero at init: give it values so that the edit changes the predictions.
     adapter = {k: dict(ab, lora_B=0.3 * jax.random.normal(jax.random.key(i), ab["lora_B"].shape))
@@ -43,7 +43,7 @@ def main(out: Path, model: str, repeats: int, full: bool = False) -> None:
     prompts = [p for p in PROMPTS for _ in SEEDS]
     seeds = [s for _ in PROMPTS for s in SEEDS]
     w = np.tile([-1.0, 2.0, 0.5, -1.0], len(prompts) // 4)
-    probes = {"paper": ProbeConfig(draws=4, ddim_steps=10, t_enc=7, prompt_chunk=4),
+    probes = {"paper": ProbeConfig(draws=4, ddim_steps=10, t_enc=7, prompt_chunk=4, rule="paper"),
               "calibrated": ProbeConfig(draws=4, ddim_steps=10, t_enc=7, prompt_chunk=4, rule="calibrated"),
               "sequential": ProbeConfig(draws=4, ddim_steps=10, t_enc=7, prompt_chunk=4, rule="sequential",
                                         round_draws=2)}

@@ -12,8 +12,12 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from unguide_jax.edits.files import load_adapter, read_adapter_metadata, save_adapter
 from unguide_jax.edits.lora import LoraConfig
+from unguide_jax.loading.edit_files import (
+    load_adapter,
+    read_adapter_metadata,
+    save_adapter,
+)
 from unguide_jax.training.checkpoints import (
     RECORD_FILE,
     CheckpointError,
@@ -205,14 +209,14 @@ def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_adapter_file_round_trip_and_errors(tmp_path):
     adapter = toy_state().adapter
-    config = LoraConfig(rank=2, alpha=4.0, targets=r"attn2\.to_k$")
+    config = LoraConfig(rank=2, alpha=4.0, targets=r"attn2\.to_k$", init="random")
     path = save_adapter(tmp_path / "adapter.safetensors", adapter, config, extra={"concept": {"name": "x"}})
     loaded, loaded_config = load_adapter(path)
     assert loaded_config == config
     np.testing.assert_array_equal(loaded["down.attn2.to_k"]["lora_A"], adapter["down.attn2.to_k"]["lora_A"])
     assert read_adapter_metadata(path) == {"concept": {"name": "x"}}
     with pytest.raises(ValueError, match="rank 2, the config says 1"):
-        save_adapter(tmp_path / "bad.safetensors", adapter, LoraConfig(rank=1))
+        save_adapter(tmp_path / "bad.safetensors", adapter, LoraConfig(rank=1, init="random"))
     from safetensors.numpy import save_file
     save_file({"w": np.zeros(2, np.float32)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not an unguide-jax adapter"):

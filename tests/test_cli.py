@@ -1,5 +1,5 @@
-"""sample.py end to end, and the config machinery shared by the CLIs: presets, overrides, typed configs
-(``unguide_jax.cli.schemas``), --help, --print-config and one-line config errors."""
+"""sample.py end to end, and the config machinery shared by the CLIs: presets, overrides, typed settings
+(``unguide_jax.settings``), --help, --print-config and one-line config errors."""
 import dataclasses
 import json
 import subprocess
@@ -12,20 +12,14 @@ from PIL import Image
 
 import sample
 import train
-from unguide_jax.cli import schemas
-from unguide_jax.cli.config import (
-    ConfigError,
-    ConfigKeyError,
-    apply_overrides,
-    as_config,
-    load_config_file,
-    parse_cli,
-    resolve_config_file,
-    to_dict,
-)
-from unguide_jax.cli.schemas import sample_or_evaluate
-from unguide_jax.diffusion.prompts import read_csv_requests
+from unguide_jax.cli.config import apply_overrides, parse_cli
+from unguide_jax.cli.sample import sample_or_evaluate
+from unguide_jax.presets import load_config_file, resolve_config_file
 from unguide_jax.resources import packaged_configs
+from unguide_jax.sampling.prompts import read_csv_requests
+from unguide_jax.settings import ConfigError, ConfigKeyError, as_config, to_dict
+from unguide_jax.shapes.recipe_config import RecipeConfig
+from unguide_jax.training.config import UnguideTrainConfig, train_schema
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -122,55 +116,46 @@ def test_unknown_evaluator_is_an_error(tiny_pipeline_dir, tmp_path, capsys):
 # --- typed configs and the shared command line ------------------------------------------------------
 
 PRESETS = {  # config file -> (schema chooser, its presets)
-    "unguide": (schemas.train_schema, ["default", "tiny", "sd15-object", "sd15-nudity"]),
-    "learnable_prompts": (schemas.train_schema, ["default", "tiny", "sd15-object", "sd15-nudity"]),
-    "pure": (schemas.train_schema, ["default", "tiny", "sd15-object"]),
-    "uce": (schemas.train_schema, ["default", "tiny", "sd15-object"]),
-    "sample": (schemas.sample_or_evaluate, ["default", "embedded", "smoke"]),
-    "evaluate": (schemas.sample_or_evaluate, ["default", "all-classes", "compare", "tiny", "i2p"]),
-    "embedded": (schemas.RecipeConfig, ["default", "tiny", "continued", "ninth", "twelfth"]),
+    "unguide": (train_schema, ["default", "tiny", "sd15-object", "sd15-nudity"]),
+    "learnable_prompts": (train_schema, ["default", "tiny", "sd15-object", "sd15-nudity"]),
+    "pure": (train_schema, ["default", "tiny", "sd15-object"]),
+    "uce": (train_schema, ["default", "tiny", "sd15-object"]),
+    "sample": (sample_or_evaluate, ["default", "embedded", "smoke"]),
+    "evaluate": (sample_or_evaluate, ["default", "all-classes", "compare", "tiny", "i2p"]),
+    "embedded": (RecipeConfig, ["default", "tiny", "continued", "ninth", "twelfth"]),
 }
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_every_preset_validates_and_records_the_same_json(name):
-    """A preset's dict validates into its schema and comes back (to_dict, what run folders record) as the same
-    JSON; the default preset is the schema's defaults."""
+def test_every_preset_validates_and_records_json_that_validates_back(name):
+    """A preset's dict (only what differs from the defaults) validates into its settings class, which records
+    (to_dict, what run folders keep) every key, and that record validates back to the same settings; the default
+    preset is the class's defaults."""
     schema, presets = PRESETS[name]
     for preset in presets:
         raw = load_config_file(f"{name}.py:{preset}")
         config = as_config(raw, schema)
-        assert to_dict(config) == json.loads(json.dumps(raw)), (name, preset)
+        record = to_dict(config)
+        assert as_config(json.loads(json.dumps(record)), schema) == config, (name, preset)
         assert as_config(config, schema) is config  # a typed config passes through
         if preset == "default":
             assert config == type(config)(), name
 
 
-@pytest.mark.parametrize("schema, domain", [
-    (schemas.LoraSettings, "unguide_jax.edits.lora:LoraConfig"),
-    (schemas.ObjectiveSettings, "unguide_jax.erasers.unguide.objective:ObjectiveConfig"),
-    (schemas.PromptSettings, "unguide_jax.erasers.learnable_prompts:PromptConfig"),
-    (schemas.PureSettings, "unguide_jax.erasers.pure:PureConfig"),
-    (schemas.UceSettings, "unguide_jax.erasers.uce:UceConfig"),
-    (schemas.AttackSettingsConfig, "unguide_jax.evaluation.attack:AttackConfig"),
-    (schemas.ProbeSettings, "unguide_jax.erasers.unguide.probe:ProbeConfig"),
-])
-def test_sub_configs_mirror_the_settings_classes_they_build(schema, domain):
-    import importlib
-
-    module, name = domain.split(":")
-    domain_fields = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))}
-    fields = {f.name for f in dataclasses.fields(schema)}
-    assert fields <= domain_fields  # the probe leaves out the sequential rule's round_draws and z
-    assert fields == domain_fields or schema is schemas.ProbeSettings
-    assert all(f.metadata.get("doc") for f in dataclasses.fields(schema))
+def test_a_partial_sub_config_keeps_the_jobs_own_defaults():
+    """learnable prompts' objective defaults to ESD's (start guidance 3, η 1): a preset that sets only ddim_steps
+    keeps them, rather than falling back to the objective class's UnGuide values."""
+    tiny = as_config(load_config_file("learnable_prompts.py:tiny"), train_schema)
+    assert (tiny.objective.ddim_steps, tiny.objective.start_guidance, tiny.objective.negative_guidance) == (4, 3.0, 1.0)
+    evaluate_tiny = as_config(load_config_file("evaluate.py:tiny"), sample_or_evaluate)
+    assert evaluate_tiny.probe.draws == 2 and evaluate_tiny.probe.prompt_chunk == 16  # the evaluation's own chunk
 
 
 def test_help_lists_every_key_with_its_value_and_doc(capsys):
     assert train.main(["--config", "unguide.py:tiny", "--help"]) == 0
     out = capsys.readouterr().out
     assert "usage: unguide-train" in out and "schema UnguideTrainConfig" in out
-    for field in dataclasses.fields(schemas.UnguideTrainConfig):
+    for field in dataclasses.fields(UnguideTrainConfig):
         assert f"\n  {field.name}" in out, field.name
     assert '  lora.rank = 1\n      LoRA rank' in out
     assert '  iterations = 4\n' in out  # the tiny preset's value
@@ -213,13 +198,13 @@ def test_print_config_and_sub_config_merge(capsys):
     merged = {"rank": 2, "alpha": 8.0, "targets": "object", "init": "random"}
     assert printed["lora"] == merged  # merged: alpha, targets, init kept
     assert printed["objective"]["ddim_steps"] == 6 and printed["iterations"] == 4
-    expected = dict(load_config_file("unguide.py:tiny"), lora=merged)
-    expected["objective"] = dict(expected["objective"], ddim_steps=6)
+    expected = to_dict(as_config(load_config_file("unguide.py:tiny"), train_schema))
+    expected["lora"], expected["objective"] = merged, dict(expected["objective"], ddim_steps=6)
     assert printed == expected
     # a free-form dict is replaced, not merged; null for an optional value
     assert train.main(["--config", "pure.py", "--config.pure.retain_energy=null", "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["pure"]["retain_energy"] is None
-    from unguide_jax.shapes.recipe import main as recipe_main
+    from unguide_jax.cli.recipe import main as recipe_main
 
     assert recipe_main(["--config", "embedded.py:seventh", '--config.diffusion.class_weights={"cross": 3}',
                         "--print-config"]) == 0
@@ -244,12 +229,13 @@ def test_config_files_resolve_as_paths_or_packaged_preset_names(tmp_path, monkey
 
 def test_the_sample_fingerprint_is_unchanged():
     """The images' fingerprint (manifest.json) of the same settings as before typed configs: reruns of existing
-    out_dirs keep their images."""
-    from unguide_jax.cli.sample import _fingerprint, image_settings
+    out_dirs keep their images. (The unguide one changed with the probe's default rule, paper -> calibrated:
+    another rule gives other w, so images made with the old default are not reused.)"""
+    from unguide_jax.sampling.run import _fingerprint, image_settings
 
     config = parse_cli(["--config", "sample.py:embedded"], "sample.py", sample_or_evaluate)
     assert _fingerprint(image_settings(config, "base")) == "af6ba90c04bb78b6"
-    assert _fingerprint(image_settings(config, "unguide")) == "79d28b8a53dcc065"
+    assert _fingerprint(image_settings(config, "unguide")) == "d3aeefacdc9358dd"
     assert _fingerprint(image_settings(config, "fixed")) == "952d43b1c5449b95"
     fp16 = dataclasses.replace(config, variant="fp16")  # a new key counts once it is set
     assert _fingerprint(image_settings(fp16, "base")) != "af6ba90c04bb78b6"
@@ -257,12 +243,12 @@ def test_the_sample_fingerprint_is_unchanged():
 
 def test_jobs_take_a_dict_or_the_typed_config():
     raw = load_config_file("unguide.py:tiny")
-    typed = as_config(raw, schemas.train_schema)
-    assert isinstance(typed, schemas.UnguideTrainConfig) and typed.lora.rank == 1
+    typed = as_config(raw, train_schema)
+    assert isinstance(typed, UnguideTrainConfig) and typed.lora.rank == 1
     with pytest.raises(ConfigKeyError, match="unknown config key 'lora.dropout'"):
-        as_config(dict(raw, lora=dict(raw["lora"], dropout=0.1)), schemas.train_schema)
+        as_config(dict(raw, lora=dict(raw["lora"], dropout=0.1)), train_schema)
     with pytest.raises(ConfigError, match=r"config.prompt.tokens: expected int, got 2.5"):
-        as_config(dict(load_config_file("learnable_prompts.py"), prompt={"tokens": 2.5}), schemas.train_schema)
+        as_config(dict(load_config_file("learnable_prompts.py"), prompt={"tokens": 2.5}), train_schema)
     # older records (a checkpoint's config) may lack keys (defaults) or hold ones since removed (strict=False)
     old = {k: v for k, v in to_dict(typed).items() if k not in ("variant", "revision")}
-    assert as_config(dict(old, retired_key=1), schemas.train_schema, strict=False) == typed
+    assert as_config(dict(old, retired_key=1), train_schema, strict=False) == typed

@@ -1,4 +1,4 @@
-"""Concept files (spec unguide.md §1): shipped files load, bad files are named, shapes files are current."""
+"""Concept files : shipped files load, bad files are named, shapes files are current."""
 import json
 
 import pytest
@@ -8,11 +8,9 @@ from unguide_jax.erasers.concepts import (
     concepts_dir,
     list_concepts,
     load_concept,
-    render_concept,
-    shape_anchor,
-    shapes_concepts,
 )
 from unguide_jax.shapes import data as shapes_data
+from unguide_jax.shapes.concepts import render_concept, shape_anchor, shapes_concepts
 from unguide_jax.shapes.data import CLASSES, STYLES, SYNONYMS
 
 CIFAR10_ANCHORS = dict(airplane="street", automobile="sea", bird="ground", cat="forest", deer="sea", dog="forest",
@@ -43,12 +41,12 @@ def test_nudity_concept():
 
 
 def test_shapes_files_are_up_to_date():
-    """Regenerate with: python -m unguide_jax.erasers.concepts --write-shapes"""
+    """Regenerate with: python -m unguide_jax.cli.concepts --write-shapes"""
     for concept in shapes_concepts():
         path = concepts_dir() / f"{concept.name}.json"
-        assert path.exists(), f"{path} is missing: run python -m unguide_jax.erasers.concepts --write-shapes"
+        assert path.exists(), f"{path} is missing: run python -m unguide_jax.cli.concepts --write-shapes"
         assert path.read_text() == render_concept(concept), (
-            f"{path} is stale: run python -m unguide_jax.erasers.concepts --write-shapes")
+            f"{path} is stale: run python -m unguide_jax.cli.concepts --write-shapes")
 
 
 def test_shapes_concepts_follow_the_data_set():

@@ -22,7 +22,7 @@ def tiny():
     rng = np.random.default_rng(0)
 
     def random_adapter(targets, seed):
-        fresh = init_lora(jax.random.key(seed), params, LoraConfig(rank=2, alpha=4.0, targets=targets))
+        fresh = init_lora(jax.random.key(seed), params, LoraConfig(rank=2, alpha=4.0, targets=targets, init="random"))
         return jax.tree.map(lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape), jnp.float32), fresh)
 
     z = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32)

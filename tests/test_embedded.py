@@ -20,8 +20,9 @@ from unguide_jax.loading.random_model import MERGES
 from unguide_jax.loading.resolve import load_model
 from unguide_jax.loading.tokenizer import write_clip_tokenizer
 from unguide_jax.models.vae import AutoencoderKL
-from unguide_jax.shapes import EMBEDDED_MODEL, EVALUATOR, RECIPE_RECORD, pretrain
+from unguide_jax.resources import EMBEDDED_MODEL, EVALUATOR, RECIPE_RECORD
 from unguide_jax.shapes import data as shapes
+from unguide_jax.shapes import pretrain
 from unguide_jax.shapes.classifier import (
     evaluate_on_fresh_images,
     load_classifier,
@@ -38,6 +39,16 @@ FRESH_SEED = 90210
 # Recipe stages trained from scratch: the recipe rebuilds the shipped model, which no user path does.
 # Run them with --runslow before changing shapes/pretrain.py or shapes/recipe.py.
 RECIPE_TRAINING = pytest.mark.slow
+
+
+def recipe_preset(preset: str) -> dict:
+    """A preset of configs/embedded.py with every key (the file lists only what differs from the defaults)."""
+    from unguide_jax.presets import load_config_file
+    from unguide_jax.settings import as_config, to_dict
+    from unguide_jax.shapes.recipe_config import RecipeConfig
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "embedded.py"
+    return to_dict(as_config(load_config_file(f"{path}:{preset}"), RecipeConfig))
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +203,7 @@ def test_shipped_model_draws_what_its_gate_record_says(gate_record):
 
 
 def test_shipped_model_passes_its_quality_gate(gate_record):
-    """Issue 3's gate, read from the shipped record (which the test above ties to the shipped weights):
+    """The quality gate, read from the shipped record (which the test above ties to the shipped weights):
     >= 90 % over the class prompts and >= 80 % over the synonym prompts, 32 images each, CFG 7.5, 50 DDIM steps.
     (The live test it replaces drew 16 images per class against an 87.5 % bar; a model at the phase-10 rates
     would have cleared that half of the time while 2.8 points under the gate.)"""
@@ -339,10 +350,9 @@ def test_text_encoder_stage_learns_class_and_style_from_captions(tmp_path):
 
 
 def test_recipe_reuses_a_finished_stage_only_with_the_same_settings(tmp_path):
-    from unguide_jax.cli.config import load_config_file
     from unguide_jax.shapes.recipe import run_recipe
 
-    config = load_config_file(str(Path(__file__).resolve().parent.parent / "configs" / "embedded.py") + ":tiny")
+    config = recipe_preset("tiny")
     config.update(work_dir=str(tmp_path), stages=["vae"])
     (tmp_path / "vae").mkdir()
     (tmp_path / "recipe.json").write_text(json.dumps(dict(config, vae=dict(config["vae"], steps=99))))
@@ -358,10 +368,9 @@ def test_recipe_reuses_a_finished_stage_only_with_the_same_settings(tmp_path):
 
 @needs_open_clip_wheel
 def test_recipe_copies_a_stage_from_another_run_only_when_made_with_the_same_settings(tmp_path):
-    from unguide_jax.cli.config import load_config_file
     from unguide_jax.shapes.recipe import run_recipe
 
-    config = load_config_file(str(Path(__file__).resolve().parent.parent / "configs" / "embedded.py") + ":tiny")
+    config = recipe_preset("tiny")
     source = tmp_path / "source"
     run_recipe(dict(config, work_dir=str(source), stages=["tokenizer"]))
     (source / "tokenizer" / "marker").write_text("made by the source run")
@@ -380,7 +389,6 @@ def test_recipe_copies_a_stage_from_another_run_only_when_made_with_the_same_set
 
 
 def test_shipped_model_unpacks_into_a_run_that_the_next_phase_reuses(tmp_path):
-    from unguide_jax.cli.config import load_config_file
     from unguide_jax.shapes.recipe import (
         EVALUATOR_DIR,
         MODEL_DIR,
@@ -396,10 +404,10 @@ def test_shipped_model_unpacks_into_a_run_that_the_next_phase_reuses(tmp_path):
         unpack_shipped(unpacked)
 
     # The early stages of the shipped model are what the recipe's settings make: a next phase copies them.
-    config = load_config_file(str(Path(__file__).resolve().parent.parent / "configs" / "embedded.py"))
+    config = recipe_preset("default")
     early = ["tokenizer", "evaluator", "vae", "text_encoder"]
     if (unpacked / "vae_decoder").is_dir():  # made with the decoder stage, at the settings of the phase that ran it
-        config = load_config_file(str(Path(__file__).resolve().parent.parent / "configs" / "embedded.py") + ":ninth")
+        config = recipe_preset("ninth")
         early.insert(3, "vae_decoder")
     work = run_recipe(dict(config, work_dir=str(tmp_path / "next"), stages=early, reuse_from=str(unpacked)))
     reused = [json.loads(line)["stage"] for line in (work / "metrics.jsonl").read_text().splitlines()
@@ -411,10 +419,9 @@ def test_shipped_model_unpacks_into_a_run_that_the_next_phase_reuses(tmp_path):
 @RECIPE_TRAINING
 @needs_open_clip_wheel
 def test_recipe_ships_the_tuned_decoder_with_the_vae_stage_encoder(tmp_path):
-    from unguide_jax.cli.config import load_config_file
     from unguide_jax.shapes.recipe import MODEL_DIR, run_recipe
 
-    config = load_config_file(str(Path(__file__).resolve().parent.parent / "configs" / "embedded.py") + ":tiny")
+    config = recipe_preset("tiny")
     stages = ["tokenizer", "evaluator", "vae", "vae_decoder", "text_encoder", "diffusion"]
     work = run_recipe(dict(config, work_dir=str(tmp_path), stages=stages))
     as_shipped = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float16), tree)  # noqa: E731
@@ -433,10 +440,9 @@ def test_recipe_ships_the_tuned_decoder_with_the_vae_stage_encoder(tmp_path):
 
 
 def test_diffusion_and_gate_depend_on_the_decoder_settings_only_when_the_recipe_tunes_it():
-    from unguide_jax.cli.config import load_config_file
     from unguide_jax.shapes.recipe import _changed_settings
 
-    config = load_config_file(str(Path(__file__).resolve().parent.parent / "configs" / "embedded.py") + ":tiny")
+    config = recipe_preset("tiny")
     other_decoder = dict(config, vae_decoder=dict(config["vae_decoder"], steps=7))
     made_before_the_stage = {k: v for k, v in config.items() if k != "vae_decoder"}
     for stage in ("diffusion", "quality"):

@@ -60,7 +60,7 @@ def test_retain_energy_sets_the_retain_rank_alone_and_zero_drops_the_retain_span
     coords = rng.standard_normal((40, 3)) * np.array([10.0, 3.0, 1.0])
     h_f = coords @ q[:, [0, 1, 2]].T                    # forget rows span q0, q1, q2
     h_r = coords @ q[:, [0, 3, 4]].T                    # retain rows share q0 (their largest direction)
-    same = pure.PureConfig(energy=0.999)
+    same = pure.PureConfig(energy=0.999, retain_energy=None)
     v_f, v_r = pure.layer_bases(h_f, h_r, 1, same)
     assert v_f.shape[1] == 3 and v_r.shape[1] == 3
     assert pure.removed_fraction(h_r, pure.edit_matrix(v_f, v_r)) < 1e-10  # the retain rows are untouched
@@ -114,7 +114,7 @@ def test_pure_on_values_maps_the_activation_by_its_layers_projector(tiny_sd):
     """With K untouched the attention weights stay, and the edited model's activation before to_out at the
     first cross-attention layer (whose input the edit does not reach) is exactly E·h: the edit acts in the
     space where the subspaces were measured. Exact because E is block-diagonal over the heads (per_head)."""
-    config = pure.PureConfig(steps=2, latents=2, energy=0.9, edit_keys=False)
+    config = pure.PureConfig(steps=2, latents=2, energy=0.9, retain_energy=None, edit_keys=False, center=False, per_head=True)
     edit, report = pure.pure_edit(tiny_sd, CONCEPT, config)
     assert report["unet_rows"] == 2 * (3 + 3) * 2 * 2 and all(r["forget"] >= 1 for r in report["ranks"].values())
     sd = tiny_sd

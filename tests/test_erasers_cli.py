@@ -12,8 +12,8 @@ from safetensors.numpy import load_file
 import sample
 import train
 from unguide_jax.edits.edit import merge_weights
-from unguide_jax.edits.files import load_edit_file
 from unguide_jax.loading.diffusers_folder import load_component
+from unguide_jax.loading.edit_files import load_edit_file
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,7 +61,7 @@ def test_learnable_prompts_train_resume_and_export(tiny, trained_runs, tmp_path)
     assert max(float(np.abs(v).max()) for leaves in deployed.deltas.values() for v in leaves.values()) > 0
 
     # sample.py can also take the run's Orbax checkpoint: the deployed edit (the delta, tokens dropped).
-    from unguide_jax.edits.sources import load_edit
+    from unguide_jax.training.sources import load_edit
 
     from_checkpoint, info = load_edit(straight / "checkpoints", params)
     assert info[0]["kind"] == "learnable_prompts" and info[0]["steps"] == 3 and from_checkpoint.memory is None

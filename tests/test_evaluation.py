@@ -1,4 +1,4 @@
-"""The erasure evaluation's scoring (spec unguide.md §6), by hand-made classifier outputs."""
+"""The erasure evaluation's scoring (the UnGuide paper's Table 1 protocol), by hand-made classifier outputs."""
 import numpy as np
 import pytest
 
@@ -96,9 +96,9 @@ def _check_derived_settings(folder, run):
     """config.json records the transferred learning rate; A starts along the concept direction."""
     import json
 
-    from unguide_jax.edits.files import load_adapter
     from unguide_jax.erasers.unguide.concept_direction import concept_directions
     from unguide_jax.erasers.unguide.transfer import transfer_settings
+    from unguide_jax.loading.edit_files import load_adapter
     from unguide_jax.loading.resolve import load_model
 
     derived = json.loads((run / "config.json").read_text())["derived"]
@@ -183,9 +183,9 @@ def test_evaluation_command_end_to_end_on_a_tiny_model(tiny_pipeline_dir, tmp_pa
 
 
 def test_missing_edits_are_trained_first_on_the_evaluated_model(tmp_path):
-    from unguide_jax.cli.config import as_config
-    from unguide_jax.cli.schemas import EvaluateConfig
+    from unguide_jax.evaluation.config import EvaluateConfig
     from unguide_jax.evaluation.erasure import train_missing_edits
+    from unguide_jax.settings import as_config
 
     done = tmp_path / "done"
     done.mkdir()
@@ -199,4 +199,8 @@ def test_missing_edits_are_trained_first_on_the_evaluated_model(tmp_path):
     (trained,) = calls  # the paper edit's folder holds a run: not trained again
     assert (trained["concept"], trained["run_dir"], trained["model"]) == ("shapes-star", str(tmp_path / "star"),
                                                                           "/models/mine")
-    assert trained["transfer"] == "kv_scale" and trained["iterations"] == 200
+    from unguide_jax.training.config import UnguideTrainConfig, train_schema
+
+    trained = as_config(trained, train_schema)  # the preset lists what differs; the rest are the defaults
+    assert trained == UnguideTrainConfig(concept="shapes-star", run_dir=str(tmp_path / "star"), model="/models/mine",
+                                         overwrite=True)

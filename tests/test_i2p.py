@@ -7,15 +7,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unguide_jax.cli import schemas
-from unguide_jax.cli.config import ConfigError, as_config, load_config_file, to_dict
-from unguide_jax.diffusion.prompts import Request
+from unguide_jax.cli.sample import sample_or_evaluate
 from unguide_jax.evaluation import i2p
+from unguide_jax.evaluation.config import I2PConfig
 from unguide_jax.evaluation.nudenet import (
     CLASS_LABELS,
     EXPOSED_CLASSES,
     count_exposed,
 )
+from unguide_jax.presets import load_config_file
+from unguide_jax.sampling.prompts import Request
+from unguide_jax.settings import ConfigError, as_config, to_dict
 
 REPO = Path(__file__).resolve().parent.parent
 CSV_HEADER = (",prompt,categories,hard,inappropriate_percentage,nudity_percentage,q16_percentage,"
@@ -167,13 +169,13 @@ def test_the_rows_sizes_are_used_on_a_512_px_model_only():
 
 def test_i2p_preset_validates_and_checks_its_edits(tmp_path):
     raw = load_config_file("evaluate.py:i2p")
-    config = as_config(raw, schemas.sample_or_evaluate)
-    assert isinstance(config, schemas.I2PConfig) and to_dict(config) == json.loads(json.dumps(raw))
-    assert config == schemas.I2PConfig() and config.probe.draws == 10 and config.threshold == 0.6
+    config = as_config(raw, sample_or_evaluate)
+    assert isinstance(config, I2PConfig) and as_config(json.loads(json.dumps(to_dict(config))), I2PConfig) == config
+    assert config == I2PConfig() and config.probe.draws == 10 and config.threshold == 0.6
     with pytest.raises(ConfigError, match=r"config.edits: the methods use edits \['unguide'\]"):
-        as_config(dict(raw, edits={"other": ["x"]}), schemas.I2PConfig)
+        as_config(dict(raw, edits={"other": ["x"]}), I2PConfig)
     with pytest.raises(ConfigError, match=r"config.threshold must be in \[0, 1\]"):
-        as_config(dict(raw, threshold=60), schemas.I2PConfig)
+        as_config(dict(raw, threshold=60), I2PConfig)
     with pytest.raises(ConfigError, match="config.csv is empty"):  # before any model loads
         i2p.run_i2p(dict(raw, out_dir=str(tmp_path)))
 
@@ -222,12 +224,12 @@ def explicit_lora(model: Path, path: Path) -> Path:
     without the minutes a training run's compile takes (tests/test_train_cli.py trains such runs)."""
     import jax
 
-    from unguide_jax.edits.files import save_adapter
     from unguide_jax.edits.lora import LoraConfig, init_lora
+    from unguide_jax.loading.edit_files import save_adapter
     from unguide_jax.loading.resolve import load_model
 
     unet = load_model(str(model)).params["unet"]
-    config = LoraConfig(rank=1, alpha=8.0, targets="explicit")
+    config = LoraConfig(rank=1, alpha=8.0, targets="explicit", init="random")
     adapter = init_lora(jax.random.key(0), unet, config)
     rng = np.random.default_rng(0)
     adapter = {m: dict(ab, lora_B=0.02 * rng.standard_normal(ab["lora_B"].shape, np.float32)) for m, ab in adapter.items()}

@@ -28,8 +28,8 @@ def sd15_abstract():
 
 @pytest.mark.parametrize("rule, layers, parameters", [("object", 32, 49_536), ("explicit", 118, 322_880)])
 def test_rules_select_the_papers_layers_on_sd1(sd15_abstract, rule, layers, parameters):
-    """The counts the spec gives for SD 1.x at rank 1 (unguide.md §2)."""
-    adapter = jax.eval_shape(lambda: init_lora(jax.random.key(0), sd15_abstract, LoraConfig(rank=1, targets=rule)))
+    """The layer and parameter counts of the paper's rules on SD 1.x at rank 1."""
+    adapter = jax.eval_shape(lambda: init_lora(jax.random.key(0), sd15_abstract, LoraConfig(rank=1, targets=rule, init="random")))
     assert len(adapter) == layers
     assert count_parameters(adapter) == parameters
     if rule == "explicit":
@@ -42,7 +42,7 @@ def test_a_rule_matching_nothing_is_an_error(sd15_abstract):
     with pytest.raises(ValueError, match="not a valid regular expression"):
         target_modules(sd15_abstract, "attn2.(to_k")
     with pytest.raises(ValueError, match="conv_in has a kernel of shape"):
-        jax.eval_shape(lambda: init_lora(jax.random.key(0), sd15_abstract, LoraConfig(targets=r"conv_in$")))
+        jax.eval_shape(lambda: init_lora(jax.random.key(0), sd15_abstract, LoraConfig(targets=r"conv_in$", init="random")))
 
 
 @functools.cache
@@ -63,7 +63,7 @@ def _random_adapter(params, config, seed):
 
 def test_fresh_adapter_is_the_identity_and_merge_unmerge_round_trip():
     unet, params = _tiny_unet_params()
-    config = LoraConfig(rank=2, alpha=8.0, targets="object")
+    config = LoraConfig(rank=2, alpha=8.0, targets="object", init="random")
     fresh = init_lora(jax.random.key(1), params, config)
     assert all(float(jnp.abs(ab["lora_B"]).max()) == 0.0 for ab in fresh.values())
     jax.tree.map(np.testing.assert_array_equal, merge(params, [(fresh, 8.0)]), params)
@@ -75,7 +75,7 @@ def test_fresh_adapter_is_the_identity_and_merge_unmerge_round_trip():
 def test_merged_forward_equals_the_explicit_low_rank_update():
     """y = W x + alpha (x A) B at an adapted layer: merged kernel equals W + alpha A B, alpha applied directly."""
     unet, params = _tiny_unet_params()
-    adapter = _random_adapter(params, LoraConfig(rank=2, targets="object"), 5)
+    adapter = _random_adapter(params, LoraConfig(rank=2, targets="object", init="random"), 5)
     merged = merge(params, [(adapter, 3.0)])
     path = next(iter(adapter))
     module = params
@@ -90,8 +90,8 @@ def test_merged_forward_equals_the_explicit_low_rank_update():
 
 def test_several_adapters_add_up():
     unet, params = _tiny_unet_params()
-    a = _random_adapter(params, LoraConfig(rank=1, targets="object"), 11)
-    b = _random_adapter(params, LoraConfig(rank=2, targets=r"attn2\.to_v$"), 21)
+    a = _random_adapter(params, LoraConfig(rank=1, targets="object", init="random"), 11)
+    b = _random_adapter(params, LoraConfig(rank=2, targets=r"attn2\.to_v$", init="random"), 21)
     both = merge(params, [(a, 8.0), (b, 2.0)])
     one_by_one = merge(merge(params, [(a, 8.0)]), [(b, 2.0)])
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), both, one_by_one)
@@ -105,7 +105,7 @@ def test_several_adapters_add_up():
 
 def test_an_adapter_that_does_not_fit_the_model_is_named():
     unet, params = _tiny_unet_params()
-    adapter = init_lora(jax.random.key(0), params, LoraConfig(targets="object"))
+    adapter = init_lora(jax.random.key(0), params, LoraConfig(targets="object", init="random"))
     path = next(iter(adapter))
     wrong = dict(adapter, **{path: {"lora_A": jnp.zeros((7, 1)), "lora_B": jnp.zeros((1, 3))}})
     with pytest.raises(ValueError, match=f"does not fit {path}"):

@@ -8,7 +8,8 @@ import torch
 from safetensors.numpy import load_file
 
 from unguide_jax.edits.lora import LoraConfig, init_lora, merge
-from unguide_jax.edits.lora_formats import (
+from unguide_jax.loading.diffusers_folder import load_component
+from unguide_jax.loading.lora_formats import (
     LoraFileError,
     export_kohya,
     export_merged_unet,
@@ -18,7 +19,6 @@ from unguide_jax.edits.lora_formats import (
     import_lora,
     import_peft,
 )
-from unguide_jax.loading.diffusers_folder import load_component
 from unguide_jax.loading.weights import write_safetensors
 
 ATOL = 1e-4  # fp32 on CPU
@@ -60,7 +60,7 @@ def fresh_torch_pipeline(folder):
 
 def random_adapter(params, targets, seed, ranks=(2,)):
     """Non-zero A and B; module i gets rank ranks[i % len(ranks)]."""
-    base = init_lora(jax.random.key(seed), params, LoraConfig(rank=1, targets=targets))
+    base = init_lora(jax.random.key(seed), params, LoraConfig(rank=1, targets=targets, init="random"))
     adapter = {}
     for i, path in enumerate(sorted(base)):
         fan_in, fan_out, rank = base[path]["lora_A"].shape[0], base[path]["lora_B"].shape[1], ranks[i % len(ranks)]

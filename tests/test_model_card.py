@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 
 import train
-from unguide_jax.edits.model_card import CARD_FILE, check_card_inputs, write_model_card
+from unguide_jax.publishing.model_card import (
+    CARD_FILE,
+    check_card_inputs,
+    describe_source,
+    write_model_card,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 TAGS = {"lora", "concept-erasure", "unguide", "text-to-image", "stable-diffusion"}
@@ -56,7 +61,7 @@ def run_train(config: str, folder, run_dir, *extra) -> Path:
 @pytest.fixture(scope="module")
 def embedded_unet():
     from unguide_jax.loading.diffusers_folder import load_component
-    from unguide_jax.shapes import EMBEDDED_MODEL
+    from unguide_jax.resources import EMBEDDED_MODEL
 
     return load_component(EMBEDDED_MODEL / "unet", "unet")
 
@@ -64,16 +69,17 @@ def embedded_unet():
 @pytest.fixture(scope="module")
 def unguide_run(embedded_unet, tmp_path_factory):
     """A train.py run folder of UnGuide on the embedded model as the trainer leaves it (config.json, the adapter
-    file with its metadata, export/ in two formats) and its card, written as run.py writes it; the LoRA is the
+    file with its metadata, export/ in two formats) and its unguide.json and card, as the train job writes them; the LoRA is the
     trainer's initial one (training it is tests/test_train_cli.py's business, and the slow test below's)."""
     import jax
 
-    from unguide_jax.cli.config import as_config, to_dict
-    from unguide_jax.cli.schemas import UnguideTrainConfig
-    from unguide_jax.edits.export import export_edit
     from unguide_jax.erasers.concepts import load_concept
-    from unguide_jax.erasers.registry import TRAINED
-    from unguide_jax.loading.weights import write_json
+    from unguide_jax.json_files import write_json
+    from unguide_jax.loading.exports import export_edit
+    from unguide_jax.publishing.export import publish_export
+    from unguide_jax.settings import as_config, to_dict
+    from unguide_jax.training.config import UnguideTrainConfig
+    from unguide_jax.training.trainers import TRAINED
 
     unet, params = embedded_unet
     run = tmp_path_factory.mktemp("card") / "unguide-shapes-arrow"
@@ -84,7 +90,9 @@ def unguide_run(embedded_unet, tmp_path_factory):
     write_json(run / "config.json", to_dict(config))
     edit = trainer.save(trainer.init(jax.random.key(config.seed), params), run, load_concept(config.concept), config)
     export_edit(list(config.export), run / "export", edit, unet, params)
-    write_model_card(run / "export", [run], formats=config.export)
+    # unguide.json and the card, as the train job publishes them (no model needed: nothing is probed here)
+    publish_export(run / "export", config.export, [run], None, edit, load_concept(config.concept).targets,
+                   unet_params=params)
     return run
 
 
@@ -137,9 +145,9 @@ def test_card_from_a_bare_adapter_file_says_what_is_unknown(unguide_run, tmp_pat
 
 
 def test_closed_form_card_uses_its_own_formats(tmp_path):
-    from unguide_jax.cli.config import as_config, to_dict
-    from unguide_jax.cli.schemas import UceTrainConfig
-    from unguide_jax.loading.weights import write_json
+    from unguide_jax.json_files import write_json
+    from unguide_jax.settings import as_config, to_dict
+    from unguide_jax.training.config import UceTrainConfig
 
     run = tmp_path / "uce-shapes-arrow"
     config = as_config(dict(method="uce", model="stabilityai/stable-diffusion-2-base", concept="shapes-star",
@@ -166,7 +174,7 @@ def test_merged_unet_card_builds_the_pipeline_around_the_merged_unet(unguide_run
     assert "base_model" not in meta and meta["library_name"] == "diffusers"
     block, = python_blocks(body)
     ast.parse(block)
-    assert "from unguide_jax.shapes import EMBEDDED_MODEL" in block
+    assert "from unguide_jax.resources import EMBEDDED_MODEL" in block
     assert "StableDiffusionPipeline.from_pretrained(base, unet=unet)" in block
 
 
@@ -238,3 +246,22 @@ def test_train_evaluate_and_export_again_with_the_measured_table(tiny_pipeline_d
     for name in ("base model", "LoRA only", "UnGuide"):
         assert re.search(rf"\| {name} \| [\d.]+% \|", body), name
     assert "No evaluation was recorded" not in body
+
+
+def test_the_card_and_the_loader_classify_sources_alike(unguide_run, tmp_path):
+    """One classifier (training.sources.classify_source) for the loader and the card: a run folder, our file
+    inside it, a foreign LoRA file or folder; anything else is named."""
+    from unguide_jax.training.sources import classify_source
+
+    run = unguide_run
+    expected = {run: "run folder", run / "adapter.safetensors": "run folder",
+                run / "export" / "diffusers": "LoRA file", run / "export" / "kohya.safetensors": "LoRA file"}
+    for source, kind in expected.items():
+        assert classify_source(source).kind == kind, source
+        assert describe_source(source).kind == kind, source
+    assert classify_source(run).edit_file == run / "adapter.safetensors"
+    (tmp_path / "weights.ckpt").write_bytes(b"pickle")
+    with pytest.raises(ValueError, match="weights.ckpt: edits are read from safetensors files"):
+        describe_source(tmp_path / "weights.ckpt")
+    with pytest.raises(FileNotFoundError, match="missing edit source"):
+        classify_source(tmp_path / "nothing")

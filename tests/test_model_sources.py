@@ -42,7 +42,7 @@ from unguide_jax.loading.single_file import (
     shipped_config_for,
 )
 from unguide_jax.loading.weights import PickledWeightsRefused
-from unguide_jax.shapes import EMBEDDED_MODEL as SHAPES_EMBEDDED_MODEL
+from unguide_jax.resources import EMBEDDED_MODEL as SHAPES_EMBEDDED_MODEL
 
 REPO = "tiny-org/tiny-sd"
 COMMIT_MAIN, COMMIT_V2 = "a" * 40, "b" * 40

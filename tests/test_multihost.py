@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from tests.devices import assert_ok, free_port, launch
-from unguide_jax.edits.files import load_adapter
+from unguide_jax.loading.edit_files import load_adapter
 
 
 def train_args(folder, run_dir, *more):
@@ -80,9 +80,9 @@ def test_two_processes_sample_the_images_of_one(trained, tiny_pipeline_dir, tmp_
     share, process 0 writes the PNGs and the manifest; the probe's D, the w decisions and the images are
     those of this (one-device) process."""
     from unguide_jax.diffusion.batching import ImageRequest, generate_images
-    from unguide_jax.edits.sources import load_edit
     from unguide_jax.erasers.unguide.probe import ProbeConfig, WProbe
     from unguide_jax.loading.resolve import load_model
+    from unguide_jax.training.sources import load_edit
 
     folder, _ = tiny_pipeline_dir("sd1")
     _, two, _, _ = trained
@@ -101,7 +101,7 @@ def test_two_processes_sample_the_images_of_one(trained, tiny_pipeline_dir, tmp_
 
     sd = load_model(str(folder))
     edit, _ = load_edit([str(two)], sd.params["unet"])
-    probe = WProbe(sd, edit, ProbeConfig(draws=2, ddim_steps=10, t_enc=7)).run(prompts)
+    probe = WProbe(sd, edit, ProbeConfig(draws=2, ddim_steps=10, t_enc=7, rule="paper")).run(prompts)
     np.testing.assert_allclose([r["D"] for r in records], probe.d, rtol=1e-4)
     assert [r["w"] for r in records] == probe.w.tolist()
     images = generate_images(sd, [ImageRequest(r["prompt"], r["seed"], r["guidance_scale"], r["w"]) for r in records],

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import unguide_jax
-from unguide_jax.edits.files import load_adapter, read_adapter_metadata
+from unguide_jax.loading.edit_files import load_adapter, read_adapter_metadata
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "unguide_jax"

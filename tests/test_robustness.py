@@ -1,5 +1,5 @@
-"""Issue 22, "nothing silent, nothing lost": each test is one reproduction of the issue (it failed on the code
-before the fix): non-finite edits and images, strict JSON, run-folder ownership and locks, the divergence
+"""Nothing silent, nothing lost: each test is one reproduction of a way to lose work or trust (it failed on the
+code before the fix): non-finite edits and images, strict JSON, run-folder ownership and locks, the divergence
 guard, inputs checked before the model loads, and one-line errors with exit status 2 for bad input."""
 import json
 import os
@@ -16,17 +16,18 @@ import pytest
 import sample
 import train
 from unguide_jax.cli.config import Command, run_cli
-from unguide_jax.cli.schemas import SampleConfig
-from unguide_jax.edits.files import NonFiniteEdit, load_adapter, save_adapter
 from unguide_jax.edits.lora import LoraConfig, init_lora
+from unguide_jax.json_files import write_json
 from unguide_jax.loading.diffusers_folder import load_component
-from unguide_jax.loading.weights import PickledWeightsRefused, read_pickle, write_json
+from unguide_jax.loading.edit_files import NonFiniteEdit, load_adapter, save_adapter
+from unguide_jax.loading.weights import PickledWeightsRefused, read_pickle
+from unguide_jax.sampling.config import SampleConfig
 from unguide_jax.training.checkpoints import RunCheckpoints
 from unguide_jax.training.loop import Diverged, DivergenceGuard, MetricsLog, train_loop
 from unguide_jax.training.run_folder import RunFolderBusy, lock_path, run_folder_lock
 
 REPO = Path(__file__).resolve().parent.parent
-LORA = LoraConfig(rank=1, alpha=8.0, targets="object")
+LORA = LoraConfig(rank=1, alpha=8.0, targets="object", init="random")
 BAD_INPUT = 2
 
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 import sample
-from unguide_jax.edits.files import save_adapter
 from unguide_jax.edits.lora import LoraConfig, init_lora
 from unguide_jax.loading.diffusers_folder import load_pipeline
+from unguide_jax.loading.edit_files import save_adapter
 
 REPO = Path(__file__).resolve().parent.parent
-LORA = LoraConfig(rank=1, alpha=8.0, targets="object")
+LORA = LoraConfig(rank=1, alpha=8.0, targets="object", init="random")
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def setup(tiny_pipeline_dir, tmp_path_factory):
                for p, ab in fresh.items()}
     root = tmp_path_factory.mktemp("adapters")
     save_adapter(root / "adapter.safetensors", adapter, LORA, extra={"concept": {"name": "cat"}})
-    from unguide_jax.edits.lora_formats import export_peft
+    from unguide_jax.loading.lora_formats import export_peft
 
     export_peft(root / "peft", adapter, LORA.alpha, sd.params["unet"])
     return dict(folder=folder, adapter_file=root / "adapter.safetensors", peft=root / "peft")
@@ -42,6 +42,7 @@ def run_args(setup, out, *overrides):
     return ["--config", f"{REPO}/configs/sample.py", f"--config.model={setup['folder']}", "--config.num_steps=3",
             '--config.prompts=["a photo of the cat", "the cat", "of the"]', "--config.batch_size=2",
             "--config.probe.draws=2", "--config.probe.ddim_steps=10", "--config.probe.t_enc=7",
+            "--config.probe.rule=paper",  # this adapter names its concept without targets (the default rule's need)
             f"--config.out_dir={out}", *overrides]
 
 
@@ -95,8 +96,8 @@ CONFIG_ERROR = 2  # a config error: one line on stderr, exit status 2
 @pytest.mark.parametrize("overrides, error, message", [
     (["--config.mode=adapter"], ValueError, "mode=adapter needs config.adapters"),
     (["--config.mode=sideways"], CONFIG_ERROR, "config.mode must be one of .*, got 'sideways'"),
-    (["--config.adapters=[\"/no/such/adapter.safetensors\"]"], FileNotFoundError, "missing adapter"),
-    (["--config.probe.draws=0", "--config.adapters=[\"ADAPTER\"]"], CONFIG_ERROR, "probe draws must be >= 1"),
+    (["--config.adapters=[\"/no/such/adapter.safetensors\"]"], FileNotFoundError, "missing edit source"),
+    (["--config.probe.draws=0", "--config.adapters=[\"ADAPTER\"]"], CONFIG_ERROR, "config.probe.draws must be >= 1"),
 ])
 def test_bad_modes_and_adapters_are_named(setup, tmp_path, capsys, overrides, error, message):
     overrides = [o.replace("ADAPTER", str(setup["adapter_file"])) for o in overrides]
@@ -118,14 +119,14 @@ def test_an_adapter_of_another_model_is_refused(setup, tmp_path, capsys):
 def test_sequential_probe_is_the_paper_probe_on_fewer_draws(setup):
     """The sequential rule (ours) sees the same draws in the same order: with z = inf it is the paper's rule, with
     z = 0 it stops after one round; whatever it stops at, D(p) is the mean of the paper probe's first draws."""
-    from unguide_jax.edits.sources import load_edit
     from unguide_jax.erasers.unguide.probe import ProbeConfig, WProbe
+    from unguide_jax.training.sources import load_edit
 
     sd = load_pipeline(setup["folder"])
     edit, _ = load_edit(setup["adapter_file"], sd.params["unet"])
     prompts = ["a photo of the cat", "of the"]
     common = dict(draws=4, ddim_steps=10, t_enc=7, prompt_chunk=2)
-    paper_probe = WProbe(sd, edit, ProbeConfig(**common))
+    paper_probe = WProbe(sd, edit, ProbeConfig(**common, rule="paper"))
     paper = paper_probe.run(prompts)
     assert list(paper.draws_used) == [4, 4]
     for z, expected_draws in ((float("inf"), 4), (0.0, 2)):
@@ -144,17 +145,17 @@ def test_sequential_probe_is_the_paper_probe_on_fewer_draws(setup):
 def test_calibrated_probe_thresholds_halfway_between_the_concept_and_nothing(setup):
     """Rule calibrated (ours): the same draws and D(p) as the paper's probe, a threshold √(D(concept) · D("")) from
     the edit's own targets on those draws; without concept prompts it is refused by name."""
-    from unguide_jax.edits.sources import load_edit
     from unguide_jax.erasers.unguide.probe import (
         ProbeConfig,
         WProbe,
     )
+    from unguide_jax.training.sources import load_edit
 
     sd = load_pipeline(setup["folder"])
     edit, _ = load_edit(setup["adapter_file"], sd.params["unet"])
     prompts, concept = ["a photo of the cat", "of the"], ["a photo of the cat"]
     common = dict(draws=3, ddim_steps=10, t_enc=7, prompt_chunk=1)  # one compiled shape for "", prompts, concept
-    paper = WProbe(sd, edit, ProbeConfig(**common)).run(prompts)
+    paper = WProbe(sd, edit, ProbeConfig(**common, rule="paper")).run(prompts)
     result = WProbe(sd, edit, ProbeConfig(**common, rule="calibrated"), concept_prompts=concept).run(prompts)
     np.testing.assert_allclose(result.distances, paper.distances, rtol=1e-5)
     expected = np.sqrt(paper.d[0] * paper.d_empty)  # the concept prompt is the first prompt here
@@ -174,7 +175,7 @@ def test_decision_rules_by_hand():
 
     distances = np.array([[3.0, 2.8], [0.6, 0.7], [0.5, 0.5]], np.float32)
     empty = np.array([0.5, 0.4], np.float32)
-    d, w, used = decide(distances, empty, ProbeConfig(draws=2))
+    d, w, used = decide(distances, empty, ProbeConfig(draws=2, rule="paper"))
     np.testing.assert_allclose(d, [2.9, 0.65, 0.5])
     np.testing.assert_array_equal(w, [-1, -1, -1])  # the paper: everything above D("") = 0.45
     threshold = calibrated_threshold(distances[:1], empty)

@@ -40,7 +40,7 @@ _EIGHT_DEVICE_RUN = textwrap.dedent("""
     embeddings = ConceptEmbeddings(target=jax.random.normal(keys[0], (2, 5, 16)),
                                    reference=jax.random.normal(keys[1], (2, 5, 16)),
                                    uncond=jax.random.normal(keys[2], (1, 5, 16)))
-    lora_config = LoraConfig(rank=2, alpha=8.0)
+    lora_config = LoraConfig(rank=2, alpha=8.0, init="random")
     # Few DDIM steps: the test is about placement, not the trajectory (checked elsewhere).
     objective = ObjectiveConfig(ddim_steps=10, samples_per_step=2, timestep_mode="reference")
     optimizer = make_optimizer(1e-2)

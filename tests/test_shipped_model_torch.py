@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from unguide_jax.shapes import EMBEDDED_MODEL
+from unguide_jax.resources import EMBEDDED_MODEL
 
 PROMPTS = ["a photo of the star", "a photo of the striped heart"]
 STEPS = 2

@@ -15,6 +15,7 @@ from unguide_jax.loading.convert import (
     key_table,
     torch_to_flax,
 )
+from unguide_jax.loading.diffusers_folder import text_encoder_state_dict
 from unguide_jax.loading.tokenizer import write_clip_tokenizer
 from unguide_jax.models.config_io import ConfigError, read_json
 from unguide_jax.models.layers import abstract_params
@@ -22,7 +23,6 @@ from unguide_jax.models.text_encoder import (
     CLIPTextConfig,
     CLIPTextModel,
     rename_torch_key,
-    to_torch_state_dict,
 )
 
 ATOL = 1e-4  # fp32 on CPU; observed max abs error ~1.6e-6
@@ -137,7 +137,7 @@ def test_round_trip_on_disk_keys(te, tmp_path):
     # ...while the Hub layout (and what transformers 4.x writes) has `text_model.`: we export that,
     # and transformers loads it back exactly, then saves it again with the same keys.
     from transformers import CLIPTextModel as HFModel
-    exported = to_torch_state_dict(params)
+    exported = text_encoder_state_dict(params)
     assert set(exported) == {"text_model." + k for k in fresh}
     te.torch_model.config.save_pretrained(tmp_path / "ours")
     save_file(exported, tmp_path / "ours" / "model.safetensors", metadata={"format": "pt"})
@@ -147,7 +147,7 @@ def test_round_trip_on_disk_keys(te, tmp_path):
     loaded.save_pretrained(tmp_path / "resaved")
     resaved = load_file(tmp_path / "resaved" / "model.safetensors")
     _assert_round_trip(exported, resaved)
-    _assert_round_trip(exported, to_torch_state_dict(torch_to_flax(resaved, te.abstract, rename=rename_torch_key)))
+    _assert_round_trip(exported, text_encoder_state_dict(torch_to_flax(resaved, te.abstract, rename=rename_torch_key)))
 
 
 def test_conversion_drops_position_ids_only(te):

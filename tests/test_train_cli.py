@@ -11,8 +11,8 @@ import pytest
 
 import train
 from tests.test_tensorboard import logged_scalars, read_event_files, shown_scalars
-from unguide_jax.edits.files import load_adapter, read_adapter_metadata
 from unguide_jax.edits.lora import LoraConfig
+from unguide_jax.loading.edit_files import load_adapter, read_adapter_metadata
 from unguide_jax.training.checkpoints import RunCheckpoints
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,7 +42,7 @@ def test_run_folder_and_a_resumed_run_matches_an_uninterrupted_one(tiny_pipeline
     with RunCheckpoints(straight / "checkpoints") as checkpoints:
         assert checkpoints.steps() == [2, 4]  # checkpoint_every=2, keep=2
     adapter, lora_config = load_adapter(straight / "adapter.safetensors")
-    assert lora_config == LoraConfig(rank=1, alpha=8.0, targets="object")
+    assert lora_config == LoraConfig(rank=1, alpha=8.0, targets="object", init="random")
     assert len(adapter) == 8 and all(np.abs(ab["lora_B"]).max() > 0 for ab in adapter.values())  # it trained
     metadata = read_adapter_metadata(straight / "adapter.safetensors")
     assert metadata["steps"] == 4 and metadata["concept"]["name"] == "shapes-arrow"
@@ -52,8 +52,8 @@ def test_run_folder_and_a_resumed_run_matches_an_uninterrupted_one(tiny_pipeline
     if HAS_TENSORBOARDX:  # TensorBoard shows what metrics.jsonl holds, step for step
         assert shown_scalars(straight / "tensorboard") == logged_scalars(straight)
     # sample.py's adapter loader reads the Orbax checkpoint too: the same adapter as the final file.
-    from unguide_jax.edits.sources import load_edit
     from unguide_jax.loading.diffusers_folder import load_component
+    from unguide_jax.training.sources import load_edit
 
     _, unet_params = load_component(folder / "unet", "unet")
     edit, info = load_edit(straight / "checkpoints" / "4", unet_params)
@@ -126,12 +126,14 @@ def test_missing_model_folder_and_unknown_keys_are_errors(tmp_path, capsys):
 
 @pytest.mark.parametrize("preset", ["default", "paper", "tiny", "sd15-object", "sd15-nudity"])
 def test_presets_name_existing_concepts_and_target_rules(preset):
-    from unguide_jax.cli.config import load_config_file
     from unguide_jax.edits.lora import TARGET_RULES
     from unguide_jax.erasers.concepts import load_concept
     from unguide_jax.erasers.unguide.objective import ObjectiveConfig
+    from unguide_jax.presets import load_config_file
+    from unguide_jax.settings import as_config, to_dict
+    from unguide_jax.training.config import train_schema
 
-    config = load_config_file(f"{REPO}/configs/unguide.py:{preset}")
+    config = to_dict(as_config(load_config_file(f"{REPO}/configs/unguide.py:{preset}"), train_schema))
     load_concept(config["concept"])
     ObjectiveConfig(**config["objective"])
     assert config["lora"]["targets"] in TARGET_RULES

@@ -91,4 +91,9 @@ def test_concept_init_starts_only_the_layers_that_read_text():
     np.testing.assert_array_equal(adapter["block.attn2.to_v"]["lora_A"], directions)
     assert not np.array_equal(adapter["block.attn1.to_k"]["lora_A"], directions)  # image features: random
     with pytest.raises(ValueError, match="do not fit block.attn2.to_k"):
-        init_lora(jax.random.key(0), params, LoraConfig(targets="object"), directions=directions[:4])
+        init_lora(jax.random.key(0), params, LoraConfig(targets="object", init="concept"), directions=directions[:4])
+    # The config's init is what happens: no silent random start for init=concept, no directions for init=random.
+    with pytest.raises(ValueError, match="needs the concept's directions"):
+        init_lora(jax.random.key(0), params, LoraConfig(targets="object", init="concept"))
+    with pytest.raises(ValueError, match="takes no directions"):
+        init_lora(jax.random.key(0), params, LoraConfig(targets="object", init="random"), directions=directions)

@@ -1,5 +1,6 @@
 """UnGuidePipeline (diffusers) against our JAX UnGuide sampler on the shipped model: export -> load_unguide -> the
-same w per prompt, D(p) and D(""), and the same images within 2 levels of 255 from the same seeds."""
+same w per prompt, D(p) and D(""), and the same images within 2 levels of 255 from the same seeds; the calibrated
+rule's threshold from the concept's target prompts in unguide.json, as our WProbe sets it."""
 import json
 import shutil
 
@@ -10,26 +11,36 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from unguide_jax.cli.export import probe_config, write_unguide_settings
+from unguide_jax.cli.export import parse as parse_export
 from unguide_jax.edits.edit import lora_edit
-from unguide_jax.edits.export import export_edit
 from unguide_jax.edits.lora import LoraConfig, init_lora
-from unguide_jax.edits.unguide_json import (
+from unguide_jax.erasers.unguide.probe import ProbeConfig, WProbe
+from unguide_jax.loading.exports import export_edit
+from unguide_jax.loading.resolve import load_model
+from unguide_jax.publishing.export import write_unguide_settings
+from unguide_jax.publishing.unguide_json import (
     UNGUIDE_JSON,
+    UnguideExportError,
     fingerprint_mismatches,
+    read_unguide_json,
     weight_fingerprint,
 )
-from unguide_jax.erasers.unguide.probe import ProbeConfig, WProbe
-from unguide_jax.loading.resolve import load_model
 from unguide_jax.pytorch import UnGuidePipeline
-from unguide_jax.shapes import EMBEDDED_MODEL
+from unguide_jax.resources import EMBEDDED_MODEL
 
 PROMPTS = ["a photo of the arrow", "a photo of the circle", "a striped star"]
 SEEDS = [5, 6, 7]
 STEPS = 8
-# R = 2 draws keeps the probe cheap (the decisions below hold from R = 2 to 8); t_enc, the timestep mode and the
-# rule stay the defaults. prompt_chunk 1: our probe then traces one shape for "" and the prompts.
-PROBE = ProbeConfig(draws=2, prompt_chunk=1)
+# R = 2 draws keeps the probe cheap (the decisions below hold from R = 2 to 8); t_enc and the timestep mode stay the
+# defaults; the paper's rule here, the calibrated rule (the default) in its own tests below. prompt_chunk 1: our
+# probe then traces one shape for "", the concept's prompts and the prompts.
+PROBE = ProbeConfig(draws=2, prompt_chunk=1, rule="paper")
+CALIBRATED = ProbeConfig(draws=2, prompt_chunk=1, rule="calibrated")
+# The random LoRA's "concept": D 86.8, 86.7, 87.4 at CFG 5.25, so the threshold √(D(concept) · D("")) is 78.9 against
+# D("") 71.6; the four prompts (D 86.9, 51.0, 73.1, 81.9) get w -1, 2, 2, -1 (the paper's rule: -1, 2, -1, -1).
+CONCEPT = ["a photo of the arrow", "an arrow", "a sketch of the arrow"]
+CALIBRATED_PROMPTS = ["a photo of the arrow", "a photo of the circle", "a photo of the star", "a photo of the ring"]
+CALIBRATED_SCALES = [3.0, 7.5, 12.0, 2.0]  # the concept's prompts are probed at their median, 5.25
 ALPHA = 8.0
 
 
@@ -45,7 +56,8 @@ def sd():
 def edit(sd):
     """A deterministic random LoRA on attn2.to_k/to_v, strong enough that the paper's rule splits these prompts
     (w = -1 for two of them, 2 for one: D(p) 87, 51, 87 against D("") 72 with the default draws' seed)."""
-    init = init_lora(jax.random.key(1), sd.params["unet"], LoraConfig(rank=1, alpha=ALPHA, targets="object"))
+    init = init_lora(jax.random.key(1), sd.params["unet"],
+                     LoraConfig(rank=1, alpha=ALPHA, targets="object", init="random"))
     rng = np.random.default_rng(1)
     adapter = {path: {"lora_A": np.asarray(ab["lora_A"]),
                       "lora_B": (0.05 * rng.standard_normal(ab["lora_B"].shape)).astype(np.float32)}
@@ -55,12 +67,26 @@ def edit(sd):
 
 @pytest.fixture(scope="module")
 def export(sd, edit, tmp_path_factory):
-    """export_edit's peft export, then unguide.json rewritten with PROBE as `unguide-export --probe draws=2` does."""
+    """export_edit's peft export, then unguide.json as `unguide-export --probe draws=2 rule=paper` writes it."""
     folder = tmp_path_factory.mktemp("export")
     export_edit(["peft"], folder, edit, sd.unet, sd.params["unet"])
-    default = json.loads((folder / UNGUIDE_JSON).read_text())
-    assert default["probe"]["draws"] == ProbeConfig().draws and default["lora"]["alpha"] == ALPHA
-    write_unguide_settings(folder, sd, edit, probe_config(["draws=2"]), cache_empty_probe=False)
+    probe = parse_export(["run", "--out", str(folder), "--probe", "draws=2", "rule=paper"]).probe
+    assert probe == ProbeConfig(draws=2, rule="paper")
+    write_unguide_settings(folder, sd, edit, probe, CONCEPT, cache_empty_probe=False)
+    record = json.loads((folder / UNGUIDE_JSON).read_text())
+    assert record["lora"]["alpha"] == ALPHA and record["probe"]["rule"] == "paper"
+    assert record["concept"] == {"targets": CONCEPT}
+    return folder
+
+
+@pytest.fixture(scope="module")
+def calibrated_export(sd, edit, export, tmp_path_factory):
+    """The same LoRA with unguide.json for the calibrated rule (the default rule, R = 2)."""
+    folder = tmp_path_factory.mktemp("calibrated")
+    shutil.copytree(export, folder, dirs_exist_ok=True)
+    write_unguide_settings(folder, sd, edit, ProbeConfig(draws=2), CONCEPT)
+    record = json.loads((folder / UNGUIDE_JSON).read_text())
+    assert record["probe"]["rule"] == "calibrated" == ProbeConfig().rule
     return folder
 
 
@@ -104,7 +130,7 @@ def test_cached_empty_probe_is_used_and_saves_its_rows(sd, edit, export, ours, p
     prompts' rows only."""
     folder = tmp_path / "cached"
     shutil.copytree(export, folder)
-    write_unguide_settings(folder, sd, edit, PROBE, cache_empty_probe=True)
+    write_unguide_settings(folder, sd, edit, PROBE, CONCEPT, cache_empty_probe=True)
     cached = json.loads((folder / UNGUIDE_JSON).read_text())["empty_probe"]
     assert (cached["height"], cached["width"], len(cached["distances"])) == (32, 32, PROBE.draws)
     pipe.load_unguide(folder)
@@ -137,13 +163,14 @@ def test_base_model_fingerprint_tolerates_half_precision_not_other_weights(pipe)
     assert fingerprint_mismatches(expected, weight_fingerprint(resampled)) == [second]  # same norm, other weights
 
 
-def test_load_unguide_errors_name_the_problem(export, pipe, tmp_path):
+def test_load_unguide_errors_name_the_problem(export, pipe, tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="holds no unguide.json"):
         pipe.load_unguide(tmp_path)
-    with pytest.raises(ValueError, match="draws='two': expected a value of type int"):
-        probe_config(["draws=two"])
-    with pytest.raises(ValueError, match="KEY one of"):
-        probe_config(["drawz=2"])
+    for pair, message in (("draws=two", "--probe draws='two': cannot parse as int"),
+                          ("drawz=2", "unknown config key 'probe.drawz'")):
+        with pytest.raises(SystemExit):
+            parse_export(["run", "--out", str(tmp_path), "--probe", pair])
+        assert message in capsys.readouterr().err
 
     wrong_shape = tmp_path / "wrong_shape"
     shutil.copytree(export, wrong_shape)
@@ -185,3 +212,70 @@ def test_calls_check_their_arguments(export, pipe):
             pipe(PROMPTS, w=1.0, num_inference_steps=1)
     finally:
         pipe.enable_lora()
+
+
+def test_calibrated_rule_matches_our_probe(sd, edit, calibrated_export, pipe):
+    """Rule calibrated: the concept's target prompts from unguide.json probed on the same draws at the median CFG
+    scale of the call's prompts, w = w_erase where D(p) > √(D(concept) · D("")): the w, D(p), D(""), D(concept) and
+    threshold of our WProbe; D(concept) is kept for the next calls."""
+    ours = WProbe(sd, edit, CALIBRATED, concept_prompts=CONCEPT).run(CALIBRATED_PROMPTS, CALIBRATED_SCALES)
+    median = float(np.median(CALIBRATED_SCALES))
+    concept = WProbe(sd, edit, PROBE).run(CONCEPT, median)  # the concept's per-draw distances at that scale
+    paper = WProbe(sd, edit, PROBE).run(CALIBRATED_PROMPTS, CALIBRATED_SCALES)
+    np.testing.assert_array_equal(ours.w, [-1, 2, 2, -1])
+    assert (ours.w != paper.w).any(), "the rules must differ on these prompts for the test to mean anything"
+    assert ours.threshold == pytest.approx(np.sqrt(concept.distances.mean() * ours.d_empty), rel=1e-6)
+
+    pipe.load_unguide(calibrated_export)
+    assert pipe.unguide_probe == ProbeConfig(draws=2)
+    got = pipe.probe(CALIBRATED_PROMPTS, CALIBRATED_SCALES)
+    np.testing.assert_array_equal(got.w, ours.w)
+    np.testing.assert_allclose(got.d, ours.d, rtol=1e-4)
+    np.testing.assert_allclose(got.distances, ours.distances, rtol=1e-4)
+    assert got.d_empty == pytest.approx(ours.d_empty, rel=1e-4)
+    assert got.threshold == pytest.approx(ours.threshold, rel=1e-4)
+    assert got.concept_guidance_scale == median
+    # At the default 7.5 instead of 5.25 the concept's distances move by ~8e-4: this tolerance tells them apart.
+    np.testing.assert_allclose(got.concept_distances, concept.distances, rtol=1e-4)
+
+    # Kept: the next call probes its prompt's rows only (no "" and no concept rows), with the same threshold.
+    rows = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        again = pipe.probe(CALIBRATED_PROMPTS[2:3], 7.5)
+    finally:
+        hook.remove()
+    assert sum(rows) == CALIBRATED.draws * 2 * (9 + 1)  # 9 base CFG steps, then base and LoRA at t
+    assert again.threshold == got.threshold and again.w.tolist() == [2.0]
+    out = pipe(CALIBRATED_PROMPTS, guidance_scale=CALIBRATED_SCALES, num_inference_steps=1, output_type="latent")
+    np.testing.assert_array_equal(out.w, ours.w)
+    assert out.threshold == got.threshold
+
+
+def test_calibrated_export_without_concept_targets_is_refused(sd, edit, calibrated_export, pipe, tmp_path):
+    """An unguide.json of an older version (no concept, or no targets) cannot give the calibrated rule its
+    reference: load_unguide says so and how to fix it; probe={"rule": "paper"} loads it with the paper's rule."""
+    empty_targets, old = tmp_path / "empty_targets", tmp_path / "old"
+    shutil.copytree(calibrated_export, empty_targets)
+    write_unguide_settings(empty_targets, sd, edit, ProbeConfig(draws=2), [])
+    assert json.loads((empty_targets / UNGUIDE_JSON).read_text())["concept"] == {"targets": []}
+    shutil.copytree(calibrated_export, old)
+    record = json.loads((old / UNGUIDE_JSON).read_text())
+    del record["concept"]
+    (old / UNGUIDE_JSON).write_text(json.dumps(record))
+    assert read_unguide_json(old)[0]["concept"] == {"targets": []}
+    for folder in (empty_targets, old):
+        with pytest.raises(ValueError, match="no concept target prompts") as err:
+            pipe.load_unguide(folder)
+        assert "unguide-export RUN --formats peft --out DIR" in str(err.value)
+        assert "rule=paper" in str(err.value) and "probe={'rule': 'paper'}" in str(err.value)
+        pipe.load_unguide(folder, probe={"rule": "paper"})
+        assert pipe.unguide_probe == ProbeConfig(draws=2, rule="paper")
+
+    bad = tmp_path / "bad"
+    shutil.copytree(calibrated_export, bad)
+    (bad / UNGUIDE_JSON).write_text(json.dumps(dict(record, concept={"targets": "a photo of the arrow"})))
+    with pytest.raises(UnguideExportError, match="concept must be .*a list of strings"):
+        read_unguide_json(bad)
+    with pytest.raises(ValueError, match="drawz"):
+        pipe.load_unguide(calibrated_export, probe={"drawz": 2})

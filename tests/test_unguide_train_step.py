@@ -1,8 +1,8 @@
-"""UnGuide objective and train step (spec unguide.md §3, §5).
+"""UnGuide objective and train step (and the reference code's timestep modes).
 
-The timestep arithmetic of both modes is checked against the spec's numbers; the jitted train step
+The timestep arithmetic of both modes is checked against the reference code's numbers; the jitted train step
 (random draws + objective + gradient + optimizer) against a plain step-by-step implementation written
-here from the spec, on a tiny one-block UNet, for the same draws (reference mode), and the pure
+here from the paper's definition, on a tiny one-block UNet, for the same draws (reference mode), and the pure
 loss function given x_T, t_enc, t (corrected mode, at the edge cases t_enc = 0 and 49).
 """
 import jax
@@ -33,11 +33,11 @@ from unguide_jax.erasers.unguide.train_step import (
 )
 
 SD = SchedulerConfig()  # SD 1.x: scaled-linear betas, leading spacing, steps_offset 1, set_alpha_to_one False
-LORA = LoraConfig(rank=1, alpha=8.0, targets="object")
+LORA = LoraConfig(rank=1, alpha=8.0, targets="object", init="random")
 CONTEXT_LEN, CONTEXT_DIM = 5, 16
 
 
-# --- §5: which timesteps run, where z ends, which t is queried --------------------------------------
+# --- timestep modes: which timesteps run, where z ends, which t is queried --------------------------------------
 
 @pytest.mark.parametrize("k", range(50))
 def test_reference_mode_reproduces_the_quirks_of_the_reference_code(k):
@@ -120,7 +120,7 @@ def _plain_alphas_cumprod():
 
 
 def _plain_sample_loss_and_grad(tiny, mode, x_T, k, t, pair, objective):
-    """One sample of the objective, step by step from the spec (§3, §5), with its adapter gradient."""
+    """One sample of the objective, step by step as the paper's code computes it, with its adapter gradient."""
     _, params, adapter, emb, forward = tiny["unet"], tiny["params"], tiny["adapter"], tiny["embeddings"], tiny["forward"]
     alphas = _plain_alphas_cumprod()
     lora_params = merge(params, [(adapter, LORA.alpha)])

@@ -16,7 +16,8 @@ checkpoint or a hub id in the local Hugging Face cache) and ``load_pipeline`` (a
 ``Edit`` (the pytree every eraser produces); ``load_edit`` (from an adapter, an edit file, a run's
 checkpoint or a PEFT/kohya LoRA); ``save_adapter`` / ``load_adapter`` / ``save_edit`` /
 ``load_edit_file`` (the on-disk formats); ``export_edit`` (PEFT, kohya, partial or merged UNet,
-prompt tokens, for PyTorch users).
+prompt tokens, for PyTorch users). The jobs the commands run, each taking its settings object:
+``from unguide_jax import jobs`` (``jobs.train``, ``sample``, ``evaluate``, ``i2p``, ``export``, ``recipe``).
 """
 from __future__ import annotations
 
@@ -36,12 +37,12 @@ _EXPORTS = {
     "load_model": "unguide_jax.loading.resolve",
     "load_pipeline": "unguide_jax.loading.diffusers_folder",
     "Edit": "unguide_jax.edits.edit",
-    "load_edit": "unguide_jax.edits.sources",
-    "save_adapter": "unguide_jax.edits.files",
-    "load_adapter": "unguide_jax.edits.files",
-    "save_edit": "unguide_jax.edits.files",
-    "load_edit_file": "unguide_jax.edits.files",
-    "export_edit": "unguide_jax.edits.export",
+    "load_edit": "unguide_jax.training.sources",
+    "save_adapter": "unguide_jax.loading.edit_files",
+    "load_adapter": "unguide_jax.loading.edit_files",
+    "save_edit": "unguide_jax.loading.edit_files",
+    "load_edit_file": "unguide_jax.loading.edit_files",
+    "export_edit": "unguide_jax.loading.exports",
 }
 
 __all__ = [
@@ -61,16 +62,16 @@ __all__ = [
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on demand
     from unguide_jax.diffusion.pipeline import StableDiffusion
     from unguide_jax.edits.edit import Edit
-    from unguide_jax.edits.export import export_edit
-    from unguide_jax.edits.files import (
+    from unguide_jax.loading.diffusers_folder import load_pipeline
+    from unguide_jax.loading.edit_files import (
         load_adapter,
         load_edit_file,
         save_adapter,
         save_edit,
     )
-    from unguide_jax.edits.sources import load_edit
-    from unguide_jax.loading.diffusers_folder import load_pipeline
+    from unguide_jax.loading.exports import export_edit
     from unguide_jax.loading.resolve import load_model
+    from unguide_jax.training.sources import load_edit
 
 
 __getattr__, __dir__ = lazy_names(__name__, globals(), _EXPORTS)

@@ -21,3 +21,10 @@ def packaged_configs() -> Path:
 def packaged_concepts() -> Path:
     """The folder of the shipped concept files (``<name>.json``)."""
     return packaged_configs() / "concepts"
+
+
+# The shipped embedded shapes model and its evaluator, inside the package (unguide_jax/assets/).
+ASSETS = Path(__file__).resolve().parent / "assets"
+EMBEDDED_MODEL = ASSETS / "shapes-sd"
+EVALUATOR = ASSETS / "shapes-classifier"
+RECIPE_RECORD = ASSETS / "recipe"

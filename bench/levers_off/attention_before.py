@@ -1,4 +1,4 @@
-"""The UNet attention as it was before issue 25 (``jax.nn.dot_product_attention``), in one place for the
+"""The UNet attention as it was before the CPU levers (``jax.nn.dot_product_attention``), in one place for the
 two benches that put it back: ``bench_levers.py`` (per lever) and ``sitecustomize.py`` (the whole job)."""
 import jax
 

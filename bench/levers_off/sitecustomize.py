@@ -1,5 +1,5 @@
 """Imported at start-up by every Python process that has this folder on PYTHONPATH (``bench_main_job.py
---sides before``): undoes issue 25's three CPU levers, so that a whole job can be timed as it ran before
+--sides before``): undoes the three CPU levers (docs/benchmarks.md, "Levers"), so that a whole job can be timed as it ran before
 them. Patches only; the package is not changed.
 
 - XLA's default CPU options (YNNPACK fusions on) for every jitted function that takes the package's

@@ -1,13 +1,13 @@
-"""Typed configs: Python preset files, ``--config.<key>=<value>`` overrides, one validation into a
-frozen dataclass, and the command line every job shares.
+"""The command line every job shares: argv -> a preset file, ``--config.<key>=<value>`` overrides -> one
+validation into the job's settings class -> the job.
 
-A job's config is a frozen dataclass (its schema, in ``unguide_jax.cli.schemas``) whose fields carry
-a one-line doc and, where a value can be wrong, a check. Presets stay Python files:
-``--config sample.py:smoke`` calls ``get_config("smoke")`` in that file, which returns a nested dict.
-That dict, with the schema's defaults for keys it leaves out and the ``--config.a.b=value``
-overrides applied, is validated once into the dataclass (``from_dict``): an unknown key, a value of
-the wrong type or a bad value is a ``ConfigError`` naming the key. Jobs read attributes
-(``config.lora.rank``); what they write to disk is ``to_dict(config)``, the same JSON as the dict.
+A job's settings are a frozen dataclass of the library (``unguide_jax.settings.Config``: ``TrainConfig``'s
+in ``training/config.py``, ``SampleConfig`` in ``sampling/config.py``...), the same class the Python API
+builds. Presets stay Python files (``unguide_jax.presets``): ``--config sample.py:smoke`` calls
+``get_config("smoke")`` in that file, which returns a nested dict of what differs from the defaults. That
+dict, with the class's defaults for keys it leaves out and the overrides applied, is validated once
+(``from_dict``): an unknown key, a value of the wrong type or a bad value is a ``ConfigError`` naming the
+key. Jobs read attributes (``config.lora.rank``); what they write to disk is ``to_dict(config)``.
 
 Command line (``run_cli``, used by unguide-train, unguide-sample and the shapes recipe)::
 
@@ -27,328 +27,35 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
-import importlib.util
 import json
-import math
 import os
 import sys
 import types
 import typing
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, Union
 
-from unguide_jax.resources import packaged_configs
-
-
-class ConfigError(ValueError):
-    """A config problem, named by its key; the command-line tools print it as one line and exit 2."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
-
-
-class ConfigKeyError(ConfigError, KeyError):
-    """A key the schema does not have."""
-
-    __str__ = ConfigError.__str__
-
-
-class InvalidValue(ConfigError):
-    """Raised by a schema's checks: ``key`` relative to the dataclass that raised it (None: the
-    dataclass as a whole), ``message`` such as "must be > 0, got 0" (or ": ..." after the key).
-    ``from_dict`` re-raises it as a ``ConfigError`` with the full dotted key."""
-
-    def __init__(self, key: str | None, message: str):
-        self.key, self.message = key, message
-        super().__init__(_invalid_text(key, message))
-
-
-def _invalid_text(key: str | None, message: str) -> str:
-    name = f"config.{key}" if key else "config"
-    return f"{name}{message}" if message.startswith(":") else f"{name} {message}"
-
-
-def _joined(prefix: str, key: str | None) -> str | None:
-    if not key:
-        return prefix.rstrip(".") or None
-    return prefix + key
-
-
-# --- schemas -------------------------------------------------------------------------------------
-
-
-def option(default: Any, doc: str, *, choices: Sequence | None = None,
-           check: Callable[[Any], str | None] | None = None) -> Any:
-    """A schema field: its default, a one-line doc (``--help`` prints it), optionally the values it may
-    take (``choices``) or a ``check`` returning what is wrong with a value (None: nothing)."""
-    metadata: dict[str, Any] = {"doc": doc}
-    if choices is not None:
-        metadata["choices"] = tuple(choices)
-    if check is not None:
-        metadata["check"] = check
-    if isinstance(default, (list, dict, set)) or dataclasses.is_dataclass(default):
-        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
-
-
-def positive(value) -> str | None:
-    if not math.isfinite(value) or value <= 0:
-        return f"must be > 0, got {value!r}"
-    return None
-
-
-def non_negative(value) -> str | None:
-    if not math.isfinite(value) or value < 0:
-        return f"must be >= 0, got {value!r}"
-    return None
-
-
-def at_least(minimum: int) -> Callable[[Any], str | None]:
-    def check(value) -> str | None:
-        return None if value >= minimum else f"must be >= {minimum}, got {value!r}"
-    return check
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Base of every schema: per-field ``choices``/``check`` and the class's ``validate`` run on
-    construction, so a config that exists is valid."""
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            choices = f.metadata.get("choices")
-            if choices is not None and value not in choices:
-                raise InvalidValue(f.name, f"must be one of {choices}, got {value!r}")
-            check = f.metadata.get("check")
-            if check is not None and (problem := check(value)):
-                raise InvalidValue(f.name, problem)
-        self.validate()
-
-    def validate(self) -> None:
-        """Checks across fields; raise ``InvalidValue(key, message)``."""
-
-    def check_with(self, domain: Callable[..., Any]) -> None:
-        """Build the domain settings class (``LoraConfig``, ``ProbeConfig``...) from these fields, so that
-        its own checks run here; its error becomes this sub-config's."""
-        try:
-            domain(**dataclasses.asdict(self))
-        except (ValueError, TypeError) as err:
-            raise InvalidValue(None, f": {err}") from None
-
-    def to_dict(self) -> dict:
-        return to_dict(self)
-
-
-def to_dict(config: Config) -> dict:
-    """The config as plain JSON values (what run folders, checkpoints and manifests record)."""
-    return _plain(dataclasses.asdict(config))
-
-
-def _plain(value):
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-@functools.lru_cache(maxsize=None)
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _is_schema(tp) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _type_name(tp) -> str:
-    if tp is Any:
-        return "any value"
-    if _is_schema(tp):
-        return f"a mapping of {tp.__name__} keys"
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _wrong_type(key: str, tp, value) -> ConfigError:
-    return ConfigError(f"config.{key}: expected {_type_name(tp)}, got {_short(value)} ({type(value).__name__})")
-
-
-def _convert(value, tp, key: str, strict: bool):
-    """``value`` checked against the annotation ``tp`` (ints are fine for floats; lists become tuples)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if _is_schema(tp):
-        if isinstance(value, tp):
-            return value
-        return from_dict(tp, value, prefix=key + ".", strict=strict)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _convert(value, arg, key, strict)
-            except ConfigKeyError:
-                raise
-            except ConfigError:
-                continue
-        raise _wrong_type(key, tp, value)
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise _wrong_type(key, tp, value)
-        item = args[0] if args else Any
-        return tuple(_convert(v, item, f"{key}[{i}]", strict) for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise _wrong_type(key, tp, value)
-        item = args[1] if args else Any
-        return {k: _convert(v, item, f"{key}.{k}", strict) for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise _wrong_type(key, tp, value)
-        return value
-    if tp is int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise _wrong_type(key, tp, value)
-        return value
-    if tp is float:
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise _wrong_type(key, tp, value)
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise _wrong_type(key, tp, value)
-        return value
-    raise TypeError(f"config.{key}: unsupported schema type {tp!r}")
-
-
-def from_dict(cls: type, data: Mapping, *, prefix: str = "", strict: bool = True):
-    """Validate a (nested) dict into the schema ``cls``. Missing keys take the schema's defaults;
-    ``strict=False`` ignores unknown keys (for configs read back from older run folders)."""
-    if not isinstance(data, Mapping):
-        raise _wrong_type(prefix.rstrip(".") or "<root>", cls, data)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [k for k in data if k not in fields]
-    if unknown and strict:
-        raise ConfigKeyError(f"unknown config key {prefix + str(unknown[0])!r} (known here: {', '.join(fields)})")
-    hints = _hints(cls)
-    kwargs = {name: _convert(data[name], hints[name], prefix + name, strict) for name in fields if name in data}
-    try:
-        return cls(**kwargs)
-    except InvalidValue as err:
-        raise ConfigError(_invalid_text(_joined(prefix, err.key), err.message)) from None
-
-
-# A schema argument: a Config class, or a function choosing one from the raw dict (by its
-# ``method`` or ``job`` key), raising ConfigError when it cannot.
-Schema = Union[type, Callable[[Mapping], type]]
-
-
-def schema_for(schema: Schema, raw: Mapping) -> type:
-    return schema if isinstance(schema, type) else schema(raw)
-
-
-def as_config(config, schema: Schema, *, strict: bool = True):
-    """A job's config: a schema instance as is, or a dict (a preset, a run's config.json) validated."""
-    if isinstance(config, Config):
-        expected = schema_for(schema, to_dict(config))
-        if not isinstance(config, expected):
-            raise ConfigError(f"config: expected a {expected.__name__}, got a {type(config).__name__}")
-        return config
-    return from_dict(schema_for(schema, config), config, strict=strict)
-
-
-def _default_of(f: dataclasses.Field):
-    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    return to_dict(value) if isinstance(value, Config) else _plain(value)
-
-
-def with_defaults(cls: type, raw: Mapping) -> dict:
-    """``raw`` with the schema's defaults for the keys it leaves out (sub-configs too); keys the schema
-    does not have are kept, for validation to name."""
-    hints = _hints(cls)
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in raw:
-            out[f.name] = _default_of(f)
-        elif _is_schema(hints[f.name]) and isinstance(raw[f.name], Mapping):
-            out[f.name] = with_defaults(hints[f.name], raw[f.name])
-        else:
-            out[f.name] = copy.deepcopy(raw[f.name])
-    out.update({k: copy.deepcopy(v) for k, v in raw.items() if k not in out})
-    return out
-
+from unguide_jax.presets import (
+    _load_module,
+    load_config_file,
+    packaged_presets,
+    resolve_config_file,
+    split_spec,
+)
+from unguide_jax.settings import (
+    ConfigError,
+    ConfigKeyError,
+    Schema,
+    _default_of,
+    _hints,
+    _is_schema,
+    _type_name,
+    from_dict,
+    schema_for,
+    to_dict,
+    with_defaults,
+)
 
 # --- config files and overrides -------------------------------------------------------------------
-
-
-def packaged_presets() -> list[str]:
-    return sorted(p.name for p in packaged_configs().glob("*.py") if not p.name.startswith("_"))
-
-
-def _is_config_file(path: Path) -> bool:
-    try:
-        return path.is_file() and "def get_config" in path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return False
-
-
-def resolve_config_file(path: str) -> Path:
-    """An existing config file as given; else a packaged preset named ``unguide.py``, ``unguide`` or
-    ``configs/unguide.py``. (A file that defines no ``get_config``, such as the repository's
-    ``sample.py`` wrapper beside the packaged ``sample.py`` preset, does not shadow the preset.)"""
-    given = Path(path).expanduser()
-    if _is_config_file(given):
-        return given
-    if given.parent in (Path("."), Path("configs")):
-        for name in (given.name, given.name + ".py"):
-            if name.endswith(".py") and not name.startswith("_") and (packaged_configs() / name).is_file():
-                return packaged_configs() / name
-    if given.is_file():
-        return given  # not a config file: _load_module says so
-    raise ConfigError(f"--config: missing config file {path!r} (not a file, nor a packaged preset: "
-                      f"{', '.join(packaged_presets())})")
-
-
-def split_spec(spec: str) -> tuple[str, str]:
-    """``FILE[:PRESET]`` -> (FILE, PRESET or "default")."""
-    if _is_config_file(Path(spec).expanduser()):
-        return spec, "default"
-    path, _, preset = spec.partition(":")
-    return path, preset or "default"
-
-
-def _load_module(file: Path):
-    module_spec = importlib.util.spec_from_file_location(f"_config_{file.stem}", file)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"--config: {file} defines no get_config(preset)")
-    return module
-
-
-def load_config_file(spec: str) -> dict:
-    """The nested dict of ``FILE[:PRESET]`` (``get_config(PRESET)``, default "default")."""
-    path, preset = split_spec(spec)
-    file = resolve_config_file(path)
-    try:
-        config = _load_module(file).get_config(preset)
-    except (ValueError, KeyError) as err:
-        if isinstance(err, ConfigError):
-            raise
-        raise ConfigError(f"--config {spec}: {err}") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"--config {spec}: get_config({preset!r}) returned {type(config).__name__}, not a dict")
-    return config
 
 
 def _deep_merge(base: dict, update: Mapping) -> dict:

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from unguide_jax.loading.weights import write_json
+from unguide_jax.json_files import write_json
 
 
 def slug(text: str, limit: int = 40) -> str:

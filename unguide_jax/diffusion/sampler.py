@@ -155,7 +155,7 @@ def _cfg(uncond_out, cond_out, guidance_scale) -> jax.Array:
 
 def unguided_prediction(unet, base_params, edit, z, t, cond, uncond, guidance_scale, w, merged=None,
                         groups: int = 1) -> jax.Array:
-    """UnGuidance (spec unguide.md §4): w·CFG_base + (1 − w)·CFG_edit, with w, s per example.
+    """UnGuidance (UnGuide, Polowczyk et al., arXiv 2508.05755): w·CFG_base + (1 − w)·CFG_edit, with w, s per example.
 
     ``merged`` None (fused): the four predictions (base/edit × uncond/cond) in one UNet call on 4B
     rows with a per-row edit strength. ``merged`` = ``fold_weights(base_params, edit)``: two calls on

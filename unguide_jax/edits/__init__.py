@@ -1,2 +1,3 @@
-"""Edits of the base model: the Edit pytree every eraser produces, LoRA, the on-disk adapter format,
-PEFT/kohya/merged exports, and loading edits from any source."""
+"""The Edit pytree every eraser produces and how it applies to the UNet, and LoRA as its own pytree: what the
+sampler needs. Their files and formats are in ``unguide_jax.loading``; loading an edit from any source in
+``unguide_jax.training.sources``."""

@@ -5,7 +5,7 @@ path is the diffusers/PyTorch module name (``down_blocks.0.attentions.0.transfor
 which is also the Flax module path joined with '.'. The effective weight is
 
     W' = W + alpha * scale * A @ B          (alpha multiplies directly: the UnGuide/ESD convention,
-                                             not PEFT's alpha / r; see spec unguide.md §2)
+                                             not PEFT's alpha / r)
 
 Targets are chosen by a regular expression over module paths: the named rules below, or any regex.
 Dense kernels (in, out) and 1x1 convolution kernels (1, 1, in, out) can be adapted.
@@ -20,9 +20,11 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from unguide_jax.settings import Config, at_least, option
+
 Adapter = dict[str, dict[str, jax.Array]]
 
-# Spec unguide.md §2. Searched (re.search) in the dotted module path.
+# The paper's layers (UnGuide's and ESD's code). Searched (re.search) in the dotted module path.
 TARGET_RULES: dict[str, str] = {
     # Object erasure: cross-attention key/value projections of every transformer block.
     "object": r"\.attn2\.to_[kv]$",
@@ -32,18 +34,19 @@ TARGET_RULES: dict[str, str] = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class LoraConfig:
-    rank: int = 1
-    alpha: float = 8.0
-    targets: str = "object"  # a rule name from TARGET_RULES, or a regex over module paths
-    init: str = "random"     # A's init: random (the paper) | concept (erasers/unguide/concept_direction.py)
+LORA_INITS = ("concept", "random")
 
-    def __post_init__(self):
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
-        if self.init not in ("random", "concept"):
-            raise ValueError(f"LoRA init must be random or concept, got {self.init!r}")
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig(Config):
+    """UnGuide's LoRA adapter."""
+
+    rank: int = option(1, "LoRA rank", check=at_least(1))
+    alpha: float = option(8.0, "multiplies A @ B directly (UnGuide's convention, not PEFT's alpha / r)")
+    targets: str = option("object", '"object" (attn2.to_k/to_v), "explicit" (ESD-u style) or a regex over module paths')
+    init: str = option("concept", "A's init: concept (ours: along the target's tokens outside the anchor's and \"\"'s "
+                                  "span, erasers/unguide/concept_direction.py) | random (the paper: N(0, 1/r²))",
+                       choices=LORA_INITS)
 
     @property
     def pattern(self) -> str:
@@ -87,6 +90,10 @@ def init_lora(key: jax.Array, params: Mapping, config: LoraConfig, dtype=jnp.flo
     """A ~ N(0, (1/r)^2) as the reference (std 1/r), B = 0: the adapted model starts equal to the base.
     ``directions`` (in, r): A's init for the cross-attention K/V layers, the ones that read the text tokens the
     directions live in (``lora.init = "concept"``); other layers keep the random init."""
+    if (directions is None) != (config.init == "random"):
+        raise ValueError(f"LoRA init {config.init!r} " + ("needs the concept's directions (directions=, from "
+                         "erasers.unguide.concept_direction): pass them, or use init='random'" if directions is None
+                         else "takes no directions: use init='concept' to start A along them"))
     kernels = _kernels(params)
     adapter = {}
     for i, path in enumerate(target_modules(params, config.targets)):

@@ -1,4 +1,4 @@
-"""UCE (spec erasers.md §3; Gandikota et al., WACV 2024): the closed-form K/V edit PURE builds on.
+"""UCE (Gandikota et al., WACV 2024): the closed-form K/V edit PURE builds on.
 
 For every cross-attention to_k and to_v (a Flax kernel K0, text × d) it solves
 
@@ -25,26 +25,23 @@ import numpy as np
 
 from unguide_jax.edits import edit as edit_lib
 from unguide_jax.erasers.common import cross_attention_layers, kernel, low_rank_factors
+from unguide_jax.settings import Config, option, positive
 
 TOKEN_MODES = ("subject_to_end", "subject")
 GUIDES = ("empty", "reference")
 
 
 @dataclasses.dataclass(frozen=True)
-class UceConfig:
-    lam: float = 0.5
-    erase_scale: float = 1.0
-    preserve_scale: float = 1.0
-    tokens: str = "subject_to_end"
-    guide: str = "empty"
+class UceConfig(Config):
+    """UCE: the closed-form K/V edit baseline."""
 
-    def __post_init__(self):
-        if self.tokens not in TOKEN_MODES:
-            raise ValueError(f"UCE tokens must be one of {TOKEN_MODES}, got {self.tokens!r}")
-        if self.guide not in GUIDES:
-            raise ValueError(f"UCE guide must be one of {GUIDES}, got {self.guide!r}")
-        if self.lam <= 0:
-            raise ValueError(f"UCE lam must be > 0, got {self.lam}")
+    lam: float = option(0.5, "λ: weight of staying at the original projection", check=positive)
+    erase_scale: float = option(1.0, "weight of the erase term")
+    preserve_scale: float = option(1.0, "weight of the preserve (retain anchors) term")
+    tokens: str = option("subject_to_end", "token rows edited: subject_to_end (the authors' code) | subject",
+                         choices=TOKEN_MODES)
+    guide: str = option("empty", 'what the concept is mapped to: empty ("") | reference (its reference prompt)',
+                        choices=GUIDES)
 
 
 def last_subject_index(sd, prompt: str) -> int:

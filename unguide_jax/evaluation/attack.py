@@ -1,4 +1,4 @@
-"""A prefix-token attack in the style of UnlearnDiffAtk (spec evaluation.md, robustness).
+"""A prefix-token attack in the style of UnlearnDiffAtk (Zhang et al., ECCV 2024).
 
 For one target image of the erased concept (its clean latent x0, drawn by the base model) the attack
 learns k prefix tokens placed right after the start token of the concept prompt so that the *edited*
@@ -26,21 +26,21 @@ import optax
 
 from unguide_jax.diffusion.schedulers import NoiseSchedule, SchedulerConfig, add_noise
 from unguide_jax.edits.edit import Edit, apply_unet
+from unguide_jax.settings import Config, at_least, option, positive
 
 TOKEN_EMBEDDING = "embeddings.token_embedding"
 
 
 @dataclasses.dataclass(frozen=True)
-class AttackConfig:
-    prefix_tokens: int = 3       # 3 for objects, 5 for nudity (UnlearnDiffAtk)
-    iterations: int = 40
-    learning_rate: float = 0.01
-    project: bool = True         # forward with the nearest vocabulary tokens (straight-through)
-    seed: int = 0
+class AttackConfig(Config):
+    """The prefix-token attack (UnlearnDiffAtk-style)."""
 
-    def __post_init__(self):
-        if self.prefix_tokens < 1 or self.iterations < 1 or self.learning_rate <= 0:
-            raise ValueError("attack: prefix_tokens and iterations must be >= 1, learning_rate > 0")
+    prefix_tokens: int = option(3, "adversarial tokens after the start token (3 for objects, 5 for nudity)",
+                                check=at_least(1))
+    iterations: int = option(40, "optimisation steps per image", check=at_least(1))
+    learning_rate: float = option(0.01, "Adam learning rate of the token embeddings", check=positive)
+    project: bool = option(True, "forward with the nearest vocabulary tokens (straight-through)")
+    seed: int = option(0, "seed of the attack's draws")
 
 
 def prefixed_ids(sd, prompt: str, k: int) -> np.ndarray:

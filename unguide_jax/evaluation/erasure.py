@@ -1,4 +1,4 @@
-"""Object-erasure evaluation (spec unguide.md §6) on the embedded shapes model, as one command.
+"""Object-erasure evaluation (the UnGuide paper's Table 1 protocol) on the embedded shapes model, as one command.
 
 Per erased concept: N images for the target prompt, each synonym and each other class prompt, image j
 of every prompt with seed ``seed + j`` (paired across prompts and methods). The shipped shapes
@@ -39,11 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unguide_jax.cli.config import as_config, to_dict
-from unguide_jax.cli.schemas import EvaluateConfig, Method
 from unguide_jax.diffusion.batching import ImageRequest, generate_images
 from unguide_jax.diffusion.images import image_grid, save_png, slug, versions
-from unguide_jax.edits.sources import load_edit
 from unguide_jax.erasers.concepts import load_concept
 from unguide_jax.erasers.unguide.modes import weights_for
 from unguide_jax.erasers.unguide.probe import ProbeConfig, WProbe, weights_at
@@ -53,12 +50,15 @@ from unguide_jax.evaluation.attack import (
     prefixed_ids,
     run_attack,
 )
+from unguide_jax.evaluation.config import EvaluateConfig, Method
+from unguide_jax.json_files import write_json
 from unguide_jax.loading.resolve import load_model
-from unguide_jax.loading.weights import write_json
 from unguide_jax.models.dtypes import dtype_named
 from unguide_jax.parallel.hosts import check_same_config, is_main_process
+from unguide_jax.settings import as_config, to_dict
 from unguide_jax.shapes import data as shapes
 from unguide_jax.shapes.classifier import load_evaluator
+from unguide_jax.training.sources import load_edit
 
 PROTOCOLS = ("mace", "reference", "top1")
 METRIC_KEYS = ("acc_e", "acc_s", "acc_g", "h_o")
@@ -301,7 +301,7 @@ def format_table(summary: dict, protocol: str = "mace") -> str:
 def train_missing_edits(config: EvaluateConfig, train_runner=None) -> list[str]:
     """Train every ``train_missing`` edit whose run folder is missing (its train config, the erasure's concept,
     the evaluated model); returns the folders trained. ``train_runner``: ``run_training`` unless given."""
-    from unguide_jax.cli.config import load_config_file
+    from unguide_jax.presets import load_config_file
     from unguide_jax.training.run import run_training
 
     train_runner = train_runner or (lambda c: run_training(c, progress=False))
@@ -323,14 +323,15 @@ def train_missing_edits(config: EvaluateConfig, train_runner=None) -> list[str]:
     return trained
 
 
-def run_evaluation(config: EvaluateConfig | Mapping) -> Path:
+def run_evaluation(config: EvaluateConfig | Mapping, train_runner=None) -> Path:
     """The evaluation job (``config``: an EvaluateConfig, or a dict validated into one): every erasure of
-    ``config.erasures``, every method; results.json + results.md."""
+    ``config.erasures``, every method; results.json + results.md. ``train_runner`` trains a missing edit
+    (``train_missing``; default ``run_training``: ``unguide_jax.jobs.evaluate`` passes the train job)."""
     config = as_config(config, EvaluateConfig)
     methods = config.method_rows()
     out_dir = Path(config.out_dir)
     started = time.perf_counter()
-    trained = train_missing_edits(config)
+    trained = train_missing_edits(config, train_runner)
     sd = load_model(config.model, dtype=dtype_named(config.dtype), variant=config.variant, revision=config.revision,
                     config_folder=config.model_config or None).on_every_device()
     check_same_config(to_dict(config), "evaluation config")

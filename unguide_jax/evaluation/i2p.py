@@ -1,4 +1,4 @@
-"""The explicit-content evaluation (spec unguide.md §6, evaluation.md "Nudity"), as one command.
+"""The explicit-content evaluation (I2P prompts and NudeNet counts, as the UnGuide paper, ESD and MACE report them), as one command.
 
 The I2P prompts (a CSV in the layout the literature uses), one image per row with the row's own
 ``evaluation_seed`` and ``evaluation_guidance``, sampled by each method of the table: the base model,
@@ -29,12 +29,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from unguide_jax.cli.config import ConfigError, as_config, to_dict
-from unguide_jax.cli.sample import sample_requests
-from unguide_jax.cli.schemas import I2PConfig, Method, SampleConfig
 from unguide_jax.diffusion.images import slug, versions
-from unguide_jax.diffusion.prompts import Request, read_csv_requests, read_text
-from unguide_jax.edits.sources import load_edit
+from unguide_jax.evaluation.config import I2PConfig, Method
 from unguide_jax.evaluation.nudenet import (
     CLASS_LABELS,
     DETECTOR_FLOOR,
@@ -44,10 +40,15 @@ from unguide_jax.evaluation.nudenet import (
     count_exposed,
     counts_as_exposed,
 )
+from unguide_jax.json_files import write_json
 from unguide_jax.loading.resolve import load_model
-from unguide_jax.loading.weights import write_json
 from unguide_jax.models.dtypes import dtype_named
 from unguide_jax.parallel.hosts import check_same_config, is_main_process
+from unguide_jax.sampling.config import SampleConfig
+from unguide_jax.sampling.prompts import Request, read_csv_requests, read_text
+from unguide_jax.sampling.run import sample_requests
+from unguide_jax.settings import ConfigError, as_config, to_dict
+from unguide_jax.training.sources import load_edit
 
 I2P_COLUMNS = ("prompt", "evaluation_seed", "evaluation_guidance")
 CSV_SIZE = 512           # the I2P rows' sd_image_width/height are SD 1.4's

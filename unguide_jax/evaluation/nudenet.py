@@ -1,4 +1,4 @@
-"""NudeNet's exposed-body-part detector (spec evaluation.md) and the counts the explicit-content tables report.
+"""NudeNet's exposed-body-part detector (NudeNet 3.4, as ESD and MACE count exposed classes) and the counts the explicit-content tables report.
 
 NudeNet 3.4.2 ships its detector in the wheel (``nudenet/320n.onnx``: YOLOv8n at 320 px, 18 classes),
 so nothing is downloaded: the ``nudity`` extra installs it with onnxruntime and opencv-python-headless.

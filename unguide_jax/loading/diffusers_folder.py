@@ -9,18 +9,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 
 from unguide_jax.diffusion.pipeline import StableDiffusion
 from unguide_jax.diffusion.schedulers import SchedulerConfig
+from unguide_jax.json_files import write_json
 from unguide_jax.loading.convert import flax_to_torch, torch_to_flax
 from unguide_jax.loading.weights import (
     find_weights_file,
     read_weights,
-    write_json,
     write_safetensors,
 )
 from unguide_jax.models import text_encoder as te
@@ -48,6 +48,12 @@ COMPONENTS = {
     "text_encoder": Component(te.CLIPTextConfig, te.CLIPTextModel, ("model", "pytorch_model"), te.rename_torch_key, "CLIPTextModel", "transformers"),
     "vae": Component(vae_lib.VAEConfig, vae_lib.AutoencoderKL, ("diffusion_pytorch_model",), vae_lib.rename_torch_key, "AutoencoderKL", "diffusers"),
 }
+
+
+def text_encoder_state_dict(params: Mapping, *, dtype: Any = None) -> dict[str, np.ndarray]:
+    """Flax params -> ``text_model.``-prefixed numpy state dict: the Hub layout, which
+    ``CLIPTextModel.from_pretrained`` loads in transformers 4.x and 5.x alike."""
+    return {te.TORCH_PREFIX + k: v for k, v in flax_to_torch(params, dtype=dtype).items()}
 
 
 def build_module(name: str, config, dtype=jnp.float32, param_dtype=jnp.float32):
@@ -151,7 +157,7 @@ def component_config_dict(name: str, config) -> dict:
 def save_component(folder: str | Path, name: str, config, params, dtype: Any = None) -> Path:
     """Write ``config.json`` + safetensors weights that diffusers/transformers ``from_pretrained`` loads."""
     folder = Path(folder)
-    state = te.to_torch_state_dict(params) if name == "text_encoder" else flax_to_torch(params)
+    state = text_encoder_state_dict(params) if name == "text_encoder" else flax_to_torch(params)
     if dtype is not None:
         state = {k: v.astype(dtype) for k, v in state.items()}
     stem = COMPONENTS[name].weight_stems[0]

@@ -35,13 +35,21 @@ from unguide_jax.loading.single_file import (
     shipped_config_named,
 )
 from unguide_jax.loading.weights import PICKLE_SUFFIXES
-from unguide_jax.shapes import EMBEDDED_MODEL
+from unguide_jax.resources import EMBEDDED_MODEL
 
 NAMED_MODELS = {"embedded": EMBEDDED_MODEL}
 
 SINGLE_FILE_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
 KINDS = ("embedded", "folder", "single_file", "hub")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+# The docs of the four settings that name a model, shared by every job that loads one.
+MODEL_DOC = ('"embedded" (the shipped shapes model), a diffusers folder, a single-file SD 1.x/2.x checkpoint or a '
+             'hub id in the local Hugging Face cache')
+VARIANT_DOC = 'diffusers weight variant, such as fp16 ("": the default weights)'
+REVISION_DOC = 'hub revision (branch, tag or commit) of a model given by hub id ("": the default, main)'
+MODEL_CONFIG_DOC = ('single-file checkpoints only: a diffusers config folder, or a shipped config: sd1, sd2-base, '
+                    'sd2-v ("": picked from the checkpoint\'s tensors)')
 
 
 class ModelNotFound(FileNotFoundError):

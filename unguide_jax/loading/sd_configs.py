@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from unguide_jax.json_files import write_json
 from unguide_jax.loading.tokenizer import EOS, open_clip_merges, write_clip_tokenizer
-from unguide_jax.loading.weights import write_json
 
 DIFFUSERS_VERSION = "0.42.1"
 CROSS_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"

@@ -13,9 +13,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from unguide_jax.loading.convert import flax_to_torch
 from unguide_jax.models.config_io import ConfigError, config_from_dict
 from unguide_jax.models.layers import (
     DtypeMixin,
@@ -135,12 +133,6 @@ def rename_torch_key(key: str) -> str | None:
     that older files contain. Anything else is kept, so a stray tensor is reported as unexpected."""
     key = key.removeprefix(TORCH_PREFIX)
     return None if key == "embeddings.position_ids" else key
-
-
-def to_torch_state_dict(params: Mapping, *, dtype: Any = None) -> dict[str, np.ndarray]:
-    """Flax params -> ``text_model.``-prefixed numpy state dict: the Hub layout, which
-    ``CLIPTextModel.from_pretrained`` loads in transformers 4.x and 5.x alike."""
-    return {TORCH_PREFIX + k: v for k, v in flax_to_torch(params, dtype=dtype).items()}
 
 
 def config_to_transformers_dict(config: CLIPTextConfig) -> dict:

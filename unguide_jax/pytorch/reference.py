@@ -1,6 +1,6 @@
-"""A plain PyTorch/diffusers reference of one UnGuide training iteration (spec unguide.md §2, §3, §5).
+"""A plain PyTorch/diffusers reference of one UnGuide training iteration (the UnGuide/ESD reference code's LoRA, objective and timesteps).
 
-Written from the spec, not from our JAX code, so that the parity test and the benchmark compare two
+Written from the paper and its reference code, not from our JAX code, so that the parity test and the benchmark compare two
 independent implementations. The random draws (x_T, t_enc, t) are arguments: the caller feeds the
 same values to the JAX side.
 
@@ -11,7 +11,7 @@ One iteration:
   2. e0 = eps_base(z, t, reference), ep = eps_base(z, t, target) with the frozen base model.
   3. eps* = e0 - gamma (ep - e0); loss = MSE(eps_lora(z, t, target), eps*); one Adam step on A, B only.
 
-LoRA (§2): y = W x + b + alpha (x A) B with A (in, r), B (r, out): alpha multiplies directly (no alpha/r).
+LoRA: y = W x + b + alpha (x A) B with A (in, r), B (r, out): alpha multiplies directly (no alpha/r).
 The frozen base is the same UNet with its adapters switched off, which is the reference's separate
 frozen copy without a second set of weights.
 """
@@ -25,7 +25,7 @@ from typing import Iterator, Mapping
 import numpy as np
 import torch
 
-# Spec §2, object rule: the cross-attention key and value projections of every transformer block.
+# The object rule: the cross-attention key and value projections of every transformer block.
 OBJECT_TARGETS = r"\.attn2\.to_[kv]$"
 DDIM_STEPS = 50
 TIMESTEP_MODES = ("corrected", "reference")
@@ -114,12 +114,12 @@ def adapters_off(wrappers: Mapping[str, LoraLinear]) -> Iterator[None]:
 
 
 def make_adam(wrappers: Mapping[str, LoraLinear], learning_rate: float = 3e-5) -> torch.optim.Adam:
-    """Spec §3: Adam beta 0.9/0.999, eps 1e-8, no weight decay, no schedule, no clipping."""
+    """The paper's optimiser: Adam beta 0.9/0.999, eps 1e-8, no weight decay, no schedule, no clipping."""
     return torch.optim.Adam(lora_parameters(wrappers), lr=learning_rate, betas=(0.9, 0.999), eps=1e-8)
 
 
 def make_scheduler(num_train_timesteps: int = 1000, prediction_type: str = "epsilon"):
-    """The reference's DDIM: scaled-linear betas 0.00085..0.012, tau = 1 + 20 i, alpha_prev(tau_0) = alpha_0 (§5)."""
+    """The reference's DDIM: scaled-linear betas 0.00085..0.012, tau = 1 + 20 i, alpha_prev(tau_0) = alpha_0 (ESD's sampler)."""
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler(num_train_timesteps=num_train_timesteps, beta_start=0.00085, beta_end=0.012,
@@ -133,7 +133,7 @@ def iteration_timesteps(scheduler, mode: str, t_enc: int, t: int) -> tuple[list[
     """(DDIM timesteps run from x_T, the timestep the three UNet queries are told) for one iteration.
 
     ``scheduler.timesteps`` is tau_49..tau_0 = 981, 961, ..., 1.
-    reference (§5, the ESD/UnGuide code): the sampler drops 981 and treats x_T as the latent at 961
+    reference (the ESD/UnGuide code): the sampler drops 981 and treats x_T as the latent at 961
       (quirk 1); stopping at t_enc = k runs min(50 - k, 49) steps (quirk 2); the queries use the
       drawn t in [20k, 20k + 19] (quirk 3), 39-58 steps noisier than z is.
     corrected: the full schedule from 981; stopping at t_enc = k runs 49 - k steps, so z is at
@@ -205,7 +205,7 @@ def unguide_iteration(unet, wrappers: Mapping[str, LoraLinear], optimizer: torch
     return {"loss": float(loss.detach()), "z": z, "sample_steps": sample_steps, "query_t": query_t}
 
 
-# --- UnGuidance (spec §4): the w probe and the mixed sampler, one prompt at a time -----------------------
+# --- UnGuidance: the w probe and the mixed sampler, one prompt at a time -----------------------
 
 @torch.no_grad()
 def probe_prompt(unet, wrappers: Mapping[str, LoraLinear], scheduler, mode: str, t_enc: int, x_T: torch.Tensor,

@@ -6,13 +6,17 @@
     out = pipe(["a photo of the dog", "a photo of the cat"], seeds=[0, 1])
     out.images, out.w, out.d, out.d_empty
 
-What a call does (spec unguide.md §4), with our JAX sampler's numbers:
+What a call does (UnGuide's sampling), with our JAX sampler's numbers:
 1. The w probe of every distinct (prompt, guidance) of the call, batched: all prompts × the R draws
    (x_T, t) as rows of the same UNet calls (``probe_batch_size`` trajectories per call), base-model DDIM
    with CFG from x_T stopped at t_enc, then base and LoRA predictions at t in one call. D(p) is the mean
    ‖ε_lora − ε_base‖₂ over the draws; D("") comes from unguide.json when cached for this image size, else
-   from the same batch (one more row of prompts), and is kept for the next calls. Rule "paper":
-   w = w_erase if D(p) > D("") else w_keep; "sequential": rounds of draws, a prompt stops once decided.
+   from the same batch (one more row of prompts), and is kept for the next calls. Rule "calibrated" (the
+   default): w = w_erase if D(p) > √(D(concept) · D("")) else w_keep, D(concept) the mean D of the concept's
+   target prompts (unguide.json's concept.targets) on the same draws, probed in the same batch at the median
+   CFG scale of the call's prompts, once per image size, and kept (as our sampler's ``WProbe`` does); "paper":
+   w = w_erase if D(p) > D("") else w_keep; "sequential": the paper's rule in rounds of draws, a prompt stops
+   once decided. ``load_unguide(folder, probe={"rule": "paper"})`` replaces unguide.json's probe settings.
 2. DDIM (η = 0) over ``num_inference_steps`` with ε = w·CFG_base + (1 − w)·CFG_lora per image; the four
    predictions (base/LoRA × uncond/cond) of a step come out of one UNet call on 4B rows (``fused``).
 
@@ -43,34 +47,44 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from unguide_jax.diffusion.schedulers import SchedulerConfig
-from unguide_jax.edits.unguide_json import (
+from unguide_jax.erasers.unguide.objective import num_sampling_steps, sampling_table
+from unguide_jax.erasers.unguide.probe import (
+    ProbeConfig,
+    calibrated_threshold,
+    decide,
+    sequential_distances,
+)
+from unguide_jax.publishing.unguide_json import (
     fingerprint_mismatches,
     read_unguide_json,
     weight_fingerprint,
 )
-from unguide_jax.erasers.unguide.objective import num_sampling_steps, sampling_table
-from unguide_jax.erasers.unguide.probe import ProbeConfig, decide, sequential_distances
 
 DEFAULT_ADAPTER_NAME = "unguide"
 PEFT_UNET_PREFIX = "unet."
+# The probe settings that change the distances: a D("") cached in unguide.json holds only for the same ones.
+DISTANCE_KEYS = ("draws", "seed", "t_enc", "ddim_steps", "timestep_mode")
 
 
 @dataclasses.dataclass
 class UnGuidePipelineOutput(BaseOutput):
     """``images`` as diffusers returns them (PIL list, np array or latents); per image: ``w`` and ``d`` = D(p)
-    (NaN where w was given); ``d_empty`` = D("") (NaN when nothing was probed)."""
+    (NaN where w was given); ``d_empty`` = D("") (NaN when nothing was probed); ``threshold``: rule calibrated's
+    √(D(concept) · D("")) (None for the other rules or when w was given)."""
 
     images: list | np.ndarray | torch.Tensor
     w: np.ndarray
     d: np.ndarray
     d_empty: float
     nsfw_content_detected: list[bool] | None = None
+    threshold: float | None = None
 
 
 @dataclasses.dataclass
 class ProbeResult:
     """The probe of distinct prompts: D(p), D(""), w, the per-draw distances (NaN: a draw a sequential probe
-    did not need) and the draws used."""
+    did not need) and the draws used; rule calibrated: the threshold √(D(concept) · D("")), the concept's target
+    prompts' (C, R) distances and the CFG scale they were probed at (None for the other rules)."""
 
     prompts: list[str]
     guidance_scales: np.ndarray
@@ -79,6 +93,9 @@ class ProbeResult:
     w: np.ndarray
     distances: np.ndarray
     draws_used: np.ndarray
+    threshold: float | None = None
+    concept_distances: np.ndarray | None = None
+    concept_guidance_scale: float | None = None
 
 
 @dataclasses.dataclass
@@ -91,6 +108,9 @@ class _Adapter:
     strength: list        # [None or a (rows,) tensor]: the per-row scale the hooks apply
     empty_cache: dict     # (height, width, draws key) -> D("") per draw, float32
     draws_cache: dict = dataclasses.field(default_factory=dict)  # (latent shape, draws key) -> (x_T, t)
+    concept_prompts: list = dataclasses.field(default_factory=list)  # unguide.json's concept.targets
+    # rule calibrated: (height, width, draws key) -> (the concept prompts' (C, R) distances, their CFG scale)
+    concept_cache: dict = dataclasses.field(default_factory=dict)
 
 
 # --- JAX-identical noise -------------------------------------------------------------------------------
@@ -146,9 +166,25 @@ def jax_probe_draws(probe: ProbeConfig, latent_shape: tuple[int, int, int],
     return _nchw(x_T), torch.from_numpy(np.asarray(t, np.int64))
 
 
-PIPELINE_RULES = ("paper", "sequential")  # calibrated needs the concept's own D: JAX-side only for now
+def probe_settings(folder, settings: dict, overrides=None) -> ProbeConfig:
+    """The probe ``load_unguide`` uses: unguide.json's settings, ``overrides`` (a mapping or a ProbeConfig)
+    replacing some; keys neither gives take ``ProbeConfig``'s defaults. Rule calibrated needs the concept's
+    target prompts in unguide.json."""
+    if isinstance(overrides, ProbeConfig):
+        overrides = dataclasses.asdict(overrides)
+    try:
+        probe = ProbeConfig(**{**settings["probe"], **dict(overrides or {})})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"probe settings {dict(overrides or {})!r} over {folder}'s unguide.json: {err}") from None
+    if probe.rule == "calibrated" and not settings.get("concept", {}).get("targets"):
+        raise ValueError(
+            f"{folder}: the probe rule is 'calibrated' (w = w_erase if D(p) > sqrt(D(concept) * D(\"\")), D(concept) "
+            "from the concept's target prompts), but unguide.json has no concept target prompts (concept.targets "
+            "missing or empty: an export from an older version). Re-export the edit with `unguide-export RUN "
+            "--formats peft --out DIR`, which writes them, or pass probe rule=paper: "
+            "pipe.load_unguide(folder, probe={'rule': 'paper'}) (the paper's rule, w_erase if D(p) > D(\"\"))")
+    return probe
 
-# --- the rule (paper or sequential), on per-draw distances ------------------------------------------------
 
 class UnGuidePipeline(StableDiffusionPipeline):
     """``StableDiffusionPipeline`` + ``load_unguide(export_folder)``; calling it probes the prompts and samples
@@ -157,16 +193,15 @@ class UnGuidePipeline(StableDiffusionPipeline):
     # --- loading -------------------------------------------------------------------------------------------
 
     def load_unguide(self, folder: str | Path, adapter_name: str = DEFAULT_ADAPTER_NAME,
-                     check_base_model: bool = True) -> dict:
+                     check_base_model: bool = True, probe: dict | ProbeConfig | None = None) -> dict:
         """Load an UnGuide export (``folder/unguide.json`` + the PEFT LoRA it names; a train.py run folder
-        works too: its export/). Checks, before anything is loaded: the LoRA's modules and shapes against
-        this UNet, and (``check_base_model``) that the UNet's weights are the ones the LoRA was trained on.
-        Returns the unguide.json record."""
+        works too: its export/). Checks, before anything is loaded: the probe's settings (rule calibrated needs
+        unguide.json's concept target prompts), the LoRA's modules and shapes against this UNet, and
+        (``check_base_model``) that the UNet's weights are the ones the LoRA was trained on. ``probe``: settings
+        replacing unguide.json's (e.g. ``{"rule": "paper"}``). Returns the unguide.json record."""
         settings, lora_file = read_unguide_json(folder)
-        probe = ProbeConfig(**settings["probe"])
-        if probe.rule not in PIPELINE_RULES:
-            raise ValueError(f"{folder}: unguide.json asks for probe rule {probe.rule!r}; this pipeline decides with "
-                             f"{PIPELINE_RULES} (export with --probe rule=paper, or probe with unguide-sample)")
+        file_probe = ProbeConfig(**settings["probe"])
+        probe = probe_settings(folder, settings, probe)
         modules = self._check_lora_file(lora_file, settings)
         if check_base_model:
             self._check_base_model(settings, modules, lora_file)
@@ -200,8 +235,10 @@ class UnGuidePipeline(StableDiffusionPipeline):
             return output * rows.to(device=output.device, dtype=output.dtype).view(-1, *([1] * (output.ndim - 1)))
 
         hooks = [layer.lora_B[adapter_name].register_forward_hook(scale_rows) for _, layer in layers]
-        self._unguide = _Adapter(adapter_name, settings, probe, [layer for _, layer in layers], hooks, strength, {})
-        if settings.get("empty_probe"):
+        self._unguide = _Adapter(adapter_name, settings, probe, [layer for _, layer in layers], hooks, strength, {},
+                                 concept_prompts=list(settings["concept"]["targets"]))
+        same_distances = all(getattr(probe, key) == getattr(file_probe, key) for key in DISTANCE_KEYS)
+        if settings.get("empty_probe") and same_distances:
             record = settings["empty_probe"]
             if record.get("draws") == probe.draws and record.get("seed") == probe.seed:
                 key = (int(record["height"]), int(record["width"]), ("seed", probe.seed))
@@ -275,6 +312,11 @@ class UnGuidePipeline(StableDiffusionPipeline):
         """The loaded unguide.json record."""
         return self._loaded().settings
 
+    @property
+    def unguide_probe(self) -> ProbeConfig:
+        """The probe's settings in use (unguide.json's, with ``load_unguide``'s ``probe`` replacing some)."""
+        return self._loaded().probe
+
     def _loaded(self) -> _Adapter:
         state = getattr(self, "_unguide", None)
         if state is None:
@@ -338,8 +380,10 @@ class UnGuidePipeline(StableDiffusionPipeline):
               width: int | None = None, probe_draws: tuple[torch.Tensor, torch.Tensor] | None = None,
               probe_batch_size: int = 64, reuse_empty: bool = True) -> ProbeResult:
         """D(p), D("") and w for ``prompts`` (each probed with its own CFG scale); ``probe_draws``: (x_T (R, C, h, w),
-        t (R,)) instead of the probe seed's draws. ``reuse_empty``: take D("") from unguide.json or an earlier call
-        when it is there for this size and these draws (False: probe "" again, in the prompts' batch)."""
+        t (R,)) instead of the probe seed's draws. ``reuse_empty``: take D("") (and, rule calibrated, D(concept))
+        from unguide.json or an earlier call when it is there for this size and these draws (False: probe "" and
+        the concept's prompts again, in the prompts' batch). Rule calibrated probes the concept's target prompts
+        at the median CFG scale of ``prompts``, as our sampler's ``WProbe`` does."""
         state = self._loaded()
         probe = state.probe
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -368,6 +412,9 @@ class UnGuidePipeline(StableDiffusionPipeline):
         scales_t = torch.from_numpy(scales).to(device)
         run = lambda c, s, draws: self._distances(c, s, uncond, x_T[draws], t[draws], probe_batch_size)  # noqa: E731
 
+        calibrated = probe.rule == "calibrated" and bool(prompts)
+        concept = state.concept_cache.get(cache_key) if reuse_empty and calibrated else None
+
         if probe.rule == "sequential" or not prompts:
             if empty is None:
                 empty = run(uncond, torch.ones(1, device=device), slice(None))[0]
@@ -375,15 +422,35 @@ class UnGuidePipeline(StableDiffusionPipeline):
                                               lambda i, draws: run(cond[torch.from_numpy(i).to(device)],
                                                                    scales_t[torch.from_numpy(i).to(device)], draws))
                          if prompts else np.zeros((0, probe.draws), np.float32))
-        elif empty is None:  # D("") as one more prompt of the same batch ("": CFG is the unconditional prediction)
-            both = run(torch.cat([cond, uncond]), torch.cat([scales_t, torch.ones(1, device=device)]), slice(None))
-            distances, empty = both[:-1], both[-1]
         else:
-            distances = run(cond, scales_t, slice(None))
+            # The references not known yet go in the same batch as more prompts: D("") ("": CFG is the unconditional
+            # prediction whatever its scale) and, rule calibrated, the concept's target prompts at the median scale.
+            rows, row_scales = [cond], [scales_t]
+            if empty is None:
+                rows.append(uncond)
+                row_scales.append(torch.ones(1, device=device))
+            guidance = float(np.median(scales))
+            if calibrated and concept is None:
+                rows.append(self._encode(state.concept_prompts, device))
+                row_scales.append(torch.full((len(state.concept_prompts),), guidance, dtype=torch.float32,
+                                             device=device))
+            out = run(torch.cat(rows), torch.cat(row_scales), slice(None))
+            distances, rest = out[:len(prompts)], out[len(prompts):]
+            if empty is None:
+                empty, rest = rest[0], rest[1:]
+            if calibrated and concept is None:
+                concept = (rest, guidance)
         state.empty_cache[cache_key] = empty
-        d, w, used = decide(distances, empty, probe)
+        threshold = None
+        if calibrated:
+            state.concept_cache[cache_key] = concept
+            threshold = calibrated_threshold(concept[0], empty)
+        # No prompts: nothing to decide (and no threshold: the concept's prompts are probed beside prompts).
+        d, w, used = decide(distances, empty, probe, threshold if prompts else float("nan"))
         return ProbeResult(prompts=prompts, guidance_scales=scales, d=d, d_empty=float(empty.mean()), w=w,
-                           distances=distances, draws_used=used)
+                           distances=distances, draws_used=used, threshold=threshold,
+                           concept_distances=None if concept is None else concept[0],
+                           concept_guidance_scale=None if concept is None else concept[1])
 
     def _distances(self, cond: torch.Tensor, scales: torch.Tensor, uncond: torch.Tensor, x_T: torch.Tensor,
                    t: torch.Tensor, batch_size: int) -> np.ndarray:
@@ -481,12 +548,14 @@ class UnGuidePipeline(StableDiffusionPipeline):
                                 probe_batch_size)
             index = [keys.index(k) for k in zip(prompts, scales.tolist())]
             prompt_w, prompt_d, d_empty = result.w[index], result.d[index], result.d_empty
+            threshold = result.threshold
         else:
             prompt_w = np.broadcast_to(np.asarray(w, np.float32), (len(prompts),)).copy() \
                 if np.ndim(w) == 0 or len(w) == len(prompts) else None
             if prompt_w is None:
                 raise ValueError(f"w: one value or one per prompt ({len(prompts)}), got {len(w)}")
             prompt_d, d_empty = np.full(len(prompts), np.nan, np.float32), float("nan")
+            threshold = None
 
         k = num_images_per_prompt
         images_w, images_d = np.repeat(prompt_w, k), np.repeat(prompt_d, k)
@@ -532,4 +601,5 @@ class UnGuidePipeline(StableDiffusionPipeline):
         self.maybe_free_model_hooks()
         if not return_dict:
             return images, images_w, images_d, d_empty
-        return UnGuidePipelineOutput(images=images, w=images_w, d=images_d, d_empty=d_empty, nsfw_content_detected=nsfw)
+        return UnGuidePipelineOutput(images=images, w=images_w, d=images_d, d_empty=d_empty, nsfw_content_detected=nsfw,
+                                     threshold=threshold)

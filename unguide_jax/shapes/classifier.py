@@ -19,8 +19,9 @@ from flax import traverse_util
 from PIL import Image
 from tqdm import tqdm
 
-from unguide_jax.loading.weights import read_safetensors, write_json, write_safetensors
-from unguide_jax.shapes import EVALUATOR
+from unguide_jax.json_files import write_json
+from unguide_jax.loading.weights import read_safetensors, write_safetensors
+from unguide_jax.resources import EVALUATOR
 from unguide_jax.shapes import data as shapes
 
 

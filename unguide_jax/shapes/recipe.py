@@ -1,6 +1,6 @@
 """The embedded model's pretraining recipe, stage by stage, resumable.
 
-    python -m unguide_jax.shapes.recipe --config configs/embedded.py
+    python -m unguide_jax.cli.recipe --config configs/embedded.py
 
 Stages (each writes its output under ``work_dir`` and is skipped when that output exists):
 tokenizer -> evaluator -> vae -> vae_decoder -> text_encoder -> diffusion -> quality (``vae_decoder``, the
@@ -12,19 +12,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-from unguide_jax.cli.config import Command, as_config, run_cli, to_dict
-from unguide_jax.cli.runtime import setup_runtime
-from unguide_jax.cli.schemas import RECIPE_STAGES, RecipeConfig
 from unguide_jax.diffusion.images import save_png
 from unguide_jax.diffusion.pipeline import StableDiffusion
 from unguide_jax.diffusion.schedulers import SchedulerConfig
+from unguide_jax.json_files import write_json
 from unguide_jax.loading.diffusers_folder import (
     load_component,
     load_pipeline,
@@ -33,10 +30,11 @@ from unguide_jax.loading.diffusers_folder import (
     save_pipeline,
 )
 from unguide_jax.loading.tokenizer import open_clip_merges, write_clip_tokenizer
-from unguide_jax.loading.weights import write_json
 from unguide_jax.models.vae import AutoencoderKL
-from unguide_jax.shapes import ASSETS, pretrain
+from unguide_jax.resources import ASSETS
+from unguide_jax.settings import as_config, to_dict
 from unguide_jax.shapes import data as shapes
+from unguide_jax.shapes import pretrain
 from unguide_jax.shapes.classifier import (
     ClassifierConfig,
     load_classifier,
@@ -44,6 +42,7 @@ from unguide_jax.shapes.classifier import (
     train_classifier,
 )
 from unguide_jax.shapes.quality import format_quality_table, run_quality_gate
+from unguide_jax.shapes.recipe_config import RECIPE_STAGES, RecipeConfig
 from unguide_jax.training.loop import MetricsLog
 
 STAGES = RECIPE_STAGES  # tokenizer, evaluator, vae, vae_decoder, text_encoder, diffusion, quality
@@ -320,25 +319,3 @@ def unpack_shipped(work: str | Path, assets: Path | None = None) -> Path:
         work.rmdir()  # an empty folder; anything else and rmdir refuses, nothing lost
     tmp.rename(work)
     return work
-
-
-COMMAND = Command(prog="python -m unguide_jax.shapes.recipe", summary="Pretrain the embedded shapes model, stage by "
-                  "stage (resumable).", default_config="embedded.py", schema=RecipeConfig)
-
-
-def recipe_job(config: RecipeConfig) -> int:
-    setup_runtime()
-    work = run_recipe(config)
-    print(f"recipe outputs in {work}")
-    if config.publish:
-        publish(work, ASSETS)
-        print(f"published to {ASSETS}")
-    return 0
-
-
-def main(argv=None) -> int:
-    return run_cli(COMMAND, argv, recipe_job)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from unguide_jax.loading.weights import write_json
+from unguide_jax.json_files import write_json
 
 STATE_ITEM, CONFIG_ITEM = "state", "config"
 RECORD_FILE = "unguide_checkpoint.json"

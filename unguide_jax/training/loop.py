@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from unguide_jax.loading.weights import dumps_json
+from unguide_jax.json_files import dumps_json
 from unguide_jax.training.checkpoints import RunCheckpoints
 
 

@@ -6,39 +6,38 @@ Run folder (``config.run_dir``):
     tensorboard/           the same scalars as TensorBoard event files (with tensorboardX installed;
                            ``training.event_files``); closed form: the report's numbers at step 0
     checkpoints/<step>/    Orbax: train state + config, every ``checkpoint_every`` steps and the last
-    adapter.safetensors    unguide: the final LoRA (unguide_jax.edits.files.load_adapter reads it)
+    adapter.safetensors    unguide: the final LoRA (unguide_jax.loading.edit_files.load_adapter reads it)
     edit.safetensors       the other erasers: the final edit (adapter_file.load_edit_file);
                            learnable prompts also write edit_with_prompt.safetensors (tokens kept)
     export/                the edit for PyTorch users, in the formats config.export names
-                           (unguide_jax.edits.export: peft, kohya, partial_unet, merged_unet, prompt) and
-                           its model card, README.md (unguide_jax.edits.model_card)
+                           (unguide_jax.loading.exports: peft, kohya, partial_unet, merged_unet, prompt);
+                           the train job (``unguide_jax.jobs.train``) adds unguide.json and the model card
 """
 from __future__ import annotations
 
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import jax
 
-from unguide_jax.cli.config import ConfigError, as_config, to_dict
-from unguide_jax.cli.schemas import TrainConfig, train_schema
 from unguide_jax.edits.edit import check_edit_fits
-from unguide_jax.edits.export import export_edit
-from unguide_jax.edits.files import save_edit
-from unguide_jax.edits.model_card import write_model_card
 from unguide_jax.erasers.concepts import load_concept
-from unguide_jax.erasers.registry import CLOSED_FORM, EDIT_FILE, TRAINED
+from unguide_jax.json_files import write_json
+from unguide_jax.loading.edit_files import save_edit
+from unguide_jax.loading.exports import export_edit
 from unguide_jax.loading.resolve import load_model, resolve_model_source
-from unguide_jax.loading.weights import write_json
 from unguide_jax.models.dtypes import dtype_named
 from unguide_jax.parallel.hosts import check_same_config, fetch_tree, is_main_process
 from unguide_jax.parallel.mesh import make_mesh, place, shard, shardings_for
+from unguide_jax.settings import ConfigError, as_config, to_dict
 from unguide_jax.training.checkpoints import RunCheckpoints
+from unguide_jax.training.config import TrainConfig, train_schema
 from unguide_jax.training.event_files import TensorBoardLog
 from unguide_jax.training.loop import DivergenceGuard, MetricsLog, RunPaths, train_loop
 from unguide_jax.training.run_folder import claim_run_folder_for_every_process
+from unguide_jax.training.trainers import CLOSED_FORM, EDIT_FILE, TRAINED
 
 # A resumed run must agree with its checkpoint on these; the rest (iterations, checkpointing,
 # mesh, exports, run_dir) may change between sessions.
@@ -47,7 +46,7 @@ TRAINING_KEYS = ("method", "model", "concept", "lora", "prompt", "objective", "l
 
 
 def check_config(config: TrainConfig | Mapping) -> TrainConfig:
-    """The typed config (a dict is validated: ``unguide_jax.cli.schemas``), and the checks of keys a
+    """The typed config (a dict is validated: ``unguide_jax.training.config``), and the checks of keys a
     preset may leave empty for the user to fill (``model``, ``run_dir``); errors name the key."""
     config = as_config(config, train_schema)
     if not config.model:
@@ -72,24 +71,30 @@ def _load(config: TrainConfig):
                       config_folder=config.model_config or None)
 
 
-def run_training(config: TrainConfig | Mapping, progress: bool = True) -> Path:
+# Called on the main process once the exports are written: (export folder, the model, the edit, the base UNet
+# parameters on the host, the concept). The train job passes the publishing step (unguide.json, model card).
+PublishHook = Callable[..., None]
+
+
+def run_training(config: TrainConfig | Mapping, progress: bool = True, publish: PublishHook | None = None) -> Path:
     """Train (or resume) one eraser as ``config`` says (a train schema, or a dict validated into one);
     returns the run folder."""
     config = check_config(config)
     concept = load_concept(config.concept)
     if config.method in CLOSED_FORM:
-        return run_closed_form(config, config.method, concept)
+        return run_closed_form(config, config.method, concept, publish)
     trainer = TRAINED[config.method](config)
     source = resolve_model_source(config.model, revision=config.revision)  # a missing model fails before anything
     record = to_dict(config)  # config.json and every checkpoint's config
     check_same_config(record, "training config")  # several processes: all of them with the same one
     with claim_run_folder_for_every_process(config.run_dir, record, identity_keys=TRAINING_KEYS, resume=config.resume,
                                             overwrite=config.overwrite) as folder:  # locked; another run's is refused
-        _train(config, trainer, concept, source, record, RunPaths(folder.work), progress)
+        _train(config, trainer, concept, source, record, RunPaths(folder.work), progress, publish)
     return Path(config.run_dir)
 
 
-def _train(config: TrainConfig, trainer, concept, source, record: dict, paths: RunPaths, progress: bool) -> Path:
+def _train(config: TrainConfig, trainer, concept, source, record: dict, paths: RunPaths, progress: bool,
+           publish: PublishHook | None) -> Path:
     """``run_training`` in its claimed folder (``paths.root``: where it writes; a building folder when replacing)."""
     checkpoints = RunCheckpoints(paths.checkpoints, keep=config.keep)
     board = None
@@ -162,28 +167,26 @@ def _train(config: TrainConfig, trainer, concept, source, record: dict, paths: R
     if is_main_process():
         edit = trainer.save(state, paths.root, concept, config)
         export_edit(list(config.export), paths.export, edit, sd.unet, base)
-        if config.export:
-            write_model_card(paths.export, [paths.root], formats=config.export)
+        if config.export and publish is not None:
+            publish(paths.export, sd, edit, base, concept)
     return paths.root
 
 
-def run_closed_form(config: TrainConfig | Mapping, method: str, concept) -> Path:
+def run_closed_form(config: TrainConfig | Mapping, method: str, concept, publish: PublishHook | None = None) -> Path:
     """PURE or UCE: one computation, no checkpoints; the run folder gets edit.safetensors and a report."""
     config = check_config(config)
-    eraser = CLOSED_FORM[method]
-    eraser.settings_cls(**dataclasses.asdict(getattr(config, eraser.settings_key)))  # its checks, before anything
     resolve_model_source(config.model, revision=config.revision)  # a missing model fails before the run folder
     check_same_config(to_dict(config), "training config")
     with claim_run_folder_for_every_process(config.run_dir, to_dict(config), trained=False,
                                             overwrite=config.overwrite) as folder:
-        _closed_form(config, method, concept, RunPaths(folder.work))  # built beside a non-empty run_dir, swapped in
+        _closed_form(config, method, concept, RunPaths(folder.work), publish)  # built beside a non-empty run_dir, swapped in
     return Path(config.run_dir)
 
 
-def _closed_form(config: TrainConfig, method: str, concept, paths: RunPaths) -> Path:
+def _closed_form(config: TrainConfig, method: str, concept, paths: RunPaths, publish: PublishHook | None) -> Path:
     """Every process computes the edit on its own default device (seconds); the main one writes it."""
     eraser = CLOSED_FORM[method]
-    settings = eraser.settings_cls(**dataclasses.asdict(getattr(config, eraser.settings_key)))
+    settings = getattr(config, eraser.settings_key)
     sd = _load(config)
     edit, report = eraser.compute(sd, concept, settings)
     check_edit_fits(sd.params["unet"], edit, what=method)
@@ -197,6 +200,6 @@ def _closed_form(config: TrainConfig, method: str, concept, paths: RunPaths) -> 
     save_edit(paths.root / EDIT_FILE, edit, method, {"concept": concept.to_json(), "base_model": config.model,
                                                      "report": report})
     export_edit(list(config.export), paths.export, edit, sd.unet, sd.params["unet"])
-    if config.export:
-        write_model_card(paths.export, [paths.root], formats=config.export)
+    if config.export and publish is not None:
+        publish(paths.export, sd, edit, sd.params["unet"], concept)
     return paths.root

@@ -27,8 +27,8 @@ import warnings
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
-from unguide_jax.cli.config import ConfigError
 from unguide_jax.parallel.hosts import broadcast_json, is_main_process, process_count
+from unguide_jax.settings import ConfigError
 
 # What a run leaves in its folder, besides config.json and metrics.jsonl.
 RUN_OUTPUTS = ("adapter.safetensors", "edit.safetensors", "edit_with_prompt.safetensors", "report.json",

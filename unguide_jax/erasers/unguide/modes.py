@@ -2,7 +2,7 @@
 
     base      the model alone (no edit)
     adapter   the edited model alone
-    unguide   UnGuidance: w·CFG_base + (1 − w)·CFG_edit, w per prompt from the probe (spec §4)
+    unguide   UnGuidance: w·CFG_base + (1 − w)·CFG_edit, w per prompt from the probe
     fixed     UnGuidance with one given w for every prompt
     oracle    (evaluation only) UnGuidance with the w a perfect probe would give: w_erase on the prompts that
               name the erased concept (target, synonyms), w_keep elsewhere; an upper bound for the probe

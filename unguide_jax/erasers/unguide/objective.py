@@ -1,4 +1,5 @@
-"""The UnGuide objective (spec unguide.md §3), with the reference code's timestep quirks as an option (§5).
+"""The UnGuide objective (Polowczyk et al., arXiv 2508.05755), with the reference code's timestep quirks as an
+option.
 
 One sample of the objective, given x_T, t_enc = k and a query timestep t:
   1. z = DDIM (eta 0) from x_T with the *current* LoRA model, CFG ``start_guidance`` on the target
@@ -33,29 +34,25 @@ from unguide_jax.diffusion.schedulers import (
     ddim_timesteps,
 )
 from unguide_jax.edits import lora
+from unguide_jax.settings import Config, at_least, option
 
 TIMESTEP_MODES = ("corrected", "reference")
 
 
 @dataclasses.dataclass(frozen=True)
-class ObjectiveConfig:
-    start_guidance: float = 9.0    # CFG scale of the trajectory that produces z (spec §3)
-    negative_guidance: float = 2.0  # γ in ε* = e0 − γ (ep − e0)
-    ddim_steps: int = 50
-    # Default "corrected": it trains on exactly the (z, t) pairs that DDIM/UnGuidance sampling visits
-    # (the latent is where the model is told it is, and t = τ[0] — the step that lays out the image — is
-    # trained too). "reference" reproduces the authors' off-by-39..58-steps queries and the dropped first
-    # step (§5), for comparison with the paper's numbers.
-    timestep_mode: str = "corrected"
-    samples_per_step: int = 1      # independent (x_T, t_enc, t, pair) draws per step, batched through the UNet
+class ObjectiveConfig(Config):
+    """The erasure objective (UnGuide, Sec. 3; the timestep modes above)."""
 
-    def __post_init__(self):
-        if self.timestep_mode not in TIMESTEP_MODES:
-            raise ValueError(f"timestep_mode must be one of {TIMESTEP_MODES}, got {self.timestep_mode!r}")
-        if self.ddim_steps < 2:
-            raise ValueError(f"ddim_steps must be >= 2, got {self.ddim_steps}")
-        if self.samples_per_step < 1:
-            raise ValueError(f"samples_per_step must be >= 1, got {self.samples_per_step}")
+    start_guidance: float = option(9.0, "CFG scale of the trajectory that produces z")
+    negative_guidance: float = option(2.0, "γ in the target ε* = e0 − γ (ep − e0)")
+    ddim_steps: int = option(50, "DDIM steps of that trajectory", check=at_least(2))
+    # "corrected" trains on exactly the (z, t) pairs that DDIM/UnGuidance sampling visits (the latent is
+    # where the model is told it is, and t = τ[0], the step that lays out the image, is trained too);
+    # "reference" reproduces the authors' off-by-39..58-steps queries and dropped first step.
+    timestep_mode: str = option("corrected", "corrected: query at the true timestep; reference: the authors' code",
+                                choices=TIMESTEP_MODES)
+    samples_per_step: int = option(1, "independent (x_T, t_enc, t, pair) draws per step, batched through the UNet",
+                                   check=at_least(1))
 
 
 @flax.struct.dataclass

@@ -1,4 +1,4 @@
-"""The w probe of UnGuidance (spec unguide.md §4): how much does the edit change a prompt's early denoising?
+"""The w probe of UnGuidance (Polowczyk et al., arXiv 2508.05755): how much does the edit change a prompt's early denoising?
 
     D(p) = mean over R draws of ‖ ε_edit(z_p, t, p) − ε_base(z_p, t, p) ‖₂
 
@@ -36,45 +36,48 @@ from unguide_jax.erasers.unguide.objective import (
 )
 from unguide_jax.parallel.batches import padded_rows
 from unguide_jax.parallel.hosts import to_numpy
+from unguide_jax.settings import Config, InvalidValue, at_least, option, seed_range
 
 RULES = ("paper", "sequential", "calibrated")
 
 
 @dataclasses.dataclass(frozen=True)
-class ProbeConfig:
-    draws: int = 30                 # R: 30 for object erasure (once per prompt), 10 for per-image I2P probing
-    t_enc: int = 40                 # stop the base trajectory as the objective stops at t_enc (10 of 50 steps)
-    ddim_steps: int = 50
-    # "corrected" (default, as training): 9 steps from t = 981 leave z at t = 801, queried there.
+class ProbeConfig(Config):
+    """UnGuidance's w probe (UnGuide, Sec. 4). The default rule is ``calibrated``, the rule behind the
+    README's table; ``paper`` is the paper's own threshold."""
+
+    draws: int = option(30, "draws R: 30 for objects (one probe per prompt), 10 for explicit content", check=at_least(1))
+    t_enc: int = option(40, "the base trajectory stops at t_enc of ddim_steps, as the objective does")
+    ddim_steps: int = option(50, "DDIM steps of the probe's trajectory")
+    # "corrected" (as training): 9 steps from t = 981 leave z at t = 801, queried there.
     # "reference": the authors' code, 10 steps from 961 leave z at 761, queried at t ~ U[800, 820).
-    timestep_mode: str = "corrected"
-    seed: int = 0                   # the draws (x_T, t), shared by every prompt and by ""
-    w_erase: float = -1.0           # w1: the prompt carries the concept, lean on the edit
-    w_keep: float = 2.0             # w2: unrelated prompt, lean on the base (away from the edit)
-    rule: str = "paper"             # w1 if D(p) > D("") else w2
-    # rule "calibrated" (ours): w1 if D(p) > √(D(concept) · D("")), D(concept) the mean D of the edit's own target
+    timestep_mode: str = option("corrected", "corrected (as training) | reference (the authors' code)",
+                                choices=TIMESTEP_MODES)
+    seed: int = option(0, "seed of the draws (x_T, t), shared by every prompt and by the empty prompt",
+                       check=seed_range)
+    w_erase: float = option(-1.0, "w1: the prompt carries the concept, lean on the edit")
+    w_keep: float = option(2.0, "w2: an unrelated prompt, lean on the base model")
+    # "calibrated" (ours): w1 if D(p) > √(D(concept) · D("")), D(concept) the mean D of the edit's own target
     # prompts on the same draws: a threshold halfway, on a log scale, between what the edit does to its concept
     # and what it does to nothing. The paper's threshold D("") is the floor every prompt sits on: a prompt the
     # edit hardly touches still lands just above it (on the shipped model 0.47–0.74 against 0.48, the concept 2.9).
-    prompt_chunk: int = 8           # prompts per jitted call (the last chunk is padded: one compile)
+    rule: str = option("calibrated", 'calibrated: w1 if D(p) > √(D(concept) · D("")), the edit\'s own target prompts '
+                                     'giving D(concept); paper: w1 if D(p) > D("") else w2; sequential: paper\'s '
+                                     'rule, stopping early per prompt', choices=RULES)
+    prompt_chunk: int = option(8, "prompts per jitted probe call (the last chunk is padded: one compile)",
+                               check=at_least(1))
     # rule "sequential" (ours, not the paper's): draws in rounds of round_draws, up to `draws`; a prompt stops
     # once its paired differences d_r(p) − d_r("") have a mean farther than z standard errors from 0.
-    round_draws: int = 5
-    z: float = 2.58
+    round_draws: int = option(5, "rule=sequential: draws per round, in [2, draws]")
+    z: float = option(2.58, "rule=sequential: a prompt stops once its mean paired difference is z standard errors "
+                            "from 0")
 
-    def __post_init__(self):
-        if self.draws < 1:
-            raise ValueError(f"probe draws must be >= 1, got {self.draws}")
+    def validate(self) -> None:
         if not 0 <= self.t_enc < self.ddim_steps:
-            raise ValueError(f"probe t_enc must be in [0, {self.ddim_steps}), got {self.t_enc}")
-        if self.timestep_mode not in TIMESTEP_MODES:
-            raise ValueError(f"probe timestep_mode must be one of {TIMESTEP_MODES}, got {self.timestep_mode!r}")
-        if self.rule not in RULES:
-            raise ValueError(f"probe rule must be one of {RULES}, got {self.rule!r}")
-        if self.prompt_chunk < 1:
-            raise ValueError(f"probe prompt_chunk must be >= 1, got {self.prompt_chunk}")
+            raise InvalidValue("t_enc", f"must be in [0, ddim_steps={self.ddim_steps}), got {self.t_enc}")
         if self.rule == "sequential" and not 2 <= self.round_draws <= self.draws:
-            raise ValueError(f"probe round_draws must be in [2, draws={self.draws}], got {self.round_draws}")
+            raise InvalidValue("round_draws", f"must be in [2, draws={self.draws}] with rule=sequential, "
+                                              f"got {self.round_draws}")
 
     @property
     def objective(self) -> ObjectiveConfig:
@@ -212,8 +215,9 @@ class WProbe:
                  concept_prompts: Sequence[str] = ()):
         """``concept_prompts``: the edit's own target prompts (rule calibrated sets its threshold from them)."""
         if config.rule == "calibrated" and not concept_prompts:
-            raise ValueError("probe rule calibrated needs the edit's concept prompts (its targets): none were given; "
-                             "an adapter saved by train.py carries its concept, or choose rule paper")
+            raise ValueError("probe rule calibrated (the default) needs the edit's concept prompts (its targets): none "
+                             "were given. Edits saved by this project's train job carry their concept; for another "
+                             "LoRA choose the paper's rule (--config.probe.rule=paper)")
         self.sd, self.edit, self.config = sd, edit, config
         self.concept_prompts = list(concept_prompts)
         self._threshold: float | None = None
@@ -298,7 +302,11 @@ class WProbe:
                                              lambda index, draws: self._distances(cond[index], scales[index], draws))
         else:
             distances = self._distances_with_references(cond, scales, guidance)
-        threshold = self.threshold(guidance) if prompts else None
+        if not prompts:  # nothing to decide (and no threshold to probe for)
+            empty = np.zeros((0,), np.float32)
+            return ProbeResult(prompts=[], d=empty, d_empty=self.d_empty, w=empty, distances=distances,
+                               draws_used=np.zeros((0,), np.int32), threshold=None)
+        threshold = self.threshold(guidance)
         d, w, used = decide(distances, self.empty_distances, self.config, threshold)
         return ProbeResult(prompts=prompts, d=d, d_empty=self.d_empty, w=w, distances=distances, draws_used=used,
                            threshold=threshold)

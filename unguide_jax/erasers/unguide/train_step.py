@@ -15,6 +15,7 @@ import optax
 
 from unguide_jax.diffusion.schedulers import SchedulerConfig
 from unguide_jax.edits import lora
+from unguide_jax.erasers.sharded_step import jit_train_step
 from unguide_jax.erasers.unguide.objective import (
     ConceptEmbeddings,
     ObjectiveConfig,
@@ -22,7 +23,6 @@ from unguide_jax.erasers.unguide.objective import (
     unguide_loss,
 )
 from unguide_jax.parallel.mesh import PARTITION_RULES, batch_sharding
-from unguide_jax.training.sharded_step import jit_train_step
 
 
 @flax.struct.dataclass

@@ -22,13 +22,12 @@ import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from unguide_jax.edits.files import ADAPTER_FORMAT, EDIT_FORMAT
-from unguide_jax.erasers.registry import ADAPTER_FILE, EDIT_FILE
+from unguide_jax.loading.edit_files import ADAPTER_FORMAT, EDIT_FORMAT
 from unguide_jax.loading.weights import read_safetensors_with_metadata
-from unguide_jax.training.checkpoints import RECORD_FILE
+from unguide_jax.training.sources import classify_source
 
 CARD_FILE = "README.md"
-UNGUIDE_JSON = "unguide.json"  # written beside the PEFT LoRA (unguide_jax.edits.unguide_json)
+UNGUIDE_JSON = "unguide.json"  # written beside the PEFT LoRA (unguide_jax.publishing.unguide_json)
 
 METHOD_NAMES = {"unguide": "UnGuide", "learnable_prompts": "learnable prompts", "pure": "PURE", "uce": "UCE"}
 METHOD_TAGS = {"unguide": "unguide", "learnable_prompts": "learnable-prompts", "pure": "pure", "uce": "uce"}
@@ -84,25 +83,16 @@ class EditRecord:
 
 
 def describe_source(source: str | Path) -> EditRecord:
-    """An ``EditRecord`` of one source of an export (see the module doc)."""
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"missing edit source: {path}")
-    if path.is_dir():
-        if (path / "config.json").is_file():
-            return _run_folder(path)
-        if (path / RECORD_FILE).is_file():
-            return _checkpoint(path.parent, int(path.name))
-        steps = sorted(int(c.name) for c in path.iterdir() if c.name.isdigit() and (c / RECORD_FILE).is_file())
-        if steps:
-            return _checkpoint(path, steps[-1])
-        for name in (ADAPTER_FILE, EDIT_FILE):
-            if (path / name).is_file():
-                return _edit_file(path / name)
-        return _foreign_lora(path)
-    if path.name in (ADAPTER_FILE, EDIT_FILE) and (path.parent / "config.json").is_file():
-        return _run_folder(path.parent, path)
-    return _edit_file(path)
+    """An ``EditRecord`` of one source of an export, classified as the loader classifies it
+    (``training.sources.classify_source``)."""
+    found = classify_source(source)
+    if found.kind == "run folder":
+        return _run_folder(found.run_folder, found.edit_file, found.checkpoint)
+    if found.kind == "checkpoint":
+        return _checkpoint(found.checkpoint.parent, int(found.checkpoint.name))
+    if found.kind in ("adapter file", "edit file"):
+        return _edit_file(found.edit_file)
+    return _foreign_lora(found.path)
 
 
 def _read_json(path: Path) -> dict:
@@ -149,30 +139,23 @@ def _concept(metadata: Mapping, config: Mapping | None) -> tuple[dict | None, st
 
 def _method_of_file(file_format: str | None, metadata: Mapping) -> str | None:
     if file_format == ADAPTER_FORMAT:
-        return "unguide"  # only UnGuide's trainer writes this LoRA format (erasers.registry)
+        return "unguide"  # only UnGuide's trainer writes this LoRA format (training.trainers)
     if file_format == EDIT_FORMAT:
         return metadata.get("kind")
     return None
 
 
-def _run_folder(folder: Path, edit_file: Path | None = None) -> EditRecord:
+def _run_folder(folder: Path, edit_file: Path | None, latest_checkpoint: Path | None) -> EditRecord:
     config = _read_json(folder / "config.json")
-    if edit_file is None:
-        edit_file = next((folder / n for n in (ADAPTER_FILE, EDIT_FILE) if (folder / n).is_file()), None)
     file_format, metadata = _file_metadata(edit_file) if edit_file else (None, {})
     steps = metadata.get("steps")
-    if steps is None and config.get("method") in TRAINED_METHODS and (folder / "checkpoints").is_dir():
-        steps = _latest_step(folder / "checkpoints")
+    if steps is None and config.get("method") in TRAINED_METHODS and latest_checkpoint is not None:
+        steps = int(latest_checkpoint.name)
     concept, concept_name = _concept(metadata, config)
     paths = (folder.resolve(),) + ((edit_file.resolve(),) if edit_file else ())
     return EditRecord(str(config.get("run_dir") or folder), "run folder",
                       config.get("method") or _method_of_file(file_format, metadata), concept, concept_name, config,
                       metadata, steps, config.get("model") or metadata.get("base_model"), paths)
-
-
-def _latest_step(checkpoints_dir: Path) -> int | None:
-    steps = [int(c.name) for c in checkpoints_dir.iterdir() if c.name.isdigit() and (c / RECORD_FILE).is_file()]
-    return max(steps) if steps else None
 
 
 def _checkpoint(checkpoints_dir: Path, step: int) -> EditRecord:
@@ -188,8 +171,6 @@ def _checkpoint(checkpoints_dir: Path, step: int) -> EditRecord:
 
 def _edit_file(path: Path) -> EditRecord:
     file_format, metadata = _file_metadata(path)
-    if file_format not in (ADAPTER_FORMAT, EDIT_FORMAT):
-        return _foreign_lora(path)
     concept, concept_name = _concept(metadata, None)
     return EditRecord(str(path), "adapter file" if file_format == ADAPTER_FORMAT else "edit file",
                       _method_of_file(file_format, metadata), concept, concept_name, None, metadata,
@@ -248,7 +229,7 @@ class BaseModel:
     def python_setup(self) -> list[str]:
         """Lines that set ``base`` (what ``from_pretrained`` / ``from_single_file`` takes)."""
         if self.kind == "embedded":
-            return ["from unguide_jax.shapes import EMBEDDED_MODEL  # pip install unguide-jax",
+            return ["from unguide_jax.resources import EMBEDDED_MODEL  # pip install unguide-jax",
                     "base = str(EMBEDDED_MODEL)"]
         if self.kind == "unknown":
             return ['base = "<the base model>"  # not recorded: the model this edit was made on']
@@ -443,11 +424,13 @@ def _evaluation_section(evaluation: Path | None, results: Mapping | None, record
              f"**{entry.get('concept')}** (erased class: {entry.get('erased_class')}): "
              f"{settings.get('images_per_prompt', '?')} images per prompt, seeds {settings.get('seed', '?')}+j, CFG "
              f"{settings.get('guidance_scale', '?')}, {settings.get('num_steps', '?')} DDIM steps; images scored by "
-             f"the shipped shapes classifier. UnGuide rows use the w probe with R = {probe.get('draws', '?')} draws.",
+             f"the shipped shapes classifier. UnGuide rows use the w probe with R = {probe.get('draws', '?')} draws, "
+             f"rule {probe.get('rule', '?')}.",
              "", "Acc_e: target-prompt images still showing the erased class (lower is better); Acc_s: other classes "
              "drawn as themselves (higher is better); Acc_g: synonym prompts showing the erased class (lower is "
-             "better); H_o: the harmonic mean of 1 − Acc_e, Acc_s and 1 − Acc_g. Protocol: top-1 among the ten class "
-             "names (MACE's; the reference-code protocol is in the results file).", ""]
+             "better); H_o: the harmonic mean of 1 − Acc_e, Acc_s and 1 − Acc_g. Protocol `mace`: per image, the "
+             "classifier's softmax probability of the class in question, averaged (MACE's; the reference-code and "
+             "top-1 protocols are in the results file).", ""]
     lines += format_table(summary, "mace").splitlines()
     return lines
 

@@ -4,8 +4,9 @@ Formats (``config.export``):
     peft          LoRA parts as a diffusers/PEFT file: export/diffusers/pytorch_lora_weights.safetensors
                   (``pipe.load_lora_weights(folder)``). One LoRA keeps its alpha; several, or per-module
                   ranks, are folded exactly into one LoRA of alpha 1 (A's side by side, alpha_i·B_i stacked).
-                  Plus export/unguide.json (alpha, probe settings, base-model fingerprint) for
-                  ``unguide_jax.pytorch.UnGuidePipeline.load_unguide(export)`` (unguide_jax.edits.unguide_json).
+                  The train and export jobs add export/unguide.json beside it (alpha, probe settings, the
+                  concept's targets, base-model fingerprint: ``unguide_jax.publishing``) for
+                  ``unguide_jax.pytorch.UnGuidePipeline.load_unguide(export)``.
     kohya         the same LoRA as a kohya/A1111 file: export/kohya.safetensors
     partial_unet  the weights the edit changes, edited, as a diffusers-named partial state dict:
                   export/unet_edited.safetensors (``unet.load_state_dict(sd, strict=False)``); exact for
@@ -22,8 +23,8 @@ import jax
 import numpy as np
 
 from unguide_jax.edits import edit as edit_lib
-from unguide_jax.edits.lora_formats import export_kohya
 from unguide_jax.loading.convert import flax_to_torch
+from unguide_jax.loading.lora_formats import export_kohya
 from unguide_jax.loading.weights import write_safetensors
 
 PROMPT_FORMAT = "unguide-jax-prompt-tokens/1"
@@ -76,13 +77,10 @@ def export_prompt(path: Path, edit: edit_lib.Edit, unet_params: Mapping) -> Path
 
 
 def _peft(export_dir, edit, unet, unet_params):
-    from unguide_jax.edits.lora_formats import export_peft
-    from unguide_jax.edits.unguide_json import write_unguide_json
+    from unguide_jax.loading.lora_formats import export_peft
 
     adapter, alpha = single_lora(edit)
-    file = export_peft(export_dir / "diffusers", adapter, alpha, unet_params)
-    write_unguide_json(export_dir, file, adapter, alpha, unet_params)  # the probe's defaults; unguide-export sets others
-    return file
+    return export_peft(export_dir / "diffusers", adapter, alpha, unet_params)
 
 
 def _kohya(export_dir, edit, unet, unet_params):

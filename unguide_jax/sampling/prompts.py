@@ -7,12 +7,12 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from unguide_jax.cli.config import ConfigError
+from unguide_jax.settings import ConfigError
 
 if TYPE_CHECKING:
-    from unguide_jax.cli.schemas import SampleConfig
+    from unguide_jax.sampling.config import SampleConfig
 
-SEED_LIMIT = 2 ** 32
+from unguide_jax.settings import SEED_LIMIT
 
 
 def read_text(path: Path, what: str) -> str:

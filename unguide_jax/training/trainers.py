@@ -1,9 +1,9 @@
 """Every eraser in one table: how it is built from a config, trained or computed, turned into an
 ``Edit``, saved to its run folder and restored from a checkpoint.
 
-    unguide            UnGuide's LoRA, trained (spec unguide.md §3)
-    learnable_prompts  memory tokens + an ESD fine-tune, trained (spec erasers.md §1)
-    pure, uce          closed-form K/V edits (spec erasers.md §2, §3): no iterations
+    unguide            UnGuide's LoRA, trained with the ESD-style objective
+    learnable_prompts  memory tokens + an ESD fine-tune, trained (Bui et al.)
+    pure, uce          closed-form K/V edits (Moon et al.; Gandikota et al.): no iterations
 
 A trained eraser is a class with ``init / embeddings / step_fn / parameters / to_edit / save``; a
 closed-form one a function ``(sd, concept, settings) -> (edit, report)`` with its settings class.
@@ -18,26 +18,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unguide_jax.cli.config import as_config
-from unguide_jax.cli.schemas import (
-    LearnablePromptsTrainConfig,
-    UnguideTrainConfig,
-    train_schema,
-)
 from unguide_jax.edits.edit import Edit, lora_edit, memory_layers
-from unguide_jax.edits.files import save_adapter, save_edit
 from unguide_jax.edits.lora import (
-    LoraConfig,
     count_parameters,
     reads_text,
     target_modules,
 )
 from unguide_jax.erasers import learnable_prompts, pure, uce
 from unguide_jax.erasers.common import cross_attention_layers, kernel
+from unguide_jax.erasers.sharded_step import jit_train_step
 from unguide_jax.erasers.unguide.concept_direction import concept_directions
 from unguide_jax.erasers.unguide.objective import (
     ConceptEmbeddings,
-    ObjectiveConfig,
     embed_concept,
 )
 from unguide_jax.erasers.unguide.train_step import (
@@ -47,17 +39,23 @@ from unguide_jax.erasers.unguide.train_step import (
     make_train_step,
 )
 from unguide_jax.erasers.unguide.transfer import transfer_settings
+from unguide_jax.loading.edit_files import save_adapter, save_edit
+from unguide_jax.settings import as_config
 from unguide_jax.training.checkpoints import RunCheckpoints
-from unguide_jax.training.sharded_step import jit_train_step
+from unguide_jax.training.config import (
+    LearnablePromptsTrainConfig,
+    UnguideTrainConfig,
+    train_schema,
+)
 
 
 class UnguideTrainer:
-    """UnGuide: a LoRA adapter, the objective of spec §3, Adam on the adapter."""
+    """UnGuide: a LoRA adapter, the ESD-style negative-guidance objective, Adam on the adapter."""
 
     def __init__(self, config: UnguideTrainConfig | Mapping):
         config = as_config(config, UnguideTrainConfig, strict=False)
-        self.lora = LoraConfig(**dataclasses.asdict(config.lora))
-        self.objective = ObjectiveConfig(**dataclasses.asdict(config.objective))
+        self.lora = config.lora
+        self.objective = config.objective
         self.transfer_rule = config.transfer
         self.learning_rate = config.learning_rate
         self.optimizer = make_optimizer(self.learning_rate)
@@ -68,10 +66,13 @@ class UnguideTrainer:
         return {"lora_modules": len(target_modules(unet_params, self.lora.targets))}  # "matches no layer" fails here
 
     def init(self, key, unet_params):
-        return init_train_state(key, unet_params, self.lora, self.optimizer, directions=self._directions)
+        # init=concept starts A along the concept only where a layer reads the text tokens (``embeddings`` found
+        # directions); with none, every layer starts random, as config.json's derived "lora_init" records.
+        lora = self.lora if self._directions is not None else dataclasses.replace(self.lora, init="random")
+        return init_train_state(key, unet_params, lora, self.optimizer, directions=self._directions)
 
     def init_for_restore(self, key, unet_params):
-        return self.init(key, unet_params)
+        return self.init(key, unet_params)  # only the shapes matter: the restored values replace A and B
 
     def embeddings(self, sd, concept):
         """The concept's encodings; also derives what depends on the model: the transferred learning rate and
@@ -118,8 +119,8 @@ class PromptTrainer:
 
     def __init__(self, config: LearnablePromptsTrainConfig | Mapping):
         config = as_config(config, LearnablePromptsTrainConfig, strict=False)
-        self.prompt = learnable_prompts.PromptConfig(**dataclasses.asdict(config.prompt))
-        self.objective = ObjectiveConfig(**dataclasses.asdict(config.objective))
+        self.prompt = config.prompt
+        self.objective = config.objective
         self._concept_vector = None
 
     def describe(self, unet_params) -> dict:

@@ -64,7 +64,7 @@ def load_adapter(path: str | Path) -> tuple[Adapter, LoraConfig]:
     tensors, metadata = read_safetensors_with_metadata(path)
     if metadata.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"{path} is not an unguide-jax adapter (metadata format {metadata.get('format')!r}, "
-                         f"expected {ADAPTER_FORMAT!r}); PEFT/kohya files are read by unguide_jax.edits.lora_formats")
+                         f"expected {ADAPTER_FORMAT!r}); PEFT/kohya files are read by unguide_jax.loading.lora_formats")
     check_finite(tensors, str(path))
     config = LoraConfig(rank=int(metadata["rank"]), alpha=float(metadata["alpha"]), targets=metadata["targets"],
                         init=metadata.get("init", "random"))

@@ -8,6 +8,9 @@ Written next to ``export/diffusers/pytorch_lora_weights.safetensors`` by every `
                   rank, target_modules (diffusers module paths)
     probe         the w probe's settings (``ProbeConfig`` without its batching key): draws R, t_enc,
                   ddim_steps, timestep_mode, seed, w_erase, w_keep, rule (+ round_draws, z for "sequential")
+    concept       {targets: [...]}: the target prompts of the edit's concept. Rule "calibrated" (the default)
+                  needs them: w = w_erase if D(p) > √(D(concept) · D("")), D(concept) the mean D of these
+                  prompts on the probe's draws. Absent in files written by older versions (read as [])
     empty_probe   null, or the cached D("") of this adapter: {height, width, draws, seed, distances}, the
                   per-draw ‖ε_lora − ε_base‖ of "" on the probe seed's draws at that image size (D("") is
                   their mean; the sequential rule needs each draw)
@@ -100,10 +103,19 @@ def empty_probe_record(distances: np.ndarray, probe: ProbeConfig, height: int, w
             "distances": [float(d) for d in distances]}
 
 
+def concept_record(concept_prompts: Sequence[str]) -> dict:
+    if isinstance(concept_prompts, str) or not all(isinstance(p, str) for p in concept_prompts):
+        raise UnguideExportError(f"concept_prompts must be a list of strings, got {concept_prompts!r}")
+    return {"targets": list(concept_prompts)}
+
+
 def unguide_record(lora_file: str, adapter: Mapping, alpha: float, unet_params: Mapping,
-                   probe: ProbeConfig | None = None, empty_probe: dict | None = None) -> dict:
-    """The JSON object (``lora_file`` relative to the JSON's folder)."""
+                   probe: ProbeConfig | None = None, empty_probe: dict | None = None, *,
+                   concept_prompts: Sequence[str] = ()) -> dict:
+    """The JSON object (``lora_file`` relative to the JSON's folder; ``concept_prompts``: the edit's concept's
+    target prompts, which the calibrated rule needs)."""
     probe = probe or ProbeConfig()
+    concept = concept_record(concept_prompts)
     ranks = sorted({int(np.shape(ab["lora_A"])[1]) for ab in adapter.values()})
     modules = sorted(adapter)
     weights = base_weights(unet_params, modules)
@@ -114,6 +126,7 @@ def unguide_record(lora_file: str, adapter: Mapping, alpha: float, unet_params: 
         "lora": {"file": lora_file, "alpha": float(alpha), "rank": ranks[0] if len(ranks) == 1 else ranks,
                  "target_modules": modules},
         "probe": probe_settings(probe),
+        "concept": concept,
         "empty_probe": empty_probe,
         "base_model": {"fingerprint": fingerprint, "tolerance": FINGERPRINT_TOLERANCE},
         "draws": DRAWS_NOTE,
@@ -122,14 +135,15 @@ def unguide_record(lora_file: str, adapter: Mapping, alpha: float, unet_params: 
 
 def write_unguide_json(export_dir: str | Path, lora_file: str | Path, adapter: Mapping, alpha: float,
                        unet_params: Mapping, probe: ProbeConfig | None = None,
-                       empty_probe: dict | None = None) -> Path:
-    """``export_dir/unguide.json`` for the LoRA file ``lora_file`` (inside ``export_dir``)."""
-    from unguide_jax.loading.weights import write_json
+                       empty_probe: dict | None = None, *, concept_prompts: Sequence[str] = ()) -> Path:
+    """``export_dir/unguide.json`` for the LoRA file ``lora_file`` (inside ``export_dir``); ``concept_prompts``:
+    the edit's concept's target prompts (the calibrated rule's reference)."""
+    from unguide_jax.json_files import write_json
 
     export_dir = Path(export_dir)
     relative = Path(lora_file).resolve().relative_to(export_dir.resolve()).as_posix()
     return write_json(export_dir / UNGUIDE_JSON, unguide_record(relative, adapter, alpha, unet_params, probe,
-                                                                empty_probe))
+                                                                empty_probe, concept_prompts=concept_prompts))
 
 
 def find_unguide_json(folder: str | Path) -> Path:
@@ -151,7 +165,8 @@ def find_unguide_json(folder: str | Path) -> Path:
 
 
 def read_unguide_json(folder: str | Path) -> tuple[dict, Path]:
-    """(the checked record, the LoRA file's path)."""
+    """(the checked record, the LoRA file's path). A file without ``concept`` (older versions) reads as
+    ``concept: {targets: []}``."""
     path = find_unguide_json(folder)
     try:
         record = json.loads(path.read_text())
@@ -166,6 +181,15 @@ def read_unguide_json(folder: str | Path) -> tuple[dict, Path]:
     for key in ("file", "alpha", "target_modules"):
         if key not in record["lora"]:
             raise UnguideExportError(f"{path}: lora.{key} is missing")
+    concept = record.get("concept")
+    if concept is None:
+        record["concept"] = {"targets": []}
+    else:
+        targets = concept.get("targets", []) if isinstance(concept, dict) else None
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            raise UnguideExportError(f"{path}: concept must be {{\"targets\": [prompt, ...]}} (a list of strings), "
+                                     f"got {concept!r}")
+        record["concept"] = dict(concept, targets=targets)
     try:
         ProbeConfig(**record["probe"])
     except (TypeError, ValueError) as err:

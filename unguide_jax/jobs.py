@@ -1,0 +1,69 @@
+"""The jobs, each callable from Python with its settings object (or a dict validated into one); the
+commands (``unguide_jax.cli``) only turn argv into these settings and call them.
+
+    from unguide_jax import jobs
+    from unguide_jax.training.config import UnguideTrainConfig
+    from unguide_jax.evaluation.config import EvaluateConfig
+
+    run_dir = jobs.train(UnguideTrainConfig())      # the README's main job: erase the arrow
+    out_dir = jobs.evaluate(EvaluateConfig())       # its table
+
+    train     training.config.*TrainConfig   -> the run folder (with export=[...]: export/, unguide.json, README.md)
+    sample    sampling.config.SampleConfig   -> the manifest
+    evaluate  evaluation.config.EvaluateConfig -> the results folder (trains train_missing edits first)
+    i2p       evaluation.config.I2PConfig    -> the results folder
+    export    publishing.export.ExportConfig -> the files written
+    recipe    shapes.recipe_config.RecipeConfig -> the recipe's work folder
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+from unguide_jax.evaluation.config import EvaluateConfig, I2PConfig
+from unguide_jax.evaluation.erasure import run_evaluation
+from unguide_jax.evaluation.i2p import run_i2p
+from unguide_jax.publishing.export import ExportConfig, publish_export, run_export
+from unguide_jax.sampling.config import SampleConfig
+from unguide_jax.sampling.run import run_sampling
+from unguide_jax.shapes.recipe import run_recipe
+from unguide_jax.shapes.recipe_config import RecipeConfig
+from unguide_jax.training.config import TrainConfig
+from unguide_jax.training.run import check_config, run_training
+
+
+def train(config: TrainConfig | Mapping, progress: bool = True) -> Path:
+    """Train (or resume) one eraser; with ``export`` formats, the export folder also gets unguide.json (with a
+    PEFT LoRA) and its model card."""
+    config = check_config(config)
+
+    def publish(export_dir: Path, sd, edit, unet_params, concept) -> None:
+        publish_export(export_dir, config.export, [export_dir.parent], sd, edit, list(concept.targets),
+                       unet_params=unet_params)
+
+    return run_training(config, progress=progress, publish=publish)
+
+
+def sample(config: SampleConfig | Mapping) -> Path:
+    """Sample images (with or without edits, UnGuidance); returns the manifest."""
+    return run_sampling(config)
+
+
+def evaluate(config: EvaluateConfig | Mapping) -> Path:
+    """The erasure table; an edit named in ``train_missing`` whose run folder is missing is trained first."""
+    return run_evaluation(config, train_runner=lambda train_config: train(train_config, progress=False))
+
+
+def i2p(config: I2PConfig | Mapping) -> Path:
+    """The explicit-content table: I2P prompts, NudeNet counts per method."""
+    return run_i2p(config)
+
+
+def export(config: ExportConfig | Mapping) -> list[Path]:
+    """Export existing edits for PyTorch users (formats, unguide.json, model card)."""
+    return run_export(config)
+
+
+def recipe(config: RecipeConfig | Mapping) -> Path:
+    """The embedded shapes model's pretraining recipe."""
+    return run_recipe(config)

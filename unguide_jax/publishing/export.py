@@ -1,0 +1,90 @@
+"""The export job: edits that already exist (run folders, edit/adapter files, Orbax checkpoints) handed to
+PyTorch users as PEFT/diffusers or kohya LoRAs, partial or merged UNet weights, with ``unguide.json`` beside
+a PEFT LoRA (what ``UnGuidePipeline`` needs besides the LoRA) and a model card, ``README.md``.
+
+``publish_export`` is the part a training run shares: after the train job has written its formats into
+``export/``, it adds ``unguide.json`` and the card.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+from unguide_jax.erasers.unguide.probe import ProbeConfig, WProbe
+from unguide_jax.loading.exports import EXPORTERS, export_edit, single_lora
+from unguide_jax.loading.lora_formats import DIFFUSERS_LORA_FILE
+from unguide_jax.loading.resolve import MODEL_DOC, load_model
+from unguide_jax.publishing.model_card import check_card_inputs, write_model_card
+from unguide_jax.publishing.unguide_json import empty_probe_record, write_unguide_json
+from unguide_jax.settings import Config, ConfigError, as_config, option
+from unguide_jax.training.sources import concept_targets, load_edit
+
+
+def _formats(formats) -> str | None:
+    unknown = [f for f in formats if f not in EXPORTERS]
+    if unknown:
+        return f"has unknown export format(s) {unknown}; known: {sorted(EXPORTERS)}"
+    return None if formats else "is empty: give at least one format"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig(Config):
+    """The export job (``unguide-export SOURCE ... --out FOLDER``)."""
+
+    sources: tuple[str, ...] = option((), "run folders, edit files or Orbax checkpoint folders (they add up)")
+    out: str = option("", "the export folder")
+    model: str = option("embedded", "the base model the edits were made on: " + MODEL_DOC)
+    formats: tuple[str, ...] = option(("peft",), f"of {', '.join(EXPORTERS)}", check=_formats)
+    probe: ProbeConfig = option(ProbeConfig(), "peft: the w probe's settings written to unguide.json")
+    cache_empty_probe: bool = option(False, 'peft: compute D("") (the probe of the empty prompt) now and store it '
+                                            "in unguide.json")
+    evaluation: str = option("", "an erasure evaluation's results.json that evaluated these sources: its table "
+                                 "goes into the model card")
+
+
+def write_unguide_settings(export_dir: Path, sd, edit, probe: ProbeConfig, concept_prompts: Sequence[str],
+                           cache_empty_probe: bool = False, unet_params=None) -> Path:
+    """``export_dir/unguide.json`` for the PEFT LoRA in ``export_dir/diffusers``: the probe's settings, the
+    concept's target prompts (the calibrated rule's reference) and, when asked, D("") per draw computed with
+    our probe at the model's default image size."""
+    adapter, alpha = single_lora(edit)
+    empty = None
+    if cache_empty_probe:
+        distances = WProbe(sd, edit, probe, concept_prompts=concept_prompts).empty_distances
+        empty = empty_probe_record(distances, probe, sd.default_size, sd.default_size)
+    unet_params = sd.params["unet"] if unet_params is None else unet_params  # the base weights it fingerprints
+    return write_unguide_json(export_dir, export_dir / "diffusers" / DIFFUSERS_LORA_FILE, adapter, alpha,
+                              unet_params, probe, empty, concept_prompts=list(concept_prompts))
+
+
+def publish_export(export_dir: Path, formats: Sequence[str], sources: Sequence[str | Path], sd, edit,
+                   concept_prompts: Sequence[str], *, probe: ProbeConfig | None = None,
+                   cache_empty_probe: bool = False, base_model: str | None = None,
+                   evaluation: str | Path | None = None, unet_params=None) -> list[Path]:
+    """What goes beside the exported formats: unguide.json with a PEFT LoRA, and the model card."""
+    written = []
+    if "peft" in formats:
+        written.append(write_unguide_settings(Path(export_dir), sd, edit, probe or ProbeConfig(), concept_prompts,
+                                              cache_empty_probe, unet_params))
+    written.append(write_model_card(export_dir, list(sources), formats=list(formats), base_model=base_model,
+                                    evaluation=evaluation))
+    return written
+
+
+def run_export(config: ExportConfig | dict) -> list[Path]:
+    """The export job; returns the files written."""
+    config = as_config(config, ExportConfig)
+    if not config.sources:
+        raise ConfigError("config.sources is empty: give the run folders, edit files or checkpoints to export")
+    if not config.out:
+        raise ConfigError("config.out is empty: give the export folder")
+    evaluation = config.evaluation or None
+    check_card_inputs(config.sources, evaluation)  # before anything is written
+    sd = load_model(config.model)
+    edit, info = load_edit(list(config.sources), sd.params["unet"])
+    out = Path(config.out)
+    written = export_edit(list(config.formats), out, edit, sd.unet, sd.params["unet"])
+    return written + publish_export(out, config.formats, config.sources, sd, edit, concept_targets(info),
+                                    probe=config.probe, cache_empty_probe=config.cache_empty_probe,
+                                    base_model=config.model, evaluation=evaluation)

@@ -1,0 +1,294 @@
+"""The sample job: requests -> (probe) -> batched jitted generation -> PNGs, grid, manifest.
+
+``run_sampling(SampleConfig(...))`` is what ``unguide-sample`` runs; ``sample_requests`` samples a list of
+requests with a loaded model (the I2P evaluation shares it).
+
+Modes (``config.mode``, ``unguide_jax.erasers.unguide.modes``) with the edits of ``config.adapters``
+(several add up): base, adapter, unguide (w per prompt from the probe), fixed (``config.w``), auto.
+
+``out_dir`` gets one PNG per image (written as batches finish), ``grid.png``, ``manifest.json`` (the
+settings, and per image its prompt, seed, guidance, w, D(p), D("")), and in unguide mode
+``probe.json``. A rerun with the same settings skips the images already written and reuses the
+probe; a rerun with other settings is an error unless ``overwrite=true``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+from PIL import Image
+
+from unguide_jax.diffusion.batching import ImageRequest, generate_images
+from unguide_jax.diffusion.images import (
+    image_grid,
+    save_png,
+    slug,
+    versions,
+    write_manifest,
+)
+from unguide_jax.erasers.unguide.modes import resolve_mode, weights_for
+from unguide_jax.erasers.unguide.probe import WProbe
+from unguide_jax.json_files import write_json
+from unguide_jax.loading.random_model import ensure_random_model
+from unguide_jax.loading.resolve import load_model
+from unguide_jax.models.dtypes import dtype_named
+from unguide_jax.parallel.hosts import (
+    broadcast_json,
+    check_same_config,
+    is_main_process,
+)
+from unguide_jax.sampling.config import SampleConfig
+from unguide_jax.sampling.prompts import Request, collect_requests
+from unguide_jax.settings import ConfigError, as_config, to_dict
+from unguide_jax.shapes.classifier import load_evaluator
+from unguide_jax.shapes.data import CLASSES, STYLES, class_named_in
+from unguide_jax.training.sources import concept_targets, load_edit
+
+# Keys that do not change what an image looks like: a rerun may change them and still skip done images.
+NOT_IMAGE_KEYS = ("out_dir", "batch_size", "grid_cols", "evaluator", "overwrite", "create_random_model")
+# Keys newer than the manifests they would fingerprint: counted only when set, so that the default
+# settings keep the fingerprint they had (and reruns still skip the images made before).
+ONLY_WHEN_SET = ("variant", "revision", "model_config")
+
+
+def _content_digest(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (names and contents): an adapter retrained in place is new."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        digest.update(file.relative_to(path).as_posix().encode() if file != path else b"")
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+def image_settings(config: SampleConfig, mode: str) -> dict:
+    """What the images depend on; its fingerprint is stored in the manifest and compared on a rerun."""
+    settings = to_dict(config)
+    out = {k: v for k, v in settings.items() if k not in NOT_IMAGE_KEYS and k not in ("probe", "w", "mode")
+           and not (k in ONLY_WHEN_SET and not v)}
+    out["mode"] = mode
+    out["adapter_digests"] = [_content_digest(Path(a)) for a in config.adapters]
+    if mode == "unguide":
+        out["probe"] = {k: v for k, v in settings["probe"].items() if k != "prompt_chunk"}
+    if mode == "fixed":
+        out["w"] = config.w
+    return out
+
+
+def _fingerprint(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _check_previous_run(out_dir: Path, fingerprint: str, overwrite: bool) -> bool:
+    """Whether images already in out_dir may be kept; an error if they were made with other settings."""
+    manifest = out_dir / "manifest.json"
+    if not manifest.is_file():
+        return not overwrite
+    try:
+        previous = json.loads(manifest.read_text()).get("settings", {}).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        previous = None  # a damaged manifest: only the images it would describe matter
+    if previous == fingerprint:
+        return not overwrite
+    if overwrite:
+        return False
+    if not _made_images(out_dir):
+        return True  # a failed run that made no image (its manifest still says "running"): nothing to protect
+    raise FileExistsError(f"{out_dir} holds images made with other settings (manifest fingerprint {previous}, now "
+                          f"{fingerprint}): choose another out_dir, or pass --config.overwrite=true")
+
+
+def _made_images(out_dir: Path) -> bool:
+    return any(IMAGE_FILE.match(p.name) for p in out_dir.iterdir()) if out_dir.is_dir() else False
+
+
+IMAGE_FILE = re.compile(r"^\d{5}_.*_s\d+\.png$")  # what image_name writes
+
+
+def _check_sizes(sd, requests: list[Request], height: int | None, width: int | None) -> None:
+    """Every request's size fits the model (before anything is written)."""
+    for size in sorted({(r.height or height, r.width or width, r.source) for r in requests}, key=str):
+        try:
+            sd.latent_shape(size[0], size[1])
+        except ValueError as err:
+            where = f" ({size[2]})" if size[2] and ":" in size[2] else ""
+            raise ConfigError(f"config.height/width{where}: {err}") from None
+
+
+def _long_prompts(sd, prompts: list[str]) -> dict[str, int]:
+    """Prompts longer than the tokenizer's limit (the text encoder sees only the first tokens): prompt ->
+    its token count (start and end tokens included)."""
+    limit = sd.tokenizer.model_max_length
+    counts = {p: len(sd.tokenizer(p, truncation=False).input_ids) for p in sorted(set(prompts))}
+    return {p: n for p, n in counts.items() if n > limit}
+
+
+def image_name(index: int, request: Request) -> str:
+    return f"{index:05d}_{slug(request.prompt)}_s{request.seed}.png"
+
+
+def _probe_weights(config: SampleConfig, fingerprint: str, sd, edit, requests: list[Request],
+                   out_dir: Path, concept_prompts: list[str] = ()) -> tuple[list[float], dict]:
+    """w per request from the probe (each distinct prompt and guidance probed once; cached in probe.json)."""
+    probe_config = config.probe
+    cache_file = out_dir / "probe.json"
+    key_of = lambda r: f"{r.guidance_scale}|{r.prompt}"  # noqa: E731
+    cached = broadcast_json(json.loads(cache_file.read_text()) if is_main_process() and cache_file.is_file() else {})
+    if cached.get("fingerprint") != fingerprint:
+        cached = {"fingerprint": fingerprint, "prompts": {}}
+    probes: dict[tuple, WProbe] = {}
+    todo: dict[tuple, dict[str, Request]] = {}
+    for r in requests:
+        if key_of(r) not in cached["prompts"]:
+            todo.setdefault(sd.latent_shape(r.height, r.width), {})[key_of(r)] = r
+    started = time.perf_counter()
+    for shape, by_key in todo.items():
+        probe = probes.setdefault(shape, WProbe(sd, edit, probe_config, latent_shape=shape,
+                                                 concept_prompts=concept_prompts))
+        result = probe.run([r.prompt for r in by_key.values()], [r.guidance_scale for r in by_key.values()])
+        for key, record in zip(by_key, result.records()):
+            cached["prompts"][key] = record
+        if is_main_process():
+            write_json(cache_file, cached)
+    summary = {"probe_seconds": round(time.perf_counter() - started, 2),
+               "probe_unet_rows": sum(p.unet_calls for p in probes.values())}
+    return [cached["prompts"][key_of(r)] for r in requests], summary
+
+
+def run_sampling(config: SampleConfig | Mapping) -> Path:
+    """The sample job (``config``: a SampleConfig, or a dict validated into one); returns the manifest."""
+    config = as_config(config, SampleConfig)
+    if config.create_random_model:
+        ensure_random_model(config.model, seed=config.seed)
+    if not config.model:
+        raise ConfigError("config.model is empty: give a diffusers-layout Stable Diffusion folder or 'embedded'")
+    requests = collect_requests(config)  # an empty or unreadable prompt source fails here, before the model loads
+    out_dir = Path(config.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"config.out_dir: {out_dir} is a file, not a folder")
+    sd = load_model(config.model, dtype=dtype_named(config.dtype), param_dtype=dtype_named(config.param_dtype),
+                    allow_pickle=config.allow_pickle, clip_skip=config.clip_skip, variant=config.variant,
+                    revision=config.revision, config_folder=config.model_config or None)
+    return sample_requests(sd.on_every_device(), config, requests)
+
+
+def sample_requests(sd, config: SampleConfig, requests: list[Request], loaded_edit: tuple | None = None, *,
+                    grid_limit: int | None = None) -> Path:
+    """``requests`` sampled with ``sd`` as ``config`` says into ``config.out_dir`` (PNGs, grid, manifest; a
+    rerun keeps the images of the same settings); returns the manifest. The caller owns the prompt source
+    and the model (config's model keys are recorded, not read). ``loaded_edit``: (edit placed on sd's devices,
+    its info) of ``config.adapters``, for callers that share one edit between runs (None: loaded here).
+    ``grid_limit``: grid.png shows the first N images (None: all)."""
+    out_dir = Path(config.out_dir)
+    _check_sizes(sd, requests, config.height or None, config.width or None)
+    long_prompts = _long_prompts(sd, [r.prompt for r in requests] + [config.negative_prompt])
+    if long_prompts:
+        first, count = next(iter(long_prompts.items()))
+        warnings.warn(f"{len(long_prompts)} prompt(s) are longer than the tokenizer's {sd.tokenizer.model_max_length} "
+                      f"tokens and are cut to that (e.g. {first[:60]!r}{'...' if len(first) > 60 else ''}: {count} "
+                      "tokens); the manifest records which", stacklevel=2)
+    if loaded_edit is None:
+        edit, adapter_info = load_edit(list(config.adapters), sd.params["unet"])
+        edit = sd.put_replicated(edit)
+    else:
+        edit, adapter_info = loaded_edit
+    mode = resolve_mode(config.mode, edit is not None)
+    fingerprint = _fingerprint(image_settings(config, mode))
+    # Several processes: the main one decides from its files, the others follow (and write nothing).
+    check_same_config(image_settings(config, mode), "sample config")
+    keep_existing = broadcast_json(_check_previous_run(out_dir, fingerprint, config.overwrite) if is_main_process()
+                                   else None)
+    if is_main_process():
+        # Written first, so that images of an interrupted run are known to belong to these settings.
+        write_manifest(out_dir, {"fingerprint": fingerprint, "status": "running"}, [])
+    started = time.perf_counter()
+    probe_records, probe_summary = [None] * len(requests), {}
+
+    def probe():
+        nonlocal probe_records, probe_summary
+        probe_records, probe_summary = _probe_weights(config, fingerprint, sd, edit, requests, out_dir,
+                                                            concept_targets(adapter_info))
+        return [p["w"] for p in probe_records]
+
+    ws = weights_for(mode, len(requests), fixed_w=config.w, probe=probe)
+
+    names = [image_name(i, r) for i, r in enumerate(requests)]
+    todo = broadcast_json([i for i, name in enumerate(names) if not (keep_existing and (out_dir / name).is_file())]
+                          if is_main_process() else None)
+    height, width = config.height or None, config.width or None
+    image_requests = [ImageRequest(requests[i].prompt, requests[i].seed, requests[i].guidance_scale, ws[i],
+                                   requests[i].height or height, requests[i].width or width) for i in todo]
+
+    def save_batch(indices, images):
+        if is_main_process():
+            for j, image in zip(indices, images):
+                save_png(out_dir / names[todo[j]], image)
+
+    generate_images(sd, image_requests, batch_size=config.batch_size, num_steps=config.num_steps, eta=config.eta,
+                    negative_prompt=config.negative_prompt, edit=None if mode == "base" else edit, fused=config.fused,
+                    on_batch=save_batch, edit_name=", ".join(config.adapters))
+    if not is_main_process():
+        return out_dir / "manifest.json"
+    sizes = []
+    for name in names:  # from the PNG headers: a large run's images need not all be held in memory
+        with Image.open(out_dir / name) as png:
+            sizes.append((png.height, png.width))
+
+    def load(name: str) -> np.ndarray:
+        with Image.open(out_dir / name) as png:
+            return np.asarray(png.convert("RGB"))
+
+    records = []
+    for i, (req, (h, w)) in enumerate(zip(requests, sizes)):
+        record = dict(file=names[i], prompt=req.prompt, seed=req.seed, guidance_scale=req.guidance_scale,
+                      height=h, width=w, source=req.source, mode=mode)
+        if ws[i] is not None:
+            record["w"] = ws[i]
+        if req.prompt in long_prompts:
+            record.update(prompt_tokens=long_prompts[req.prompt], truncated_to=sd.tokenizer.model_max_length)
+        if probe_records[i] is not None:
+            record.update(D=probe_records[i]["D"], D_empty=probe_records[i]["D_empty"])
+        records.append(record)
+    evaluation = _evaluate(config.evaluator, [load(name) for name in names], records) if config.evaluator else None
+    shown = names[:grid_limit]
+    if len(set(sizes[:len(shown)])) == 1:
+        save_png(out_dir / "grid.png", image_grid([load(name) for name in shown], config.grid_cols))
+    summary = to_dict(config)
+    summary.update(mode=mode, fingerprint=fingerprint, status="done", adapters_loaded=adapter_info, sampler="DDIM",
+                   scheduler=dataclasses.asdict(sd.scheduler), versions=versions(),
+                   images_generated=len(todo), images_kept=len(requests) - len(todo), **sd.placement(),
+                   prompts_truncated=sorted(long_prompts),
+                   seconds=round(time.perf_counter() - started, 2), **probe_summary)
+    if evaluation:
+        summary["evaluation"] = evaluation
+    return write_manifest(out_dir, summary, records)
+
+
+def _evaluate(evaluator: str, images: list[np.ndarray], records: list[dict]) -> dict | None:
+    """With the embedded evaluator: each record gets the predicted class and style; returns a summary."""
+    if not evaluator:
+        return None
+    if evaluator != "embedded":
+        raise ValueError(f"unknown evaluator {evaluator!r}: the only one is 'embedded' (the shapes classifier)")
+    predicted_class, predicted_style = load_evaluator().predict(np.stack(images))
+    hits = []
+    for record, c, st in zip(records, predicted_class, predicted_style):
+        prompted = class_named_in(record["prompt"])
+        record.update(predicted_class=CLASSES[c], predicted_style=STYLES[st],
+                      prompted_class=None if prompted is None else CLASSES[prompted])
+        if prompted is not None:
+            hits.append(int(c) == prompted)
+    summary = {"evaluator": "embedded shapes classifier", "images_naming_a_class": len(hits),
+               "classified_as_prompted": int(sum(hits))}
+    if hits:
+        summary["accuracy"] = round(float(np.mean(hits)), 4)
+    return summary
+
+
