@@ -35,6 +35,10 @@ from unguide_jax.settings import (
 TRAIN_DTYPES = ("float32", "bfloat16")
 
 
+def _method(name: str):
+    return option(name, "the eraser: unguide | learnable_prompts | pure | uce (each has its own keys)")
+
+
 def _exports(formats) -> str | None:
     unknown = [f for f in formats if f not in EXPORTERS]
     return f"has unknown export format(s) {unknown}; known: {sorted(EXPORTERS)}" if unknown else None
@@ -56,7 +60,7 @@ class TrainConfig(Config):
 
     METHOD: ClassVar[str] = ""
 
-    method: str = option("unguide", "the eraser: unguide | learnable_prompts | pure | uce (each has its own keys)")
+    method: str = _method("unguide")
     model: str = option("embedded", MODEL_DOC)
     variant: str = option("", VARIANT_DOC)
     revision: str = option("", REVISION_DOC)
@@ -116,7 +120,7 @@ class UnguideTrainConfig(TrainedConfig):
 
     METHOD: ClassVar[str] = "unguide"
 
-    method: str = option("unguide", "the eraser: unguide | learnable_prompts | pure | uce (each has its own keys)")
+    method: str = _method("unguide")
     lora: LoraConfig = option(LoraConfig(), "the LoRA adapter")
     learning_rate: float = option(3e-5, "Adam (0.9, 0.999, 1e-8) learning rate; no schedule, no clipping (with "
                                   "transfer=kv_scale: the SD 1.4 value the rule scales)", check=positive)
@@ -133,8 +137,7 @@ class LearnablePromptsTrainConfig(TrainedConfig):
 
     METHOD: ClassVar[str] = "learnable_prompts"
 
-    method: str = option("learnable_prompts", "the eraser: unguide | learnable_prompts | pure | uce "
-                                              "(each has its own keys)")
+    method: str = _method("learnable_prompts")
     objective: ObjectiveConfig = option(ObjectiveConfig(start_guidance=3.0, negative_guidance=1.0),
                                           "ESD's objective: the empty prompt as e0, η = negative_guidance")
     prompt: PromptConfig = option(PromptConfig(), "the memory tokens and the fine-tuned subset")
@@ -147,31 +150,34 @@ class LearnablePromptsTrainConfig(TrainedConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class PureTrainConfig(TrainConfig):
-    """PURE: closed-form K/V projectors (configs/pure.py); no iterations."""
+class ClosedFormTrainConfig(TrainConfig):
+    """What PURE and UCE share: one computation, no iterations; the run folder gets config.json, report.json,
+    edit.safetensors and export/."""
 
-    METHOD: ClassVar[str] = "pure"
-
-    method: str = option("pure", "the eraser: unguide | learnable_prompts | pure | uce (each has its own keys)")
-    pure: PureConfig = option(PureConfig(), "PURE's settings")
-    run_dir: str = option("runs/pure-shapes-arrow", "the run folder: config.json, report.json, edit.safetensors, "
-                                                    "export/")
     export: tuple[str, ...] = option(("peft", "partial_unet"), "also write the edit for PyTorch users in these "
                                                                f"formats: {', '.join(EXPORTERS)}", check=_exports)
 
 
 @dataclasses.dataclass(frozen=True)
-class UceTrainConfig(TrainConfig):
-    """UCE: the closed-form K/V edit baseline (configs/uce.py); no iterations."""
+class PureTrainConfig(ClosedFormTrainConfig):
+    """PURE: closed-form K/V projectors (configs/pure.py)."""
+
+    METHOD: ClassVar[str] = "pure"
+
+    method: str = _method("pure")
+    pure: PureConfig = option(PureConfig(), "PURE's settings")
+    run_dir: str = option("runs/pure-shapes-arrow", "the run folder")
+
+
+@dataclasses.dataclass(frozen=True)
+class UceTrainConfig(ClosedFormTrainConfig):
+    """UCE: the closed-form K/V edit baseline (configs/uce.py)."""
 
     METHOD: ClassVar[str] = "uce"
 
-    method: str = option("uce", "the eraser: unguide | learnable_prompts | pure | uce (each has its own keys)")
+    method: str = _method("uce")
     uce: UceConfig = option(UceConfig(), "UCE's settings")
-    run_dir: str = option("runs/uce-shapes-arrow", "the run folder: config.json, report.json, edit.safetensors, "
-                                                   "export/")
-    export: tuple[str, ...] = option(("peft", "partial_unet"), "also write the edit for PyTorch users in these "
-                                                               f"formats: {', '.join(EXPORTERS)}", check=_exports)
+    run_dir: str = option("runs/uce-shapes-arrow", "the run folder")
 
 
 TRAIN_SCHEMAS: dict[str, type[TrainConfig]] = {
