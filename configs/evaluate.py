@@ -7,7 +7,7 @@ Presets:
                runs/unguide-paper-shapes-<class>)
   compare      every eraser on the arrow: UnGuide, LoRA only, learnable prompts, PURE, UCE, UnGuidance over
                PURE, with paraphrase leakage and the prefix-token attack (runs of configs/{unguide,
-               learnable_prompts,pure,uce}.py)
+               learnable_prompts,pure,uce}.py); PURE's and UCE's retain prompts are the evaluated other classes
   tiny         tests
   i2p          explicit content (job "i2p", unguide_jax/evaluation/i2p.py): the I2P prompts with their own seeds and
                guidance, base model, LoRA only and UnGuide (probe R = 10), NudeNet counts of exposed classes; the
@@ -24,8 +24,10 @@ python sample.py --config configs/evaluate.py:i2p --config.csv=PATH/i2p_prompts_
 from unguide_jax.evaluation.config import ORACLE_ROW, UNGUIDE_TABLE_ROWS
 
 METHODS = list(UNGUIDE_TABLE_ROWS)  # base model, LoRA only, UnGuide
-# The paper exactly: its LoRA settings untransferred (configs/unguide.py:paper) and its probe rule.
-PAPER = dict(name="UnGuide (paper settings and rule)", edit="unguide_paper", mode="unguide", rule="paper")
+# The paper as its code runs it: the LoRA of configs/unguide.py:paper, the probe's threshold D("") and the ESD
+# timesteps the authors' probe inherits.
+PAPER = dict(name="UnGuide (paper settings and rule)", edit="unguide_paper", mode="unguide", rule="paper",
+             timestep_mode="reference")
 
 
 def get_config(preset: str = "default") -> dict:
@@ -51,10 +53,13 @@ def get_config(preset: str = "default") -> dict:
                 unguide=["runs/unguide-shapes-arrow"],
                 learnable_prompts=["runs/learnable-prompts-shapes-arrow/edit.safetensors"],
                 pure=["runs/pure-shapes-arrow"], uce=["runs/uce-shapes-arrow"]))],
+            # PURE and UCE protect their concepts' retain prompts, which are the other classes this table
+            # scores: their Acc_s is measured on what they were told to keep, the LoRA's is not.
             methods=METHODS + [dict(name="learnable prompts", edit="learnable_prompts", mode="adapter"),
-                               dict(name="PURE", edit="pure", mode="adapter"),
-                               dict(name="UCE", edit="uce", mode="adapter"),
-                               dict(name="UnGuidance over PURE", edit="pure", mode="unguide")],
+                               dict(name="PURE (retains the evaluated classes)", edit="pure", mode="adapter"),
+                               dict(name="UCE (retains the evaluated classes)", edit="uce", mode="adapter"),
+                               dict(name="UnGuidance over PURE (retains the evaluated classes)", edit="pure",
+                                    mode="unguide")],
             paraphrases=True, attack=dict(enabled=True), out_dir="runs/evaluate-compare")
     if preset == "tiny":
         return dict(job="evaluate", images_per_prompt=2, num_steps=4, batch_size=13,

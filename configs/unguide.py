@@ -2,7 +2,7 @@
 (``unguide_jax.training.config.UnguideTrainConfig``: ``unguide-train --help`` prints every key). Presets:
   default      erase the arrow from the embedded shapes model: the paper's settings transferred to this model by
                the kv_scale rule, A initialised along the concept
-  paper        the paper's settings exactly: lr 3e-5 untransferred, random A
+  paper        the paper's settings exactly: lr 3e-5 untransferred, random A, the authors' timesteps
   tiny         tests (give --config.model)
   sd15-object  erase "cat" from an SD 1.x folder, the paper's settings
   sd15-nudity  explicit content, ESD-u-style targets, from an SD 1.x folder
@@ -13,8 +13,11 @@ python train.py --config configs/unguide.py:sd15-object --config.model=/path/to/
 python train.py --config configs/unguide.py --config.resume=true      # continue from the latest checkpoint
 """
 
-# The paper's LoRA as published: its learning rate as given (no transfer), A ~ N(0, 1/r²).
-PAPER = dict(transfer="none", lora=dict(init="random"))
+# The paper's LoRA as its code runs it: its learning rate as given (no transfer), A ~ N(0, 1/r) (std 1/√r).
+PAPER_LORA = dict(transfer="none", lora=dict(init="random"))
+# ... trained on the ESD timestep scheme the authors' code inherits (our default, "corrected", is a deviation).
+PAPER_OBJECTIVE = dict(timestep_mode="reference")
+PAPER = dict(PAPER_LORA, objective=PAPER_OBJECTIVE)
 
 
 def get_config(preset: str = "default") -> dict:
@@ -22,10 +25,11 @@ def get_config(preset: str = "default") -> dict:
         "default": dict(method="unguide"),
         "paper": dict(method="unguide", run_dir="runs/unguide-paper-shapes-arrow", **PAPER),
         "tiny": dict(method="unguide", model="", iterations=4, checkpoint_every=2, keep=2, run_dir="runs/unguide-tiny",
-                     objective=dict(ddim_steps=4), learning_rate=1e-3, **PAPER),
+                     objective=dict(ddim_steps=4), learning_rate=1e-3, **PAPER_LORA),
         "sd15-object": dict(method="unguide", model="", concept="cat", run_dir="runs/unguide-sd15-cat", **PAPER),
         "sd15-nudity": dict(method="unguide", model="", concept="nudity", run_dir="runs/unguide-sd15-nudity",
-                            transfer="none", lora=dict(targets="explicit", init="random")),
+                            transfer="none", lora=dict(targets="explicit", init="random"),
+                            objective=PAPER_OBJECTIVE),
     }
     if preset not in presets:
         raise ValueError(f"unknown preset {preset!r} ({', '.join(presets)})")

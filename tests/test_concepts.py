@@ -84,3 +84,19 @@ def test_a_single_reference_is_broadcast_over_the_targets():
     concept = Concept(name="x", targets=("a", "b"), references="r")
     assert concept.pairs == [("a", "r"), ("b", "r")]
     assert concept.targets == ("a", "b") and concept.references == ("r",)
+
+
+# A style concept turns the style into another style of the same shape (striped circle -> solid circle): its
+# anchors are shapes the style table draws on purpose, and the erasure table scores object concepts only.
+OBJECT_CONCEPTS = [name for name in list_concepts() if load_concept(name).kind != "style"]
+
+
+@pytest.mark.parametrize("name", OBJECT_CONCEPTS)
+def test_anchors_lie_outside_the_evaluated_prompts(name):
+    # The objective trains the target towards its anchor, and the LoRA's side effects land on what the anchor
+    # draws: an anchor the table also scores mixes the training signal into the measurement. The paper anchors
+    # outside the evaluated classes.
+    concept = load_concept(name)
+    evaluated = {p for field in ("targets", "synonyms", "other", "paraphrases") for p in getattr(concept, field)}
+    inside = sorted(set(concept.references) & evaluated)
+    assert not inside, f"{name}: references {inside} are also evaluated prompts"

@@ -78,6 +78,15 @@ def test_methods_parse_and_name_their_problems():
         Method.from_config({"name": "x", "edit": "pure", "mode": "base"})
     with pytest.raises(ValueError, match=r"unknown keys \['weight'\]"):
         Method.from_config({"name": "x", "mode": "base", "weight": 1})
+    with pytest.raises(ValueError, match="unknown probe timestep mode 'ddpm'"):
+        Method.from_config({"name": "x", "edit": "unguide", "mode": "unguide", "timestep_mode": "ddpm"})
+    # The paper row of the ten-class table probes as the authors' code does, on LoRAs trained the same way.
+    from unguide_jax.presets import load_config_file
+
+    (paper,) = [Method.from_config(m) for m in load_config_file("evaluate.py:all-classes")["methods"]
+                if isinstance(m, dict) and m.get("edit") == "unguide_paper"]
+    assert (paper.rule, paper.timestep_mode) == ("paper", "reference")
+    assert load_config_file("unguide.py:paper")["objective"]["timestep_mode"] == "reference"
 
 
 def test_shipped_shapes_concepts_carry_anchors_and_paraphrases():
@@ -136,7 +145,8 @@ def test_evaluation_command_end_to_end_on_a_tiny_model(tiny_pipeline_dir, tmp_pa
     # UnGuidance over the other erasers' edits: tests/test_erasers_cli.py.
     erasures = [{"concept": "shapes-circle", "edits": {"unguide": [str(lora_run)]}}]
     methods = [{"name": "base model", "mode": "base"}, {"name": "LoRA only", "edit": "unguide", "mode": "adapter"},
-               {"name": "UnGuide", "edit": "unguide", "mode": "unguide", "rule": "calibrated"},  # over the paper's
+               # the row's rule and timesteps over the config's
+               {"name": "UnGuide", "edit": "unguide", "mode": "unguide", "rule": "calibrated", "timestep_mode": "reference"},
                {"name": "oracle", "edit": "unguide", "mode": "oracle"},
                {"name": "w -1", "edit": "unguide", "mode": "fixed", "w": -1.0},
                {"name": "w 2", "edit": "unguide", "mode": "fixed", "w": 2.0}]
@@ -167,6 +177,7 @@ def test_evaluation_command_end_to_end_on_a_tiny_model(tiny_pipeline_dir, tmp_pa
     # The row's rule (calibrated: a threshold from the concept's own D) beats the config's (paper); the row also says
     # how often the paper's bar D("") would have agreed with the oracle.
     assert circle["methods"]["UnGuide"]["probe_rule"] == "calibrated"
+    assert circle["methods"]["UnGuide"]["probe_timestep_mode"] == "reference"
     assert circle["methods"]["UnGuide"]["probe_threshold"] > 0
     assert set(circle["methods"]["UnGuide"]["rules_agree_with_oracle"]) == {"paper", "calibrated"}
     # The oracle row is fixed-w sampling: w -1 on the target and its synonyms, 2 on the other classes.

@@ -72,6 +72,14 @@ def test_fresh_adapter_is_the_identity_and_merge_unmerge_round_trip():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), back, params)
 
 
+@pytest.mark.parametrize("rank", [1, 4])
+def test_random_init_draws_a_with_the_authors_std(rank):
+    # Their code scales A by 1/√r; 1/r (another common LoRA init) would agree only at r = 1.
+    params = {"attn2": {"to_k": {"kernel": np.zeros((4096, 8))}}}
+    a = init_lora(jax.random.key(0), params, LoraConfig(rank=rank, targets=r"to_k$", init="random"))["attn2.to_k"]
+    assert float(jnp.std(a["lora_A"])) == pytest.approx(1 / np.sqrt(rank), rel=0.03)
+
+
 def test_merged_forward_equals_the_explicit_low_rank_update():
     """y = W x + alpha (x A) B at an adapted layer: merged kernel equals W + alpha A B, alpha applied directly."""
     unet, params = _tiny_unet_params()

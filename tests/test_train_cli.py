@@ -141,5 +141,8 @@ def test_presets_name_existing_concepts_and_target_rules(preset):
     # The paper's settings exactly on SD 1.x and in the paper preset; the embedded default transfers them.
     paper = preset in ("paper", "sd15-object", "sd15-nudity", "tiny")
     assert (config["transfer"], config["lora"]["init"]) == (("none", "random") if paper else ("kv_scale", "concept"))
+    # ... and the authors' timesteps, except in the test preset and the embedded default.
+    authors = preset in ("paper", "sd15-object", "sd15-nudity")
+    assert config["objective"]["timestep_mode"] == ("reference" if authors else "corrected")
     assert (config["learning_rate"], config["lora"]["rank"], config["lora"]["alpha"]) == (
         (1e-3 if preset == "tiny" else 3e-5), 1, 8.0)

@@ -152,7 +152,7 @@ def test_loss_and_gradients_match_torch(setup, jax_value_and_grad, mode, t_enc, 
 
 
 def test_train_steps_match_torch_adam(setup):
-    """Two jitted train steps from the real init (A ~ N(0, 1/r^2), B = 0) against two torch Adam steps.
+    """Two jitted train steps from the real init (A ~ N(0, 1/r), B = 0) against two torch Adam steps.
 
     The second step samples with a LoRA model that the first step changed, and runs Adam with moments.
     The draws are reproduced from the state's key the way the step makes them (checked against its metrics).

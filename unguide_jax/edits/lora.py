@@ -45,7 +45,8 @@ class LoraConfig(Config):
     alpha: float = option(8.0, "multiplies A @ B directly (UnGuide's convention, not PEFT's alpha / r)")
     targets: str = option("object", '"object" (attn2.to_k/to_v), "explicit" (ESD-u style) or a regex over module paths')
     init: str = option("concept", "A's init: concept (ours: along the target's tokens outside the anchor's and \"\"'s "
-                                  "span, erasers/unguide/concept_direction.py) | random (the paper: N(0, 1/r²))",
+                                  "span, erasers/unguide/concept_direction.py) | random (the authors' code: N(0, 1/r), "
+                                  "std 1/√r)",
                        choices=LORA_INITS)
 
     @property
@@ -87,7 +88,7 @@ def reads_text(path: str) -> bool:
 
 
 def init_lora(key: jax.Array, params: Mapping, config: LoraConfig, dtype=jnp.float32, directions=None) -> Adapter:
-    """A ~ N(0, (1/r)^2) as the reference (std 1/r), B = 0: the adapted model starts equal to the base.
+    """A ~ N(0, 1/r) as the authors' code (std 1/√r), B = 0: the adapted model starts equal to the base.
     ``directions`` (in, r): A's init for the cross-attention K/V layers, the ones that read the text tokens the
     directions live in (``lora.init = "concept"``); other layers keep the random init."""
     if (directions is None) != (config.init == "random"):
@@ -104,7 +105,7 @@ def init_lora(key: jax.Array, params: Mapping, config: LoraConfig, dtype=jnp.flo
                                  f"{config.rank})")
             a = jnp.asarray(directions, dtype)
         else:
-            a = jax.random.normal(jax.random.fold_in(key, i), (fan_in, config.rank), dtype) / config.rank
+            a = jax.random.normal(jax.random.fold_in(key, i), (fan_in, config.rank), dtype) / config.rank ** 0.5
         adapter[path] = {"lora_A": a, "lora_B": jnp.zeros((config.rank, fan_out), dtype)}
     return adapter
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from unguide_jax.erasers.unguide.modes import MODES
 from unguide_jax.erasers.unguide.probe import RULES as PROBE_RULES
+from unguide_jax.erasers.unguide.probe import TIMESTEP_MODES as PROBE_TIMESTEP_MODES
 from unguide_jax.erasers.unguide.probe import ProbeConfig
 from unguide_jax.evaluation.attack import AttackConfig
 from unguide_jax.loading.resolve import (
@@ -36,6 +37,7 @@ class Method:
     mode: str = "base"           # base | adapter | unguide | fixed | oracle
     w: float = 2.0               # mode "fixed"
     rule: str = ""               # mode "unguide": this row's probe rule ("": the config's probe.rule)
+    timestep_mode: str = ""      # mode "unguide": this row's probe timesteps ("": the config's probe.timestep_mode)
 
     @classmethod
     def from_config(cls, raw) -> "Method":
@@ -43,7 +45,8 @@ class Method:
             raw = {"name": raw, "edit": None if raw == "base" else "unguide", "mode": raw}
         unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"unknown keys {unknown} in an evaluation method (name, edit, mode, w, rule)")
+            raise ValueError(f"unknown keys {unknown} in an evaluation method (name, edit, mode, w, rule, "
+                             "timestep_mode)")
         method = cls(**raw)
         if method.mode not in MODES:
             raise ValueError(f"evaluation method {method.name!r}: unknown mode {method.mode!r}; known: {MODES}")
@@ -51,6 +54,9 @@ class Method:
             raise ValueError(f"evaluation method {method.name!r}: mode base takes no edit, the other modes need one")
         if method.rule and method.rule not in PROBE_RULES:
             raise ValueError(f"evaluation method {method.name!r}: unknown probe rule {method.rule!r}; known: {PROBE_RULES}")
+        if method.timestep_mode and method.timestep_mode not in PROBE_TIMESTEP_MODES:
+            raise ValueError(f"evaluation method {method.name!r}: unknown probe timestep mode "
+                             f"{method.timestep_mode!r}; known: {PROBE_TIMESTEP_MODES}")
         return method
 
 
@@ -108,7 +114,7 @@ class EvaluateConfig(Config):
     methods: tuple[str | dict[str, Any], ...] = option(
         UNGUIDE_TABLE_ROWS + (ORACLE_ROW,),
         f"rows of the table: {{name, edit (a key of an erasure's edits; none for base), mode ({' | '.join(MODES)}), w, "
-        "rule (the row's probe rule)}")
+        "rule, timestep_mode (the row's probe rule and timesteps)}")
     images_per_prompt: int = option(16, "images per prompt: target, synonyms, the other classes", check=positive)
     seed: int = option(2024, "image j of every prompt: seed + j (paired across prompts and methods)", check=seed_range)
     guidance_scale: float = option(7.5, "CFG scale")

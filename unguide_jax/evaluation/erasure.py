@@ -124,13 +124,16 @@ def score(prompt_set: PromptSet, class_probs: np.ndarray, owners: np.ndarray) ->
     return out
 
 
-def _probe(sd, edit, config: EvaluateConfig, prompts, concept_prompts, embeddings=None, rule: str = ""):
+def _probe(sd, edit, config: EvaluateConfig, prompts, concept_prompts, embeddings=None, rule: str = "",
+           timestep_mode: str = ""):
     started = time.perf_counter()
-    settings = dict(dataclasses.asdict(config.probe), rule=rule or config.probe.rule)
+    settings = dict(dataclasses.asdict(config.probe), rule=rule or config.probe.rule,
+                    timestep_mode=timestep_mode or config.probe.timestep_mode)
     probe = WProbe(sd, edit, ProbeConfig(**settings), concept_prompts=concept_prompts)
     result = probe.run(prompts, config.guidance_scale, prompt_embeddings=embeddings)
     info = {"D_empty": result.d_empty, "probe_seconds": round(time.perf_counter() - started, 2),
-            "probe_rule": settings["rule"], "probe_threshold": result.threshold,
+            "probe_rule": settings["rule"], "probe_timestep_mode": settings["timestep_mode"],
+            "probe_threshold": result.threshold,
             "probe_unet_rows": probe.unet_calls,
             "probe": {p: dict(D=float(d), w=float(w)) for p, d, w in zip(prompts, result.d, result.w)}}
     return [float(w) for w in result.w], info
@@ -159,7 +162,8 @@ def _method_ws(method: Method, config: EvaluateConfig, sd, edit, prompts: list[s
     info = {"w": float(method.w)} if method.mode == "fixed" else {}
 
     def probe():
-        ws, probe_info = _probe(sd, edit, config, prompts, concept_prompts, rule=method.rule)
+        ws, probe_info = _probe(sd, edit, config, prompts, concept_prompts, rule=method.rule,
+                                timestep_mode=method.timestep_mode)
         info.update(probe_info)
         return ws
 
@@ -182,7 +186,8 @@ def _attack(sd, evaluator, erased: int, target_prompt: str, method: Method, edit
     contexts = jnp.stack(contexts)
     w = None
     if method.mode == "unguide":
-        w, _ = _probe(sd, edit, config, texts, [target_prompt], embeddings=contexts, rule=method.rule)
+        w, _ = _probe(sd, edit, config, texts, [target_prompt], embeddings=contexts, rule=method.rule,
+                      timestep_mode=method.timestep_mode)
     elif method.mode == "fixed":
         w = [float(method.w)] * len(seeds)
     elif method.mode == "oracle":  # the attacked prompts still ask for the erased concept

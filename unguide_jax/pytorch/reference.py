@@ -39,10 +39,10 @@ class LoraLinear(torch.nn.Module):
         self.base = base.requires_grad_(False)
         self.alpha = float(alpha)
         self.enabled = True
-        # The reference's init (A with std 1/r, as unguide_jax.edits.lora; B = 0, so training starts at the base
+        # The reference's init (A with std 1/√r, as unguide_jax.edits.lora; B = 0, so training starts at the base
         # model). Comparisons overwrite both with the JAX side's values (set_adapter).
         like = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = torch.nn.Parameter(torch.randn(base.in_features, rank, **like) / rank)
+        self.lora_A = torch.nn.Parameter(torch.randn(base.in_features, rank, **like) / rank ** 0.5)
         self.lora_B = torch.nn.Parameter(torch.zeros(rank, base.out_features, **like))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,9 @@ of K and V is α·lr·T / s. Rule "kv_scale" keeps the paper's relative change: 
 s_model measured on the model's cross-attention K/V kernels over the concept's target prompts (the
 mean over layers), s_SD1.4 = 1/√768: the scale of a LeCun-initialised projection of SD 1.4's 768-d
 context. That reference is an assumption, not a measurement (no SD 1.4 weights could be read here);
-it is what trained K/V kernels keep on the shipped model (0.12–0.15 against 1/√64 = 0.125), and on a
-random SD 1.4-shaped UNet the rule returns the paper's numbers. The SD 1.x presets do not transfer
+it is what trained K/V kernels keep on the shipped model (0.12–0.15 against 1/√64 = 0.125). (On
+LeCun-initialised kernels of SD 1.4's shapes the rule gives back the paper's numbers by construction,
+which checks the arithmetic, not the assumption.) The SD 1.x presets do not transfer
 (``transfer = "none"``): they keep the paper's settings exactly.
 """
 from __future__ import annotations
