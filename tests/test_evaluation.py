@@ -3,16 +3,46 @@ import numpy as np
 import pytest
 
 from unguide_jax.erasers.concepts import load_concept
-from unguide_jax.evaluation.erasure import PromptSet, harmonic_overall, score
+from unguide_jax.evaluation.erasure import harmonic_overall, score
+from unguide_jax.evaluation.evaluators import PromptSet, check_evaluator, clip_prompt_set, shapes_prompt_set
 
 
 def test_prompt_set_of_a_shipped_concept():
-    ps = PromptSet.from_concept(load_concept("shapes-circle"))
+    ps = shapes_prompt_set(load_concept("shapes-circle"))
     assert ps.erased == 0 and len(ps.items) == 13  # target, 3 synonyms, 9 other classes ("" left to the probe)
     assert [k for _, k, _ in ps.items].count("synonym") == 3
     assert sorted(c for _, k, c in ps.items if k == "other") == list(range(1, 10))
-    with pytest.raises(ValueError, match="object concepts of the shapes model"):
-        PromptSet.from_concept(load_concept("cat"))
+    assert ps.class_names[ps.erased] == "circle"
+    with pytest.raises(ValueError, match="object concepts of the shapes model.*evaluator=clip:SOURCE"):
+        shapes_prompt_set(load_concept("cat"))
+
+
+def test_clip_prompt_set_is_maces_class_texts():
+    """For CLIP the classes are the target and the other prompts, MACE's "a photo of the {class}" texts for
+    CIFAR-10; synonyms count for the erased class."""
+    ps = clip_prompt_set(load_concept("dog"))
+    assert ps.class_names[0] == "a photo of the dog" and len(ps.class_names) == 10
+    assert ps.class_names[1:] == tuple(f"a photo of the {c}" for c in
+                                       ("airplane", "automobile", "bird", "cat", "deer", "frog", "horse", "ship",
+                                        "truck"))
+    assert [c for p, k, c in ps.items if k == "synonym"] == [0, 0, 0]
+    assert len(ps.prompts) == 13  # the authors' softmax runs over these 13 texts
+    assert check_evaluator("clip:openai/clip-vit-base-patch32") is None
+    assert "clip:SOURCE" in check_evaluator("clip:") and "clip:SOURCE" in check_evaluator("resnet")
+
+
+def test_the_reference_protocol_credits_each_images_own_text_when_texts_are_scored():
+    """With text probabilities (CLIP), an image credits its own prompt's text; texts of a class no longer tie."""
+    ps = PromptSet(erased=0, items=(("t", "target", 0), ("s", "synonym", 0), ("o", "other", 1)),
+                   class_names=("t", "o"))
+    owners = np.array([0, 0, 1, 2])
+    class_probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.4, 0.6]])
+    text_probs = np.array([[0.6, 0.3, 0.1], [0.1, 0.1, 0.8], [0.2, 0.5, 0.3], [0.3, 0.1, 0.6]])
+    ref = score(ps, class_probs, owners, text_probs)["reference"]
+    assert ref["acc_e"] == pytest.approx((0.6 + 0.1) / 2)
+    assert ref["acc_g"] == pytest.approx(0.5) and ref["acc_s"] == pytest.approx(0.6)
+    mace = score(ps, class_probs, owners, text_probs)["mace"]  # unchanged by the texts
+    assert (mace["acc_e"], mace["acc_g"], mace["acc_s"]) == pytest.approx(((0.9 + 0.2) / 2, 0.7, 0.6))
 
 
 def test_scores_under_every_protocol_match_hand_computations():

@@ -183,9 +183,10 @@ def _results(concept: str, edit_sources: list[str]) -> dict:
     import numpy as np
 
     from unguide_jax.erasers.concepts import load_concept
-    from unguide_jax.evaluation.erasure import PromptSet, average, score
+    from unguide_jax.evaluation.erasure import average, score
+    from unguide_jax.evaluation.evaluators import shapes_prompt_set
 
-    prompt_set = PromptSet.from_concept(load_concept(concept))
+    prompt_set = shapes_prompt_set(load_concept(concept))
     owners = np.repeat(np.arange(len(prompt_set.items)), 2)
     probs = np.random.default_rng(0).dirichlet(np.ones(10), size=len(owners))
     methods = {"base model": dict(score(prompt_set, probs, owners), mode="base", edit=None),

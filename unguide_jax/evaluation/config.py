@@ -11,6 +11,7 @@ from unguide_jax.erasers.unguide.probe import RULES as PROBE_RULES
 from unguide_jax.erasers.unguide.probe import TIMESTEP_MODES as PROBE_TIMESTEP_MODES
 from unguide_jax.erasers.unguide.probe import ProbeConfig
 from unguide_jax.evaluation.attack import AttackConfig
+from unguide_jax.evaluation.evaluators import EVALUATOR_DOC, check_evaluator
 from unguide_jax.loading.resolve import (
     MODEL_CONFIG_DOC,
     MODEL_DOC,
@@ -127,8 +128,7 @@ class EvaluateConfig(Config):
     train_missing: dict[str, str] = option({}, "edit name -> a train config (configs/unguide.py:paper): an edit whose "
                                                "run folder is missing is trained first, with the erasure's concept")
     attack: AttackSettings = option(AttackSettings(), "the prefix-token attack on each edit")
-    evaluator: str = option("embedded", "the classifier that scores the images (the shipped shapes classifier)",
-                            choices=("embedded",))
+    evaluator: str = option("embedded", EVALUATOR_DOC, check=check_evaluator)
     dtype: str = option("float32", "compute dtype", choices=tuple(DTYPES))
     out_dir: str = option("runs/evaluate-shapes-arrow", "results.json, results.md, PNGs and grids per method")
 

@@ -1,8 +1,8 @@
-"""Object-erasure evaluation (the UnGuide paper's Table 1 protocol) on the embedded shapes model, as one command.
+"""Object-erasure evaluation (the UnGuide paper's Table 1 protocol), as one command.
 
 Per erased concept: N images for the target prompt, each synonym and each other class prompt, image j
-of every prompt with seed ``seed + j`` (paired across prompts and methods). The shipped shapes
-classifier scores every image. A method is an edit of the erasure (UnGuide's LoRA, learnable
+of every prompt with seed ``seed + j`` (paired across prompts and methods). An evaluator scores every
+image (``unguide_jax.evaluation.evaluators``): the shipped shapes classifier, or zero-shot CLIP. A method is an edit of the erasure (UnGuide's LoRA, learnable
 prompts, PURE, UCE, ...: anything ``sample.py`` loads) and a mode (base, adapter alone, UnGuide with
 the probe's w, a fixed w):
 
@@ -13,14 +13,15 @@ the probe's w, a fixed w):
 
 Scoring protocols (docs/results.md, "The protocols"):
     mace       MACE's ``metrics/evaluate_clip_accuracy.py``: per image the softmax probability of the
-               prompt's class among the 10 class texts, averaged over a prompt's images (a mean
+               prompt's class among the table's classes (CLIP: their texts, "a photo of the {class}"), averaged over a prompt's images (a mean
                probability, not a top-1 count); synonym prompts are scored against the erased class.
                The comparable default, as in the paper's Table 1.
-    reference  the UnGuide authors' ``merge_metrics_results.py``: a softmax over all the table's prompt
-               texts (target, synonyms, others), an image credited with its own prompt's text. Our
-               classifier scores classes, not wordings, so each text's logit is its class's logit: the
-               four texts of the erased class tie, and an image of class c credits p_c / Σ_c' n_c' p_c'
-               (n_c' texts of class c'); an erased-class image therefore credits at most 1/4.
+    reference  the UnGuide authors' ``compute_metrics.py`` and ``merge_metrics_results.py``: a softmax over
+               all the table's prompt texts (target, synonyms, others), an image credited with its own
+               prompt's text. CLIP scores the texts themselves. The shapes classifier scores classes, not
+               wordings, so there each text's logit is its class's logit: the four texts of the erased class
+               tie, and an image of class c credits p_c / Σ_c' n_c' p_c' (n_c' texts of class c'); an
+               erased-class image therefore credits at most 1/4.
     top1       an extra, named as such: top-1 among the 10 classes, synonyms credited to the erased class.
 Averages over several concepts are means of the per-concept values. Optional columns:
     paraphrases  images of prompts that evoke the class without naming it (the concept file's
@@ -51,46 +52,16 @@ from unguide_jax.evaluation.attack import (
     run_attack,
 )
 from unguide_jax.evaluation.config import EvaluateConfig, Method
+from unguide_jax.evaluation.evaluators import PromptSet, load_image_evaluator
 from unguide_jax.json_files import write_json
 from unguide_jax.loading.resolve import load_model
 from unguide_jax.models.dtypes import dtype_named
 from unguide_jax.parallel.hosts import check_same_config, is_main_process
 from unguide_jax.settings import as_config, to_dict
-from unguide_jax.shapes import data as shapes
-from unguide_jax.shapes.classifier import load_evaluator
 from unguide_jax.training.sources import load_edit
 
 PROTOCOLS = ("mace", "reference", "top1")
 METRIC_KEYS = ("acc_e", "acc_s", "acc_g", "h_o")
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptSet:
-    """The evaluation prompts of one erased class: (prompt, kind, class index)."""
-
-    erased: int
-    items: tuple[tuple[str, str, int], ...]
-
-    @classmethod
-    def from_concept(cls, concept) -> "PromptSet":
-        erased = shapes.class_named_in(concept.targets[0])
-        if erased is None or concept.kind != "object":
-            raise ValueError(f"concept {concept.name!r}: the evaluation scores object concepts of the shapes model "
-                             f"(a target naming one of {list(shapes.CLASSES)})")
-        items = [(concept.targets[0], "target", erased)]
-        items += [(p, "synonym", erased) for p in concept.synonyms]
-        for prompt in concept.other:
-            if not prompt:
-                continue  # "" serves the probe, not the evaluation
-            label = shapes.class_named_in(prompt)
-            if label is None:
-                raise ValueError(f"concept {concept.name!r}: other prompt {prompt!r} names no shapes class")
-            items.append((prompt, "other", label))
-        return cls(erased, tuple(items))
-
-    @property
-    def prompts(self) -> list[str]:
-        return [p for p, _, _ in self.items]
 
 
 def harmonic_overall(acc_e: float, acc_s: float, acc_g: float) -> float:
@@ -100,14 +71,20 @@ def harmonic_overall(acc_e: float, acc_s: float, acc_g: float) -> float:
     return 3.0 / sum(1.0 / x for x in terms)
 
 
-def score(prompt_set: PromptSet, class_probs: np.ndarray, owners: np.ndarray) -> dict[str, dict]:
-    """Acc_e / Acc_s / Acc_g / H_o under every protocol; class_probs (n_images, 10), owners: prompt index per image."""
+def score(prompt_set: PromptSet, class_probs: np.ndarray, owners: np.ndarray,
+          text_probs: np.ndarray | None = None) -> dict[str, dict]:
+    """Acc_e / Acc_s / Acc_g / H_o under every protocol; class_probs (n_images, classes), owners: prompt index per
+    image; text_probs (n_images, prompts): each image's probability of every prompt text of the table (None: a
+    class's probability stands in for each of its texts, which then tie)."""
     kinds = np.asarray([k for _, k, _ in prompt_set.items])
     labels = np.asarray([c for _, _, c in prompt_set.items])
-    texts_per_class = np.bincount(labels, minlength=class_probs.shape[1]).astype(np.float64)
     own = labels[owners]
     rows = np.arange(len(owners))
-    own_text = class_probs[rows, own] / (class_probs * texts_per_class).sum(axis=1)  # the table's texts, tied per class
+    if text_probs is not None:
+        own_text = text_probs[rows, owners].astype(np.float64)
+    else:
+        texts_per_class = np.bincount(labels, minlength=class_probs.shape[1]).astype(np.float64)
+        own_text = class_probs[rows, own] / (class_probs * texts_per_class).sum(axis=1)
     per_image = {
         "mace": class_probs[rows, own].astype(np.float64),
         "reference": own_text,
@@ -170,10 +147,11 @@ def _method_ws(method: Method, config: EvaluateConfig, sd, edit, prompts: list[s
     return weights_for(method.mode, len(prompts), fixed_w=method.w, probe=probe, oracle=oracle), info
 
 
-def _attack(sd, evaluator, erased: int, target_prompt: str, method: Method, edit, config: EvaluateConfig,
+def _attack(sd, evaluator, prompt_set: PromptSet, method: Method, edit, config: EvaluateConfig,
             x0: np.ndarray, seeds: list[int]) -> dict:
     """The prefix attack on the method's edit, one target image per seed; success = the erased class is back."""
     attack = AttackConfig(**dataclasses.asdict(config.attack.settings))
+    erased, target_prompt = prompt_set.erased, prompt_set.prompts[0]
     started = time.perf_counter()
     ids = jnp.asarray(prefixed_ids(sd, target_prompt, attack.prefix_tokens))
     contexts, texts = [], []
@@ -194,7 +172,7 @@ def _attack(sd, evaluator, erased: int, target_prompt: str, method: Method, edit
         w = [float(config.probe.w_erase)] * len(seeds)
     images = sd.generate(texts, seeds, guidance_scale=config.guidance_scale, num_steps=config.num_steps, edit=edit,
                          w=w, fused=config.fused, prompt_embeddings=contexts).images
-    predicted = evaluator.predict(images)[0]
+    predicted = evaluator.class_probabilities(np.asarray(images), prompt_set).argmax(axis=1)
     return dict(success_rate=float(np.mean(predicted == erased)), prompts=texts,
                 seconds=round(time.perf_counter() - started, 2), settings=dataclasses.asdict(attack))
 
@@ -218,7 +196,7 @@ def evaluate_erasure(sd, evaluator, concept, edits_by_name: dict, config: Evalua
     ``cache``: images already drawn in this run (``_generate_cached``); ``edit_keys``: edit name -> what identifies
     the edit in that cache (its sources)."""
     cache = {} if cache is None else cache
-    prompt_set = PromptSet.from_concept(concept)
+    prompt_set = evaluator.prompt_set(concept)
     n = config.images_per_prompt
     owners = np.repeat(np.arange(len(prompt_set.items)), n)
     paraphrases = list(concept.paraphrases) if config.paraphrases else []
@@ -244,17 +222,17 @@ def evaluate_erasure(sd, evaluator, concept, edits_by_name: dict, config: Evalua
         edit_key = None if edit is None else ((edit_keys or {}).get(method.edit) or (concept.name, method.edit))
         images = _generate_cached(sd, requests, edit, edit_key, config, cache, desc=f"{concept.name}: {method.name}")
         seconds = round(time.perf_counter() - started, 2)
-        class_probs, _ = evaluator.probabilities(np.stack(images))
+        class_probs = evaluator.class_probabilities(np.stack(images), prompt_set)
         main = len(prompt_set.items) * n
-        result = dict(score(prompt_set, class_probs[:main], owners), seconds=seconds, mode=method.mode,
+        text_probs = evaluator.text_probabilities(np.stack(images[:main]), prompt_set)
+        result = dict(score(prompt_set, class_probs[:main], owners, text_probs), seconds=seconds, mode=method.mode,
                       edit=method.edit, **info)
         if paraphrases:
             hits = class_probs[main:].argmax(axis=1) == prompt_set.erased
             result["paraphrase_leakage"] = float(hits.mean())
             result["paraphrase_per_prompt"] = {p: float(hits[i * n:(i + 1) * n].mean()) for i, p in enumerate(paraphrases)}
         if attack_images and edit is not None:
-            result["attack"] = _attack(sd, evaluator, prompt_set.erased, prompt_set.prompts[0], method, edit, config,
-                                       x0, seeds)
+            result["attack"] = _attack(sd, evaluator, prompt_set, method, edit, config, x0, seeds)
             result["attack"]["before"] = float((class_probs[:attack_images].argmax(axis=1) == prompt_set.erased).mean())
         slug_name = slug(method.name)
         if not is_main_process():
@@ -266,7 +244,7 @@ def evaluate_erasure(sd, evaluator, concept, edits_by_name: dict, config: Evalua
         save_png(out_dir / f"grid_{slug_name}.png",
                  image_grid([im for i in range(len(prompts)) for im in images[i * n:i * n + cols]], cols=cols))
         results[method.name] = result
-    return dict(concept=concept.name, erased_class=shapes.CLASSES[prompt_set.erased], prompts=list(prompt_set.items),
+    return dict(concept=concept.name, erased_class=prompt_set.class_names[prompt_set.erased], prompts=list(prompt_set.items),
                 paraphrases=paraphrases, methods=results)
 
 
@@ -340,7 +318,7 @@ def run_evaluation(config: EvaluateConfig | Mapping, train_runner=None) -> Path:
     sd = load_model(config.model, dtype=dtype_named(config.dtype), variant=config.variant, revision=config.revision,
                     config_folder=config.model_config or None).on_every_device()
     check_same_config(to_dict(config), "evaluation config")
-    evaluator = load_evaluator()
+    evaluator = load_image_evaluator(config.evaluator)
     cases = []
     for erasure in config.erasures:
         concept = load_concept(erasure.concept)
@@ -358,14 +336,15 @@ def run_evaluation(config: EvaluateConfig | Mapping, train_runner=None) -> Path:
     summary = average(per_concept, [m.name for m in methods])
     settings = {k: v for k, v in to_dict(config).items() if k != "job"}
     settings.update(versions=versions(), seconds=round(time.perf_counter() - started, 1), trained_first=trained,
-                    evaluator="embedded shapes classifier (unguide_jax/assets/shapes-classifier)", **sd.placement())
+                    evaluator=evaluator.name, **sd.placement())
     if not is_main_process():  # every process computed its share; one writes
         return out_dir
     write_json(out_dir / "results.json", {"settings": settings, "average": summary, "concepts": per_concept})
     concepts = ", ".join(c["concept"] for c in per_concept)
     n = config.images_per_prompt
-    text = [f"Erasure evaluation on the embedded shapes model: {concepts}; {n} images per prompt, seeds "
-            f"{config.seed}+j, CFG {config.guidance_scale}, {config.num_steps} DDIM steps.", ""]
+    model = "the embedded shapes model" if config.model == "embedded" else config.model
+    text = [f"Erasure evaluation on {model}: {concepts}; {n} images per prompt, seeds {config.seed}+j, CFG "
+            f"{config.guidance_scale}, {config.num_steps} DDIM steps; scored by the {evaluator.name}.", ""]
     for protocol in PROTOCOLS:
         text += [f"Protocol: {protocol}", "", format_table(summary, protocol), ""]
     (out_dir / "results.md").write_text("\n".join(text))

@@ -1,0 +1,162 @@
+"""What scores an erasure's images: ``evaluator="embedded"`` (the shipped shapes classifier) or
+``evaluator="clip:SOURCE"`` (zero-shot CLIP, as MACE's and the UnGuide authors' scripts score CIFAR-10).
+
+Both give, per image, a probability for each class of the table (``class_probabilities``: MACE's
+protocol and top-1 read it). CLIP also scores the table's own prompt texts (``text_probabilities``: the
+UnGuide authors' ``compute_metrics.py --metric acc`` takes a softmax of 100 · cos(image, text) over the
+erased concept's target, synonyms and other prompts, and ``merge_metrics_results.py`` credits each
+image with its own prompt's text). The shapes classifier scores classes, not wordings; the reference
+protocol then lets each text stand in for its class (``erasure.score``).
+
+A table's classes come from its concept: for the shapes classifier, the shapes class each prompt names;
+for CLIP, the target prompt and each other prompt are a class and its text (MACE's texts "a photo of
+the {class}" are exactly those of the CIFAR-10 concepts), synonyms count for the erased class.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unguide_jax.shapes import data as shapes
+
+# MACE (metrics/evaluate_clip_accuracy.py) and the UnGuide authors (compute_metrics.py) both use OpenAI's
+# ViT-B/32 and a fixed logit scale of 100 (OpenAI's trained scale is 100 too, clamped there).
+CLIP_LOGIT_SCALE = 100.0
+EVALUATOR_DOC = ('"embedded": the shipped shapes classifier; "clip:SOURCE": zero-shot CLIP, SOURCE a transformers CLIP '
+                 "folder, a hub id in the local cache (MACE and the UnGuide authors: openai/clip-vit-base-patch32) "
+                 "or a safetensors file beside its config")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSet:
+    """The evaluation prompts of one erased concept: (prompt, kind, class index), and the classes' names."""
+
+    erased: int
+    items: tuple[tuple[str, str, int], ...]
+    class_names: tuple[str, ...] = ()
+
+    @property
+    def prompts(self) -> list[str]:
+        return [p for p, _, _ in self.items]
+
+
+def shapes_prompt_set(concept) -> PromptSet:
+    """The shapes classifier's table: the shapes class each prompt names."""
+    erased = shapes.class_named_in(concept.targets[0])
+    if erased is None or concept.kind != "object":
+        raise ValueError(f"concept {concept.name!r}: the shapes classifier scores object concepts of the shapes "
+                         f"model (a target naming one of {list(shapes.CLASSES)}); use evaluator=clip:SOURCE "
+                         "for other models")
+    items = [(concept.targets[0], "target", erased)] + [(p, "synonym", erased) for p in concept.synonyms]
+    for prompt in concept.other:
+        if not prompt:
+            continue  # "" serves the probe, not the evaluation
+        label = shapes.class_named_in(prompt)
+        if label is None:
+            raise ValueError(f"concept {concept.name!r}: other prompt {prompt!r} names no shapes class")
+        items.append((prompt, "other", label))
+    return PromptSet(erased, tuple(items), tuple(shapes.CLASSES))
+
+
+def clip_prompt_set(concept) -> PromptSet:
+    """CLIP's table: the target and each other prompt are a class and its text; synonyms count for the target's."""
+    if concept.kind != "object":
+        raise ValueError(f"concept {concept.name!r}: the erasure table scores object concepts, got {concept.kind!r}")
+    classes = [concept.targets[0]] + [p for p in concept.other if p]
+    items = [(concept.targets[0], "target", 0)] + [(p, "synonym", 0) for p in concept.synonyms]
+    items += [(p, "other", i + 1) for i, p in enumerate(classes[1:])]
+    return PromptSet(0, tuple(items), tuple(classes))
+
+
+def check_evaluator(value: str) -> str | None:
+    if value == "embedded" or (value.startswith("clip:") and len(value) > len("clip:")):
+        return None
+    return f'must be "embedded" or "clip:SOURCE" (a CLIP folder, cached hub id or file), got {value!r}'
+
+
+class ShapesEvaluator:
+    """The shipped shapes classifier: ten classes, named by the prompts' class words."""
+
+    name = "embedded shapes classifier (unguide_jax/assets/shapes-classifier)"
+
+    def __init__(self):
+        from unguide_jax.shapes.classifier import load_evaluator
+
+        self.classifier = load_evaluator()
+
+    def prompt_set(self, concept) -> PromptSet:
+        return shapes_prompt_set(concept)
+
+    def class_probabilities(self, images: np.ndarray, prompt_set: PromptSet) -> np.ndarray:
+        return self.classifier.probabilities(images)[0]
+
+    def text_probabilities(self, images: np.ndarray, prompt_set: PromptSet) -> np.ndarray | None:
+        return None  # classes, not wordings: the reference protocol ties a class's texts
+
+
+class ClipEvaluator:
+    """Zero-shot CLIP over the table's texts: softmax(100 · cos(image, text))."""
+
+    def __init__(self, source: str, batch_size: int = 64):
+        from unguide_jax.loading.clip import load_clip
+        from unguide_jax.loading.diffusers_folder import load_tokenizer
+
+        self.clip = load_clip(source)
+        self.tokenizer = load_tokenizer(self.clip.weights.parent)
+        self.name = f"zero-shot CLIP {source} ({self.clip.weights})"
+        self.batch_size = batch_size
+        model = self.clip.model
+
+        def image_embeddings(params, pixels):
+            return model.apply({"params": params}, pixels, normalize=True, method=model.image_embeddings)
+
+        def text_embeddings(params, ids):
+            return model.apply({"params": params}, ids, normalize=True, method=model.text_embeddings)
+
+        self._images, self._texts = jax.jit(image_embeddings), jax.jit(text_embeddings)
+        self._text_cache: dict[tuple[str, ...], np.ndarray] = {}
+
+    def prompt_set(self, concept) -> PromptSet:
+        return clip_prompt_set(concept)
+
+    def _text_embeddings(self, texts: Sequence[str]) -> np.ndarray:
+        key = tuple(texts)
+        if key not in self._text_cache:
+            ids = self.tokenizer(list(texts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True).input_ids
+            self._text_cache[key] = np.asarray(self._texts(self.clip.params, jnp.asarray(ids, jnp.int32)))
+        return self._text_cache[key]
+
+    def image_embeddings(self, images: np.ndarray) -> np.ndarray:
+        from unguide_jax.loading.clip import preprocess_images
+
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            pixels = preprocess_images(jnp.asarray(images[start:start + self.batch_size]), self.clip.processing)
+            out.append(np.asarray(self._images(self.clip.params, pixels)))
+        return np.concatenate(out)
+
+    def probabilities(self, images: np.ndarray, texts: Sequence[str]) -> np.ndarray:
+        logits = CLIP_LOGIT_SCALE * self.image_embeddings(images).astype(np.float64) @ \
+            self._text_embeddings(texts).astype(np.float64).T
+        logits -= logits.max(axis=1, keepdims=True)
+        probs = np.exp(logits)
+        return probs / probs.sum(axis=1, keepdims=True)
+
+    def class_probabilities(self, images: np.ndarray, prompt_set: PromptSet) -> np.ndarray:
+        return self.probabilities(images, prompt_set.class_names)
+
+    def text_probabilities(self, images: np.ndarray, prompt_set: PromptSet) -> np.ndarray | None:
+        return self.probabilities(images, prompt_set.prompts)
+
+
+def load_image_evaluator(spec: str):
+    """``embedded`` or ``clip:SOURCE`` -> an evaluator (see the module doc)."""
+    problem = check_evaluator(spec)
+    if problem:
+        raise ValueError(f"evaluator {problem}")
+    return ShapesEvaluator() if spec == "embedded" else ClipEvaluator(spec[len("clip:"):])
