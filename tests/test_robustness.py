@@ -284,3 +284,56 @@ def test_errors_are_one_line_and_the_traceback_only_with_debug(tmp_path, capsys,
     monkeypatch.setenv("UNGUIDE_DEBUG", "1")
     with pytest.raises(FileNotFoundError):
         run_cli(command, [], missing)
+
+
+# --- second pass: symlinked run folders, settings that are not numbers, the export command's errors ------------
+
+
+def test_a_run_folder_reached_through_a_symlink_takes_the_same_lock(tmp_path):
+    """Two spellings of one folder (the folder, a symlink to it) cannot both write it."""
+    from unguide_jax.training.run_folder import claim_run_folder
+
+    real = tmp_path / "c2"
+    link = tmp_path / "c2link"
+    real.mkdir()
+    link.symlink_to(real, target_is_directory=True)
+    with claim_run_folder(real, {"method": "uce"}, trained=False) as folder:
+        assert folder.root == real.resolve()
+        with pytest.raises(RunFolderBusy, match="in use by another run"):
+            with claim_run_folder(link, {"method": "uce"}, trained=False):
+                pass
+
+
+@pytest.mark.parametrize("override, key", [
+    ("--config.guidance_scale=nan", "guidance_scale"),
+    ("--config.guidance_scale=inf", "guidance_scale"),
+    ("--config.w=nan", "w"),
+    ("--config.probe.w_keep=-inf", "probe.w_keep"),
+])
+def test_a_setting_that_is_not_a_finite_number_is_refused_before_anything_loads(tiny, tmp_path, capsys, override, key):
+    args = ["--config", f"{REPO}/configs/sample.py", f"--config.model={tiny['folder']}", "--config.prompt=a",
+            f"--config.out_dir={tmp_path / 'out'}", override]
+    assert sample.main(args) == BAD_INPUT
+    assert error_of(capsys).startswith(f"error: config.{key} must be a finite number")
+    assert not (tmp_path / "out").exists()
+
+
+def test_infinity_stays_a_value_where_a_setting_means_it():
+    from unguide_jax.erasers.unguide.probe import ProbeConfig
+    from unguide_jax.settings import InvalidValue
+
+    assert ProbeConfig(rule="sequential", z=float("inf")).z == float("inf")  # never stop early
+    with pytest.raises(InvalidValue, match="config.z must be a finite number, got nan"):
+        ProbeConfig(z=float("nan"))
+
+
+def test_the_export_command_prints_one_error_line_with_exit_2(tiny, tmp_path, capsys):
+    from unguide_jax.cli.export import main as export_main
+
+    assert export_main([str(tmp_path / "no-such-run"), "--model", str(tiny["folder"]), "--out",
+                        str(tmp_path / "out")]) == BAD_INPUT
+    assert error_of(capsys).startswith(f"error: missing edit source: {tmp_path / 'no-such-run'}")
+    (tmp_path / "results.json").write_text("[]")
+    assert export_main([str(tiny["root"] / "good.safetensors"), "--model", str(tiny["folder"]), "--out", str(tmp_path / "out"),
+                        "--evaluation", str(tmp_path / "results.json")]) == BAD_INPUT
+    assert "results.json" in error_of(capsys)

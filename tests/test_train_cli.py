@@ -100,7 +100,7 @@ CONFIG_ERROR = 2  # a config error: one line on stderr, exit status 2
     ("--config.lora.targets=attn9", ValueError, "'attn9' .* matches no layer"),
     ('--config.export=["onnx"]', CONFIG_ERROR, r"unknown export format\(s\) \['onnx'\]"),
     ("--config.iterations=0", CONFIG_ERROR, "config.iterations must be > 0"),
-    ("--config.learning_rate=nan", CONFIG_ERROR, "config.learning_rate must be > 0, got nan"),
+    ("--config.learning_rate=nan", CONFIG_ERROR, "config.learning_rate must be a finite number, got nan"),
     ("--config.objective.timestep_mode=exact", CONFIG_ERROR, "timestep_mode must be one of"),
 ])
 def test_bad_input_stops_before_training_and_names_the_problem(tiny_pipeline_dir, tmp_path, capsys, override, error,

@@ -54,10 +54,13 @@ def _joined(prefix: str, key: str | None) -> str | None:
 
 
 def option(default: Any, doc: str, *, choices: Sequence | None = None,
-           check: Callable[[Any], str | None] | None = None) -> Any:
+           check: Callable[[Any], str | None] | None = None, infinite: bool = False) -> Any:
     """A schema field: its default, a one-line doc (``--help`` prints it), optionally the values it may
-    take (``choices``) or a ``check`` returning what is wrong with a value (None: nothing)."""
+    take (``choices``) or a ``check`` returning what is wrong with a value (None: nothing). Float values must
+    be finite unless ``infinite`` (then ±inf is a meaningful value; NaN never is)."""
     metadata: dict[str, Any] = {"doc": doc}
+    if infinite:
+        metadata["infinite"] = True
     if choices is not None:
         metadata["choices"] = tuple(choices)
     if check is not None:
@@ -93,6 +96,11 @@ class Config:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            # A NaN passes every comparison a check makes and an infinity most: refused here, for every float
+            # setting, before anything loads (a field that means something by infinity says so: ``infinite``).
+            if isinstance(value, float) and not math.isfinite(value) and not (
+                    math.isinf(value) and f.metadata.get("infinite")):
+                raise InvalidValue(f.name, f"must be a finite number, got {value!r}")
             choices = f.metadata.get("choices")
             if choices is not None and value not in choices:
                 raise InvalidValue(f.name, f"must be one of {choices}, got {value!r}")

@@ -159,7 +159,9 @@ def claim_run_folder(root: str | Path, record: Mapping, *, identity_keys: Sequen
     every key but ``NOT_IDENTITY``). ``trained``: an iterative run (the caller handles its checkpoints
     and ``resume``); a closed-form run into a non-empty folder of the same run is rebuilt and swapped in.
     """
-    root = Path(root)
+    # The real path: a symlink to a run folder (or a folder reached through one) takes the same lock and swaps
+    # the same folder as its target, so two spellings of one folder cannot both write it.
+    root = Path(root).resolve()
     if root.exists() and not root.is_dir():
         raise ConfigError(f"config.run_dir: {root} is a file, not a folder")
     with run_folder_lock(root):

@@ -70,7 +70,7 @@ class ProbeConfig(Config):
     # once its paired differences d_r(p) − d_r("") have a mean farther than z standard errors from 0.
     round_draws: int = option(5, "rule=sequential: draws per round, in [2, draws]")
     z: float = option(2.58, "rule=sequential: a prompt stops once its mean paired difference is z standard errors "
-                            "from 0")
+                            "from 0 (inf: never early, the paper's rule on every draw)", infinite=True)
 
     def validate(self) -> None:
         if not 0 <= self.t_enc < self.ddim_steps:
