@@ -337,3 +337,23 @@ def test_the_export_command_prints_one_error_line_with_exit_2(tiny, tmp_path, ca
     assert export_main([str(tiny["root"] / "good.safetensors"), "--model", str(tiny["folder"]), "--out", str(tmp_path / "out"),
                         "--evaluation", str(tmp_path / "results.json")]) == BAD_INPUT
     assert "results.json" in error_of(capsys)
+
+
+def test_an_export_folder_holding_another_export_is_refused_unless_replaced_whole(tiny, tmp_path, capsys):
+    from unguide_jax.cli.export import main as export_main
+
+    out = tmp_path / "E"
+    good = str(tiny["root"] / "good.safetensors")
+    assert export_main([good, "--model", str(tiny["folder"]), "--formats", "peft", "kohya", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert (out / "kohya.safetensors").is_file()
+    # Another export into the same folder: refused, the first one left as it was.
+    assert export_main([good, "--model", str(tiny["folder"]), "--formats", "peft", "--out", str(out)]) == BAD_INPUT
+    assert error_of(capsys).startswith(f"error: --out {out} already holds files")
+    assert (out / "kohya.safetensors").is_file()
+    # --overwrite replaces the folder as a whole: nothing of the first export is left beside the second.
+    assert export_main([good, "--model", str(tiny["folder"]), "--formats", "peft", "--out", str(out),
+                        "--overwrite"]) == 0
+    assert not (out / "kohya.safetensors").exists() and (out / "diffusers" / "pytorch_lora_weights.safetensors").is_file()
+    assert str(out) in (out / "README.md").read_text() and ".building" not in (out / "README.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".E")) == []

@@ -44,6 +44,7 @@ def parse(argv=None) -> ExportConfig:
                              f"{', '.join(to_dict(DEFAULTS.probe))}); default: unguide-sample's")
     parser.add_argument("--cache-empty-probe", action="store_true", help=fields["cache_empty_probe"])
     parser.add_argument("--evaluation", default=DEFAULTS.evaluation, help=fields["evaluation"])
+    parser.add_argument("--overwrite", action="store_true", help=fields["overwrite"])
     args = parser.parse_args(argv)
     if (args.probe or args.cache_empty_probe) and "peft" not in args.formats:
         parser.error("--probe and --cache-empty-probe describe unguide.json, which only the peft format writes")
@@ -56,7 +57,7 @@ def parse(argv=None) -> ExportConfig:
             overrides[f"probe.{key}"] = raw
         raw = apply_overrides(to_dict(DEFAULTS), overrides, ExportConfig)
         raw.update(sources=args.sources, out=args.out, model=args.model, formats=args.formats,
-                   cache_empty_probe=args.cache_empty_probe, evaluation=args.evaluation)
+                   cache_empty_probe=args.cache_empty_probe, evaluation=args.evaluation, overwrite=args.overwrite)
         return from_dict(ExportConfig, raw)
     except ConfigError as err:  # the probe's keys are --probe KEY=VALUE here, not --config.probe.KEY
         parser.error(str(err).replace("--config.probe.", "--probe ").replace("config.probe.", "--probe "))

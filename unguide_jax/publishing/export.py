@@ -8,6 +8,8 @@ a PEFT LoRA (what ``UnGuidePipeline`` needs besides the LoRA) and a model card, 
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -41,6 +43,8 @@ class ExportConfig(Config):
                                             "in unguide.json")
     evaluation: str = option("", "an erasure evaluation's results.json that evaluated these sources: its table "
                                  "goes into the model card")
+    overwrite: bool = option(False, "out holds files (another export): replace the folder as a whole (the new export "
+                                    "is built beside it and swapped in when it is complete)")
 
 
 def write_unguide_settings(export_dir: Path, sd, edit, probe: ProbeConfig, concept_prompts: Sequence[str],
@@ -61,30 +65,50 @@ def write_unguide_settings(export_dir: Path, sd, edit, probe: ProbeConfig, conce
 def publish_export(export_dir: Path, formats: Sequence[str], sources: Sequence[str | Path], sd, edit,
                    concept_prompts: Sequence[str], *, probe: ProbeConfig | None = None,
                    cache_empty_probe: bool = False, base_model: str | None = None,
-                   evaluation: str | Path | None = None, unet_params=None) -> list[Path]:
+                   evaluation: str | Path | None = None, unet_params=None,
+                   location: str | Path | None = None) -> list[Path]:
     """What goes beside the exported formats: unguide.json with a PEFT LoRA, and the model card."""
     written = []
     if "peft" in formats:
         written.append(write_unguide_settings(Path(export_dir), sd, edit, probe or ProbeConfig(), concept_prompts,
                                               cache_empty_probe, unet_params))
     written.append(write_model_card(export_dir, list(sources), formats=list(formats), base_model=base_model,
-                                    evaluation=evaluation))
+                                    evaluation=evaluation, location=location))
     return written
 
 
 def run_export(config: ExportConfig | dict) -> list[Path]:
-    """The export job; returns the files written."""
+    """The export job; returns the files written. An ``out`` folder that holds files is another export's: it is
+    refused unless ``overwrite``, and then replaced as a whole, never mixed with the new files."""
     config = as_config(config, ExportConfig)
     if not config.sources:
         raise ConfigError("config.sources is empty: give the run folders, edit files or checkpoints to export")
     if not config.out:
         raise ConfigError("config.out is empty: give the export folder")
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    replacing = out.is_dir() and any(out.iterdir())
+    if replacing and not config.overwrite:
+        raise FileExistsError(f"--out {out} already holds files (another export?): choose another folder, or pass "
+                              "--overwrite to replace it as a whole")
     evaluation = config.evaluation or None
     check_card_inputs(config.sources, evaluation)  # before anything is written
     sd = load_model(config.model)
     edit, info = load_edit(list(config.sources), sd.params["unet"])
-    out = Path(config.out)
-    written = export_edit(list(config.formats), out, edit, sd.unet, sd.params["unet"])
-    return written + publish_export(out, config.formats, config.sources, sd, edit, concept_targets(info),
-                                    probe=config.probe, cache_empty_probe=config.cache_empty_probe,
-                                    base_model=config.model, evaluation=evaluation)
+    work = out.parent / f".{out.name}.building" if replacing else out
+    if work != out and work.exists():
+        shutil.rmtree(work)  # left by an export that did not finish
+    written = export_edit(list(config.formats), work, edit, sd.unet, sd.params["unet"])
+    written += publish_export(work, config.formats, config.sources, sd, edit, concept_targets(info),
+                              probe=config.probe, cache_empty_probe=config.cache_empty_probe,
+                              base_model=config.model, evaluation=evaluation, location=out)
+    if replacing:
+        old = out.parent / f".{out.name}.replaced"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+        os.replace(work, out)
+        shutil.rmtree(old)
+        written = [out / Path(path).relative_to(work) for path in written]
+    return written

@@ -558,10 +558,12 @@ def _location(export_dir: Path, records: Sequence[EditRecord]) -> str:
 
 
 def write_model_card(export_dir: str | Path, sources: Sequence[str | Path], *, formats: Sequence[str],
-                     base_model: str | None = None, revision: str = "", evaluation: str | Path | None = None) -> Path:
+                     base_model: str | None = None, revision: str = "", evaluation: str | Path | None = None,
+                     location: str | Path | None = None) -> Path:
     """Write ``export_dir/README.md`` for the edit read from ``sources`` (the run folders, checkpoints or edit files
     the export came from). ``base_model``: the model the export was made against (default: the one the source
-    records); ``evaluation``: an erasure evaluation's results.json that evaluated this edit."""
+    records); ``evaluation``: an erasure evaluation's results.json that evaluated this edit; ``location``: where
+    users will find the folder, when it is written elsewhere first (default: read from the sources)."""
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
         raise FileNotFoundError(f"{export_dir}: no export folder to write a model card into")
@@ -579,7 +581,7 @@ def write_model_card(export_dir: str | Path, sources: Sequence[str | Path], *, f
             raise FileNotFoundError(f"missing evaluation results: {evaluation}")
         results = _read_json(evaluation)
     text = model_card(export_dir, records, list(formats), BaseModel.from_spec(base_model, revision),
-                      _location(export_dir, records), evaluation, results)
+                      str(location) if location else _location(export_dir, records), evaluation, results)
     path = export_dir / CARD_FILE
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
