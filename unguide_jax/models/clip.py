@@ -19,31 +19,27 @@ import jax.numpy as jnp
 from unguide_jax.models.config_io import ConfigError, config_from_dict
 from unguide_jax.models.layers import (
     DtypeMixin,
-    dense,
     layer_norm,
-    multi_head_attention,
 )
 from unguide_jax.models.text_encoder import (
-    ACTIVATIONS,
+    CLIP_IGNORED,
+    CLIPEncoderLayer,
     CLIPTextConfig,
     CLIPTextModel,
-    _activation,
+    check_tower,
 )
 
-# Keys that transformers 4.x wrote into every sub-config (generation settings, bookkeeping,
-# initialisation, dropout): none changes the inference forward pass of CLIP.
-_IGNORED = frozenset({
-    "architectures", "model_type", "dtype", "torch_dtype", "transformers_version", "initializer_range",
-    "initializer_factor", "attention_dropout", "dropout", "output_attentions", "output_hidden_states",
-    "return_dict", "id2label", "label2id", "problem_type", "chunk_size_feed_forward", "bad_words_ids",
-    "begin_suppress_tokens", "cross_attention_hidden_size", "decoder_start_token_id", "diversity_penalty",
-    "do_sample", "early_stopping", "encoder_no_repeat_ngram_size", "exponential_decay_length_penalty",
-    "finetuning_task", "forced_bos_token_id", "forced_decoder_ids", "forced_eos_token_id", "length_penalty",
-    "max_length", "min_length", "no_repeat_ngram_size", "num_beam_groups", "num_beams", "num_return_sequences",
-    "output_scores", "prefix", "remove_invalid_values", "repetition_penalty", "return_dict_in_generate",
-    "sep_token_id", "suppress_tokens", "task_specific_params", "temperature", "tf_legacy_loss",
-    "tie_encoder_decoder", "tie_word_embeddings", "tokenizer_class", "top_k", "top_p", "torchscript",
-    "typical_p", "use_bfloat16", "gradient_checkpointing",
+# The text encoder's ignored keys, and the generation settings transformers 4.x wrote into every sub-config:
+# none changes the inference forward pass of CLIP.
+_IGNORED = CLIP_IGNORED | frozenset({
+    "bad_words_ids", "begin_suppress_tokens", "cross_attention_hidden_size", "decoder_start_token_id",
+    "diversity_penalty", "do_sample", "early_stopping", "encoder_no_repeat_ngram_size",
+    "exponential_decay_length_penalty", "finetuning_task", "forced_bos_token_id", "forced_decoder_ids",
+    "forced_eos_token_id", "length_penalty", "max_length", "min_length", "no_repeat_ngram_size", "num_beam_groups",
+    "num_beams", "num_return_sequences", "output_scores", "prefix", "remove_invalid_values", "repetition_penalty",
+    "return_dict_in_generate", "sep_token_id", "suppress_tokens", "task_specific_params", "temperature",
+    "tf_legacy_loss", "tie_encoder_decoder", "tie_word_embeddings", "tokenizer_class", "top_k", "top_p",
+    "torchscript", "typical_p", "use_bfloat16", "gradient_checkpointing",
 })
 # Generic keys whose other values would change the architecture: they must keep these.
 _FIXED = {"is_decoder": False, "is_encoder_decoder": False, "add_cross_attention": False, "pruned_heads": ({},)}
@@ -68,10 +64,7 @@ class CLIPVisionConfig:
     projection_dim: int = 512  # CLIPModel projects with the top-level projection_dim; kept for round trips
 
     def __post_init__(self):
-        if self.hidden_act not in ACTIVATIONS:
-            raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported (supported: {ACTIVATIONS!r})")
-        if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}")
+        check_tower(self)
         if not 0 < self.patch_size <= self.image_size:
             raise ConfigError(f"patch_size={self.patch_size} must be in [1, image_size={self.image_size}]")
 
@@ -124,26 +117,6 @@ class _Tensor(nn.Module):
         return self.param(self.leaf, self.initializer, self.shape, self.param_dtype)
 
 
-class CLIPVisionEncoderLayer(nn.Module, DtypeMixin):
-    """The text encoder's pre-LN block without its causal mask: every patch sees every patch."""
-
-    config: CLIPVisionConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        cfg = self.config
-        width = cfg.hidden_size
-        h = layer_norm(cfg.layer_norm_eps, "layer_norm1", self)(x)
-        q, k, v = (dense(width, f"self_attn.{n}_proj", self)(h) for n in "qkv")
-        h = multi_head_attention(q, k, v, cfg.num_attention_heads)
-        x = x + dense(width, "self_attn.out_proj", self)(h)
-        h = layer_norm(cfg.layer_norm_eps, "layer_norm2", self)(x)
-        h = _activation(cfg.hidden_act)(dense(cfg.intermediate_size, "mlp.fc1", self)(h))
-        return x + dense(width, "mlp.fc2", self)(h)
-
-
 class CLIPVisionTransformer(nn.Module, DtypeMixin):
     """``__call__(pixel_values (B, H, W, C)) -> (last_hidden_state (B, 1 + patches, D), pooled (B, D))``.
 
@@ -173,7 +146,8 @@ class CLIPVisionTransformer(nn.Module, DtypeMixin):
                              name="embeddings.position_embedding")(jnp.arange(cfg.num_positions))
         x = layer_norm(cfg.layer_norm_eps, "pre_layrnorm", self)(x + positions[None])
         for i in range(cfg.num_hidden_layers):
-            x = CLIPVisionEncoderLayer(cfg, dtype=self.dtype, param_dtype=self.param_dtype, name=f"encoder.layers.{i}")(x)
+            x = CLIPEncoderLayer(cfg, causal=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                                 name=f"encoder.layers.{i}")(x)
         pooled = layer_norm(cfg.layer_norm_eps, "post_layernorm", self)(x[:, 0])
         return x, pooled
 

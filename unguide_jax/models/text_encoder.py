@@ -43,19 +43,25 @@ class CLIPTextConfig:
     projection_dim: int = 512  # used by CLIPModel's projection only, kept for round trips
 
     def __post_init__(self):
-        if self.hidden_act not in ACTIVATIONS:
-            raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported (supported: {ACTIVATIONS!r})")
-        if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}")
+        check_tower(self)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "text encoder config") -> "CLIPTextConfig":
-        return config_from_dict(cls, raw, required_defaults=_CLIP_FIXED, ignored=_CLIP_IGNORED, source=source)
+        return config_from_dict(cls, raw, required_defaults=_CLIP_FIXED, ignored=CLIP_IGNORED, source=source)
+
+
+def check_tower(config) -> None:
+    """What a CLIP transformer tower (text or vision) needs of its config."""
+    if config.hidden_act not in ACTIVATIONS:
+        raise ConfigError(f"hidden_act={config.hidden_act!r} is not supported (supported: {ACTIVATIONS!r})")
+    if config.hidden_size % config.num_attention_heads:
+        raise ConfigError(f"hidden_size={config.hidden_size} is not divisible by num_attention_heads="
+                          f"{config.num_attention_heads}")
 
 
 # Bookkeeping, initialisation, training-only (dropout) and output-selection keys: none changes the
 # inference forward pass. `torch_dtype`/`dropout` come from transformers 4.x files.
-_CLIP_IGNORED = frozenset({
+CLIP_IGNORED = frozenset({
     "architectures", "model_type", "dtype", "torch_dtype", "transformers_version", "initializer_range",
     "initializer_factor", "attention_dropout", "dropout", "output_attentions", "output_hidden_states",
     "return_dict", "id2label", "label2id", "problem_type", "chunk_size_feed_forward",
@@ -63,14 +69,18 @@ _CLIP_IGNORED = frozenset({
 _CLIP_FIXED = {"is_encoder_decoder": False}
 
 
-def _activation(name: str):
+def activation(name: str):
     if name == "quick_gelu":
         return lambda x: x * jax.nn.sigmoid(1.702 * x)
     return lambda x: jax.nn.gelu(x, approximate=False)
 
 
 class CLIPEncoderLayer(nn.Module, DtypeMixin):
-    config: CLIPTextConfig
+    """One pre-LN block of a CLIP tower: the text tower's is causal, the vision tower's (``causal=False``)
+    lets every patch see every patch."""
+
+    config: Any  # CLIPTextConfig, or the vision tower's config
+    causal: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -80,10 +90,10 @@ class CLIPEncoderLayer(nn.Module, DtypeMixin):
         width = cfg.hidden_size
         h = layer_norm(cfg.layer_norm_eps, "layer_norm1", self)(x)
         q, k, v = (dense(width, f"self_attn.{n}_proj", self)(h) for n in "qkv")
-        h = multi_head_attention(q, k, v, cfg.num_attention_heads, is_causal=True)
+        h = multi_head_attention(q, k, v, cfg.num_attention_heads, is_causal=self.causal)
         x = x + dense(width, "self_attn.out_proj", self)(h)
         h = layer_norm(cfg.layer_norm_eps, "layer_norm2", self)(x)
-        h = _activation(cfg.hidden_act)(dense(cfg.intermediate_size, "mlp.fc1", self)(h))
+        h = activation(cfg.hidden_act)(dense(cfg.intermediate_size, "mlp.fc1", self)(h))
         return x + dense(width, "mlp.fc2", self)(h)
 
 
