@@ -240,14 +240,15 @@ def _over_default(f: dataclasses.Field, hint, value):
     if _is_schema(hint) and isinstance(value, Mapping):
         default = _default_of(f)
         if isinstance(default, Mapping):
-            return _merged(default, value)
+            return deep_merge(default, value)
     return value
 
 
-def _merged(base: Mapping, update: Mapping) -> dict:
+def deep_merge(base: Mapping, update: Mapping) -> dict:
+    """``base`` with ``update`` applied, sub-mappings merged key by key rather than replaced."""
     out = dict(base)
     for k, v in update.items():
-        out[k] = _merged(out[k], v) if isinstance(out.get(k), Mapping) and isinstance(v, Mapping) else v
+        out[k] = deep_merge(out[k], v) if isinstance(out.get(k), Mapping) and isinstance(v, Mapping) else v
     return out
 
 

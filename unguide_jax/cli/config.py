@@ -49,6 +49,7 @@ from unguide_jax.settings import (
     _hints,
     _is_schema,
     _type_name,
+    deep_merge,
     from_dict,
     schema_for,
     to_dict,
@@ -56,13 +57,6 @@ from unguide_jax.settings import (
 )
 
 # --- config files and overrides -------------------------------------------------------------------
-
-
-def _deep_merge(base: dict, update: Mapping) -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, Mapping) else v
-    return out
 
 
 def _target_type(current, annotation):
@@ -118,7 +112,7 @@ def _parse(raw: str, current, key: str, annotation=None):
             if not isinstance(value, dict):
                 raise ValueError(raw)
             # A sub-config given as JSON is merged into the one it overrides (its other keys stay).
-            return _deep_merge(current, value) if isinstance(current, dict) else value
+            return deep_merge(current, value) if isinstance(current, dict) else value
         return value  # a free-form dict (replaced whole) or another JSON value
     except (ValueError, json.JSONDecodeError) as err:
         raise ConfigError(f"--config.{key}={raw!r}: cannot parse as {_type_name(tp)}") from err
