@@ -108,12 +108,17 @@ EXPORTERS: dict[str, Callable] = {"peft": _peft, "kohya": _kohya, "partial_unet"
                                   "merged_unet": _merged_unet, "prompt": _prompt}
 
 
+def unknown_formats(formats) -> str | None:
+    """What is wrong with a list of export format names (None: nothing): a settings ``check``."""
+    unknown = [f for f in formats if f not in EXPORTERS]
+    return f"has unknown export format(s) {unknown}; known: {sorted(EXPORTERS)}" if unknown else None
+
+
 def check_exports(formats) -> None:
     if not isinstance(formats, (list, tuple)):
         raise ValueError(f"config.export must be a list of formats, got {formats!r}")
-    unknown = [f for f in formats if f not in EXPORTERS]
-    if unknown:
-        raise ValueError(f"unknown export format(s) {unknown} in config.export; known: {sorted(EXPORTERS)}")
+    if problem := unknown_formats(formats):
+        raise ValueError(f"config.export {problem}")
 
 
 def export_edit(formats, export_dir: Path, edit: edit_lib.Edit, unet, unet_params) -> list[Path]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from unguide_jax.erasers.unguide.probe import ProbeConfig, WProbe
-from unguide_jax.loading.exports import EXPORTERS, export_edit, single_lora
+from unguide_jax.loading.exports import EXPORTERS, export_edit, single_lora, unknown_formats
 from unguide_jax.loading.lora_formats import DIFFUSERS_LORA_FILE
 from unguide_jax.loading.resolve import MODEL_DOC, load_model
 from unguide_jax.publishing.model_card import check_card_inputs, write_model_card
@@ -24,10 +24,7 @@ from unguide_jax.training.sources import concept_targets, load_edit
 
 
 def _formats(formats) -> str | None:
-    unknown = [f for f in formats if f not in EXPORTERS]
-    if unknown:
-        return f"has unknown export format(s) {unknown}; known: {sorted(EXPORTERS)}"
-    return None if formats else "is empty: give at least one format"
+    return unknown_formats(formats) or (None if formats else "is empty: give at least one format")
 
 
 @dataclasses.dataclass(frozen=True)

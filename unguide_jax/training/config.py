@@ -15,7 +15,7 @@ from unguide_jax.erasers.pure import PureConfig
 from unguide_jax.erasers.uce import UceConfig
 from unguide_jax.erasers.unguide.objective import ObjectiveConfig
 from unguide_jax.erasers.unguide.transfer import TRANSFER_RULES
-from unguide_jax.loading.exports import EXPORTERS
+from unguide_jax.loading.exports import EXPORTERS, unknown_formats
 from unguide_jax.loading.resolve import (
     MODEL_CONFIG_DOC,
     MODEL_DOC,
@@ -37,11 +37,6 @@ TRAIN_DTYPES = ("float32", "bfloat16")
 
 def _method(name: str):
     return option(name, "the eraser: unguide | learnable_prompts | pure | uce (each has its own keys)")
-
-
-def _exports(formats) -> str | None:
-    unknown = [f for f in formats if f not in EXPORTERS]
-    return f"has unknown export format(s) {unknown}; known: {sorted(EXPORTERS)}" if unknown else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +70,7 @@ class TrainConfig(Config):
     overwrite: bool = option(False, "run_dir holds another run: replace it (the new run is built beside it and "
                                     "swapped in when it has finished; the old one stays until then)")
     export: tuple[str, ...] = option((), "also write the edit for PyTorch users in these formats: "
-                                         f"{', '.join(EXPORTERS)}", check=_exports)
+                                         f"{', '.join(EXPORTERS)}", check=unknown_formats)
 
     def validate(self) -> None:
         if self.method != self.METHOD:
@@ -128,7 +123,7 @@ class UnguideTrainConfig(TrainedConfig):
                                    "model's K/V scale (erasers/unguide/transfer.py); config.json records the result",
                            choices=TRANSFER_RULES)
     export: tuple[str, ...] = option((), "also write the adapter for PyTorch users in these formats: "
-                                         f"{', '.join(EXPORTERS)}", check=_exports)
+                                         f"{', '.join(EXPORTERS)}", check=unknown_formats)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +141,7 @@ class LearnablePromptsTrainConfig(TrainedConfig):
     run_dir: str = option("runs/learnable-prompts-shapes-arrow", "the run folder: edit.safetensors (tokens dropped), "
                                                                  "edit_with_prompt.safetensors (tokens kept), ...")
     export: tuple[str, ...] = option(("partial_unet", "prompt"), "also write the edit for PyTorch users in these "
-                                                                 f"formats: {', '.join(EXPORTERS)}", check=_exports)
+                                                                 f"formats: {', '.join(EXPORTERS)}", check=unknown_formats)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +150,7 @@ class ClosedFormTrainConfig(TrainConfig):
     edit.safetensors and export/."""
 
     export: tuple[str, ...] = option(("peft", "partial_unet"), "also write the edit for PyTorch users in these "
-                                                               f"formats: {', '.join(EXPORTERS)}", check=_exports)
+                                                               f"formats: {', '.join(EXPORTERS)}", check=unknown_formats)
 
 
 @dataclasses.dataclass(frozen=True)
