@@ -222,9 +222,9 @@ def evaluate_erasure(sd, evaluator, concept, edits_by_name: dict, config: Evalua
         edit_key = None if edit is None else ((edit_keys or {}).get(method.edit) or (concept.name, method.edit))
         images = _generate_cached(sd, requests, edit, edit_key, config, cache, desc=f"{concept.name}: {method.name}")
         seconds = round(time.perf_counter() - started, 2)
-        class_probs = evaluator.class_probabilities(np.stack(images), prompt_set)
+        class_probs, text_probs = evaluator.scores(np.stack(images), prompt_set)
         main = len(prompt_set.items) * n
-        text_probs = evaluator.text_probabilities(np.stack(images[:main]), prompt_set)
+        text_probs = None if text_probs is None else text_probs[:main]
         result = dict(score(prompt_set, class_probs[:main], owners, text_probs), seconds=seconds, mode=method.mode,
                       edit=method.edit, **info)
         if paraphrases:

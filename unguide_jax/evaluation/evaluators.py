@@ -2,7 +2,7 @@
 ``evaluator="clip:SOURCE"`` (zero-shot CLIP, as MACE's and the UnGuide authors' scripts score CIFAR-10).
 
 Both give, per image, a probability for each class of the table (``class_probabilities``: MACE's
-protocol and top-1 read it). CLIP also scores the table's own prompt texts (``text_probabilities``: the
+protocol and top-1 read it; ``scores`` gives it with the text probabilities from one pass over the images). CLIP also scores the table's own prompt texts (``text_probabilities``: the
 UnGuide authors' ``compute_metrics.py --metric acc`` takes a softmax of 100 · cos(image, text) over the
 erased concept's target, synonyms and other prompts, and ``merge_metrics_results.py`` credits each
 image with its own prompt's text). The shapes classifier scores classes, not wordings; the reference
@@ -97,6 +97,9 @@ class ShapesEvaluator:
     def text_probabilities(self, images: np.ndarray, prompt_set: PromptSet) -> np.ndarray | None:
         return None  # classes, not wordings: the reference protocol ties a class's texts
 
+    def scores(self, images: np.ndarray, prompt_set: PromptSet) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.class_probabilities(images, prompt_set), None
+
 
 class ClipEvaluator:
     """Zero-shot CLIP over the table's texts: softmax(100 · cos(image, text))."""
@@ -140,18 +143,21 @@ class ClipEvaluator:
             out.append(np.asarray(self._images(self.clip.params, pixels)))
         return np.concatenate(out)
 
-    def probabilities(self, images: np.ndarray, texts: Sequence[str]) -> np.ndarray:
-        logits = CLIP_LOGIT_SCALE * self.image_embeddings(images).astype(np.float64) @ \
-            self._text_embeddings(texts).astype(np.float64).T
+    def _softmax(self, image_embeddings: np.ndarray, texts: Sequence[str]) -> np.ndarray:
+        logits = CLIP_LOGIT_SCALE * image_embeddings.astype(np.float64) @ self._text_embeddings(texts).astype(np.float64).T
         logits -= logits.max(axis=1, keepdims=True)
         probs = np.exp(logits)
         return probs / probs.sum(axis=1, keepdims=True)
 
+    def scores(self, images: np.ndarray, prompt_set: PromptSet) -> tuple[np.ndarray, np.ndarray | None]:
+        embeddings = self.image_embeddings(images)  # once, for the class texts and the table's texts alike
+        return self._softmax(embeddings, prompt_set.class_names), self._softmax(embeddings, prompt_set.prompts)
+
     def class_probabilities(self, images: np.ndarray, prompt_set: PromptSet) -> np.ndarray:
-        return self.probabilities(images, prompt_set.class_names)
+        return self._softmax(self.image_embeddings(images), prompt_set.class_names)
 
     def text_probabilities(self, images: np.ndarray, prompt_set: PromptSet) -> np.ndarray | None:
-        return self.probabilities(images, prompt_set.prompts)
+        return self._softmax(self.image_embeddings(images), prompt_set.prompts)
 
 
 def load_image_evaluator(spec: str):
