@@ -9,6 +9,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().
 # optimised, 5 s not). Measured on the whole suite with a cold cache: 1178 s -> 909 s on 2 cores.
 # An environment variable, so that the tests' subprocesses (8 CPU devices, CLI runs) compile alike.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# The model fingerprints' hash cache (unguide_jax/loading/model_identity.py): the suite's own, not the user's.
+os.environ.setdefault("UNGUIDE_JAX_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "unguide-jax"))
 # A faster compile of the same programs (tests/devices.py says how much); appended, so that a caller's flags
 # stay. Subprocesses inherit it (tests/devices.py sets their device count beside it).
 if FAST_COMPILE_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):

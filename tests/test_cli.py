@@ -121,7 +121,8 @@ PRESETS = {  # config file -> (schema chooser, its presets)
     "pure": (train_schema, ["default", "tiny", "sd15-object"]),
     "uce": (train_schema, ["default", "tiny", "sd15-object"]),
     "sample": (sample_or_evaluate, ["default", "embedded", "smoke"]),
-    "evaluate": (sample_or_evaluate, ["default", "all-classes", "compare", "tiny", "i2p"]),
+    "evaluate": (sample_or_evaluate, ["default", "all-classes", "held-out", "compare", "tiny", "i2p", "sd14-table1",
+                                     "sd14-i2p", "retention"]),
     "embedded": (RecipeConfig, ["default", "tiny", "continued", "ninth", "twelfth"]),
 }
 
@@ -229,16 +230,16 @@ def test_config_files_resolve_as_paths_or_packaged_preset_names(tmp_path, monkey
 
 def test_the_sample_fingerprint_is_unchanged():
     """The images' fingerprint (manifest.json) of the same settings as before typed configs: reruns of existing
-    out_dirs keep their images. (The unguide one changed with the probe's default rule, paper -> calibrated:
-    another rule gives other w, so images made with the old default are not reused.)"""
+    out_dirs keep their images. (All three changed when the model's content fingerprint joined the settings, issue
+    37: images an older release made are regenerated once; they depend on the embedded model's bytes.)"""
     from unguide_jax.sampling.run import _fingerprint, image_settings
 
     config = parse_cli(["--config", "sample.py:embedded"], "sample.py", sample_or_evaluate)
-    assert _fingerprint(image_settings(config, "base")) == "af6ba90c04bb78b6"
-    assert _fingerprint(image_settings(config, "unguide")) == "d3aeefacdc9358dd"
-    assert _fingerprint(image_settings(config, "fixed")) == "952d43b1c5449b95"
+    assert _fingerprint(image_settings(config, "base")) == "b1121cd0f70a90c2"
+    assert _fingerprint(image_settings(config, "unguide")) == "65148fe9ba6e1590"
+    assert _fingerprint(image_settings(config, "fixed")) == "ef381f27da7d37f4"
     fp16 = dataclasses.replace(config, variant="fp16")  # a new key counts once it is set
-    assert _fingerprint(image_settings(fp16, "base")) != "af6ba90c04bb78b6"
+    assert _fingerprint(image_settings(fp16, "base")) != "b1121cd0f70a90c2"
 
 
 def test_jobs_take_a_dict_or_the_typed_config():

@@ -129,7 +129,7 @@ def test_a_closed_form_eraser_does_not_take_over_another_run(tiny, tmp_path, cap
     # overwrite=true: replaced whole (no stale adapter or checkpoints left for sample.py to pick up).
     assert train.main(train_args(tiny, "uce", run_dir, "--config.overwrite=true")) == 0
     outputs = sorted(p.name for p in run_dir.iterdir() if p.name != "tensorboard")  # tensorboard/: with tensorboardX
-    assert outputs == ["config.json", "edit.safetensors", "export", "metrics.jsonl", "report.json"]
+    assert outputs == ["base_model.json", "config.json", "edit.safetensors", "export", "metrics.jsonl", "report.json"]
     assert json.loads((run_dir / "config.json").read_text())["method"] == "uce"
     assert not list(tmp_path.glob(".run.*"))  # no building folder or lock left behind
 

@@ -9,6 +9,8 @@ needs besides the LoRA -- alpha, the w probe's settings (``--probe KEY=VALUE``: 
 ``probe``), the concept's target prompts and, with ``--cache-empty-probe``, D("") computed here at the
 model's default image size. Every export folder gets a model card, README.md; ``--evaluation
 OUT/results.json`` (of the erasure evaluation that measured these sources) puts its table in the card.
+A source trained on other weights than ``--model``'s (its run folder's base_model.json) is refused, naming
+the modules that differ and the model it was trained on, unless ``--allow-other-base``.
 
 The job and its settings: ``unguide_jax.publishing.export`` (``ExportConfig``, ``run_export``).
 """
@@ -45,6 +47,7 @@ def parse(argv=None) -> ExportConfig:
     parser.add_argument("--cache-empty-probe", action="store_true", help=fields["cache_empty_probe"])
     parser.add_argument("--evaluation", default=DEFAULTS.evaluation, help=fields["evaluation"])
     parser.add_argument("--overwrite", action="store_true", help=fields["overwrite"])
+    parser.add_argument("--allow-other-base", action="store_true", help=fields["allow_other_base"])
     args = parser.parse_args(argv)
     if (args.probe or args.cache_empty_probe) and "peft" not in args.formats:
         parser.error("--probe and --cache-empty-probe describe unguide.json, which only the peft format writes")
@@ -57,7 +60,8 @@ def parse(argv=None) -> ExportConfig:
             overrides[f"probe.{key}"] = raw
         raw = apply_overrides(to_dict(DEFAULTS), overrides, ExportConfig)
         raw.update(sources=args.sources, out=args.out, model=args.model, formats=args.formats,
-                   cache_empty_probe=args.cache_empty_probe, evaluation=args.evaluation, overwrite=args.overwrite)
+                   cache_empty_probe=args.cache_empty_probe, evaluation=args.evaluation, overwrite=args.overwrite,
+                   allow_other_base=args.allow_other_base)
         return from_dict(ExportConfig, raw)
     except ConfigError as err:  # the probe's keys are --probe KEY=VALUE here, not --config.probe.KEY
         parser.error(str(err).replace("--config.probe.", "--probe ").replace("config.probe.", "--probe "))

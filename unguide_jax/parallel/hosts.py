@@ -13,17 +13,33 @@ Start-up (``maybe_initialize_distributed``), from the environment:
   - JAX_COORDINATOR_TIMEOUT=seconds (default 300): how long to wait for the coordinator and the other
     processes before giving up with an error.
 On the CPU the cross-process collectives go through gloo (jax's default).
+
+A process that dies (killed, crashed, its host lost) takes the job with it; the others should say so in
+one line and stop. Each process listens on a small "watch" socket whose address it leaves in the
+coordination service's key-value store; when a collective fails, ``explain_lost_process`` probes the
+others' sockets (a refused connection: that process is gone) and names them (``LostProcess``). At exit,
+a process whose peer is gone skips jax's shutdown barrier, which would wait for the dead one until the
+heartbeat timeout (100 s) and then abort the process with a C++ stack dump (exit status 134).
+Limitation: when process 0, the coordinator, dies, jaxlib's coordination agent in every other process
+aborts it at once from a C++ thread (``client.h: Terminating process because the JAX distributed service
+detected fatal errors``, status 134); nothing in Python can catch that (jaxlib's replacement hook for it,
+``missed_heartbeat_callback``, fails with std::bad_cast when given a Python function).
 """
 from __future__ import annotations
 
+import atexit
+import concurrent.futures
+import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
 import os
 import socket
 import sys
+import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -35,6 +51,12 @@ DEFAULT_TIMEOUT_S = 300
 
 class DistributedStartError(RuntimeError):
     """The processes of a multi-host job could not join (coordinator unreachable, a process missing)."""
+
+
+class LostProcess(RuntimeError):
+    """Another process of the job is gone: the collectives cannot go on."""
+
+    exit_code = 1
 
 
 def maybe_initialize_distributed() -> bool:
@@ -72,7 +94,144 @@ def maybe_initialize_distributed() -> bool:
             f"could not join {where} within {timeout} s as process {os.environ.get('JAX_PROCESS_ID', '?')} of "
             f"{os.environ.get('JAX_NUM_PROCESSES', '?')}: {str(err).splitlines()[0] if str(err) else type(err).__name__}. "
             "Is the coordinator (process 0) running and reachable, and did every process start?") from err
+    _start_watch(timeout)
     return True
+
+
+@dataclasses.dataclass
+class _Watch:
+    me: int
+    count: int
+    peers: dict[int, dict]      # process id -> {host, port, pid, hostname}
+    listener: socket.socket
+    lost: list[int] = dataclasses.field(default_factory=list)
+
+
+_watch: _Watch | None = None
+
+
+def _local_address(coordinator: str | None) -> str:
+    """The address the others reach this host at: the one its route to the coordinator leaves from."""
+    host, _, port = (coordinator or "").rpartition(":")
+    if host:
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.connect((host.strip("[]"), int(port or 1)))
+                return probe.getsockname()[0]
+        except OSError:
+            pass
+    return socket.gethostbyname(socket.gethostname())
+
+
+def _start_watch(timeout: int) -> None:
+    """Listen on this process's watch socket and learn the others' (see the module doc). Best effort: without
+    it a lost process is reported by the collectives' own error."""
+    global _watch
+    state = jax_distributed.global_state
+    if state.client is None or not state.num_processes or state.num_processes < 2 or _watch is not None:
+        return
+    try:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("", 0))
+        listener.listen(128)
+        me = {"host": _local_address(state.coordinator_address), "port": listener.getsockname()[1],
+              "pid": os.getpid(), "hostname": socket.gethostname()}
+        state.client.key_value_set(f"unguide/watch/{state.process_id}", json.dumps(me))
+        peers = {i: json.loads(state.client.blocking_key_value_get(f"unguide/watch/{i}", timeout * 1000))
+                 for i in range(state.num_processes) if i != state.process_id}
+    except Exception as err:  # noqa: BLE001 -- the job runs without the watch
+        print(f"note: process {state.process_id}: no watch on the other processes ({err}); a lost process will be "
+              "reported by the collectives' own error", file=sys.stderr)
+        return
+
+    def answer() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            connection.close()
+
+    threading.Thread(target=answer, name="unguide-watch", daemon=True).start()
+    _watch = _Watch(state.process_id, state.num_processes, peers, listener)
+    # Every process is alive now (each published its address after listening): a socket that does not answer
+    # is one this host cannot reach (an address behind NAT, a firewall), never to be taken for a lost process.
+    unreachable = lost_processes()
+    if unreachable:
+        print(f"note: process {state.process_id}: the watch sockets of processes {unreachable} cannot be reached "
+              "from here; a loss of those is reported by the collectives' own error", file=sys.stderr)
+        for i in unreachable:
+            del peers[i]
+    if not peers:
+        _watch = None
+        return
+    atexit.register(_leave_without_the_lost)  # after jax's own atexit shutdown, so it runs before it
+
+
+def _gone(peer: dict, timeout: float) -> bool:
+    try:
+        with socket.create_connection((peer["host"], int(peer["port"])), timeout=timeout):
+            return False
+    except OSError:
+        return True
+
+
+def lost_processes(timeout: float = 2.0) -> list[int]:
+    """The other processes of the job that no longer answer on their watch socket (none: one process, or no
+    watch)."""
+    if _watch is None:
+        return []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, len(_watch.peers))) as pool:
+        gone = dict(zip(_watch.peers, pool.map(lambda p: _gone(p, timeout), _watch.peers.values())))
+    return sorted(i for i, lost in gone.items() if lost)
+
+
+def explain_lost_process(err: BaseException, then: str = "") -> BaseException:
+    """``err`` as a ``LostProcess`` naming the processes that are gone, when some are (a failed collective
+    names only a socket); else ``err`` itself. ``then``: what to do next, for the message."""
+    if _watch is None or isinstance(err, (LostProcess, KeyboardInterrupt)):
+        return err
+    lost = lost_processes()
+    for _ in range(4):
+        if lost:
+            break
+        # A killed process's connections can drop a moment before the kernel closes its watch socket.
+        time.sleep(0.25)
+        lost = lost_processes()
+    if not lost:
+        return err
+    _watch.lost = lost
+    who = ", ".join(f"{i} (pid {_watch.peers[i].get('pid')} on {_watch.peers[i].get('hostname')})" for i in lost)
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    return LostProcess(f"process{'es' if len(lost) > 1 else ''} {who} of {_watch.count} stopped (killed, crashed or "
+                       f"unreachable; its own output says why), and process {_watch.me} cannot go on without it "
+                       f"({type(err).__name__}: {first}).{(' ' + then) if then else ''}")
+
+
+@contextlib.contextmanager
+def watching_the_others(then: str = "") -> Iterator[None]:
+    """Collectives inside the block that fail because another process is gone raise ``LostProcess`` naming it
+    (``then``: what the user can do next)."""
+    try:
+        yield
+    except Exception as err:
+        explained = explain_lost_process(err, then)
+        if explained is err:
+            raise
+        raise explained from err
+
+
+def _leave_without_the_lost() -> None:
+    """At exit: with a process gone, jax's shutdown barrier would wait for it until the heartbeat timeout and
+    then abort this one (status 134); leave now instead, with the failed run's status."""
+    if _watch is None:
+        return
+    if _watch.lost or lost_processes(timeout=1.0):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    # The watch socket stays open until the process ends: a peer probing it before its own shutdown barrier
+    # must not take this process for lost.
 
 
 _barriers = itertools.count()
@@ -87,7 +246,27 @@ def barrier(name: str, timeout_s: int | None = None) -> None:
         return
     timeout = timeout_s or int(os.environ.get("JAX_COORDINATOR_TIMEOUT", DEFAULT_TIMEOUT_S))
     client = jax_distributed.global_state.client  # jax's own tests use this barrier; no public API has a timeout
-    client.wait_at_barrier(f"unguide:{name}:{next(_barriers)}", timeout * 1000)
+    done = threading.Event()
+    if _watch is not None:
+        # A barrier waits for a dead process until the heartbeat timeout, then jaxlib aborts this one; the
+        # call holds the main thread, so a helper watches the others meanwhile.
+        threading.Thread(target=_watch_during, args=(name, done), daemon=True).start()
+    try:
+        with watching_the_others():
+            client.wait_at_barrier(f"unguide:{name}:{next(_barriers)}", timeout * 1000)
+    finally:
+        done.set()
+
+
+def _watch_during(name: str, done: threading.Event, every_s: float = 2.0) -> None:
+    while not done.wait(every_s):
+        if lost_processes():
+            explained = explain_lost_process(RuntimeError(f"waiting at the barrier {name!r}"))
+            if done.is_set():
+                return
+            print(f"error: {explained}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)
 
 
 def _wait_for_coordinator(address: str, timeout: int) -> None:
@@ -123,7 +302,8 @@ def to_numpy(x) -> np.ndarray:
         if x.sharding.is_fully_replicated:
             return np.asarray(x.addressable_data(0))
         barrier("gather")
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        with watching_the_others():
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
 
 
@@ -143,9 +323,10 @@ def broadcast_json(value: Any) -> Any:
         return value
     barrier("broadcast")
     data = np.frombuffer(json.dumps(value, sort_keys=True).encode(), np.uint8) if is_main_process() else None
-    size = multihost_utils.broadcast_one_to_all(np.int64(0 if data is None else data.size))
-    buffer = np.zeros(int(size), np.uint8) if data is None else data
-    return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes().decode())
+    with watching_the_others():
+        size = multihost_utils.broadcast_one_to_all(np.int64(0 if data is None else data.size))
+        buffer = np.zeros(int(size), np.uint8) if data is None else data
+        return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes().decode())
 
 
 def config_digest(config: Any) -> str:
@@ -160,7 +341,8 @@ def check_same_config(config: Any, what: str = "config") -> None:
     barrier("config")
     digest = config_digest(config)
     mine = np.frombuffer(bytes.fromhex(digest), np.uint8)
-    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
+    with watching_the_others():
+        every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
     digests = [bytes(row).hex() for row in every]
     if len(set(digests)) > 1:
         differing = [i for i, d in enumerate(digests) if d != digests[0]]

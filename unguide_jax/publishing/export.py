@@ -10,17 +10,26 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from unguide_jax.erasers.unguide.probe import ProbeConfig, WProbe
+from unguide_jax.loading.base_model import (
+    BASE_MODEL_FILE,
+    BaseModelMismatch,
+    base_model_mismatches,
+    describe_mismatch,
+    read_base_model_record,
+)
 from unguide_jax.loading.exports import EXPORTERS, export_edit, single_lora, unknown_formats
 from unguide_jax.loading.lora_formats import DIFFUSERS_LORA_FILE
 from unguide_jax.loading.resolve import MODEL_DOC, load_model
+from unguide_jax.loading.weights import naming_the_folder
 from unguide_jax.publishing.model_card import check_card_inputs, write_model_card
 from unguide_jax.publishing.unguide_json import empty_probe_record, write_unguide_json
 from unguide_jax.settings import Config, ConfigError, as_config, option
-from unguide_jax.training.sources import concept_targets, load_edit
+from unguide_jax.training.sources import classify_source, concept_targets, load_edit
 
 
 def _formats(formats) -> str | None:
@@ -42,6 +51,46 @@ class ExportConfig(Config):
                                  "goes into the model card")
     overwrite: bool = option(False, "out holds files (another export): replace the folder as a whole (the new export "
                                     "is built beside it and swapped in when it is complete)")
+    allow_other_base: bool = option(False, "export even where model's weights differ from those a source was trained "
+                                           "on (its run folder's base_model.json): the edit is then described, and "
+                                           "fingerprinted in unguide.json, for this other model")
+
+
+def recorded_base_model(source: str | Path) -> tuple[Path, dict] | None:
+    """(the file, the record) of the base model a source was trained on: its run folder's base_model.json
+    (a run folder, an edit file in one, a checkpoint of one); None for edits that carry none."""
+    found = classify_source(source)
+    candidates = [found.run_folder]
+    if found.checkpoint is not None:
+        candidates.append(found.checkpoint.parent.parent)  # <run>/checkpoints/<step>
+    if found.edit_file is not None:
+        candidates.append(found.edit_file.parent)
+    for folder in candidates:
+        if folder is not None and (folder / BASE_MODEL_FILE).is_file():
+            return folder / BASE_MODEL_FILE, read_base_model_record(folder)
+    return None
+
+
+def check_base_models(sources: Sequence[str | Path], unet_params: Mapping, model: str, allow_other: bool = False) -> None:
+    """Each source against the base model it is exported for: refused, naming the modules and the model it was
+    trained on, where the weights differ (``allow_other``: a warning); a note for sources without a record."""
+    for source in sources:
+        found = recorded_base_model(source)
+        if found is None:
+            print(f"note: {source} carries no record of the base model it was trained on (a run of an older version, "
+                  f"or a LoRA from elsewhere): not checked against --model {model}", file=sys.stderr)
+            continue
+        path, record = found
+        bad = base_model_mismatches(record, unet_params)
+        if not bad:
+            continue
+        message = (f"{source} was trained on {record.get('model')!r} ({path}), and --model {model} has other weights: "
+                   f"{describe_mismatch(bad, len(record['fingerprint']))}")
+        if allow_other:
+            print(f"warning: {message}; exported for {model} anyway (--allow-other-base)", file=sys.stderr)
+            continue
+        raise BaseModelMismatch(f"{message}. Export it with --model set to the model it was trained on, or pass "
+                                "--allow-other-base to export it for this model anyway")
 
 
 def write_unguide_settings(export_dir: Path, sd, edit, probe: ProbeConfig, concept_prompts: Sequence[str],
@@ -92,14 +141,16 @@ def run_export(config: ExportConfig | dict) -> list[Path]:
     evaluation = config.evaluation or None
     check_card_inputs(config.sources, evaluation)  # before anything is written
     sd = load_model(config.model)
+    check_base_models(config.sources, sd.params["unet"], config.model, config.allow_other_base)
     edit, info = load_edit(list(config.sources), sd.params["unet"])
     work = out.parent / f".{out.name}.building" if replacing else out
     if work != out and work.exists():
         shutil.rmtree(work)  # left by an export that did not finish
-    written = export_edit(list(config.formats), work, edit, sd.unet, sd.params["unet"])
-    written += publish_export(work, config.formats, config.sources, sd, edit, concept_targets(info),
-                              probe=config.probe, cache_empty_probe=config.cache_empty_probe,
-                              base_model=config.model, evaluation=evaluation, location=out)
+    with naming_the_folder(work, "the export folder"):
+        written = export_edit(list(config.formats), work, edit, sd.unet, sd.params["unet"])
+        written += publish_export(work, config.formats, config.sources, sd, edit, concept_targets(info),
+                                  probe=config.probe, cache_empty_probe=config.cache_empty_probe,
+                                  base_model=config.model, evaluation=evaluation, location=out)
     if replacing:
         old = out.parent / f".{out.name}.replaced"
         if old.exists():

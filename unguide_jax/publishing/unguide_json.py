@@ -27,21 +27,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import zlib
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import jax
 import numpy as np
-from flax import traverse_util
 
 from unguide_jax.erasers.unguide.probe import ProbeConfig
 
+# The fingerprint lives with the loaders (training records it too); these names stay importable from here.
+from unguide_jax.loading.base_model import FINGERPRINT_TOLERANCE as FINGERPRINT_TOLERANCE
+from unguide_jax.loading.base_model import base_fingerprint
+from unguide_jax.loading.base_model import base_weights as base_weights
+from unguide_jax.loading.base_model import fingerprint_mismatches as fingerprint_mismatches
+from unguide_jax.loading.base_model import weight_fingerprint as weight_fingerprint
+
 UNGUIDE_JSON = "unguide.json"
 UNGUIDE_FORMAT = "unguide-jax-unguide/1"
-# Fingerprint agreement, as a fraction of ‖W‖_F: a bf16 round trip moves <W, u> by about 2e-3 ‖W‖, a
-# fine-tuned or another model's weights by far more.
-FINGERPRINT_TOLERANCE = 1e-2
 PROBE_BATCHING_KEYS = ("prompt_chunk",)  # how the JAX probe batches, not what it computes
 DRAWS_NOTE = ("initial latents: jax.random.normal(jax.random.key(seed), (h, w, c)) per image seed, NHWC "
               "(unguide_jax.diffusion.sampler.initial_latents); probe draws: unguide_jax.erasers.unguide.probe."
@@ -50,45 +51,6 @@ DRAWS_NOTE = ("initial latents: jax.random.normal(jax.random.key(seed), (h, w, c
 
 class UnguideExportError(ValueError):
     pass
-
-
-def weight_fingerprint(weights: Mapping[str, np.ndarray]) -> dict[str, list[float]]:
-    """module path -> [Frobenius norm, projection on a fixed unit-variance direction] of its PyTorch-layout
-    weight. The direction is seeded by the path, so both sides draw it alike whatever the module order."""
-    out = {}
-    for path in sorted(weights):
-        w = np.asarray(weights[path], np.float64).ravel()
-        direction = np.random.default_rng(zlib.crc32(path.encode())).standard_normal(w.size)
-        out[path] = [float(np.linalg.norm(w)), float(w @ direction)]
-    return out
-
-
-def fingerprint_mismatches(expected: Mapping[str, Sequence[float]], got: Mapping[str, Sequence[float]],
-                           tolerance: float = FINGERPRINT_TOLERANCE) -> list[str]:
-    """The modules whose fingerprints differ by more than ``tolerance`` ‖W‖ (or that one side lacks)."""
-    bad = sorted(set(expected) ^ set(got))
-    for path in sorted(set(expected) & set(got)):
-        (norm_a, proj_a), (norm_b, proj_b) = expected[path], got[path]
-        scale = tolerance * max(norm_a, 1e-12)
-        if abs(norm_a - norm_b) > scale or abs(proj_a - proj_b) > scale:
-            bad.append(path)
-    return bad
-
-
-def base_weights(unet_params: Mapping, modules: Sequence[str]) -> dict[str, np.ndarray] | None:
-    """PyTorch-layout weights of ``modules`` from our Flax UNet parameters (None: abstract parameters)."""
-    from unguide_jax.loading.convert import flax_to_torch
-
-    wanted = set(modules)
-    kernels = {path: leaf for path, leaf in traverse_util.flatten_dict(unet_params).items()
-               if path[-1] == "kernel" and ".".join(path[:-1]) in wanted}
-    missing = wanted - {".".join(p[:-1]) for p in kernels}
-    if missing:
-        raise UnguideExportError(f"the UNet has no weight for adapted module(s) {sorted(missing)[:5]}")
-    if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in kernels.values()):
-        return None
-    torch_state = flax_to_torch(traverse_util.unflatten_dict(kernels))
-    return {key.rsplit(".", 1)[0]: value for key, value in torch_state.items()}
 
 
 def probe_settings(probe: ProbeConfig) -> dict:
@@ -118,9 +80,8 @@ def unguide_record(lora_file: str, adapter: Mapping, alpha: float, unet_params: 
     concept = concept_record(concept_prompts)
     ranks = sorted({int(np.shape(ab["lora_A"])[1]) for ab in adapter.values()})
     modules = sorted(adapter)
-    weights = base_weights(unet_params, modules)
-    # Abstract parameters (shapes only, as export_peft accepts) leave nothing to fingerprint.
-    fingerprint = None if weights is None else weight_fingerprint(weights)
+    # Abstract parameters (shapes only, as export_peft accepts) leave nothing to fingerprint: None.
+    fingerprint = base_fingerprint(unet_params, modules)
     return {
         "format": UNGUIDE_FORMAT,
         "lora": {"file": lora_file, "alpha": float(alpha), "rank": ranks[0] if len(ranks) == 1 else ranks,

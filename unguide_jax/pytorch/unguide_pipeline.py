@@ -54,11 +54,8 @@ from unguide_jax.erasers.unguide.probe import (
     decide,
     sequential_distances,
 )
-from unguide_jax.publishing.unguide_json import (
-    fingerprint_mismatches,
-    read_unguide_json,
-    weight_fingerprint,
-)
+from unguide_jax.loading.base_model import fingerprint_mismatches, weight_fingerprint
+from unguide_jax.publishing.unguide_json import read_unguide_json
 
 DEFAULT_ADAPTER_NAME = "unguide"
 PEFT_UNET_PREFIX = "unet."
@@ -184,6 +181,42 @@ def probe_settings(folder, settings: dict, overrides=None) -> ProbeConfig:
             "--formats peft --out DIR`, which writes them, or pass probe rule=paper: "
             "pipe.load_unguide(folder, probe={'rule': 'paper'}) (the paper's rule, w_erase if D(p) > D(\"\"))")
     return probe
+
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _count(name: str, value, minimum: int = 1, maximum: int | None = None) -> int:
+    """An integer argument in [minimum, maximum], or a ValueError naming it."""
+    if not _is_int(value) or value < minimum or (maximum is not None and value > maximum):
+        bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+    return int(value)
+
+
+def _per_prompt(name: str, value, prompts: int) -> np.ndarray:
+    """One finite number, or one per prompt, as a (prompts,) float32 array; a ValueError naming ``name``."""
+    try:
+        array = np.asarray(value, np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number or one number per prompt, got {value!r}") from None
+    if array.ndim > 1 or (array.ndim == 1 and array.shape[0] != prompts):
+        got = f"{array.shape[0]} values" if array.ndim == 1 else f"shape {array.shape}"
+        raise ValueError(f"{name}: one value or one per prompt ({prompts}), got {got}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} must be finite, got {array.tolist()}")
+    return np.broadcast_to(array.astype(np.float32), (prompts,)).copy()
+
+
+def _finite_tensor(name: str, value) -> torch.Tensor:
+    tensor = torch.as_tensor(value)
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} holds {int((~torch.isfinite(tensor)).sum())} non-finite values")
+    return tensor
 
 
 class UnGuidePipeline(StableDiffusionPipeline):
@@ -367,6 +400,9 @@ class UnGuidePipeline(StableDiffusionPipeline):
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
         """(C, h, w) of the latents for an image of height x width pixels (default: the UNet's own size)."""
         f = self.vae_scale_factor
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and (not _is_int(value) or value < 0):
+                raise ValueError(f"{name} must be a positive multiple of {f} (or None: the UNet's size), got {value!r}")
         height = height or self.unet.config.sample_size * f
         width = width or self.unet.config.sample_size * f
         if height % f or width % f:
@@ -387,7 +423,10 @@ class UnGuidePipeline(StableDiffusionPipeline):
         state = self._loaded()
         probe = state.probe
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        scales = np.broadcast_to(np.asarray(guidance_scale, np.float32), (len(prompts),)).copy()
+        if not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be a string or a list of strings")
+        scales = _per_prompt("guidance_scale", guidance_scale, len(prompts))
+        _count("probe_batch_size", probe_batch_size)
         shape = self.latent_shape(height, width)
         device = self._execution_device
         if probe_draws is None:
@@ -397,13 +436,12 @@ class UnGuidePipeline(StableDiffusionPipeline):
             x_T, t = state.draws_cache[shape, draws_key]
         else:
             x_T, t = probe_draws
-            x_T, t = torch.as_tensor(x_T, dtype=torch.float32).cpu(), torch.as_tensor(t, dtype=torch.int64).cpu()
+            x_T = _finite_tensor("probe_draws x_T", x_T).to(dtype=torch.float32).cpu()
+            t = torch.as_tensor(t, dtype=torch.int64).cpu()
             if x_T.shape != (probe.draws, *shape) or t.shape != (probe.draws,):
                 raise ValueError(f"probe_draws: need x_T {(probe.draws, *shape)} and t ({probe.draws},), got "
                                  f"{tuple(x_T.shape)} and {tuple(t.shape)}")
             draws_key = ("given", hash((x_T.numpy().tobytes(), t.numpy().tobytes())))
-        if probe_batch_size < 1:
-            raise ValueError(f"probe_batch_size must be >= 1, got {probe_batch_size}")
         x_T, t = x_T.to(device), t.to(device)
         uncond = self._encode([""], device)
         cache_key = (shape[1] * self.vae_scale_factor, shape[2] * self.vae_scale_factor, draws_key)
@@ -483,22 +521,35 @@ class UnGuidePipeline(StableDiffusionPipeline):
 
     # --- sampling ------------------------------------------------------------------------------------------
 
-    def _initial_latents(self, n: int, shape: tuple[int, int, int], seeds, generator, latents, device) -> torch.Tensor:
+    @staticmethod
+    def _check_noise(n: int, shape: tuple[int, int, int], seeds, generator, latents) -> None:
+        """The noise arguments of a call of ``n`` images (before anything runs: the probe takes minutes)."""
         given = [name for name, value in (("seeds", seeds), ("generator", generator), ("latents", latents))
                  if value is not None]
         if len(given) > 1:
             raise ValueError(f"give at most one of seeds, generator and latents (got {', '.join(given)})")
         if latents is not None:
-            latents = torch.as_tensor(latents)
+            latents = _finite_tensor("latents", latents)
             if tuple(latents.shape) != (n, *shape):
                 raise ValueError(f"latents must have shape {(n, *shape)} (images, C, h, w), got {tuple(latents.shape)}")
-            return latents.to(device=device, dtype=torch.float32)
+        if isinstance(generator, (list, tuple)) and len(generator) != n:
+            raise ValueError(f"generator: one torch.Generator or one per image ({n}), got {len(generator)}")
+        if seeds is not None:
+            if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__len__"):
+                raise ValueError(f"seeds must be a list of integers (one per image), got {seeds!r}")
+            if len(seeds) != n:
+                raise ValueError(f"seeds: need one seed per image: {n} images, {len(seeds)} seeds")
+            bad = [s for s in seeds if not _is_int(s) or not 0 <= s < 2 ** 32]
+            if bad:
+                raise ValueError(f"seeds must be integers in [0, 2**32), got {bad[:3]}")
+
+    def _initial_latents(self, n: int, shape: tuple[int, int, int], seeds, generator, latents, device) -> torch.Tensor:
+        self._check_noise(n, shape, seeds, generator, latents)
+        if latents is not None:
+            return torch.as_tensor(latents).to(device=device, dtype=torch.float32)
         if generator is not None:
             return randn_tensor((n, *shape), generator=generator, device=device, dtype=torch.float32)
-        seeds = list(range(n)) if seeds is None else list(seeds)
-        if len(seeds) != n:
-            raise ValueError(f"need one seed per image: {n} images, {len(seeds)} seeds")
-        return jax_latents(seeds, shape).to(device)
+        return jax_latents(list(range(n)) if seeds is None else list(seeds), shape).to(device)
 
     @torch.no_grad()
     def __call__(
@@ -530,42 +581,45 @@ class UnGuidePipeline(StableDiffusionPipeline):
         ``return_dict=False``: the tuple (images, w, d, d_empty).
         """
         self._loaded()
+        # Every argument is checked here, before the probe (a minute or more on a real model) and the sampling.
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompt must be a string or a non-empty list of strings")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-        scales = np.broadcast_to(np.asarray(guidance_scale, np.float32), (len(prompts),)).copy() \
-            if np.ndim(guidance_scale) == 0 or len(guidance_scale) == len(prompts) else None
-        if scales is None:
-            raise ValueError(f"guidance_scale: one value or one per prompt ({len(prompts)}), got {len(guidance_scale)}")
+        k = _count("num_images_per_prompt", num_images_per_prompt)
+        _count("num_inference_steps", num_inference_steps, maximum=int(self.scheduler.config.num_train_timesteps))
+        scales = _per_prompt("guidance_scale", guidance_scale, len(prompts))
         shape = self.latent_shape(height, width)
+        n = len(prompts) * k
+        self._check_noise(n, shape, seeds, generator, latents)
+        if negative_prompt is None or isinstance(negative_prompt, str):
+            negatives = [negative_prompt or ""] * len(prompts)
+        elif not all(isinstance(p, str) for p in negative_prompt):
+            raise ValueError("negative_prompt must be a string or a list of strings")
+        elif len(negative_prompt) == len(prompts):
+            negatives = list(negative_prompt)
+        else:
+            raise ValueError(f"negative_prompt: one string or one per prompt ({len(prompts)}), got {len(negative_prompt)}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        prompt_w = None if w is None else _per_prompt("w", w, len(prompts))
+        if w is None:
+            _count("probe_batch_size", probe_batch_size)
+            if probe_draws is not None and (not isinstance(probe_draws, (tuple, list)) or len(probe_draws) != 2):
+                raise ValueError("probe_draws must be a pair (x_T, t)")
         device = self._execution_device
 
         if w is None:
             keys = list(dict.fromkeys(zip(prompts, scales.tolist())))
             result = self.probe([p for p, _ in keys], [s for _, s in keys], height, width, probe_draws,
                                 probe_batch_size)
-            index = [keys.index(k) for k in zip(prompts, scales.tolist())]
+            index = [keys.index(key) for key in zip(prompts, scales.tolist())]
             prompt_w, prompt_d, d_empty = result.w[index], result.d[index], result.d_empty
             threshold = result.threshold
         else:
-            prompt_w = np.broadcast_to(np.asarray(w, np.float32), (len(prompts),)).copy() \
-                if np.ndim(w) == 0 or len(w) == len(prompts) else None
-            if prompt_w is None:
-                raise ValueError(f"w: one value or one per prompt ({len(prompts)}), got {len(w)}")
             prompt_d, d_empty = np.full(len(prompts), np.nan, np.float32), float("nan")
             threshold = None
 
-        k = num_images_per_prompt
         images_w, images_d = np.repeat(prompt_w, k), np.repeat(prompt_d, k)
-        n = len(prompts) * k
-        if negative_prompt is None or isinstance(negative_prompt, str):
-            negatives = [negative_prompt or ""] * len(prompts)
-        elif len(negative_prompt) == len(prompts):
-            negatives = list(negative_prompt)
-        else:
-            raise ValueError(f"negative_prompt: one string or one per prompt ({len(prompts)}), got {len(negative_prompt)}")
         cond = self._encode(prompts, device).repeat_interleave(k, dim=0)
         uncond = self._encode(negatives, device).repeat_interleave(k, dim=0)
         z = self._initial_latents(n, shape, seeds, generator, latents, device)

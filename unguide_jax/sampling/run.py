@@ -10,9 +10,19 @@ Modes (``config.mode``, ``unguide_jax.erasers.unguide.modes``) with the edits of
 settings, and per image its prompt, seed, guidance, w, D(p), D("")), and in unguide mode
 ``probe.json``. A rerun with the same settings skips the images already written and reuses the
 probe; a rerun with other settings is an error unless ``overwrite=true``.
+
+An ``out_dir`` belongs to one set of settings, as a training run folder belongs to one run
+(``claim_out_dir``): a run holds its lock (``training.run_folder``, on the real folder: a symlink to it
+is the same folder) from before the model loads to the last file, so a second run is refused at once;
+the settings' fingerprint covers the model's and the adapters' contents, not only their paths: a rerun
+whose settings differ only in those contents (a model replaced at the same path, an adapter retrained in
+place) makes its images again, with a warning. Images that are not kept (then, and with ``overwrite=true``)
+are deleted once the inputs have loaded, before the first new one: an interrupted rerun never leaves them to
+pass for the new ones.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -20,7 +30,7 @@ import re
 import time
 import warnings
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -36,6 +46,7 @@ from unguide_jax.diffusion.images import (
 from unguide_jax.erasers.unguide.modes import resolve_mode, weights_for
 from unguide_jax.erasers.unguide.probe import WProbe
 from unguide_jax.json_files import write_json
+from unguide_jax.loading.model_identity import model_fingerprint
 from unguide_jax.loading.random_model import ensure_random_model
 from unguide_jax.loading.resolve import load_model
 from unguide_jax.models.dtypes import dtype_named
@@ -49,13 +60,23 @@ from unguide_jax.sampling.prompts import Request, collect_requests
 from unguide_jax.settings import ConfigError, as_config, to_dict
 from unguide_jax.shapes.classifier import load_evaluator
 from unguide_jax.shapes.data import CLASSES, STYLES, class_named_in
+from unguide_jax.training.run_folder import RunFolderBusy, run_folder_lock
 from unguide_jax.training.sources import concept_targets, load_edit
 
 # Keys that do not change what an image looks like: a rerun may change them and still skip done images.
 NOT_IMAGE_KEYS = ("out_dir", "batch_size", "grid_cols", "evaluator", "overwrite", "create_random_model")
-# Keys newer than the manifests they would fingerprint: counted only when set, so that the default
-# settings keep the fingerprint they had (and reruns still skip the images made before).
+# Keys newer than the first manifests: counted only when set, so that adding them kept the default settings'
+# fingerprint. (The model's content, counted since, changed every fingerprint: _check_previous_run names
+# manifests older than that.)
 ONLY_WHEN_SET = ("variant", "revision", "model_config")
+
+
+# What a rerun of the same config finds changed when files were replaced at the same paths.
+CONTENT_KEYS = {"model_fingerprint": "model", "adapter_digests": "adapters"}
+
+
+class OutDirTaken(FileExistsError):
+    """out_dir holds images of other settings (or of settings it cannot tell), and ``overwrite`` was not given."""
 
 
 def _content_digest(path: Path) -> str:
@@ -68,12 +89,19 @@ def _content_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def image_settings(config: SampleConfig, mode: str) -> dict:
-    """What the images depend on; its fingerprint is stored in the manifest and compared on a rerun."""
+def model_identity(config: SampleConfig) -> str:
+    """The contents' fingerprint of ``config``'s model (``loading.model_identity``)."""
+    return model_fingerprint(config.model, revision=config.revision, config_folder=config.model_config or None)
+
+
+def image_settings(config: SampleConfig, mode: str, model_id: str | None = None) -> dict:
+    """What the images depend on; its fingerprint is stored in the manifest and compared on a rerun.
+    ``model_id``: ``model_identity(config)`` when the caller has it (None: computed here)."""
     settings = to_dict(config)
     out = {k: v for k, v in settings.items() if k not in NOT_IMAGE_KEYS and k not in ("probe", "w", "mode")
            and not (k in ONLY_WHEN_SET and not v)}
     out["mode"] = mode
+    out["model_fingerprint"] = model_id or model_identity(config)
     out["adapter_digests"] = [_content_digest(Path(a)) for a in config.adapters]
     if mode == "unguide":
         out["probe"] = {k: v for k, v in settings["probe"].items() if k != "prompt_chunk"}
@@ -86,27 +114,115 @@ def _fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _check_previous_run(out_dir: Path, fingerprint: str, overwrite: bool) -> bool:
-    """Whether images already in out_dir may be kept; an error if they were made with other settings."""
-    manifest = out_dir / "manifest.json"
-    if not manifest.is_file():
-        return not overwrite
-    try:
-        previous = json.loads(manifest.read_text()).get("settings", {}).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
-        previous = None  # a damaged manifest: only the images it would describe matter
-    if previous == fingerprint:
-        return not overwrite
+def _check_previous_run(out_dir: Path, settings: dict, fingerprint: str, overwrite: bool) -> bool:
+    """Whether images already in out_dir may be kept (``settings``: ``image_settings``); ``OutDirTaken`` if they
+    were made with other settings, or the manifest cannot say with which."""
+    if not _made_images(out_dir):
+        return not overwrite  # a new folder, or a failed run that made no image: nothing to protect
     if overwrite:
         return False
-    if not _made_images(out_dir):
-        return True  # a failed run that made no image (its manifest still says "running"): nothing to protect
-    raise FileExistsError(f"{out_dir} holds images made with other settings (manifest fingerprint {previous}, now "
-                          f"{fingerprint}): choose another out_dir, or pass --config.overwrite=true")
+    try:
+        previous = json.loads((out_dir / "manifest.json").read_text()).get("settings")
+    except (OSError, ValueError, AttributeError):
+        previous = None
+    if not isinstance(previous, dict):
+        raise OutDirTaken(f"{out_dir} holds images but no readable manifest.json saying what made them: choose "
+                          "another out_dir, or pass --config.overwrite=true to replace them")
+    if previous.get("fingerprint") == fingerprint:
+        return True
+    if "model_fingerprint" not in previous:
+        raise OutDirTaken(f"{out_dir} holds images of an older unguide-jax whose manifest.json records the model's "
+                          "path, not its contents, so they cannot be told from another model's: pass "
+                          "--config.overwrite=true to make them again, or choose another out_dir")
+    changed = _changed_keys(previous, settings)
+    if changed and set(changed) <= set(CONTENT_KEYS):
+        # The same config: the folder is still this run's, and the images are stale, not another run's.
+        what = " and ".join(f"the {CONTENT_KEYS[k]} ({previous[k]} -> {settings[k]})" for k in changed)
+        warnings.warn(f"{out_dir}: the images there were made with the same settings but other files of {what}: "
+                      "making them again", stacklevel=2)
+        return False
+    raise OutDirTaken(f"{out_dir} holds images made with other settings ("
+                      + (f"differing in {', '.join(changed)}; " if changed else "")
+                      + f"manifest fingerprint {previous.get('fingerprint')}, now {fingerprint}): choose another "
+                      "out_dir, or pass --config.overwrite=true to replace them")
+
+
+def _changed_keys(previous: Mapping, settings: Mapping) -> list[str]:
+    """The keys of ``settings`` on which a manifest's settings disagree, where the manifest records them."""
+    now = json.loads(json.dumps(settings, default=str))
+    changed = [k for k in ONLY_WHEN_SET if previous.get(k) and k not in now]
+    for key, value in now.items():
+        if key in previous:
+            was = previous[key]
+            if key == "probe" and isinstance(was, dict):
+                was = {k: v for k, v in was.items() if k != "prompt_chunk"}
+            if was != value:
+                changed.append(key)
+    return sorted(changed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """A claimed out_dir: its real path (everything is written there), the images' settings and fingerprint,
+    and whether the images already there are kept."""
+    out_dir: Path
+    mode: str
+    settings: dict
+    fingerprint: str
+    keep_existing: bool
+
+
+@contextlib.contextmanager
+def _main_process_lock(root: Path) -> Iterator[None]:
+    """``root``'s lock, held by the main process for the block; the others learn whether it got it."""
+    if not is_main_process():
+        error = broadcast_json(None)
+        if error:
+            raise RunFolderBusy(f"process 0 could not lock {root}: {error}")
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(run_folder_lock(root))
+        except Exception as err:
+            broadcast_json(str(err))
+            raise
+        broadcast_json("")
+        yield
+
+
+@contextlib.contextmanager
+def claim_out_dir(config: SampleConfig, mode: str, model_id: str | None = None) -> Iterator[Claim]:
+    """Hold ``config.out_dir`` for the block: locked (``RunFolderBusy`` if another run holds it), then checked
+    against the settings of the images already there (``OutDirTaken``); see the module doc. Several
+    processes: the main one locks, decides and writes; the others follow, or fail with its reason."""
+    root = Path(config.out_dir).resolve()
+    with _main_process_lock(root):
+        # Hashed under the lock: a second run is refused before it spends time on the model's files.
+        settings = image_settings(config, mode, model_id)
+        fingerprint = _fingerprint(settings)
+        check_same_config(settings, "sample config")
+        decided = None
+        if is_main_process():
+            try:
+                decided = {"keep": _check_previous_run(root, settings, fingerprint, config.overwrite)}
+            except OutDirTaken as err:
+                decided = {"error": str(err)}
+        decided = broadcast_json(decided)
+        if "error" in decided:
+            raise OutDirTaken(decided["error"] if is_main_process() else f"process 0: {decided['error']}")
+        yield Claim(root, mode, settings, fingerprint, decided["keep"])
 
 
 def _made_images(out_dir: Path) -> bool:
     return any(IMAGE_FILE.match(p.name) for p in out_dir.iterdir()) if out_dir.is_dir() else False
+
+
+def _remove_images(out_dir: Path) -> None:
+    if out_dir.is_dir():
+        for path in out_dir.iterdir():
+            if IMAGE_FILE.match(path.name):
+                path.unlink()
 
 
 IMAGE_FILE = re.compile(r"^\d{5}_.*_s\d+\.png$")  # what image_name writes
@@ -173,20 +289,37 @@ def run_sampling(config: SampleConfig | Mapping) -> Path:
     out_dir = Path(config.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"config.out_dir: {out_dir} is a file, not a folder")
-    sd = load_model(config.model, dtype=dtype_named(config.dtype), param_dtype=dtype_named(config.param_dtype),
-                    allow_pickle=config.allow_pickle, clip_skip=config.clip_skip, variant=config.variant,
-                    revision=config.revision, config_folder=config.model_config or None)
-    return sample_requests(sd.on_every_device(), config, requests)
+    # Claimed before the model loads (load_edit gives an edit exactly when there are adapters): a run into a
+    # folder in use, or holding other settings' images, is refused at once.
+    with claim_out_dir(config, resolve_mode(config.mode, bool(config.adapters))) as claim:
+        sd = load_model(config.model, dtype=dtype_named(config.dtype), param_dtype=dtype_named(config.param_dtype),
+                        allow_pickle=config.allow_pickle, clip_skip=config.clip_skip, variant=config.variant,
+                        revision=config.revision, config_folder=config.model_config or None).on_every_device()
+        return _sample_claimed(sd, config, requests, claim, _prepare(sd, config, requests, None))
 
 
 def sample_requests(sd, config: SampleConfig, requests: list[Request], loaded_edit: tuple | None = None, *,
-                    grid_limit: int | None = None) -> Path:
+                    grid_limit: int | None = None, model_id: str | None = None) -> Path:
     """``requests`` sampled with ``sd`` as ``config`` says into ``config.out_dir`` (PNGs, grid, manifest; a
     rerun keeps the images of the same settings); returns the manifest. The caller owns the prompt source
-    and the model (config's model keys are recorded, not read). ``loaded_edit``: (edit placed on sd's devices,
-    its info) of ``config.adapters``, for callers that share one edit between runs (None: loaded here).
-    ``grid_limit``: grid.png shows the first N images (None: all)."""
-    out_dir = Path(config.out_dir)
+    and the model (config's model keys are recorded and its files fingerprinted, not loaded). ``loaded_edit``:
+    (edit placed on sd's devices, its info) of ``config.adapters``, for callers that share one edit between
+    runs (None: loaded here). ``grid_limit``: grid.png shows the first N images (None: all). ``model_id``:
+    ``model_identity(config)``, taken before the model was loaded (None: taken here)."""
+    prepared = _prepare(sd, config, requests, loaded_edit)
+    with claim_out_dir(config, prepared.mode, model_id) as claim:
+        return _sample_claimed(sd, config, requests, claim, prepared, grid_limit)
+
+
+class _Prepared(NamedTuple):
+    edit: object
+    adapter_info: list
+    mode: str
+    long_prompts: dict
+
+
+def _prepare(sd, config: SampleConfig, requests: list[Request], loaded_edit: tuple | None) -> _Prepared:
+    """What is checked and loaded before sampling."""
     _check_sizes(sd, requests, config.height or None, config.width or None)
     long_prompts = _long_prompts(sd, [r.prompt for r in requests] + [config.negative_prompt])
     if long_prompts:
@@ -199,15 +332,22 @@ def sample_requests(sd, config: SampleConfig, requests: list[Request], loaded_ed
         edit = sd.put_replicated(edit)
     else:
         edit, adapter_info = loaded_edit
-    mode = resolve_mode(config.mode, edit is not None)
-    fingerprint = _fingerprint(image_settings(config, mode))
-    # Several processes: the main one decides from its files, the others follow (and write nothing).
-    check_same_config(image_settings(config, mode), "sample config")
-    keep_existing = broadcast_json(_check_previous_run(out_dir, fingerprint, config.overwrite) if is_main_process()
-                                   else None)
+    return _Prepared(edit, adapter_info, resolve_mode(config.mode, edit is not None), long_prompts)
+
+
+def _sample_claimed(sd, config: SampleConfig, requests: list[Request], claim: Claim, prepared: _Prepared,
+                    grid_limit: int | None = None) -> Path:
+    """The sampling itself, into the claimed folder (only the main process writes)."""
+    edit, adapter_info, mode, long_prompts = prepared
+    out_dir, fingerprint, keep_existing = claim.out_dir, claim.fingerprint, claim.keep_existing
     if is_main_process():
-        # Written first, so that images of an interrupted run are known to belong to these settings.
-        write_manifest(out_dir, {"fingerprint": fingerprint, "status": "running"}, [])
+        # Only now that the inputs have loaded: a run that fails on them leaves the folder as it was.
+        if not keep_existing:
+            _remove_images(out_dir)
+        # Written before the first image, so that images of an interrupted run are known to belong to these settings.
+        write_manifest(out_dir, dict(to_dict(config), mode=mode, model_fingerprint=claim.settings["model_fingerprint"],
+                                     adapter_digests=claim.settings["adapter_digests"], fingerprint=fingerprint,
+                                     status="running"), [])
     started = time.perf_counter()
     probe_records, probe_summary = [None] * len(requests), {}
 
@@ -261,8 +401,9 @@ def sample_requests(sd, config: SampleConfig, requests: list[Request], loaded_ed
     if len(set(sizes[:len(shown)])) == 1:
         save_png(out_dir / "grid.png", image_grid([load(name) for name in shown], config.grid_cols))
     summary = to_dict(config)
-    summary.update(mode=mode, fingerprint=fingerprint, status="done", adapters_loaded=adapter_info, sampler="DDIM",
-                   scheduler=dataclasses.asdict(sd.scheduler), versions=versions(),
+    summary.update(mode=mode, fingerprint=fingerprint, model_fingerprint=claim.settings["model_fingerprint"],
+                   adapter_digests=claim.settings["adapter_digests"], status="done", adapters_loaded=adapter_info,
+                   sampler="DDIM", scheduler=dataclasses.asdict(sd.scheduler), versions=versions(),
                    images_generated=len(todo), images_kept=len(requests) - len(todo), **sd.placement(),
                    prompts_truncated=sorted(long_prompts),
                    seconds=round(time.perf_counter() - started, 2), **probe_summary)

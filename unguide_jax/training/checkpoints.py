@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from unguide_jax.json_files import write_json
+from unguide_jax.loading.weights import WriteFailed, is_write_failure
 
 STATE_ITEM, CONFIG_ITEM = "state", "config"
 RECORD_FILE = "unguide_checkpoint.json"
@@ -33,6 +36,49 @@ RECORD_FORMAT = "unguide-jax-checkpoint/1"
 
 class CheckpointError(RuntimeError):
     exit_code = 2  # a damaged or unfitting checkpoint is bad input to the command-line tools
+
+
+class _OrbaxThreadErrors(logging.Filter):
+    """Orbax logs the traceback of an exception in one of its writer threads, then raises it again in the
+    caller; ``RunCheckpoints.save`` reports it there in one line naming the step, so the log record only
+    repeats it (a full disk printed three tracebacks before the error line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_SignalingThread.run() raised an exception" not in str(record.msg)
+
+
+def _quiet_orbax_threads() -> None:
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _OrbaxThreadErrors) for f in logger.filters):
+        logger.addFilter(_OrbaxThreadErrors())
+
+
+class _AbandonedWrites(logging.Filter):
+    """asyncio's "Task (or _GatheringFuture) exception was never retrieved" for the writes Orbax abandons when one
+    of them fails."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else None
+        return not ("exception was never retrieved" in str(record.msg) and err is not None and is_write_failure(err))
+
+
+def _quiet_abandoned_writes() -> None:
+    """When one write of a save fails, ``save`` reports it; the writes still in flight end on Orbax's closed
+    event loop, each printing a traceback (asyncio's log, the unraisable hook) around the one-line error."""
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _AbandonedWrites) for f in logger.filters):
+        logger.addFilter(_AbandonedWrites())
+    previous = sys.unraisablehook
+    if getattr(previous, "quiet_closed_loop", False):
+        return
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.quiet_closed_loop = True
+    sys.unraisablehook = hook
 
 
 def _is_typed_key(x) -> bool:
@@ -109,6 +155,8 @@ class RunCheckpoints:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True)
         handlers = {STATE_ITEM: ocp.StandardCheckpointHandler(), CONFIG_ITEM: ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        _quiet_orbax_threads()
+        _quiet_abandoned_writes()
 
     def step_dir(self, step: int) -> Path:
         return self.directory / str(step)
@@ -133,15 +181,21 @@ class RunCheckpoints:
         if step in self._manager.all_steps():
             raise CheckpointError(f"checkpoint step {step} already exists in {self.directory}")
         key_impls = _key_impl_names(state)
-        self._manager.save(step, force=True, args=ocp.args.Composite(**{
-            STATE_ITEM: ocp.args.StandardSave(storable(state)),
-            CONFIG_ITEM: ocp.args.JsonSave(config),
-        }))
-        self._manager.wait_until_finished()
         step_dir = self.step_dir(step)
-        if jax.process_index() == 0:
-            write_json(step_dir / RECORD_FILE, {"format": RECORD_FORMAT, "step": int(step), "key_impls": key_impls,
-                                                "sha256": _file_digests(step_dir)})
+        try:
+            self._manager.save(step, force=True, args=ocp.args.Composite(**{
+                STATE_ITEM: ocp.args.StandardSave(storable(state)),
+                CONFIG_ITEM: ocp.args.JsonSave(config),
+            }))
+            self._manager.wait_until_finished()
+            if jax.process_index() == 0:
+                write_json(step_dir / RECORD_FILE, {"format": RECORD_FORMAT, "step": int(step),
+                                                    "key_impls": key_impls, "sha256": _file_digests(step_dir)})
+        except Exception as err:
+            # Orbax (TensorStore) and the JSON writer name no path, or a temporary one: name the step.
+            if is_write_failure(err):
+                raise WriteFailed(step_dir, err, "write checkpoint") from err
+            raise
         return step_dir
 
     def verify(self, step: int) -> dict:

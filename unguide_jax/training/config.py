@@ -95,18 +95,14 @@ class TrainedConfig(TrainConfig):
     seed: int = option(0, "seed of the initialisation and of every per-step draw (x_T, t_enc, t)", check=seed_range)
     checkpoint_every: int = option(50, "an Orbax checkpoint every N steps (0: only the final one)", check=non_negative)
     keep: int = option(3, "checkpoints kept (the newest ones)", check=positive)
-    resume: bool = option(False, "continue from run_dir's latest complete checkpoint")
+    resume: bool = option(False, "continue from run_dir's latest complete checkpoint (with overwrite=true: the "
+                                 "checkpoints an interrupted overwrite left in .<run_dir>.building, swapped in at "
+                                 "the end)")
     divergence: DivergenceSettings = option(DivergenceSettings(), "stop a diverging run (keeping the last good "
                                                                   "checkpoint)")
     mesh: MeshSettings = option(MeshSettings(), "the device mesh")
     remat: str = option("", "gradient checkpointing of the UNet's blocks: '' off, 'blocks' (least memory) or 'dots' "
                         "(keeps matmul outputs); the same result, less memory, more compute", choices=("", "blocks", "dots"))
-
-    def validate(self) -> None:
-        super().validate()
-        if self.resume and self.overwrite:
-            raise InvalidValue("overwrite", ": resume=true continues the run in run_dir, overwrite=true replaces it; "
-                                            "give one of them")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 Run folder (``config.run_dir``):
     config.json            the resolved config (file preset + overrides)
+    base_model.json        fingerprints of the base weights the edit adapts (``loading.base_model``): an
+                           export or a resume on a model with other weights is refused by name
     metrics.jsonl          one line per step (loss, t_enc, t, seconds); closed form: one report line
     tensorboard/           the same scalars as TensorBoard event files (with tensorboardX installed;
                            ``training.event_files``); closed form: the report's numbers at step 0
@@ -15,6 +17,7 @@ Run folder (``config.run_dir``):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from pathlib import Path
@@ -25,11 +28,21 @@ import jax
 from unguide_jax.edits.edit import check_edit_fits
 from unguide_jax.erasers.concepts import load_concept
 from unguide_jax.json_files import write_json
+from unguide_jax.loading.base_model import (
+    BASE_MODEL_FILE,
+    BaseModelMismatch,
+    adapted_modules,
+    base_model_record,
+    describe_mismatch,
+    fingerprint_mismatches,
+    read_base_model_record,
+)
 from unguide_jax.loading.edit_files import save_edit
 from unguide_jax.loading.exports import export_edit
 from unguide_jax.loading.resolve import load_model, resolve_model_source
+from unguide_jax.loading.weights import naming_the_folder
 from unguide_jax.models.dtypes import dtype_named
-from unguide_jax.parallel.hosts import check_same_config, fetch_tree, is_main_process
+from unguide_jax.parallel.hosts import check_same_config, fetch_tree, is_main_process, watching_the_others
 from unguide_jax.parallel.mesh import make_mesh, place, shard, shardings_for
 from unguide_jax.settings import ConfigError, as_config, to_dict
 from unguide_jax.training.checkpoints import RunCheckpoints
@@ -43,6 +56,11 @@ from unguide_jax.training.trainers import CLOSED_FORM, EDIT_FILE, TRAINED
 # mesh, exports, run_dir) may change between sessions.
 TRAINING_KEYS = ("method", "model", "concept", "lora", "prompt", "objective", "learning_rate", "seed", "dtype",
                  "param_dtype")
+
+
+# What a multi-host run that lost a process can do next.
+RESTART = ("Restart every process; --config.resume=true continues from the last complete checkpoint (with "
+           "--config.overwrite=true too if this run was replacing another).")
 
 
 def check_config(config: TrainConfig | Mapping) -> TrainConfig:
@@ -61,8 +79,25 @@ def check_resumable(saved: Mapping, config: TrainConfig | Mapping, where: Path) 
     changed = [k for k in TRAINING_KEYS if saved.get(k) != config.get(k)]
     if changed:
         detail = "; ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed)
-        raise ValueError(f"cannot resume {where}: its checkpoint was trained with other settings ({detail}). "
-                         "Use another run_dir for a new run.")
+        instead = (" Without resume=true, overwrite=true starts the replacement over (deleting those checkpoints)."
+                   if where.name.endswith(".building") else "")
+        raise ValueError(f"cannot resume {where}: its checkpoint was trained with other settings ({detail})."
+                         f"{instead} Use another run_dir for a new run.")
+
+
+def base_model_of_run(config: TrainConfig, unet_params, modules, where: Path, resuming: bool) -> dict:
+    """``base_model.json`` of this run; resuming, the weights must be those the checkpoints were trained on
+    (a model replaced at the same path is another model)."""
+    record = base_model_record(config.model, unet_params, modules)
+    saved = read_base_model_record(where) if resuming else None
+    if saved is not None:
+        bad = fingerprint_mismatches(saved["fingerprint"], record["fingerprint"], float(saved["tolerance"]))
+        if bad:
+            raise BaseModelMismatch(
+                f"cannot resume {where}: its checkpoints were trained on {saved['model']}, and the weights of "
+                f"{config.model} now differ: {describe_mismatch(bad, len(saved['fingerprint']))}. Resume with the "
+                "model it was trained on, or use another run_dir for a new run")
+    return record
 
 
 def _load(config: TrainConfig):
@@ -89,7 +124,8 @@ def run_training(config: TrainConfig | Mapping, progress: bool = True, publish: 
     check_same_config(record, "training config")  # several processes: all of them with the same one
     with claim_run_folder_for_every_process(config.run_dir, record, identity_keys=TRAINING_KEYS, resume=config.resume,
                                             overwrite=config.overwrite) as folder:  # locked; another run's is refused
-        _train(config, trainer, concept, source, record, RunPaths(folder.work), progress, publish)
+        with naming_the_folder(folder.work, "the run folder"), watching_the_others(RESTART):
+            _train(config, trainer, concept, source, record, RunPaths(folder.work), progress, publish)
     return Path(config.run_dir)
 
 
@@ -126,6 +162,8 @@ def _train(config: TrainConfig, trainer, concept, source, record: dict, paths: R
         state_shardings = shardings_for(abstract, mesh)
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
                                 state_shardings)
+        base_model = base_model_of_run(config, sd.params["unet"], adapted_modules(trainer.to_edit(abstract.adapter)),
+                                       paths.root, resuming=latest is not None)
 
         if latest is not None:
             state, _ = checkpoints.restore(abstract)
@@ -136,6 +174,7 @@ def _train(config: TrainConfig, trainer, concept, source, record: dict, paths: R
         main = is_main_process()  # the one that writes files and draws the progress bar
         if main:
             write_json(paths.config, record)
+            write_json(paths.root / BASE_MODEL_FILE, base_model)
         resumed_at = int(state.step) if latest is not None else None
         log = MetricsLog(paths.metrics, resume_from_step=resumed_at) if main else lambda record: None
         board = TensorBoardLog(paths.tensorboard, resume_from_step=resumed_at)  # writes on process 0 only
@@ -154,12 +193,20 @@ def _train(config: TrainConfig, trainer, concept, source, record: dict, paths: R
                            iterations=config.iterations, checkpoint_every=config.checkpoint_every,
                            checkpoints=checkpoints, config=record, log=log_step, progress=progress and main,
                            divergence=DivergenceGuard(**dataclasses.asdict(config.divergence)))
-    finally:
-        try:
+    except BaseException:
+        # The first error is the one to report: closing writers after a full disk fails again, and that
+        # failure would replace it.
+        with contextlib.suppress(Exception):
             checkpoints.close()
-        finally:
-            if board is not None:
+        if board is not None:
+            with contextlib.suppress(Exception):
                 board.close()
+        raise
+    try:
+        checkpoints.close()
+    finally:
+        if board is not None:
+            board.close()
 
     # Collectives: every process gathers what the main one writes.
     state = fetch_tree(state)
@@ -179,7 +226,9 @@ def run_closed_form(config: TrainConfig | Mapping, method: str, concept, publish
     check_same_config(to_dict(config), "training config")
     with claim_run_folder_for_every_process(config.run_dir, to_dict(config), trained=False,
                                             overwrite=config.overwrite) as folder:
-        _closed_form(config, method, concept, RunPaths(folder.work), publish)  # built beside a non-empty run_dir, swapped in
+        # Built beside a non-empty run_dir, swapped in.
+        with naming_the_folder(folder.work, "the run folder"), watching_the_others("Restart every process."):
+            _closed_form(config, method, concept, RunPaths(folder.work), publish)
     return Path(config.run_dir)
 
 
@@ -193,6 +242,7 @@ def _closed_form(config: TrainConfig, method: str, concept, paths: RunPaths, pub
     if not is_main_process():
         return paths.root
     write_json(paths.config, to_dict(config))
+    write_json(paths.root / BASE_MODEL_FILE, base_model_record(config.model, sd.params["unet"], adapted_modules(edit)))
     MetricsLog(paths.metrics, resume_from_step=None)({"method": method, "concept": concept.name, **report})
     with TensorBoardLog(paths.tensorboard) as board:
         board({k: v for k, v in report.items() if k != "config"}, step=0)  # the settings are in config.json

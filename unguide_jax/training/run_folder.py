@@ -12,6 +12,10 @@
 - **Atomic replacement.** With ``overwrite=true`` (and for a closed-form rerun into a non-empty
   folder) the new run is built in ``.<name>.building`` beside the folder and swapped in only when it
   has finished: until then the old run stays whole; a failed run leaves it untouched.
+- **Interrupted replacement.** A replacement that stopped after a checkpoint (killed, failed) leaves its
+  building folder. ``overwrite=true resume=true`` continues those checkpoints and swaps the folder in at
+  the end; ``overwrite=true`` alone starts over. Checkpoints are never deleted silently: removing a
+  building folder that holds some, or an old run at the swap, prints a line naming them.
 """
 from __future__ import annotations
 
@@ -115,6 +119,31 @@ def run_folder_lock(root: Path) -> Iterator[Path]:
                 path.unlink()
 
 
+def _checkpoint_steps(folder: Path) -> list[int]:
+    """The step folders under ``folder/checkpoints`` (complete or not: what a deletion would lose)."""
+    ckpt = folder / "checkpoints"
+    if not ckpt.is_dir():
+        return []
+    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+
+
+def _describe_steps(steps: Sequence[int]) -> str:
+    shown = ", ".join(map(str, steps[-5:]))
+    return f"checkpoint{'s' if len(steps) > 1 else ''} {'..., ' if len(steps) > 5 else ''}{shown}"
+
+
+def _remove_unfinished(work: Path, root: Path) -> None:
+    """Delete an earlier replacement's building folder, saying so when it holds checkpoints."""
+    steps = _checkpoint_steps(work)
+    if steps:
+        saved = _saved_config(work) or {}
+        what = f" ({_describe(saved)})" if _describe(saved) else ""
+        print(f"note: deleting {work}: the unfinished replacement of {root}{what} that an earlier overwrite=true run "
+              f"left, with its {_describe_steps(steps)}. To continue it instead, pass --config.overwrite=true "
+              "--config.resume=true", file=sys.stderr)
+    shutil.rmtree(work)
+
+
 def _saved_config(root: Path) -> dict | None:
     try:
         return json.loads((root / "config.json").read_text())
@@ -175,11 +204,11 @@ def claim_run_folder(root: str | Path, record: Mapping, *, identity_keys: Sequen
                 changed = _differences(saved, record, identity_keys)
                 other = (f"another run ({_describe(saved)}; its config.json differs in {', '.join(changed)})"
                          if changed else None)
-            if other and resume and saved is not None:
+            if other and resume and not overwrite and saved is not None:
                 detail = "; ".join(f"{k}: {saved.get(k)!r} -> {record.get(k)!r}" for k in changed)
-                raise RunFolderTaken(f"cannot resume {root}: it was trained with other settings ({detail}). Use "
-                                     "another run_dir for a new run (or, without resume, --config.overwrite=true to "
-                                     "replace it)")
+                raise RunFolderTaken(f"cannot resume {root}: it was trained with other settings ({detail})."
+                                     + _unfinished_hint(root) + " Use another run_dir for a new run (or, without "
+                                     "resume, --config.overwrite=true to replace it)")
             if other and not overwrite:
                 raise RunFolderTaken(f"{root} holds {other}: choose another run_dir, or pass --config.overwrite=true "
                                      "to replace it")
@@ -189,11 +218,17 @@ def claim_run_folder(root: str | Path, record: Mapping, *, identity_keys: Sequen
             elif not resume and "checkpoints" not in outputs and outputs:
                 raise RunFolderTaken(f"{root} already holds this run, finished ({', '.join(outputs)}): pass "
                                      "--config.overwrite=true to train it again, or choose another run_dir")
+        building = building_path(root)
+        continuing = trained and overwrite and resume and bool(_checkpoint_steps(building))
+        if continuing:
+            replacing = True  # even into an emptied run_dir: those checkpoints are this run's
+            print(f"continuing the interrupted replacement of {root} in {building} "
+                  f"({_describe_steps(_checkpoint_steps(building))})", file=sys.stderr)
         if replacing:
-            work = building_path(root)
-            if work.exists():
-                shutil.rmtree(work)  # left by a failed run: we hold the lock
-            work.mkdir(parents=True)
+            work = building
+            if work.exists() and not continuing:
+                _remove_unfinished(work, root)  # left by a failed or killed run: we hold the lock
+            work.mkdir(parents=True, exist_ok=True)
         else:
             work = root
             root.mkdir(parents=True, exist_ok=True)
@@ -202,13 +237,22 @@ def claim_run_folder(root: str | Path, record: Mapping, *, identity_keys: Sequen
         except BaseException:
             if replacing:
                 if "checkpoints" in _outputs(work):
-                    print(f"note: the unfinished run is kept in {work} (its checkpoints); {root} is untouched. The "
-                          "next run into this run_dir removes it.", file=sys.stderr)
+                    print(f"note: the unfinished run is kept in {work} ({_describe_steps(_checkpoint_steps(work))}); "
+                          f"{root} is untouched. Continue it with --config.overwrite=true --config.resume=true "
+                          "(overwrite=true alone deletes it and starts over)", file=sys.stderr)
                 else:
                     shutil.rmtree(work, ignore_errors=True)
             raise
         if replacing:
             _swap(work, root)
+
+
+def _unfinished_hint(root: Path) -> str:
+    steps = _checkpoint_steps(building_path(root))
+    if not steps:
+        return ""
+    return (f" An interrupted overwrite=true run left its {_describe_steps(steps)} in {building_path(root)}: "
+            "--config.overwrite=true --config.resume=true continues it.")
 
 
 def _swap(work: Path, root: Path) -> None:
@@ -218,6 +262,10 @@ def _swap(work: Path, root: Path) -> None:
     if old.exists():
         shutil.rmtree(old)
     if root.exists():
+        steps = _checkpoint_steps(root)
+        if steps:
+            print(f"note: {root} replaced by the new run; deleted with the previous one: its {_describe_steps(steps)}",
+                  file=sys.stderr)
         os.rename(root, old)
     os.rename(work, root)
     shutil.rmtree(old, ignore_errors=True)
