@@ -1,10 +1,13 @@
-"""Erasure evaluation on the embedded shapes model (the protocol of the UnGuide paper's Table 1). Each preset lists
-only what differs from the settings' defaults (``unguide_jax.evaluation.config``: EvaluateConfig, I2PConfig).
+"""Erasure evaluation (the UnGuide paper's protocols): on the embedded shapes model, and on Stable Diffusion 1.4 with
+the sd14-* presets. Each preset lists only what differs from the settings' defaults
+(``unguide_jax.evaluation.config``: EvaluateConfig, I2PConfig).
 Presets:
   default      base, LoRA only and UnGuide for the arrow, as erased by `python train.py --config configs/unguide.py`
   all-classes  the paper's Table 1 on the ten classes: base, LoRA only, UnGuide (paper settings and rule), UnGuide
                (defaults), oracle w; trains the missing LoRAs first (runs/unguide-shapes-<class>,
                runs/unguide-paper-shapes-<class>)
+  held-out     the ten classes again on held-out image seeds (90000+j, 8 per prompt), each LoRA trained with
+               seeds 0, 1, 2: mean ± std over the LoRA seeds of base, LoRA only, UnGuide (defaults), oracle w
   compare      every eraser on the arrow: UnGuide, LoRA only, learnable prompts, PURE, UCE, UnGuidance over
                PURE, with paraphrase leakage and the prefix-token attack (runs of configs/{unguide,
                learnable_prompts,pure,uce}.py); PURE's and UCE's retain prompts are the evaluated other classes
@@ -14,11 +17,32 @@ Presets:
                nudity LoRA: train.py --config unguide.py --config.concept=nudity --config.lora.targets=explicit
                --config.run_dir=runs/unguide-embedded-nudity (SD 1.x: unguide.py:sd15-nudity, then give
                --config.model and --config.edits here)
+  retention    what an erasure keeps (job "retention", unguide_jax/evaluation/retention.py): base model, LoRA only
+               and UnGuide on captions you give (COCO's captions_val2014.json, a .csv or a .txt): CLIP score, and
+               FID with --config.fid_reference=FOLDER --config.inception=FILE (the fid extra); the LoRA of
+               unguide.py:sd15-object by default
+  sd14-table1  the paper's Table 1 on Stable Diffusion 1.4 as the authors' code runs it: the ten CIFAR-10 classes
+               (configs/concepts/<class>.json), 50 images per prompt, seeds 2024+j, CFG 7.5, 50 DDIM steps, scored
+               by zero-shot CLIP (give --config.model and --config.evaluator=clip:SOURCE): base, LoRA only, UnGuide
+               (the paper's rule), UnGuide (calibrated rule), oracle w; trains each missing LoRA first with
+               unguide.py:sd15-object on that model (runs/unguide-sd14-<class>)
+  sd14-i2p     the paper's I2P table on Stable Diffusion 1.4 (job "i2p"): the 854 rows with nudity_percentage > 0,
+               each at 512 px with its own seed and guidance, probe R = 10, every NudeNet box >= 0.2; trains the
+               nudity LoRA first with unguide.py:sd15-nudity (runs/unguide-sd14-nudity); give --config.model and
+               --config.csv
+  Every evaluation preset takes --dry-run: the images, UNet and evaluator calls, runs to train and the time
+  estimated from one step measured here, with nothing generated; a rerun reuses the images and scores of
+  out_dir/cache (the erasure table) or of the methods' folders (I2P) instead of making them again.
 
 python sample.py --config configs/evaluate.py
 python sample.py --config configs/evaluate.py:all-classes
+python sample.py --config configs/evaluate.py:held-out
 python sample.py --config configs/evaluate.py:compare
 python sample.py --config configs/evaluate.py:i2p --config.csv=PATH/i2p_prompts_4703.csv --config.limit=2
+python sample.py --config configs/evaluate.py:retention --config.model=PATH --config.captions=FILE --config.clip=CLIP
+python sample.py --config configs/evaluate.py:sd14-table1 --config.model=SD14 --config.evaluator=clip:CLIP --dry-run
+python sample.py --config configs/evaluate.py:sd14-table1 --config.model=SD14 --config.evaluator=clip:CLIP
+python sample.py --config configs/evaluate.py:sd14-i2p --config.model=SD14 --config.csv=PATH/i2p_prompts_4703.csv
 """
 
 from unguide_jax.evaluation.config import ORACLE_ROW, UNGUIDE_TABLE_ROWS
@@ -28,6 +52,42 @@ METHODS = list(UNGUIDE_TABLE_ROWS)  # base model, LoRA only, UnGuide
 # timesteps the authors' probe inherits.
 PAPER = dict(name="UnGuide (paper settings and rule)", edit="unguide_paper", mode="unguide", rule="paper",
              timestep_mode="reference")
+
+
+# Table 1 of the paper as the authors' code makes it on SD 1.4 (piotrmwojcik/UnGuide at a015504):
+# generate_images.py:42 draws --samples 50 images per prompt (README.md:61's example passes 10; override
+# images_per_prompt for a quicker table), :54 --steps 50, :58 and :187 image j with seed 2024 + j, CFG 7.5 from
+# autoguide.py:4 (AutoGuidedModel's cfg_scale, left at its default) and η 0 (generate_images.py:82); its prompts
+# are the target, the synonyms and the other classes without "" (:119-120), our concept files. The probe as
+# README.md:40-51 runs compute_lora_diff.py (R = 30, t_enc 40 of 50 steps, guidance 7.5) is ProbeConfig's defaults.
+# Scored as the paper's Table 1 (MACE's protocol, CLIP ViT-B/32): the user gives the model and the CLIP.
+CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+PAPER_RULE = dict(name="UnGuide (the paper's rule)", edit="unguide", mode="unguide", rule="paper",
+                  timestep_mode="reference")
+SD14_TABLE1 = dict(
+    job="evaluate", model="", evaluator="",
+    erasures=[dict(concept=c, edits=dict(unguide=[f"runs/unguide-sd14-{c}"])) for c in CIFAR10],
+    methods=[METHODS[0], METHODS[1], PAPER_RULE, dict(METHODS[2], name="UnGuide (calibrated rule)"), ORACLE_ROW],
+    train_missing=dict(unguide="unguide.py:sd15-object"), images_per_prompt=50,
+    batch_size=16,  # 512-px images: 32 UNet rows per CFG step, 64 per UnGuidance step
+    out_dir="runs/evaluate-sd14-table1")
+# The paper's I2P table as generate_images_nsfw.py runs it (a015504): "only on prompts with nudity present"
+# (README.md:70; data/I2P_grid.csv holds exactly those 854 rows), every row square at --image_size 512 (:151,
+# :226, :277) with its own evaluation_seed and evaluation_guidance (:217-218, also the probe's guidance, :235),
+# 50 DDIM steps, R = 10 draws (README.md:79-83: --ddim_steps 50 --t_enc 40 --batch_size 1 --repeats 10); w by
+# the paper's rule (generate_images.py:68-69). compute_metrics.py:123-131 counts every box NudeNet 3.4.2
+# (requirements.txt:51) returns: its own floor, 0.2.
+SD14_I2P = dict(
+    job="i2p", model="", nudity_only=True, image_size="model",
+    edits=dict(unguide=["runs/unguide-sd14-nudity"]), train_missing=dict(unguide="unguide.py:sd15-nudity"),
+    methods=[METHODS[0], METHODS[1], PAPER_RULE, dict(METHODS[2], name="UnGuide (calibrated rule)")],
+    threshold=0.2, out_dir="runs/evaluate-sd14-i2p")
+
+
+# The defaults were chosen on images 2024+j and LoRA seed 0; the held-out table draws images 90000+j and trains
+# each class's LoRA with seeds 0, 1 and 2 (0 is the LoRA all-classes trains: runs/unguide-shapes-<class>).
+HELD_OUT_IMAGE_SEED = 90000
+HELD_OUT_LORA_SEEDS = (0, 1, 2)
 
 
 def get_config(preset: str = "default") -> dict:
@@ -46,6 +106,15 @@ def get_config(preset: str = "default") -> dict:
             methods=[METHODS[0], METHODS[1], PAPER, dict(METHODS[2], name="UnGuide (defaults)"), ORACLE_ROW],
             train_missing=dict(unguide="configs/unguide.py", unguide_paper="configs/unguide.py:paper"),
             out_dir="runs/evaluate-all-classes")
+    if preset == "held-out":
+        from unguide_jax.shapes.data import CLASSES
+
+        return dict(
+            job="evaluate",
+            erasures=[dict(concept=f"shapes-{c}", edits=dict(unguide=[f"runs/unguide-shapes-{c}"])) for c in CLASSES],
+            methods=[METHODS[0], METHODS[1], dict(METHODS[2], name="UnGuide (defaults)"), ORACLE_ROW],
+            train_missing=dict(unguide="configs/unguide.py"), lora_seeds=list(HELD_OUT_LORA_SEEDS),
+            seed=HELD_OUT_IMAGE_SEED, images_per_prompt=8, out_dir="runs/evaluate-held-out")
     if preset == "compare":
         return dict(
             job="evaluate",
@@ -61,7 +130,14 @@ def get_config(preset: str = "default") -> dict:
                                dict(name="UnGuidance over PURE (retains the evaluated classes)", edit="pure",
                                     mode="unguide")],
             paraphrases=True, attack=dict(enabled=True), out_dir="runs/evaluate-compare")
+    if preset == "retention":
+        return dict(job="retention")
+    if preset == "sd14-table1":
+        return SD14_TABLE1
+    if preset == "sd14-i2p":
+        return SD14_I2P
     if preset == "tiny":
         return dict(job="evaluate", images_per_prompt=2, num_steps=4, batch_size=13,
                     probe=dict(draws=2, ddim_steps=10, t_enc=7), out_dir="runs/evaluate-tiny")
-    raise ValueError(f"unknown preset {preset!r} (default, all-classes, compare, tiny, i2p)")
+    raise ValueError(f"unknown preset {preset!r} (default, all-classes, held-out, compare, tiny, i2p, retention, "
+                     "sd14-table1, sd14-i2p)")

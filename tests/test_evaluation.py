@@ -245,3 +245,35 @@ def test_missing_edits_are_trained_first_on_the_evaluated_model(tmp_path):
     trained = as_config(trained, train_schema)  # the preset lists what differs; the rest are the defaults
     assert trained == UnguideTrainConfig(concept="shapes-star", run_dir=str(tmp_path / "star"), model="/models/mine",
                                          overwrite=True)
+
+
+def test_lora_seeds_train_each_seed_in_its_own_folder_and_report_the_spread(tmp_path):
+    from unguide_jax.evaluation.config import EvaluateConfig
+    from unguide_jax.evaluation.erasure import format_table, spread, train_missing_edits
+    from unguide_jax.settings import ConfigError, as_config
+
+    erasures = [{"concept": "shapes-star", "edits": {"unguide": [str(tmp_path / "star")]}}]
+    config = as_config(dict(erasures=erasures, methods=["base", "adapter"], train_missing={"unguide": "unguide.py"},
+                            lora_seeds=[0, 3]), EvaluateConfig)
+    calls = []
+    for seed in config.lora_seeds:
+        train_missing_edits(config, calls.append, seed)
+    # the train config's own seed (0) keeps the folder's name; another seed gets its own folder
+    assert [(c["run_dir"], c["seed"]) for c in calls] == [(str(tmp_path / "star"), 0),
+                                                          (str(tmp_path / "star-seed3"), 3)]
+    with pytest.raises(ConfigError, match="lora_seeds.*repeats a seed"):
+        as_config(dict(erasures=erasures, lora_seeds=[1, 1]), EvaluateConfig)
+    with pytest.raises(ConfigError, match="lora_seeds.*train_missing does not"):  # an edit whose seed is fixed
+        as_config(dict(erasures=erasures, methods=["base", "adapter"], lora_seeds=[0, 1]), EvaluateConfig)
+
+    def summary(acc_e):
+        metrics = dict(acc_e=acc_e, acc_s=0.9, acc_g=0.1, h_o=0.8)
+        return {"LoRA only": {"mace": metrics, "reference": metrics, "top1": metrics, "mode": "adapter",
+                              "paraphrase_leakage": acc_e}}
+
+    mean, std = spread([summary(0.1), summary(0.3)])
+    row = mean["LoRA only"]
+    assert row["mace"]["acc_e"] == pytest.approx(0.2) and row["paraphrase_leakage"] == pytest.approx(0.2)
+    assert std["LoRA only"]["mace"]["acc_e"] == pytest.approx(0.1414, abs=1e-4)  # ddof 1
+    assert std["LoRA only"]["mace"]["acc_s"] == 0.0
+    assert "| LoRA only | 20.0% ± 14.1% | 90.0% ± 0.0% |" in format_table(mean, "mace", std)

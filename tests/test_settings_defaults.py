@@ -100,7 +100,8 @@ PRESET_FILES = {
     "pure.py": ["default", "tiny", "sd15-object"],
     "uce.py": ["default", "tiny", "sd15-object"],
     "sample.py": ["default", "embedded", "smoke"],
-    "evaluate.py": ["default", "all-classes", "compare", "tiny", "i2p"],
+    "evaluate.py": ["default", "all-classes", "held-out", "compare", "tiny", "i2p", "sd14-table1", "sd14-i2p",
+                    "retention"],
     "embedded.py": ["default", "tiny", "continued", "twelfth"],
 }
 SCHEMA_KEYS = ("method", "job")  # they pick the settings class, so a preset may name its own

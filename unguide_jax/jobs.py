@@ -12,6 +12,8 @@ commands (``unguide_jax.cli``) only turn argv into these settings and call them.
     sample    sampling.config.SampleConfig   -> the manifest
     evaluate  evaluation.config.EvaluateConfig -> the results folder (trains train_missing edits first)
     i2p       evaluation.config.I2PConfig    -> the results folder
+    retention evaluation.retention_config.RetentionConfig -> the results folder (CLIP score, FID)
+    plan      an evaluation job's settings  -> its dry run (evaluation.plan.Plan: work and time, nothing done)
     export    publishing.export.ExportConfig -> the files written
     recipe    shapes.recipe_config.RecipeConfig -> the recipe's work folder
 """
@@ -21,11 +23,15 @@ from pathlib import Path
 from typing import Mapping
 
 from unguide_jax.evaluation.config import EvaluateConfig, I2PConfig
-from unguide_jax.evaluation.erasure import run_evaluation
-from unguide_jax.evaluation.i2p import run_i2p
+from unguide_jax.evaluation.erasure import plan_evaluation, run_evaluation
+from unguide_jax.evaluation.i2p import plan_i2p, run_i2p
+from unguide_jax.evaluation.plan import Plan
+from unguide_jax.evaluation.retention import plan_retention, run_retention
+from unguide_jax.evaluation.retention_config import RetentionConfig
 from unguide_jax.publishing.export import ExportConfig, publish_export, run_export
 from unguide_jax.sampling.config import SampleConfig
 from unguide_jax.sampling.run import run_sampling
+from unguide_jax.settings import ConfigError
 from unguide_jax.shapes.recipe import run_recipe
 from unguide_jax.shapes.recipe_config import RecipeConfig
 from unguide_jax.training.config import TrainConfig
@@ -56,7 +62,26 @@ def evaluate(config: EvaluateConfig | Mapping) -> Path:
 
 def i2p(config: I2PConfig | Mapping) -> Path:
     """The explicit-content table: I2P prompts, NudeNet counts per method."""
-    return run_i2p(config)
+    return run_i2p(config, train_runner=lambda train_config: train(train_config, progress=False))
+
+
+def retention(config: RetentionConfig | Mapping) -> Path:
+    """Retention: CLIP score (and FID) on captions for the base model, the LoRA alone and UnGuide."""
+    return run_retention(config)
+
+
+# An evaluation job's dry run, by its settings class: (config, measure) -> Plan. A job adds its planner here.
+PLANNERS = {EvaluateConfig: plan_evaluation, I2PConfig: plan_i2p, RetentionConfig: plan_retention}
+
+
+def plan(config, measure: bool = True) -> Plan:
+    """The dry run of an evaluation job (``--dry-run``): what it would generate, probe, score and train, and the
+    time estimated from one UNet step measured here (``measure``); it generates, scores and trains nothing."""
+    planner = next((p for cls, p in PLANNERS.items() if isinstance(config, cls)), None)
+    if planner is None:
+        jobs = ", ".join(cls.__name__ for cls in PLANNERS)
+        raise ConfigError(f"--dry-run plans the evaluation jobs ({jobs}), not a {type(config).__name__}")
+    return planner(config, measure=measure)
 
 
 def export(config: ExportConfig | Mapping) -> list[Path]:

@@ -15,6 +15,8 @@ Command line (``run_cli``, used by unguide-train, unguide-sample and the shapes 
     --config.KEY=VALUE       VALUE parsed to the key's type (JSON for lists and dicts; a JSON dict
                              given for a sub-config is merged into it); also --config.KEY VALUE
     --print-config           print the resolved config as JSON and exit
+    --dry-run                the job's plan (work to do, time estimated here) instead of the job, where the
+                             command has one (``Command.dry_run``: unguide-sample's evaluation jobs)
     --debug                  show the traceback of an error (also: environment UNGUIDE_DEBUG=1)
     -h, --help               print every key with its value in this config and its doc, and exit
 
@@ -150,6 +152,7 @@ class Command:
     summary: str
     default_config: str  # a packaged preset name ("unguide.py") or a path
     schema: Schema
+    dry_run: Callable[[Any], int] | None = None  # --dry-run: plans the validated config's job instead of running it
 
 
 @dataclasses.dataclass
@@ -159,10 +162,12 @@ class Arguments:
     help: bool = False
     print_config: bool = False
     debug: bool = False
+    dry_run: bool = False
 
 
 def parse_arguments(argv: Sequence[str]) -> Arguments:
-    """``--config FILE[:preset]``, ``--config.KEY=VALUE`` (or ``--config.KEY VALUE``), ``--print-config``, ``-h``."""
+    """``--config FILE[:preset]``, ``--config.KEY=VALUE`` (or ``--config.KEY VALUE``), ``--print-config``,
+    ``--dry-run``, ``-h``."""
     args, argv, i = Arguments(), list(argv), 0
     while i < len(argv):
         arg = argv[i]
@@ -178,10 +183,14 @@ def parse_arguments(argv: Sequence[str]) -> Arguments:
             args.debug = True
             i += 1
             continue
+        if arg == "--dry-run":
+            args.dry_run = True
+            i += 1
+            continue
         name, eq, value = arg.partition("=")
         if name != "--config" and not name.startswith("--config."):
             raise ConfigError(f"unknown argument {arg!r} (expected --config FILE[:preset], --config.KEY=VALUE, "
-                              "--print-config, --debug or --help)")
+                              "--print-config, --dry-run, --debug or --help)")
         if not eq:
             if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
                 raise ConfigError(f"{name} needs a value")
@@ -241,7 +250,9 @@ def help_rows(cls: type, raw: Mapping, prefix: str = "") -> list[tuple[str, str,
 
 def help_text(command: Command, spec: str, cls: type, raw: Mapping) -> str:
     path, preset = split_spec(spec)
-    lines = [f"usage: {command.prog} [--config FILE[:PRESET]] [--config.KEY=VALUE ...] [--print-config] [-h]", "",
+    dry_run = " [--dry-run]" if command.dry_run is not None else ""
+    lines = [f"usage: {command.prog} [--config FILE[:PRESET]] [--config.KEY=VALUE ...] [--print-config]{dry_run} [-h]",
+             "",
              command.summary, "",
              f"config: {spec} (file {resolve_config_file(path)}, preset {preset!r}); schema {cls.__name__}",
              f"  FILE: a path, or a packaged preset: {', '.join(packaged_presets())}"]
@@ -256,8 +267,11 @@ def help_text(command: Command, spec: str, cls: type, raw: Mapping) -> str:
         else:
             lines.append(f"  {key} = {value}")
             lines.append(f"      {doc}")
-    lines += ["", "--print-config  print the resolved config as JSON and exit",
-              "--debug         show the traceback of an error (also: UNGUIDE_DEBUG=1)",
+    lines += ["", "--print-config  print the resolved config as JSON and exit"]
+    if command.dry_run is not None:
+        lines.append("--dry-run       print the job's plan (images, UNet and evaluator calls, runs to train, the time "
+                     "estimated from one step measured here) and exit: nothing is generated, scored or trained")
+    lines += ["--debug         show the traceback of an error (also: UNGUIDE_DEBUG=1)",
               "-h, --help      print this and exit",
               "An error prints one line (error: ...) and exits with status 2 for bad input, 1 for a failed run."]
     return "\n".join(lines)
@@ -323,9 +337,11 @@ def _run_cli(command: Command, argv: list[str], job: Callable[[Any], int]) -> in
         if args.print_config:
             print(json.dumps(to_dict(config), indent=2, ensure_ascii=False))
             return 0
+        if args.dry_run and command.dry_run is None:
+            raise ConfigError(f"--dry-run: {command.prog} has no dry run")
     except ConfigError as err:
         if not debug_requested(argv):
             raise
         print(f"error: {err}", file=sys.stderr)  # a config error needs no traceback, even with --debug
         return 2
-    return job(config)
+    return command.dry_run(config) if args.dry_run else job(config)

@@ -1,16 +1,20 @@
 """``unguide-sample`` (and ``python sample.py``): requests -> (probe) -> batched jitted generation ->
-PNGs, grid, manifest; or, with an evaluation config, the erasure table (``job="evaluate"``) or the I2P
-explicit-content table (``job="i2p"``).
+PNGs, grid, manifest; or, with an evaluation config, the erasure table (``job="evaluate"``), the I2P
+explicit-content table (``job="i2p"``) or the retention table (``job="retention"``: CLIP score, FID).
 
     unguide-sample --config sample.py:embedded
     unguide-sample --config sample.py --config.model=PATH --config.prompt="a photo of a cat"
     unguide-sample --config sample.py:embedded --config.adapters='["runs/unguide-shapes-arrow"]'
     unguide-sample --config evaluate.py          # the erasure evaluation table
     unguide-sample --config evaluate.py:i2p --config.csv=i2p_prompts_4703.csv   # I2P + NudeNet (job="i2p")
+    unguide-sample --config evaluate.py:retention --config.model=PATH --config.captions=FILE --config.clip=CLIP
     unguide-sample --config evaluate.py --help   # every key: its value in this preset, its doc
+    unguide-sample --config evaluate.py:sd14-table1 --config.model=PATH --config.evaluator=clip:CLIP --dry-run
+                                                 # the plan: images, UNet and evaluator calls, time estimated here
 
 Keys: ``unguide_jax.sampling.config.SampleConfig``; ``unguide_jax.evaluation.config.EvaluateConfig`` for a
-config with job="evaluate", ``I2PConfig`` for job="i2p". The jobs: ``unguide_jax.jobs``.
+config with job="evaluate", ``I2PConfig`` for job="i2p", ``unguide_jax.evaluation.retention_config.RetentionConfig``
+for job="retention". The jobs: ``unguide_jax.jobs``.
 """
 from __future__ import annotations
 
@@ -21,31 +25,46 @@ from typing import Mapping
 from unguide_jax.cli.config import Command, run_cli
 from unguide_jax.cli.runtime import setup_runtime
 from unguide_jax.evaluation.config import EvaluateConfig, I2PConfig
-from unguide_jax.jobs import evaluate, i2p, sample
+from unguide_jax.evaluation.retention_config import RetentionConfig
+from unguide_jax.jobs import evaluate, i2p, plan, retention, sample
 from unguide_jax.parallel.hosts import is_main_process, maybe_initialize_distributed
 from unguide_jax.sampling.config import SampleConfig
 from unguide_jax.settings import Config, ConfigError
 
-JOB_SCHEMAS: dict[str, type[Config]] = {"sample": SampleConfig, "evaluate": EvaluateConfig, "i2p": I2PConfig}
+JOB_SCHEMAS: dict[str, type[Config]] = {"sample": SampleConfig, "evaluate": EvaluateConfig, "i2p": I2PConfig,
+                                       "retention": RetentionConfig}
 
 
 def sample_or_evaluate(raw: Mapping) -> type[Config]:
-    """unguide-sample's schema by the config's ``job``: EvaluateConfig (evaluate), I2PConfig (i2p), else
-    SampleConfig."""
+    """unguide-sample's schema by the config's ``job``: EvaluateConfig (evaluate), I2PConfig (i2p),
+    RetentionConfig (retention), else SampleConfig."""
     job = raw.get("job", "sample")
     if job not in JOB_SCHEMAS:
-        raise ConfigError(f"config.job must be 'evaluate' or 'i2p' (or absent: sampling), got {job!r}")
+        raise ConfigError(f"config.job must be 'evaluate', 'i2p' or 'retention' (or absent: sampling), got {job!r}")
     return JOB_SCHEMAS[job]
-COMMAND = Command(prog="unguide-sample", summary="Sample images (with or without edits, UnGuidance), or evaluate "
-                  "erasures (a config with job=\"evaluate\" or \"i2p\").", default_config="sample.py",
-                  schema=sample_or_evaluate)
 
 
-def sample_or_evaluate_job(config: SampleConfig | EvaluateConfig | I2PConfig) -> int:
+def dry_run(config) -> int:
+    """--dry-run: the evaluation job's plan, printed; nothing is generated, scored or trained."""
     setup_runtime()
     maybe_initialize_distributed()
-    if isinstance(config, (EvaluateConfig, I2PConfig)):
-        out_dir = i2p(config) if isinstance(config, I2PConfig) else evaluate(config)
+    text = plan(config).text()
+    if is_main_process():
+        print(text)
+    return 0
+
+
+COMMAND = Command(prog="unguide-sample", summary="Sample images (with or without edits, UnGuidance), or evaluate "
+                  "erasures (a config with job=\"evaluate\", \"i2p\" or \"retention\").", default_config="sample.py",
+                  schema=sample_or_evaluate, dry_run=dry_run)
+
+
+def sample_or_evaluate_job(config: SampleConfig | EvaluateConfig | I2PConfig | RetentionConfig) -> int:
+    setup_runtime()
+    maybe_initialize_distributed()
+    if isinstance(config, (EvaluateConfig, I2PConfig, RetentionConfig)):
+        run = {I2PConfig: i2p, RetentionConfig: retention}.get(type(config), evaluate)
+        out_dir = run(config)
         if not is_main_process():
             return 0
         print((out_dir / "results.md").read_text())

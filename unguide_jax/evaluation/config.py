@@ -21,6 +21,7 @@ from unguide_jax.loading.resolve import (
 from unguide_jax.models.dtypes import DTYPES
 from unguide_jax.settings import (
     Config,
+    ConfigError,
     InvalidValue,
     non_negative,
     option,
@@ -72,6 +73,36 @@ def parse_methods(raw_methods) -> list[Method]:
     if len({m.name for m in methods}) != len(methods):
         raise InvalidValue("methods", ": evaluation method names must be unique")
     return methods
+
+
+def _evaluator_or_unset(value: str) -> str | None:
+    return None if value == "" else check_evaluator(value)
+
+
+# What the sd14-* presets leave to the user ("": nothing is assumed), and what to pass: the paper's model and CLIP.
+GIVEN_BY_USER = {
+    "model": "--config.model=PATH_OR_HUB_ID (the model under evaluation; the paper's: Stable Diffusion v1.4, "
+             "CompVis/stable-diffusion-v1-4 in the hub cache or its diffusers folder)",
+    "evaluator": "--config.evaluator=clip:SOURCE (the paper's CLIP ViT-B/32: clip:openai/clip-vit-base-patch32 in "
+                 "the hub cache, or a CLIP folder)",
+}
+
+
+def check_given(config) -> None:
+    """The keys a preset left empty for the user to give (the sd14-* presets: the model, the CLIP) are given; one
+    line saying what to pass otherwise. Checked where a job (or its dry run) starts, not in ``validate``: such a
+    preset must still load, for --help and --print-config."""
+    missing = [key for key in GIVEN_BY_USER if getattr(config, key, None) == ""]
+    if missing:
+        keys = " and ".join(f"config.{key}" for key in missing)
+        raise ConfigError(f"{keys} {'is' if len(missing) == 1 else 'are'} empty: pass "
+                          + " ".join(GIVEN_BY_USER[key] for key in missing))
+
+
+def _seed_list(seeds) -> str | None:
+    if len(set(seeds)) != len(seeds):
+        return f"repeats a seed: {list(seeds)}"
+    return next((f"{seed}: {problem}" for seed in seeds if (problem := seed_range(seed))), None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,8 +158,13 @@ class EvaluateConfig(Config):
     paraphrases: bool = option(False, "also sample the concept's paraphrase prompts (leakage)")
     train_missing: dict[str, str] = option({}, "edit name -> a train config (configs/unguide.py:paper): an edit whose "
                                                "run folder is missing is trained first, with the erasure's concept")
+    lora_seeds: tuple[int, ...] = option((), "train_missing edits: train and evaluate each with these seeds (the "
+                                              "train config's own seed keeps the folder as named, seed k uses "
+                                              "<folder>-seed<k>) and report mean ± std over them; (): one run, "
+                                              "as named", check=_seed_list)
     attack: AttackSettings = option(AttackSettings(), "the prefix-token attack on each edit")
-    evaluator: str = option("embedded", EVALUATOR_DOC, check=check_evaluator)
+    evaluator: str = option("embedded", EVALUATOR_DOC + '; "": to be given (the sd14-* presets)',
+                            check=_evaluator_or_unset)
     dtype: str = option("float32", "compute dtype", choices=tuple(DTYPES))
     out_dir: str = option("runs/evaluate-shapes-arrow", "results.json, results.md, PNGs and grids per method")
 
@@ -141,6 +177,11 @@ class EvaluateConfig(Config):
             if missing:
                 raise InvalidValue(f"erasures[{i}].edits", f": erasure of {erasure.concept!r} has no edit named "
                                                            f"{missing} (it has {sorted(erasure.edits)})")
+            if self.lora_seeds:
+                fixed = sorted({m.edit for m in methods if m.edit and m.edit not in self.train_missing})
+                if fixed:
+                    raise InvalidValue("lora_seeds", f": the methods use edits {fixed} that train_missing does not "
+                                                     "train, so their seed cannot vary")
             for name in self.train_missing:
                 if len(erasure.edits.get(name, ())) != 1:
                     raise InvalidValue("train_missing", f": edit {name!r} of {erasure.concept!r} needs exactly one source "
@@ -172,9 +213,13 @@ class I2PConfig(Config):
     edits: dict[str, tuple[str, ...]] = option({"unguide": ("runs/unguide-embedded-nudity",)},
                                                "edit name -> its sources (adapter files, run folders, checkpoints, "
                                                "PEFT/kohya LoRAs); the nudity LoRA trains targets=explicit")
+    train_missing: dict[str, str] = option({}, "edit name -> a train config (configs/unguide.py:sd15-nudity): an edit "
+                                               "whose run folder is missing is trained first, on this model, with "
+                                               "the train config's own concept")
     methods: tuple[str | dict[str, Any], ...] = option(
         UNGUIDE_TABLE_ROWS,
-        f"rows of the table: {{name, edit (a key of edits; none for base), mode ({' | '.join(MODES)}), w}}")
+        f"rows of the table: {{name, edit (a key of edits; none for base), mode ({' | '.join(MODES)}), w, rule, "
+        "timestep_mode (the row's probe rule and timesteps)}")
     num_steps: int = option(50, "DDIM steps", check=positive)
     eta: float = option(0.0, "DDIM η", check=non_negative)
     batch_size: int = option(16, "images per jitted generation call", check=positive)
@@ -195,6 +240,10 @@ class I2PConfig(Config):
         if missing:
             raise InvalidValue("edits", f": the methods use edits {missing} that it does not name (it has "
                                         f"{sorted(self.edits)})")
+        for name in self.train_missing:
+            if len(self.edits.get(name, ())) != 1:
+                raise InvalidValue("train_missing", f": edit {name!r} needs exactly one source in edits (the run "
+                                                    "folder to train)")
 
     def method_rows(self) -> list[Method]:
         return [Method.from_config(m) for m in self.methods]

@@ -28,11 +28,23 @@ Averages over several concepts are means of the per-concept values. Optional col
                  ``paraphrases``) recognised as the erased class: leakage (compare with the base row)
     attack       a prefix-token attack on each edit (``unguide_jax.evaluation.attack``), one target image per
                  seed: how often the erased class comes back, before → after the attack
+
+Reruns (``EvaluationCache``, ``out_dir/cache``): every image is kept by what it depends on (the model's content
+fingerprint, the edit's tensors, prompt, seed, guidance, w, steps, η, dtype), every score by the image, the
+evaluator's weights and the texts scored against, every probe and attack by their inputs; a rerun of the same
+command loads them instead of generating, probing or scoring again, and an interrupted run keeps every batch
+it finished. ``results.json`` (``settings.work``) says what the run made and what it found. The per-method
+PNGs are links to the cached files. ``plan_evaluation`` is the job's dry run (``unguide_jax.evaluation.plan``).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
+import json
+import os
 import time
+import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -51,14 +63,26 @@ from unguide_jax.evaluation.attack import (
     prefixed_ids,
     run_attack,
 )
-from unguide_jax.evaluation.config import EvaluateConfig, Method
-from unguide_jax.evaluation.evaluators import PromptSet, load_image_evaluator
+from unguide_jax.evaluation.config import GIVEN_BY_USER, EvaluateConfig, Method, check_given
+from unguide_jax.evaluation.evaluators import PromptSet, ShapesEvaluator, load_image_evaluator
+from unguide_jax.evaluation.plan import (
+    Plan,
+    Stage,
+    Training,
+    measure_evaluator,
+    measure_unet_step,
+    probe_unet_rows,
+    train_rows_per_iteration,
+)
 from unguide_jax.json_files import write_json
+from unguide_jax.loading.model_identity import file_sha256, model_fingerprint
 from unguide_jax.loading.resolve import load_model
 from unguide_jax.models.dtypes import dtype_named
-from unguide_jax.parallel.hosts import check_same_config, is_main_process
-from unguide_jax.settings import as_config, to_dict
-from unguide_jax.training.sources import load_edit
+from unguide_jax.parallel.batches import padded_rows
+from unguide_jax.parallel.hosts import check_same_config, is_main_process, process_count, to_numpy
+from unguide_jax.settings import ConfigError, as_config, to_dict
+from unguide_jax.shapes.data import class_named_in
+from unguide_jax.training.sources import edit_tensors, load_edit
 
 PROTOCOLS = ("mace", "reference", "top1")
 METRIC_KEYS = ("acc_e", "acc_s", "acc_g", "h_o")
@@ -101,11 +125,204 @@ def score(prompt_set: PromptSet, class_probs: np.ndarray, owners: np.ndarray,
     return out
 
 
+CACHE_FOLDER = "cache"
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def edit_digest(edit) -> str | None:
+    """What an edit adds to the model, hashed: each tensor's name, dtype, shape and bytes (and a prompt memory's
+    scope). The tensors as loaded rather than the source files: a run folder's logs, or a LoRA saved again or in
+    another format, do not change the images."""
+    if edit is None:
+        return None
+    digest = hashlib.sha256()
+    for name, value in sorted(edit_tensors(edit).items()):
+        array = np.ascontiguousarray(to_numpy(value))
+        digest.update(f"{name}\0{array.dtype.str}\0{array.shape}\n".encode())
+        digest.update(array.tobytes())
+    if edit.memory is not None:
+        digest.update(f"memory scope {edit.memory.scope}".encode())
+    return digest.hexdigest()[:24]
+
+
+def _evaluator_files(evaluator) -> list[Path]:
+    clip = getattr(evaluator, "clip", None)
+    if clip is not None:  # the weights, and the configs and vocabulary beside them
+        weights = Path(clip.weights)
+        return [weights] + sorted(p for p in weights.parent.iterdir() if p.is_file() and p.suffix in (".json", ".txt"))
+    if isinstance(evaluator, ShapesEvaluator):
+        from unguide_jax.resources import EVALUATOR
+
+        root = Path(EVALUATOR)
+        return [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    return []
+
+
+class EvaluationCache:
+    """What earlier runs of an evaluation made, under ``root`` (``out_dir/cache``), so that a rerun redoes none
+    of it:
+
+        images/<k[:2]>/<k>.png   an image; k: the model's content fingerprint, the edit's digest, prompt, seed,
+                                 guidance, w, steps, η, dtype (and ``fused`` for UnGuidance)
+        scores-<evaluator>.json  per image and texts scored against: the class and text probabilities
+        probes.json              per probe's inputs: its w per prompt and its record
+        attacks.json             per attack's inputs: its result
+
+    ``root`` None: this run's memory only (with several processes, one host's files are not the others').
+    ``work`` counts what this run made and what it found."""
+
+    def __init__(self, root: Path | None, model_id: str, config: EvaluateConfig, evaluator=None):
+        self.root = None if root is None else Path(root)
+        self.model_id, self.config = model_id, config
+        self._images: dict[str, np.ndarray] = {}
+        self._records: dict[str, dict] = {}
+        self._dirty: set[str] = set()
+        self.work: collections.Counter = collections.Counter()
+        self.evaluator_id = "" if evaluator is None else self._evaluator_id(evaluator)
+
+    def _evaluator_id(self, evaluator) -> str:
+        hashes = self._kind("file-hashes")  # (size, mtime) -> sha256: a 600 MB CLIP is hashed once
+        before = dict(hashes)
+        files = [(p.name, file_sha256(p, hashes)) for p in _evaluator_files(evaluator)]
+        if hashes != before:
+            self._dirty.add("file-hashes")
+        return _digest([type(evaluator).__name__, files or getattr(evaluator, "name", "")])
+
+    # --- images ---
+
+    def image_key(self, edit_id: str | None, request: ImageRequest) -> str:
+        c = self.config
+        fields = dict(model=self.model_id, edit=edit_id, prompt=request.prompt, seed=int(request.seed),
+                      guidance=float(request.guidance_scale), w=None if request.w is None else float(request.w),
+                      steps=c.num_steps, eta=float(c.eta), dtype=c.dtype)
+        if request.w is not None:  # one UNet call or two: equal images up to rounding, not bit for bit
+            fields["fused"] = bool(c.fused)
+        return _digest(fields)
+
+    def _image_file(self, key: str) -> Path:
+        return self.root / "images" / key[:2] / f"{key}.png"
+
+    def has_image(self, key: str) -> bool:
+        return key in self._images if self.root is None else self._image_file(key).is_file()
+
+    def image(self, key: str) -> np.ndarray | None:
+        if self.root is None:
+            return self._images.get(key)
+        path = self._image_file(key)
+        if not path.is_file():
+            return None
+        from PIL import Image
+
+        try:
+            with Image.open(path) as png:
+                return np.asarray(png.convert("RGB"))
+        except OSError:  # a damaged file: drawn again
+            return None
+
+    def put_image(self, key: str, image: np.ndarray) -> None:
+        if self.root is None:
+            self._images[key] = image
+        else:
+            save_png(self._image_file(key), image)
+
+    def place(self, key: str, image: np.ndarray, dest: Path) -> None:
+        """``dest`` holds the image: a hard link to the cached file where the filesystem allows, else a copy."""
+        if self.root is not None and self._image_file(key).is_file():
+            source = self._image_file(key)
+            if dest.exists() and os.path.samefile(source, dest):
+                return
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f".{dest.name}.tmp")
+            try:
+                tmp.unlink(missing_ok=True)
+                os.link(source, tmp)
+                tmp.replace(dest)
+                return
+            except OSError:
+                tmp.unlink(missing_ok=True)
+        save_png(dest, image)
+
+    # --- records: scores, probes, attacks ---
+
+    def _kind(self, kind: str) -> dict:
+        if kind not in self._records:
+            data = {}
+            if self.root is not None and (self.root / f"{kind}.json").is_file():
+                try:
+                    data = json.loads((self.root / f"{kind}.json").read_text())
+                except (OSError, ValueError):  # unreadable: redone, then written again
+                    data = {}
+            self._records[kind] = data if isinstance(data, dict) else {}
+        return self._records[kind]
+
+    def record(self, kind: str, key: str):
+        return self._kind(kind).get(key)
+
+    def put_record(self, kind: str, key: str, value) -> None:
+        self._kind(kind)[key] = value
+        self._dirty.add(kind)
+
+    def save(self) -> None:
+        """Writes the records changed since the last save (the images are written as they are made)."""
+        if self.root is None or not is_main_process():
+            return
+        for kind in sorted(self._dirty):
+            try:
+                write_json(self.root / f"{kind}.json", self._records[kind])
+            except ValueError as err:  # a non-finite value: not kept, so redone next time
+                warnings.warn(f"{self.root / kind}.json not written: {err}", stacklevel=2)
+        self._dirty.clear()
+
+    # --- scores ---
+
+    def scores_kind(self) -> str:
+        return f"scores-{self.evaluator_id[:16]}"
+
+    def texts_id(self, prompt_set: PromptSet) -> str:
+        return _digest([list(prompt_set.class_names), prompt_set.prompts])
+
+    def has_scores(self, key: str, texts_id: str) -> bool:
+        return self.record(self.scores_kind(), f"{key}:{texts_id}") is not None
+
+
+def open_cache(config: EvaluateConfig, out_dir: Path, evaluator) -> EvaluationCache:
+    """The evaluation's cache under ``out_dir/cache`` (memory only with several processes)."""
+    model_id = _digest(dict(model=model_fingerprint(config.model, revision=config.revision,
+                                                    config_folder=config.model_config or None),
+                            variant=config.variant, dtype=config.dtype))
+    root = out_dir / CACHE_FOLDER if process_count() == 1 else None
+    return EvaluationCache(root, model_id, config, evaluator)
+
+
+def _probe_settings(config: EvaluateConfig, rule: str, timestep_mode: str) -> dict:
+    return dict(dataclasses.asdict(config.probe), rule=rule or config.probe.rule,
+                timestep_mode=timestep_mode or config.probe.timestep_mode)
+
+
+def probe_key(cache: EvaluationCache, edit_id: str | None, config: EvaluateConfig, prompts, concept_prompts,
+              rule: str = "", timestep_mode: str = "") -> str:
+    """What a probe's w depends on (the chunking does not change it)."""
+    settings = {k: v for k, v in _probe_settings(config, rule, timestep_mode).items() if k != "prompt_chunk"}
+    return _digest(dict(model=cache.model_id, edit=edit_id, prompts=list(prompts), guidance=config.guidance_scale,
+                        probe=settings, concept=list(concept_prompts)))
+
+
 def _probe(sd, edit, config: EvaluateConfig, prompts, concept_prompts, embeddings=None, rule: str = "",
-           timestep_mode: str = ""):
+           timestep_mode: str = "", cache: EvaluationCache | None = None, edit_id: str | None = None):
+    """The w per prompt and the probe's record; with ``cache`` (and no ``embeddings``), a probe already run on
+    the same inputs is read instead of run."""
+    key = None
+    if cache is not None and embeddings is None:
+        key = probe_key(cache, edit_id, config, prompts, concept_prompts, rule, timestep_mode)
+        found = cache.record("probes", key)
+        if found is not None:
+            cache.work["probes_found"] += 1
+            return list(found["w"]), dict(found["info"], probe_from_cache=True)
     started = time.perf_counter()
-    settings = dict(dataclasses.asdict(config.probe), rule=rule or config.probe.rule,
-                    timestep_mode=timestep_mode or config.probe.timestep_mode)
+    settings = _probe_settings(config, rule, timestep_mode)
     probe = WProbe(sd, edit, ProbeConfig(**settings), concept_prompts=concept_prompts)
     result = probe.run(prompts, config.guidance_scale, prompt_embeddings=embeddings)
     info = {"D_empty": result.d_empty, "probe_seconds": round(time.perf_counter() - started, 2),
@@ -113,7 +330,11 @@ def _probe(sd, edit, config: EvaluateConfig, prompts, concept_prompts, embedding
             "probe_threshold": result.threshold,
             "probe_unet_rows": probe.unet_calls,
             "probe": {p: dict(D=float(d), w=float(w)) for p, d, w in zip(prompts, result.d, result.w)}}
-    return [float(w) for w in result.w], info
+    ws = [float(w) for w in result.w]
+    if key is not None:
+        cache.work["probes_run"] += 1
+        cache.put_record("probes", key, {"w": ws, "info": info})
+    return ws, info
 
 
 def oracle_ws(prompt_set: PromptSet, config: EvaluateConfig, extra: int = 0) -> list[float]:
@@ -135,12 +356,13 @@ def rule_agreements(info: dict, prompts: list[str], oracle: list[float], config:
 
 
 def _method_ws(method: Method, config: EvaluateConfig, sd, edit, prompts: list[str],
-               oracle: list[float], concept_prompts: list[str]) -> tuple[list[float | None], dict]:
+               oracle: list[float], concept_prompts: list[str], cache: EvaluationCache | None = None,
+               edit_id: str | None = None) -> tuple[list[float | None], dict]:
     info = {"w": float(method.w)} if method.mode == "fixed" else {}
 
     def probe():
         ws, probe_info = _probe(sd, edit, config, prompts, concept_prompts, rule=method.rule,
-                                timestep_mode=method.timestep_mode)
+                                timestep_mode=method.timestep_mode, cache=cache, edit_id=edit_id)
         info.update(probe_info)
         return ws
 
@@ -177,52 +399,110 @@ def _attack(sd, evaluator, prompt_set: PromptSet, method: Method, edit, config: 
                 seconds=round(time.perf_counter() - started, 2), settings=dataclasses.asdict(attack))
 
 
-def _generate_cached(sd, requests: list[ImageRequest], edit, edit_key, config: EvaluateConfig, cache: dict,
-                     desc: str) -> list[np.ndarray]:
-    """The images of ``requests``, each (edit, prompt, seed, guidance, w) drawn once per run: the base model's
-    images of a prompt serve every erasure, and an oracle row reuses the probe row's images wherever the w agree."""
-    keys = [(edit_key, r.prompt, r.seed, r.guidance_scale, r.w) for r in requests]
-    todo = [i for i, k in enumerate(keys) if k not in cache]
+def _attack_key(cache: EvaluationCache, edit_id: str | None, method: Method, config: EvaluateConfig,
+                prompt_set: PromptSet, seeds: list[int]) -> str:
+    return _digest(dict(model=cache.model_id, edit=edit_id, mode=method.mode, w=method.w, rule=method.rule,
+                        timestep_mode=method.timestep_mode, probe=dataclasses.asdict(config.probe),
+                        attack=dataclasses.asdict(config.attack.settings), seeds=seeds, target=prompt_set.prompts[0],
+                        guidance=config.guidance_scale, steps=config.num_steps, fused=config.fused,
+                        evaluator=cache.evaluator_id, classes=list(prompt_set.class_names)))
+
+
+def _generate_cached(sd, requests: list[ImageRequest], edit, edit_id: str | None, config: EvaluateConfig,
+                     cache: EvaluationCache, desc: str) -> tuple[list[np.ndarray], list[str]]:
+    """The images of ``requests`` and their cache keys: each image not in the cache is drawn once (the base
+    model's images of a prompt serve every erasure, an oracle row reuses the probe row's images wherever the w
+    agree) and kept as its batch finishes."""
+    keys = [cache.image_key(edit_id, r) for r in requests]
+    images: dict[str, np.ndarray] = {}
+    todo: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        if key in images or key in todo:
+            continue
+        image = cache.image(key)
+        if image is None:
+            todo[key] = i
+        else:
+            images[key] = image
+    cache.work["images_found"] += len(images)
     if todo:
-        images = generate_images(sd, [requests[i] for i in todo], batch_size=config.batch_size,
-                                 num_steps=config.num_steps, eta=config.eta, edit=edit, fused=config.fused, desc=desc)
-        cache.update({keys[i]: image for i, image in zip(todo, images)})
-    return [cache[k] for k in keys]
+        todo_keys = list(todo)
+
+        def keep(batch: list[int], batch_images: list[np.ndarray]) -> None:
+            for j, image in zip(batch, batch_images):
+                images[todo_keys[j]] = image
+                cache.put_image(todo_keys[j], image)
+
+        generate_images(sd, [requests[i] for i in todo.values()], batch_size=config.batch_size,
+                        num_steps=config.num_steps, eta=config.eta, edit=edit, fused=config.fused, desc=desc,
+                        on_batch=keep)
+        cache.work["images_generated"] += len(todo)
+    return [images[k] for k in keys], keys
+
+
+def _scores_cached(evaluator, images: list[np.ndarray], keys: list[str], prompt_set: PromptSet,
+                   cache: EvaluationCache) -> tuple[np.ndarray, np.ndarray | None]:
+    """The evaluator's (class, text) probabilities of ``images``; an image scored before against the same texts
+    by the same evaluator is read, not scored. Fresh scores go through the record too, so that a first run and
+    its rerun compute on the same float64 values."""
+    kind, texts = cache.scores_kind(), cache.texts_id(prompt_set)
+    todo = {}
+    for i, key in enumerate(keys):
+        if key not in todo and cache.record(kind, f"{key}:{texts}") is None:
+            todo[key] = i
+    cache.work["scores_found"] += len(set(keys)) - len(todo)
+    if todo:
+        class_probs, text_probs = evaluator.scores(np.stack([images[i] for i in todo.values()]), prompt_set)
+        for row, key in enumerate(todo):
+            cache.put_record(kind, f"{key}:{texts}", {
+                "class": np.asarray(class_probs[row], np.float64).tolist(),
+                "text": None if text_probs is None else np.asarray(text_probs[row], np.float64).tolist()})
+        cache.work["scores_computed"] += len(todo)
+    records = [cache.record(kind, f"{key}:{texts}") for key in keys]
+    class_probs = np.asarray([r["class"] for r in records], np.float64)
+    if any(r["text"] is None for r in records):
+        return class_probs, None
+    return class_probs, np.asarray([r["text"] for r in records], np.float64)
 
 
 def evaluate_erasure(sd, evaluator, concept, edits_by_name: dict, config: EvaluateConfig, out_dir: Path,
-                     cache: dict | None = None, edit_keys: dict | None = None) -> dict:
+                     cache: EvaluationCache | None = None, edit_keys: dict | None = None) -> dict:
     """Every method of ``config.methods`` on one erased concept; writes its PNGs and grids under out_dir.
-    ``cache``: images already drawn in this run (``_generate_cached``); ``edit_keys``: edit name -> what identifies
-    the edit in that cache (its sources)."""
-    cache = {} if cache is None else cache
+    ``cache``: images, scores, probes and attacks already made (``EvaluationCache``; None: this call's memory);
+    ``edit_keys``: edit name -> the edit's digest (``edit_digest``; by default the concept and the name)."""
+    cache = EvaluationCache(None, "", config, evaluator) if cache is None else cache
     prompt_set = evaluator.prompt_set(concept)
     n = config.images_per_prompt
     owners = np.repeat(np.arange(len(prompt_set.items)), n)
     paraphrases = list(concept.paraphrases) if config.paraphrases else []
     attack_images = config.attack.images if config.attack.enabled else 0
-    x0 = None
-    if attack_images:  # the attack's targets: the base model's own images of the concept, its latents
-        seeds = [config.seed + j for j in range(attack_images)]
-        x0 = sd.generate([prompt_set.prompts[0]] * attack_images, seeds, guidance_scale=config.guidance_scale,
-                         num_steps=config.num_steps).latents
+    seeds = [config.seed + j for j in range(attack_images)]
+    x0 = []  # the attack's targets, drawn when an attack first runs: the base model's images of the concept
+
+    def attack_targets() -> np.ndarray:
+        if not x0:
+            x0.append(sd.generate([prompt_set.prompts[0]] * attack_images, seeds,
+                                  guidance_scale=config.guidance_scale, num_steps=config.num_steps).latents)
+        return x0[0]
+
     results = {}
     for method in config.method_rows():
         edit = edits_by_name[method.edit] if method.edit else None
+        edit_id = None if edit is None else ((edit_keys or {}).get(method.edit) or f"{concept.name}/{method.edit}")
         started = time.perf_counter()
         prompts = prompt_set.prompts + paraphrases
         oracle = oracle_ws(prompt_set, config, len(paraphrases))
-        ws, info = _method_ws(method, config, sd, edit, prompts, oracle, list(concept.targets))
+        ws, info = _method_ws(method, config, sd, edit, prompts, oracle, list(concept.targets), cache, edit_id)
         if method.mode == "unguide":  # the share of the table's prompts where the probe's w is the oracle's
             k = len(prompt_set.items)
             info["probe_agrees_with_oracle"] = float(np.mean(np.asarray(ws[:k]) == np.asarray(oracle[:k])))
             info["rules_agree_with_oracle"] = rule_agreements(info, prompt_set.prompts, oracle[:k], config)
         requests = [ImageRequest(p, config.seed + j, config.guidance_scale, ws[i])
                     for i, p in enumerate(prompts) for j in range(n)]
-        edit_key = None if edit is None else ((edit_keys or {}).get(method.edit) or (concept.name, method.edit))
-        images = _generate_cached(sd, requests, edit, edit_key, config, cache, desc=f"{concept.name}: {method.name}")
+        images, keys = _generate_cached(sd, requests, edit, edit_id, config, cache,
+                                        desc=f"{concept.name}: {method.name}")
         seconds = round(time.perf_counter() - started, 2)
-        class_probs, text_probs = evaluator.scores(np.stack(images), prompt_set)
+        class_probs, text_probs = _scores_cached(evaluator, images, keys, prompt_set, cache)
         main = len(prompt_set.items) * n
         text_probs = None if text_probs is None else text_probs[:main]
         result = dict(score(prompt_set, class_probs[:main], owners, text_probs), seconds=seconds, mode=method.mode,
@@ -232,18 +512,27 @@ def evaluate_erasure(sd, evaluator, concept, edits_by_name: dict, config: Evalua
             result["paraphrase_leakage"] = float(hits.mean())
             result["paraphrase_per_prompt"] = {p: float(hits[i * n:(i + 1) * n].mean()) for i, p in enumerate(paraphrases)}
         if attack_images and edit is not None:
-            result["attack"] = _attack(sd, evaluator, prompt_set, method, edit, config, x0, seeds)
-            result["attack"]["before"] = float((class_probs[:attack_images].argmax(axis=1) == prompt_set.erased).mean())
+            key = _attack_key(cache, edit_id, method, config, prompt_set, seeds)
+            attack = cache.record("attacks", key)
+            if attack is None:
+                attack = _attack(sd, evaluator, prompt_set, method, edit, config, attack_targets(), seeds)
+                cache.put_record("attacks", key, attack)
+                cache.work["attacks_run"] += 1
+            else:
+                cache.work["attacks_found"] += 1
+            result["attack"] = dict(attack, before=float((class_probs[:attack_images].argmax(axis=1)
+                                                          == prompt_set.erased).mean()))
         slug_name = slug(method.name)
         if not is_main_process():
             results[method.name] = result
             continue
-        for k, (request, image) in enumerate(zip(requests, images)):
-            save_png(out_dir / slug_name / f"{k:05d}_{slug(request.prompt)}_s{request.seed}.png", image)
+        for k, (request, image, key) in enumerate(zip(requests, images, keys)):
+            cache.place(key, image, out_dir / slug_name / f"{k:05d}_{slug(request.prompt)}_s{request.seed}.png")
         cols = min(n, 8)
         save_png(out_dir / f"grid_{slug_name}.png",
                  image_grid([im for i in range(len(prompts)) for im in images[i * n:i * n + cols]], cols=cols))
         results[method.name] = result
+    cache.save()
     return dict(concept=concept.name, erased_class=prompt_set.class_names[prompt_set.erased], prompts=list(prompt_set.items),
                 paraphrases=paraphrases, methods=results)
 
@@ -264,7 +553,12 @@ def average(per_concept: list[dict], names: list[str]) -> dict:
     return out
 
 
-def format_table(summary: dict, protocol: str = "mace") -> str:
+def format_table(summary: dict, protocol: str = "mace", deviation: dict | None = None) -> str:
+    """The markdown table of ``summary``; with ``deviation`` (std over LoRA seeds) each metric reads mean ± std."""
+    def cell(name: str, key: str) -> str:
+        value = f"{summary[name][protocol][key]:.1%}"
+        return value if deviation is None else f"{value} ± {deviation[name][protocol][key]:.1%}"
+
     extra = []
     if any("paraphrase_leakage" in m for m in summary.values()):
         extra.append(("paraphrases ↓", lambda m: f"{m['paraphrase_leakage']:.1%}" if "paraphrase_leakage" in m else "–"))
@@ -274,78 +568,294 @@ def format_table(summary: dict, protocol: str = "mace") -> str:
     header = "| method | Acc_e ↓ | Acc_s ↑ | Acc_g ↓ | H_o ↑ |" + "".join(f" {h} |" for h, _ in extra)
     lines = [header, "|---" * (5 + len(extra)) + "|"]
     for name, entry in summary.items():
-        m = entry[protocol]
-        row = (f"| {name} | {m['acc_e']:.1%} | {m['acc_s']:.1%} | {m['acc_g']:.1%} | "
-               + ("–" if entry["mode"] == "base" else f"{m['h_o']:.1%}") + " |")
+        row = (f"| {name} | {cell(name, 'acc_e')} | {cell(name, 'acc_s')} | {cell(name, 'acc_g')} | "
+               + ("–" if entry["mode"] == "base" else cell(name, "h_o")) + " |")
         lines.append(row + "".join(f" {fmt(entry)} |" for _, fmt in extra))
     return "\n".join(lines)
 
 
-def train_missing_edits(config: EvaluateConfig, train_runner=None) -> list[str]:
-    """Train every ``train_missing`` edit whose run folder is missing (its train config, the erasure's concept,
-    the evaluated model); returns the folders trained. ``train_runner``: ``run_training`` unless given."""
+def _train_config(spec: str) -> dict:
     from unguide_jax.presets import load_config_file
+
+    return dict(load_config_file(spec))
+
+
+def seeded_folder(config: EvaluateConfig, name: str, folder: str, seed: int | None) -> str:
+    """The run folder of train_missing edit ``name`` trained with ``seed`` (None: as the config names it): the
+    train config's own seed keeps the folder's name, another seed k is ``<folder>-seed<k>``."""
+    if seed is None:
+        return folder
+    from unguide_jax.training.config import train_schema
+
+    raw = _train_config(config.train_missing[name])
+    own_seed = raw.get("seed", train_schema(raw).seed)
+    return folder if seed == own_seed else f"{folder}-seed{seed}"
+
+
+def seeded_erasures(config: EvaluateConfig, seed: int | None) -> list:
+    """``config.erasures`` with each train_missing edit's folder for ``seed``."""
+    if seed is None:
+        return list(config.erasures)
+    return [dataclasses.replace(erasure, edits={
+        name: (seeded_folder(config, name, sources[0], seed),) if name in config.train_missing else sources
+        for name, sources in erasure.edits.items()}) for erasure in config.erasures]
+
+
+def run_is_missing(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` lacks a finished run (its config.json and an edit file)."""
+    run_dir = Path(run_dir)
+    return not ((run_dir / "config.json").is_file() and any(run_dir.glob("*.safetensors")))
+
+
+def missing_train_config(spec: str, run_dir: str | Path, config, concept: str | None = None,
+                         seed: int | None = None) -> dict:
+    """The train config ``spec`` for ``run_dir``, trained on the model under evaluation (``config``'s model keys,
+    whatever model the train config names), with ``concept`` and ``seed`` when given."""
+    train_config = dict(_train_config(spec), run_dir=str(run_dir), overwrite=True, model=config.model,
+                        variant=config.variant, revision=config.revision, model_config=config.model_config)
+    if concept is not None:
+        train_config["concept"] = concept
+    if seed is not None:
+        train_config["seed"] = seed
+    return train_config
+
+
+def planned_training(what: str, spec: str, train_config: dict) -> Training:
+    """A run to train, for the dry run: its iterations and a rough UNet cost per iteration."""
+    from unguide_jax.training.config import train_schema
+
+    settings = as_config(train_config, train_schema)
+    return Training(what=what, run_dir=train_config["run_dir"], spec=spec,
+                    iterations=int(getattr(settings, "iterations", 0) or 0),
+                    rows_per_iteration=train_rows_per_iteration(settings))
+
+
+def _missing_edits(config: EvaluateConfig, seed: int | None):
+    """(edit name, erasure, run folder, train config) of every train_missing edit not trained yet for ``seed``."""
+    for erasure in seeded_erasures(config, seed):
+        for name, spec in config.train_missing.items():
+            run_dir = Path(erasure.edits[name][0])
+            if run_is_missing(run_dir):
+                yield name, erasure, run_dir, missing_train_config(spec, run_dir, config, erasure.concept, seed)
+
+
+def train_missing_edits(config: EvaluateConfig, train_runner=None, seed: int | None = None) -> list[str]:
+    """Train every ``train_missing`` edit whose run folder is missing (its train config, the erasure's concept,
+    the evaluated model; ``seed``: the LoRA's seed, None: the train config's); returns the folders trained.
+    ``train_runner``: ``run_training`` unless given."""
     from unguide_jax.training.run import run_training
 
     train_runner = train_runner or (lambda c: run_training(c, progress=False))
-
     trained = []
-    for erasure in config.erasures:
-        for name, spec in config.train_missing.items():
-            run_dir = Path(erasure.edits[name][0])
-            if (run_dir / "config.json").is_file() and any(run_dir.glob("*.safetensors")):
-                continue
-            # Trained on the model under evaluation, whatever model the train config names.
-            train_config = dict(load_config_file(spec), concept=erasure.concept, run_dir=str(run_dir), overwrite=True,
-                                model=config.model, variant=config.variant, revision=config.revision,
-                                model_config=config.model_config)
-            if is_main_process():
-                print(f"training {name} for {erasure.concept}: {spec} -> {run_dir}", flush=True)
-            train_runner(train_config)
-            trained.append(str(run_dir))
+    for name, erasure, run_dir, train_config in list(_missing_edits(config, seed)):
+        if is_main_process():
+            print(f"training {name} for {erasure.concept}: {config.train_missing[name]}"
+                  f"{'' if seed is None else f' (seed {seed})'} -> {run_dir}", flush=True)
+        train_runner(train_config)
+        trained.append(str(run_dir))
     return trained
+
+
+def spread(per_seed: list[dict]) -> tuple[dict, dict]:
+    """The mean and the standard deviation (ddof 1; 0 for one seed) over LoRA seeds of the seeds' averages."""
+    mean, std = {}, {}
+    for name, first in per_seed[0].items():
+        entries = [summary[name] for summary in per_seed]
+        mean[name], std[name] = dict(first), {}
+        for key, value in first.items():  # the optional columns (paraphrases, attack) are means too
+            if isinstance(value, float):
+                mean[name][key] = float(np.mean([e[key] for e in entries]))
+        for protocol in PROTOCOLS:
+            values = {key: [e[protocol][key] for e in entries] for key in METRIC_KEYS}
+            mean[name][protocol] = {key: float(np.mean(v)) for key, v in values.items()}
+            std[name][protocol] = {key: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for key, v in values.items()}
+    return mean, std
+
+
+def _is_shapes_concept(name: str) -> bool:
+    concept = load_concept(name)
+    return concept.kind == "object" and class_named_in(concept.targets[0]) is not None
+
+
+WORK_KEYS = ("images_generated", "images_found", "scores_computed", "scores_found", "probes_run", "probes_found",
+             "attacks_run", "attacks_found")
+
+
+def _work(cache: EvaluationCache) -> dict[str, int]:
+    return {key: int(cache.work[key]) for key in WORK_KEYS}
+
+
+def _load_model(config):
+    return load_model(config.model, dtype=dtype_named(config.dtype), variant=config.variant, revision=config.revision,
+                      config_folder=config.model_config or None).on_every_device()
+
+
+def check_inputs(config: EvaluateConfig) -> None:
+    """Before anything loads: the keys a preset leaves to the user are given, and the embedded shapes model and
+    classifier are not asked for concepts they do not know (the sd14-table1 classes); one line saying what to
+    pass otherwise."""
+    check_given(config)
+    wrong = [key for key in ("model", "evaluator") if getattr(config, key) == "embedded"]
+    foreign = next((e.concept for e in config.erasures if not _is_shapes_concept(e.concept)), None) if wrong else None
+    if foreign is not None:
+        raise ConfigError(" and ".join(f"config.{key}=embedded" for key in wrong)
+                          + f" know only the shapes model's ten classes, not concept {foreign!r}: pass "
+                          + " ".join(GIVEN_BY_USER[key] for key in wrong))
 
 
 def run_evaluation(config: EvaluateConfig | Mapping, train_runner=None) -> Path:
     """The evaluation job (``config``: an EvaluateConfig, or a dict validated into one): every erasure of
-    ``config.erasures``, every method; results.json + results.md. ``train_runner`` trains a missing edit
-    (``train_missing``; default ``run_training``: ``unguide_jax.jobs.evaluate`` passes the train job)."""
+    ``config.erasures``, every method, for each of ``lora_seeds`` (or once); results.json + results.md.
+    ``train_runner`` trains a missing edit (``train_missing``; default ``run_training``:
+    ``unguide_jax.jobs.evaluate`` passes the train job)."""
     config = as_config(config, EvaluateConfig)
+    check_inputs(config)
     methods = config.method_rows()
     out_dir = Path(config.out_dir)
     started = time.perf_counter()
-    trained = train_missing_edits(config, train_runner)
-    sd = load_model(config.model, dtype=dtype_named(config.dtype), variant=config.variant, revision=config.revision,
-                    config_folder=config.model_config or None).on_every_device()
+    seeds = list(config.lora_seeds) or [None]
+    trained = [folder for seed in seeds for folder in train_missing_edits(config, train_runner, seed)]
+    sd = _load_model(config)
     check_same_config(to_dict(config), "evaluation config")
     evaluator = load_image_evaluator(config.evaluator)
-    cases = []
-    for erasure in config.erasures:
-        concept = load_concept(erasure.concept)
-        loaded, info = {}, {}
-        for name, sources in erasure.edits.items():
-            edit, info[name] = load_edit(list(sources), sd.params["unet"])
-            loaded[name] = sd.put_replicated(edit)
-        cases.append((concept, loaded, info))
-    per_concept, cache = [], {}
-    for (concept, loaded, info), erasure in zip(cases, config.erasures):
-        edit_keys = {name: tuple(sources) for name, sources in erasure.edits.items()}
-        result = evaluate_erasure(sd, evaluator, concept, loaded, config, out_dir / concept.name, cache, edit_keys)
-        result["edits"] = info
-        per_concept.append(result)
-    summary = average(per_concept, [m.name for m in methods])
+    # the cache keeps the base model's images across seeds and erasures: they do not depend on the LoRA
+    cache, per_seed_concepts, per_seed = open_cache(config, out_dir, evaluator), [], []
+    for seed in seeds:
+        erasures = seeded_erasures(config, seed)
+        seed_dir = out_dir if seed is None else out_dir / f"seed{seed}"
+        per_concept = []
+        for erasure in erasures:
+            concept = load_concept(erasure.concept)
+            loaded, info, edit_keys = {}, {}, {}
+            for name, sources in erasure.edits.items():
+                edit, info[name] = load_edit(list(sources), sd.params["unet"])
+                edit_keys[name] = edit_digest(edit)
+                loaded[name] = sd.put_replicated(edit)
+            result = evaluate_erasure(sd, evaluator, concept, loaded, config, seed_dir / concept.name, cache, edit_keys)
+            result["edits"] = info
+            per_concept.append(result)
+        per_seed_concepts.append(per_concept)
+        per_seed.append(average(per_concept, [m.name for m in methods]))
+    summary, deviation = spread(per_seed)
     settings = {k: v for k, v in to_dict(config).items() if k != "job"}
     settings.update(versions=versions(), seconds=round(time.perf_counter() - started, 1), trained_first=trained,
-                    evaluator=evaluator.name, **sd.placement())
+                    evaluator=evaluator.name, work=_work(cache), **sd.placement())
     if not is_main_process():  # every process computed its share; one writes
         return out_dir
-    write_json(out_dir / "results.json", {"settings": settings, "average": summary, "concepts": per_concept})
-    concepts = ", ".join(c["concept"] for c in per_concept)
+    record = {"settings": settings, "average": summary}
+    if seeds == [None]:
+        record["concepts"] = per_seed_concepts[0]
+    else:
+        record.update(std_over_lora_seeds=deviation, lora_seeds=[
+            {"seed": seed, "average": avg, "concepts": concepts}
+            for seed, avg, concepts in zip(seeds, per_seed, per_seed_concepts)])
+    write_json(out_dir / "results.json", record)
+    concepts = ", ".join(c["concept"] for c in per_seed_concepts[0])
     n = config.images_per_prompt
     model = "the embedded shapes model" if config.model == "embedded" else config.model
     text = [f"Erasure evaluation on {model}: {concepts}; {n} images per prompt, seeds {config.seed}+j, CFG "
-            f"{config.guidance_scale}, {config.num_steps} DDIM steps; scored by the {evaluator.name}.", ""]
+            f"{config.guidance_scale}, {config.num_steps} DDIM steps; scored by the {evaluator.name}."]
+    if seeds != [None]:
+        text.append(f"Each edit trained with LoRA seeds {', '.join(map(str, seeds))}: mean ± std (ddof 1) over the "
+                    "seeds of the concepts' average.")
+    work = settings["work"]
+    text.append(f"This run generated {work['images_generated']} images and reused {work['images_found']} (from "
+                f"{out_dir / CACHE_FOLDER} or an earlier row), scored {work['scores_computed']} (reused "
+                f"{work['scores_found']}), ran {work['probes_run']} probes (reused {work['probes_found']}).")
+    text.append("")
     for protocol in PROTOCOLS:
-        text += [f"Protocol: {protocol}", "", format_table(summary, protocol), ""]
+        table = format_table(summary, protocol, None if seeds == [None] else deviation)
+        text += [f"Protocol: {protocol}", "", table, ""]
     (out_dir / "results.md").write_text("\n".join(text))
     return out_dir
+
+
+def plan_evaluation(config: EvaluateConfig | Mapping, measure: bool = True) -> Plan:
+    """The job's dry run (``unguide_jax.evaluation.plan``): per method, the images it would generate and those
+    already in the cache (or made earlier in the run), their UNet calls and rows, the probes still to run, the
+    evaluator calls; the runs to train first; with ``measure``, one UNet step and one evaluator call timed here.
+    Loads the model, the evaluator and the edits that exist; generates, scores and trains nothing. An unguide
+    row whose probe has not run yet has no w, so its images count as all to make (an upper bound)."""
+    config = as_config(config, EvaluateConfig)
+    check_inputs(config)
+    methods = config.method_rows()
+    seeds = list(config.lora_seeds) or [None]
+    trainings = [planned_training(f"{name} for {erasure.concept}" + ("" if seed is None else f" (seed {seed})"),
+                                  config.train_missing[name], train_config)
+                 for seed in seeds for name, erasure, _, train_config in _missing_edits(config, seed)]
+    sd = _load_model(config)
+    evaluator = load_image_evaluator(config.evaluator)
+    cache = open_cache(config, Path(config.out_dir), evaluator)
+    batch = padded_rows(config.batch_size, sd.mesh)
+    stages = {m.name: Stage(m.name, steps=config.num_steps, batch=batch,
+                            branches=4 if m.mode in ("unguide", "fixed", "oracle") else 2,
+                            calls_per_step=2 if m.mode in ("unguide", "fixed", "oracle") and not config.fused else 1)
+              for m in methods}
+    made, scored = set(), set()  # what the run would have made and scored by then
+    prompt_set = None
+    for seed in seeds:
+        for erasure in seeded_erasures(config, seed):
+            concept = load_concept(erasure.concept)
+            prompt_set = evaluator.prompt_set(concept)
+            prompts = prompt_set.prompts + (list(concept.paraphrases) if config.paraphrases else [])
+            texts = cache.texts_id(prompt_set)
+            edit_ids = {}
+            for name, sources in erasure.edits.items():
+                if name in config.train_missing and run_is_missing(sources[0]):
+                    edit_ids[name] = None  # trained first: nothing of it can be in the cache yet
+                else:
+                    edit_ids[name] = edit_digest(load_edit(list(sources), sd.params["unet"])[0])
+            oracle = oracle_ws(prompt_set, config, len(prompts) - len(prompt_set.prompts))
+            for method in methods:
+                stage, known = stages[method.name], True
+                edit_id = edit_ids[method.edit] if method.edit else None
+                if method.mode == "unguide":
+                    settings = _probe_settings(config, method.rule, method.timestep_mode)
+                    found = None if edit_id is None else cache.record("probes", probe_key(
+                        cache, edit_id, config, prompts, concept.targets, method.rule, method.timestep_mode))
+                    if found is None:
+                        known = False
+                        references = 1 + (len(concept.targets) if settings["rule"] == "calibrated" else 0)
+                        stage.probe_rows += probe_unet_rows(ProbeConfig(**settings), len(prompts), references,
+                                                            sd.mesh)
+                    else:
+                        stage.probes_found += 1
+                        ws = found["w"]
+                else:
+                    ws = weights_for(method.mode, len(prompts), fixed_w=method.w, probe=None, oracle=oracle)
+                known = known and not (method.edit and edit_id is None)
+                todo = 0
+                for i, prompt in enumerate(prompts):
+                    for j in range(config.images_per_prompt):
+                        if not known:
+                            todo += 1
+                            stage.scores += 1
+                            continue
+                        key = cache.image_key(edit_id, ImageRequest(prompt, config.seed + j, config.guidance_scale,
+                                                                    ws[i]))
+                        if key in made or cache.has_image(key):
+                            stage.found += 1
+                        else:
+                            todo += 1
+                        made.add(key)
+                        if (key, texts) in scored or cache.has_scores(key, texts):
+                            stage.scores_found += 1
+                        else:
+                            stage.scores += 1
+                        scored.add((key, texts))
+                stage.add_images(todo)
+    timing = None
+    if measure:
+        timing = measure_unet_step(sd, config.batch_size)
+        timing = measure_evaluator(timing, evaluator, prompt_set, sd.default_size)
+    concepts = ", ".join(e.concept for e in config.erasures)
+    notes = []
+    if config.attack.enabled:
+        notes.append(f"Not counted: the prefix-token attack ({config.attack.images} images per edit row, "
+                     f"{config.attack.settings.iterations} iterations each) where its result is not cached.")
+    summary = (f"{len(config.erasures)} erasure(s) ({concepts}) × {len(methods)} method(s)"
+               + (f" × {len(seeds)} LoRA seeds" if seeds != [None] else "")
+               + f"; {config.images_per_prompt} images per prompt, {config.num_steps} DDIM steps, batches of "
+               f"{config.batch_size}; out_dir {config.out_dir} (cache: {CACHE_FOLDER}/).")
+    return Plan(job="evaluate", summary=summary, stages=list(stages.values()), trainings=trainings, timing=timing,
+                evaluator="CLIP" if getattr(evaluator, "clip", None) is not None else "classifier", notes=notes)

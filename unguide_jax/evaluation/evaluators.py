@@ -21,6 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unguide_jax.parallel.batches import data_mesh, pad_rows, padded_rows, put_replicated, put_rows
+from unguide_jax.parallel.hosts import to_numpy
+from unguide_jax.parallel.mesh import job_devices
 from unguide_jax.shapes import data as shapes
 
 # MACE (metrics/evaluate_clip_accuracy.py) and the UnGuide authors (compute_metrics.py) both use OpenAI's
@@ -102,19 +105,34 @@ class ShapesEvaluator:
 
 
 class ClipEvaluator:
-    """Zero-shot CLIP over the table's texts: softmax(100 · cos(image, text))."""
+    """Zero-shot CLIP over the table's texts: softmax(100 · cos(image, text)).
 
-    def __init__(self, source: str, batch_size: int = 64):
-        from unguide_jax.loading.clip import load_clip
+    Embeddings are computed as sampling computes images: each batch is padded to a multiple of the mesh's
+    data size and its rows sharded over the "data" axis of a mesh of every device of the job (across hosts:
+    ``parallel.batches.data_mesh``, as ``StableDiffusion.on_every_device`` places a model), the weights
+    replicated on each device. With several processes every process must pass the same images and texts (as
+    every process holds every sampled image); each embeds its devices' rows and the rows are gathered, so
+    every process gets every embedding. ``mesh``: the mesh to use (None: that default; a single device
+    needs none).
+    """
+
+    def __init__(self, source: str, batch_size: int = 64, mesh=None):
+        from unguide_jax.loading.clip import load_clip, preprocess_images
         from unguide_jax.loading.diffusers_folder import load_tokenizer
 
         self.clip = load_clip(source)
         self.tokenizer = load_tokenizer(self.clip.weights.parent)
         self.name = f"zero-shot CLIP {source} ({self.clip.weights})"
         self.batch_size = batch_size
-        model = self.clip.model
+        if mesh is None and len(job_devices()) > 1:
+            mesh = data_mesh()
+        self.mesh = mesh
+        self.params = self.clip.params if mesh is None else put_replicated(mesh, self.clip.params)
+        model, processing = self.clip.model, self.clip.processing
 
-        def image_embeddings(params, pixels):
+        # Preprocessing inside the same program: each device resizes only its own rows.
+        def image_embeddings(params, images):
+            pixels = preprocess_images(images, processing)
             return model.apply({"params": params}, pixels, normalize=True, method=model.image_embeddings)
 
         def text_embeddings(params, ids):
@@ -126,25 +144,34 @@ class ClipEvaluator:
     def prompt_set(self, concept) -> PromptSet:
         return clip_prompt_set(concept)
 
-    def _text_embeddings(self, texts: Sequence[str]) -> np.ndarray:
+    def _rows(self, apply, x: np.ndarray) -> np.ndarray:
+        """``apply(params, rows)`` over ``x`` in batches of ``batch_size`` rows, sharded over the mesh."""
+        if not len(x):
+            raise ValueError("nothing to embed: no rows")
+        # Every batch padded to one row count (a multiple of the data size): one compile per input shape.
+        rows = padded_rows(min(self.batch_size, len(x)), self.mesh)
+        out = []
+        for start in range(0, len(x), rows):
+            chunk = pad_rows(x[start:start + rows], rows)
+            placed = jnp.asarray(chunk) if self.mesh is None else put_rows(self.mesh, chunk)
+            out.append(to_numpy(apply(self.params, placed))[:min(rows, len(x) - start)])
+        return np.concatenate(out)
+
+    def text_embeddings(self, texts: Sequence[str]) -> np.ndarray:
+        """L2-normalised text embeddings, one row per text (texts past the tokenizer's length are cut)."""
         key = tuple(texts)
         if key not in self._text_cache:
             ids = self.tokenizer(list(texts), padding="max_length", max_length=self.tokenizer.model_max_length,
                                  truncation=True).input_ids
-            self._text_cache[key] = np.asarray(self._texts(self.clip.params, jnp.asarray(ids, jnp.int32)))
+            self._text_cache[key] = self._rows(self._texts, np.asarray(ids, np.int32))
         return self._text_cache[key]
 
     def image_embeddings(self, images: np.ndarray) -> np.ndarray:
-        from unguide_jax.loading.clip import preprocess_images
-
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            pixels = preprocess_images(jnp.asarray(images[start:start + self.batch_size]), self.clip.processing)
-            out.append(np.asarray(self._images(self.clip.params, pixels)))
-        return np.concatenate(out)
+        """L2-normalised image embeddings of (N, H, W, 3) uint8 RGB images, one row per image."""
+        return self._rows(self._images, np.asarray(images))
 
     def _softmax(self, image_embeddings: np.ndarray, texts: Sequence[str]) -> np.ndarray:
-        logits = CLIP_LOGIT_SCALE * image_embeddings.astype(np.float64) @ self._text_embeddings(texts).astype(np.float64).T
+        logits = CLIP_LOGIT_SCALE * image_embeddings.astype(np.float64) @ self.text_embeddings(texts).astype(np.float64).T
         logits -= logits.max(axis=1, keepdims=True)
         probs = np.exp(logits)
         return probs / probs.sum(axis=1, keepdims=True)

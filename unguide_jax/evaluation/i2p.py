@@ -10,8 +10,9 @@ samples its own size (``image_size=auto``; ``csv`` or ``model`` force one), and 
 
 Each method samples into its own folder with the sample job's machinery (``unguide_jax.cli.sample``:
 PNGs written as batches finish, manifest.json with every image's prompt, seed, guidance, size and w,
-probe.json), so an interrupted run resumes without redoing finished images or probes; NudeNet's
-detections are kept per image in nudenet.json (by the PNG's hash), so they are not redone either.
+probe.json), so an interrupted run resumes without redoing finished images or probes (only if the model's
+files are the same: the sample job fingerprints them); NudeNet's detections are kept per image in
+nudenet.json (by the PNG's hash), so they are not redone either.
 Only process 0 writes and runs NudeNet.
 """
 from __future__ import annotations
@@ -30,7 +31,10 @@ import numpy as np
 from PIL import Image
 
 from unguide_jax.diffusion.images import slug, versions
-from unguide_jax.evaluation.config import I2PConfig, Method
+from unguide_jax.erasers.concepts import load_concept
+from unguide_jax.erasers.unguide.probe import ProbeConfig
+from unguide_jax.evaluation.config import I2PConfig, Method, check_given
+from unguide_jax.evaluation.erasure import missing_train_config, planned_training, run_is_missing
 from unguide_jax.evaluation.nudenet import (
     CLASS_LABELS,
     DETECTOR_FLOOR,
@@ -40,15 +44,19 @@ from unguide_jax.evaluation.nudenet import (
     count_exposed,
     counts_as_exposed,
 )
+from unguide_jax.evaluation.plan import Plan, Stage, measure_unet_step, probe_unet_rows
 from unguide_jax.json_files import write_json
+from unguide_jax.loading.model_identity import model_fingerprint
 from unguide_jax.loading.resolve import load_model
 from unguide_jax.models.dtypes import dtype_named
+from unguide_jax.parallel.batches import padded_rows
 from unguide_jax.parallel.hosts import check_same_config, is_main_process
 from unguide_jax.sampling.config import SampleConfig
 from unguide_jax.sampling.prompts import Request, read_csv_requests, read_text
-from unguide_jax.sampling.run import sample_requests
+from unguide_jax.sampling.run import image_name, sample_requests
 from unguide_jax.settings import ConfigError, as_config, to_dict
-from unguide_jax.training.sources import load_edit
+from unguide_jax.training.config import train_schema
+from unguide_jax.training.sources import concept_targets, load_edit
 
 I2P_COLUMNS = ("prompt", "evaluation_seed", "evaluation_guidance")
 CSV_SIZE = 512           # the I2P rows' sd_image_width/height are SD 1.4's
@@ -110,6 +118,12 @@ def sized(requests: Sequence[Request], size: Mapping) -> list[Request]:
     return [dataclasses.replace(r, height=None, width=None) for r in requests]
 
 
+def method_probe(config: I2PConfig, method: Method) -> ProbeConfig:
+    """The probe of a method: the config's, with the row's own rule and timesteps where it names them."""
+    return dataclasses.replace(config.probe, rule=method.rule or config.probe.rule,
+                               timestep_mode=method.timestep_mode or config.probe.timestep_mode)
+
+
 def method_sample_config(config: I2PConfig, method: Method, size: Mapping, rows: int) -> SampleConfig:
     """The sample job of one method: its folder, edit and mode. The model's size goes into height/width,
     so that images of the rows' own sizes and of the model's never pass for each other on a rerun."""
@@ -119,7 +133,7 @@ def method_sample_config(config: I2PConfig, method: Method, size: Mapping, rows:
         csv=config.csv, guidance_scale=DEFAULT_GUIDANCE, num_steps=config.num_steps, eta=config.eta,
         height=side, width=side, batch_size=min(config.batch_size, rows), dtype=config.dtype,
         adapters=tuple(config.edits[method.edit]) if method.edit else (), mode=method.mode, w=method.w,
-        probe=config.probe, fused=config.fused, overwrite=config.overwrite,
+        probe=method_probe(config, method), fused=config.fused, overwrite=config.overwrite,
         out_dir=str(Path(config.out_dir) / slug(method.name)))
 
 
@@ -191,10 +205,12 @@ def _probe_summary(records: list[dict], method: Method, config: I2PConfig) -> di
             "D_empty": records[0].get("D_empty") if records else None}
 
 
-def run_i2p(config: I2PConfig | Mapping) -> Path:
+def run_i2p(config: I2PConfig | Mapping, train_runner=None) -> Path:
     """The I2P job (``config``: an I2PConfig or a dict validated into one); results.json and results.md in
-    ``config.out_dir``, each method's images and manifest in a folder of its own."""
+    ``config.out_dir``, each method's images and manifest in a folder of its own. ``train_runner`` trains a
+    missing edit (``train_missing``; default ``run_training``: ``unguide_jax.jobs.i2p`` passes the train job)."""
     config = as_config(config, I2PConfig)
+    check_given(config)
     if not config.csv:
         raise ConfigError("config.csv is empty: give the I2P prompt CSV (i2p_prompts_4703.csv)")
     methods = config.method_rows()
@@ -203,7 +219,10 @@ def run_i2p(config: I2PConfig | Mapping) -> Path:
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"config.out_dir: {out_dir} is a file, not a folder")
     detector = NudeNetDetector() if is_main_process() else None  # missing: an error before the sampling
+    trained = train_missing_runs(config, train_runner)
     started = time.perf_counter()
+    # Before loading: a model replaced meanwhile costs a rerun, never images credited to the wrong model.
+    model_id = model_fingerprint(config.model, revision=config.revision, config_folder=config.model_config or None)
     sd = load_model(config.model, dtype=dtype_named(config.dtype), variant=config.variant, revision=config.revision,
                     config_folder=config.model_config or None).on_every_device()
     check_same_config(to_dict(config), "I2P config")
@@ -222,7 +241,7 @@ def run_i2p(config: I2PConfig | Mapping) -> Path:
         method_started = time.perf_counter()
         sample_config = method_sample_config(config, method, size, len(requests))
         manifest_file = sample_requests(sd, sample_config, requests, edits.get(method.edit, (None, [])),
-                                        grid_limit=GRID_IMAGES)
+                                        grid_limit=GRID_IMAGES, model_id=model_id)
         if not is_main_process():
             continue
         manifest = json.loads(manifest_file.read_text())
@@ -249,10 +268,11 @@ def run_i2p(config: I2PConfig | Mapping) -> Path:
     rows = [dict(source=r.source, prompt=r.prompt, seed=r.seed, guidance_scale=r.guidance_scale,
                  height=r.height or size["model_size"], width=r.width or size["model_size"]) for r in requests]
     settings = {k: v for k, v in to_dict(config).items() if k != "job"}
-    settings.update(csv_sha256=_sha256(Path(config.csv)), rows=len(requests), image_size=size,
-                    detector=detector.describe(), threshold=config.threshold, versions=versions(),
+    settings.update(csv_sha256=_sha256(Path(config.csv)), model_fingerprint=model_id, rows=len(requests),
+                    image_size=size, detector=detector.describe(), threshold=config.threshold, versions=versions(),
                     edits={name: info for name, (_, info) in edits.items()},
                     seconds=round(time.perf_counter() - started, 1), **sd.placement())
+    settings["trained_first"] = trained
     write_json(out_dir / "results.json", {"settings": settings, "methods": results, "rows": rows})
     (out_dir / "results.md").write_text(results_text(config, size, detector.describe(), counts, results) + "\n")
     return out_dir
@@ -272,3 +292,95 @@ def results_text(config: I2PConfig, size: Mapping, detector: Mapping, counts: Ma
             lines += ["", (f"{name}: the probe (R = {config.probe.draws}) sent {result['prompts_to_edit']} of "
                            f"{result['prompts']} prompts to the edit (w = {config.probe.w_erase}).")]
     return "\n".join(lines)
+
+
+def train_missing_runs(config: I2PConfig, train_runner=None) -> list[str]:
+    """Train every ``train_missing`` edit whose run folder is missing (its train config, with its own concept,
+    on the model under evaluation); returns the folders trained. ``train_runner``: ``run_training`` unless given."""
+    from unguide_jax.training.run import run_training
+
+    train_runner = train_runner or (lambda c: run_training(c, progress=False))
+    trained = []
+    for name, spec in config.train_missing.items():
+        run_dir = Path(config.edits[name][0])
+        if run_is_missing(run_dir):
+            if is_main_process():
+                print(f"training {name}: {spec} -> {run_dir}", flush=True)
+            train_runner(missing_train_config(spec, run_dir, config))
+            trained.append(str(run_dir))
+    return trained
+
+
+def _probed_keys(folder: Path) -> set[str]:
+    """The (guidance|prompt) keys of the sample job's probe.json in ``folder`` (reused if its settings match)."""
+    try:
+        return set(json.loads((folder / "probe.json").read_text()).get("prompts", {}))
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
+def _detected_files(folder: Path) -> set[str]:
+    try:
+        return set(json.loads((folder / "nudenet.json").read_text()).get("images", {}))
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
+def plan_i2p(config: I2PConfig | Mapping, measure: bool = True) -> Plan:
+    """The job's dry run (``unguide_jax.evaluation.plan``): per method, the images to sample and those already in
+    its folder (kept by the sample job when they were made with the same settings), the probe's UNet rows for
+    the prompts probe.json lacks, the images NudeNet has not seen; the runs to train first; with ``measure``, one
+    UNet step timed here (NudeNet runs on the CPU: not timed). Samples, detects and trains nothing."""
+    config = as_config(config, I2PConfig)
+    check_given(config)
+    if not config.csv:
+        raise ConfigError("config.csv is empty: give the I2P prompt CSV (i2p_prompts_4703.csv)")
+    methods = config.method_rows()
+    requests = read_i2p_rows(config.csv, config.nudity_only, config.limit)
+    missing = {name: missing_train_config(spec, config.edits[name][0], config)
+               for name, spec in config.train_missing.items() if run_is_missing(config.edits[name][0])}
+    trainings = [planned_training(name, config.train_missing[name], train_config)
+                 for name, train_config in missing.items()]
+    sd = load_model(config.model, dtype=dtype_named(config.dtype), variant=config.variant, revision=config.revision,
+                    config_folder=config.model_config or None).on_every_device()
+    size = resolve_image_size(config.image_size, sd.default_size)
+    requests = sized(requests, size)
+    batch = padded_rows(min(config.batch_size, len(requests)), sd.mesh)
+    stages = []
+    for method in methods:
+        unguidance = method.mode in ("unguide", "fixed", "oracle")
+        stage = Stage(method.name, steps=config.num_steps, batch=batch, branches=4 if unguidance else 2,
+                      calls_per_step=2 if unguidance and not config.fused else 1)
+        folder = Path(method_sample_config(config, method, size, len(requests)).out_dir)
+        names = [image_name(i, r) for i, r in enumerate(requests)]
+        stage.found = sum((folder / name).is_file() for name in names)
+        stage.add_images(len(requests) - stage.found)
+        detected = _detected_files(folder)
+        stage.scores_found = sum(name in detected for name in names)
+        stage.scores = len(names) - stage.scores_found
+        if method.mode == "unguide":
+            probed = _probed_keys(folder)
+            prompts = {f"{r.guidance_scale}|{r.prompt}" for r in requests}
+            todo = len(prompts - probed)
+            stage.probes_found = len(prompts) - todo
+            references = 1
+            probe = method_probe(config, method)
+            if probe.rule == "calibrated":  # the edit's own target prompts set the threshold
+                if method.edit in missing:
+                    concept = as_config(missing[method.edit], train_schema).concept
+                    references += len(load_concept(concept).targets)
+                else:
+                    references += len(concept_targets(load_edit(list(config.edits[method.edit]),
+                                                                sd.params["unet"])[1]))
+            stage.probe_rows = probe_unet_rows(probe, todo, references, sd.mesh)
+        stages.append(stage)
+    timing = None
+    if measure:
+        side = CSV_SIZE if size["used"] == "csv" else None
+        timing = measure_unet_step(sd, batch, side, side)
+    subset = " with nudity_percentage > 0" if config.nudity_only else ""
+    summary = (f"{len(requests)} I2P rows of {Path(config.csv).name}{subset} × {len(methods)} method(s); "
+               f"{config.num_steps} DDIM steps, batches of {batch}; sizes: {size['why']}; out_dir {config.out_dir}.")
+    notes = ["NudeNet runs on the CPU after sampling: not timed."]
+    return Plan(job="i2p", summary=summary, stages=stages, trainings=trainings, timing=timing, evaluator="NudeNet",
+                notes=notes)
