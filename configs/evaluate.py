@@ -44,6 +44,7 @@ python sample.py --config configs/evaluate.py:sd14-table1 --config.model=SD14 --
 python sample.py --config configs/evaluate.py:sd14-table1 --config.model=SD14 --config.evaluator=clip:CLIP
 python sample.py --config configs/evaluate.py:sd14-i2p --config.model=SD14 --config.csv=PATH/i2p_prompts_4703.csv
 """
+import copy
 
 from unguide_jax.evaluation.config import ORACLE_ROW, UNGUIDE_TABLE_ROWS
 
@@ -133,9 +134,9 @@ def get_config(preset: str = "default") -> dict:
     if preset == "retention":
         return dict(job="retention")
     if preset == "sd14-table1":
-        return SD14_TABLE1
+        return copy.deepcopy(SD14_TABLE1)  # a caller may change its copy
     if preset == "sd14-i2p":
-        return SD14_I2P
+        return copy.deepcopy(SD14_I2P)
     if preset == "tiny":
         return dict(job="evaluate", images_per_prompt=2, num_steps=4, batch_size=13,
                     probe=dict(draws=2, ddim_steps=10, t_enc=7), out_dir="runs/evaluate-tiny")

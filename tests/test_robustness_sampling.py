@@ -83,6 +83,7 @@ def test_a_second_run_into_a_folder_in_use_or_of_other_settings_is_refused_also_
         assert sample.main(sample_args(tiny, link, "--config.guidance_scale=1.0")) == BAD_INPUT
         message = error_of(capsys)
         assert f"{real} is in use by another run: process {first.pid}" in message
+        assert message.endswith("choose another out_dir")  # the setting to change is sampling's
         assert time.monotonic() - started < 5  # at once: before the model loads
     finally:
         first.send_signal(signal.SIGCONT)
@@ -211,3 +212,26 @@ def test_the_fingerprint_follows_symlinked_components_and_the_config_folder(tmp_
     assert model_fingerprint(checkpoint, config_folder=configs) != with_configs
     assert json.loads((tmp_path / "hash-cache" / "file-hashes.json").read_text())  # cached where the env says
     assert os.environ["UNGUIDE_JAX_CACHE"] == str(tmp_path / "hash-cache")
+
+
+def test_a_full_disk_names_the_json_or_png_it_could_not_write(tmp_path, monkeypatch):
+    """A write refused by a full disk has no file name in its error: the JSON and PNG writers add theirs."""
+    import errno
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from unguide_jax.diffusion.images import save_png
+    from unguide_jax.json_files import write_json
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(OSError, match=r"No space left on device: '.*manifest\.json'"):
+        write_json(tmp_path / "manifest.json", {"a": 1})
+    with pytest.raises(OSError, match=r"No space left on device: '.*00000_x_s0\.png'") as caught:
+        save_png(tmp_path / "00000_x_s0.png", np.zeros((8, 8, 3), np.uint8))
+    assert caught.value.errno == errno.ENOSPC

@@ -2,9 +2,11 @@
 through ``write_json``, which refuses NaN and infinities and replaces the file atomically."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
+from typing import Iterator
 
 
 def _non_finite_at(obj, where: str = "") -> str | None:
@@ -42,6 +44,18 @@ def write_json(path: str | Path, obj) -> Path:
     text = dumps_json(obj, what=str(path), indent=2, sort_keys=False) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with naming_the_file(path):
+        tmp.write_text(text)
+        os.replace(tmp, path)
     return path
+
+
+@contextlib.contextmanager
+def naming_the_file(path: str | Path) -> Iterator[None]:
+    """An OS error that names no file (a ``write`` refused by a full disk or a quota has none) names ``path``."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None or err.errno is None:
+            raise
+        raise type(err)(err.errno, err.strerror, str(path)) from err

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from unguide_jax.json_files import write_json
+from unguide_jax.json_files import naming_the_file, write_json
 
 
 def slug(text: str, limit: int = 40) -> str:
@@ -35,8 +35,9 @@ def save_png(path: str | Path, image: np.ndarray) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    tmp.replace(path)
+    with naming_the_file(path):
+        Image.fromarray(image).save(tmp, format="PNG")
+        tmp.replace(path)
     return path
 
 

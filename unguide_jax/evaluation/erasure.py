@@ -38,13 +38,8 @@ PNGs are links to the cached files. ``plan_evaluation`` is the job's dry run (``
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
-import hashlib
-import json
-import os
 import time
-import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -63,26 +58,42 @@ from unguide_jax.evaluation.attack import (
     prefixed_ids,
     run_attack,
 )
-from unguide_jax.evaluation.config import GIVEN_BY_USER, EvaluateConfig, Method, check_given
-from unguide_jax.evaluation.evaluators import PromptSet, ShapesEvaluator, load_image_evaluator
+from unguide_jax.evaluation.cache import (
+    CACHE_FOLDER,
+    EvaluationCache,
+    digest,
+    edit_digest,
+    open_cache,
+)
+from unguide_jax.evaluation.config import (
+    GIVEN_BY_USER,
+    EvaluateConfig,
+    Method,
+    check_given,
+)
+from unguide_jax.evaluation.evaluators import PromptSet, load_image_evaluator
 from unguide_jax.evaluation.plan import (
     Plan,
     Stage,
-    Training,
     measure_evaluator,
     measure_unet_step,
     probe_unet_rows,
-    train_rows_per_iteration,
+)
+from unguide_jax.evaluation.train_first import (
+    missing_edits,
+    planned_training,
+    run_is_missing,
+    seeded_erasures,
+    train_missing_edits,
 )
 from unguide_jax.json_files import write_json
-from unguide_jax.loading.model_identity import file_sha256, model_fingerprint
 from unguide_jax.loading.resolve import load_model
 from unguide_jax.models.dtypes import dtype_named
 from unguide_jax.parallel.batches import padded_rows
-from unguide_jax.parallel.hosts import check_same_config, is_main_process, process_count, to_numpy
+from unguide_jax.parallel.hosts import check_same_config, is_main_process
 from unguide_jax.settings import ConfigError, as_config, to_dict
 from unguide_jax.shapes.data import class_named_in
-from unguide_jax.training.sources import edit_tensors, load_edit
+from unguide_jax.training.sources import load_edit
 
 PROTOCOLS = ("mace", "reference", "top1")
 METRIC_KEYS = ("acc_e", "acc_s", "acc_g", "h_o")
@@ -125,178 +136,6 @@ def score(prompt_set: PromptSet, class_probs: np.ndarray, owners: np.ndarray,
     return out
 
 
-CACHE_FOLDER = "cache"
-
-
-def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def edit_digest(edit) -> str | None:
-    """What an edit adds to the model, hashed: each tensor's name, dtype, shape and bytes (and a prompt memory's
-    scope). The tensors as loaded rather than the source files: a run folder's logs, or a LoRA saved again or in
-    another format, do not change the images."""
-    if edit is None:
-        return None
-    digest = hashlib.sha256()
-    for name, value in sorted(edit_tensors(edit).items()):
-        array = np.ascontiguousarray(to_numpy(value))
-        digest.update(f"{name}\0{array.dtype.str}\0{array.shape}\n".encode())
-        digest.update(array.tobytes())
-    if edit.memory is not None:
-        digest.update(f"memory scope {edit.memory.scope}".encode())
-    return digest.hexdigest()[:24]
-
-
-def _evaluator_files(evaluator) -> list[Path]:
-    clip = getattr(evaluator, "clip", None)
-    if clip is not None:  # the weights, and the configs and vocabulary beside them
-        weights = Path(clip.weights)
-        return [weights] + sorted(p for p in weights.parent.iterdir() if p.is_file() and p.suffix in (".json", ".txt"))
-    if isinstance(evaluator, ShapesEvaluator):
-        from unguide_jax.resources import EVALUATOR
-
-        root = Path(EVALUATOR)
-        return [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    return []
-
-
-class EvaluationCache:
-    """What earlier runs of an evaluation made, under ``root`` (``out_dir/cache``), so that a rerun redoes none
-    of it:
-
-        images/<k[:2]>/<k>.png   an image; k: the model's content fingerprint, the edit's digest, prompt, seed,
-                                 guidance, w, steps, η, dtype (and ``fused`` for UnGuidance)
-        scores-<evaluator>.json  per image and texts scored against: the class and text probabilities
-        probes.json              per probe's inputs: its w per prompt and its record
-        attacks.json             per attack's inputs: its result
-
-    ``root`` None: this run's memory only (with several processes, one host's files are not the others').
-    ``work`` counts what this run made and what it found."""
-
-    def __init__(self, root: Path | None, model_id: str, config: EvaluateConfig, evaluator=None):
-        self.root = None if root is None else Path(root)
-        self.model_id, self.config = model_id, config
-        self._images: dict[str, np.ndarray] = {}
-        self._records: dict[str, dict] = {}
-        self._dirty: set[str] = set()
-        self.work: collections.Counter = collections.Counter()
-        self.evaluator_id = "" if evaluator is None else self._evaluator_id(evaluator)
-
-    def _evaluator_id(self, evaluator) -> str:
-        hashes = self._kind("file-hashes")  # (size, mtime) -> sha256: a 600 MB CLIP is hashed once
-        before = dict(hashes)
-        files = [(p.name, file_sha256(p, hashes)) for p in _evaluator_files(evaluator)]
-        if hashes != before:
-            self._dirty.add("file-hashes")
-        return _digest([type(evaluator).__name__, files or getattr(evaluator, "name", "")])
-
-    # --- images ---
-
-    def image_key(self, edit_id: str | None, request: ImageRequest) -> str:
-        c = self.config
-        fields = dict(model=self.model_id, edit=edit_id, prompt=request.prompt, seed=int(request.seed),
-                      guidance=float(request.guidance_scale), w=None if request.w is None else float(request.w),
-                      steps=c.num_steps, eta=float(c.eta), dtype=c.dtype)
-        if request.w is not None:  # one UNet call or two: equal images up to rounding, not bit for bit
-            fields["fused"] = bool(c.fused)
-        return _digest(fields)
-
-    def _image_file(self, key: str) -> Path:
-        return self.root / "images" / key[:2] / f"{key}.png"
-
-    def has_image(self, key: str) -> bool:
-        return key in self._images if self.root is None else self._image_file(key).is_file()
-
-    def image(self, key: str) -> np.ndarray | None:
-        if self.root is None:
-            return self._images.get(key)
-        path = self._image_file(key)
-        if not path.is_file():
-            return None
-        from PIL import Image
-
-        try:
-            with Image.open(path) as png:
-                return np.asarray(png.convert("RGB"))
-        except OSError:  # a damaged file: drawn again
-            return None
-
-    def put_image(self, key: str, image: np.ndarray) -> None:
-        if self.root is None:
-            self._images[key] = image
-        else:
-            save_png(self._image_file(key), image)
-
-    def place(self, key: str, image: np.ndarray, dest: Path) -> None:
-        """``dest`` holds the image: a hard link to the cached file where the filesystem allows, else a copy."""
-        if self.root is not None and self._image_file(key).is_file():
-            source = self._image_file(key)
-            if dest.exists() and os.path.samefile(source, dest):
-                return
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f".{dest.name}.tmp")
-            try:
-                tmp.unlink(missing_ok=True)
-                os.link(source, tmp)
-                tmp.replace(dest)
-                return
-            except OSError:
-                tmp.unlink(missing_ok=True)
-        save_png(dest, image)
-
-    # --- records: scores, probes, attacks ---
-
-    def _kind(self, kind: str) -> dict:
-        if kind not in self._records:
-            data = {}
-            if self.root is not None and (self.root / f"{kind}.json").is_file():
-                try:
-                    data = json.loads((self.root / f"{kind}.json").read_text())
-                except (OSError, ValueError):  # unreadable: redone, then written again
-                    data = {}
-            self._records[kind] = data if isinstance(data, dict) else {}
-        return self._records[kind]
-
-    def record(self, kind: str, key: str):
-        return self._kind(kind).get(key)
-
-    def put_record(self, kind: str, key: str, value) -> None:
-        self._kind(kind)[key] = value
-        self._dirty.add(kind)
-
-    def save(self) -> None:
-        """Writes the records changed since the last save (the images are written as they are made)."""
-        if self.root is None or not is_main_process():
-            return
-        for kind in sorted(self._dirty):
-            try:
-                write_json(self.root / f"{kind}.json", self._records[kind])
-            except ValueError as err:  # a non-finite value: not kept, so redone next time
-                warnings.warn(f"{self.root / kind}.json not written: {err}", stacklevel=2)
-        self._dirty.clear()
-
-    # --- scores ---
-
-    def scores_kind(self) -> str:
-        return f"scores-{self.evaluator_id[:16]}"
-
-    def texts_id(self, prompt_set: PromptSet) -> str:
-        return _digest([list(prompt_set.class_names), prompt_set.prompts])
-
-    def has_scores(self, key: str, texts_id: str) -> bool:
-        return self.record(self.scores_kind(), f"{key}:{texts_id}") is not None
-
-
-def open_cache(config: EvaluateConfig, out_dir: Path, evaluator) -> EvaluationCache:
-    """The evaluation's cache under ``out_dir/cache`` (memory only with several processes)."""
-    model_id = _digest(dict(model=model_fingerprint(config.model, revision=config.revision,
-                                                    config_folder=config.model_config or None),
-                            variant=config.variant, dtype=config.dtype))
-    root = out_dir / CACHE_FOLDER if process_count() == 1 else None
-    return EvaluationCache(root, model_id, config, evaluator)
-
-
 def _probe_settings(config: EvaluateConfig, rule: str, timestep_mode: str) -> dict:
     return dict(dataclasses.asdict(config.probe), rule=rule or config.probe.rule,
                 timestep_mode=timestep_mode or config.probe.timestep_mode)
@@ -306,7 +145,7 @@ def probe_key(cache: EvaluationCache, edit_id: str | None, config: EvaluateConfi
               rule: str = "", timestep_mode: str = "") -> str:
     """What a probe's w depends on (the chunking does not change it)."""
     settings = {k: v for k, v in _probe_settings(config, rule, timestep_mode).items() if k != "prompt_chunk"}
-    return _digest(dict(model=cache.model_id, edit=edit_id, prompts=list(prompts), guidance=config.guidance_scale,
+    return digest(dict(model=cache.model_id, edit=edit_id, prompts=list(prompts), guidance=config.guidance_scale,
                         probe=settings, concept=list(concept_prompts)))
 
 
@@ -401,7 +240,7 @@ def _attack(sd, evaluator, prompt_set: PromptSet, method: Method, edit, config: 
 
 def _attack_key(cache: EvaluationCache, edit_id: str | None, method: Method, config: EvaluateConfig,
                 prompt_set: PromptSet, seeds: list[int]) -> str:
-    return _digest(dict(model=cache.model_id, edit=edit_id, mode=method.mode, w=method.w, rule=method.rule,
+    return digest(dict(model=cache.model_id, edit=edit_id, mode=method.mode, w=method.w, rule=method.rule,
                         timestep_mode=method.timestep_mode, probe=dataclasses.asdict(config.probe),
                         attack=dataclasses.asdict(config.attack.settings), seeds=seeds, target=prompt_set.prompts[0],
                         guidance=config.guidance_scale, steps=config.num_steps, fused=config.fused,
@@ -574,88 +413,6 @@ def format_table(summary: dict, protocol: str = "mace", deviation: dict | None =
     return "\n".join(lines)
 
 
-def _train_config(spec: str) -> dict:
-    from unguide_jax.presets import load_config_file
-
-    return dict(load_config_file(spec))
-
-
-def seeded_folder(config: EvaluateConfig, name: str, folder: str, seed: int | None) -> str:
-    """The run folder of train_missing edit ``name`` trained with ``seed`` (None: as the config names it): the
-    train config's own seed keeps the folder's name, another seed k is ``<folder>-seed<k>``."""
-    if seed is None:
-        return folder
-    from unguide_jax.training.config import train_schema
-
-    raw = _train_config(config.train_missing[name])
-    own_seed = raw.get("seed", train_schema(raw).seed)
-    return folder if seed == own_seed else f"{folder}-seed{seed}"
-
-
-def seeded_erasures(config: EvaluateConfig, seed: int | None) -> list:
-    """``config.erasures`` with each train_missing edit's folder for ``seed``."""
-    if seed is None:
-        return list(config.erasures)
-    return [dataclasses.replace(erasure, edits={
-        name: (seeded_folder(config, name, sources[0], seed),) if name in config.train_missing else sources
-        for name, sources in erasure.edits.items()}) for erasure in config.erasures]
-
-
-def run_is_missing(run_dir: str | Path) -> bool:
-    """Whether ``run_dir`` lacks a finished run (its config.json and an edit file)."""
-    run_dir = Path(run_dir)
-    return not ((run_dir / "config.json").is_file() and any(run_dir.glob("*.safetensors")))
-
-
-def missing_train_config(spec: str, run_dir: str | Path, config, concept: str | None = None,
-                         seed: int | None = None) -> dict:
-    """The train config ``spec`` for ``run_dir``, trained on the model under evaluation (``config``'s model keys,
-    whatever model the train config names), with ``concept`` and ``seed`` when given."""
-    train_config = dict(_train_config(spec), run_dir=str(run_dir), overwrite=True, model=config.model,
-                        variant=config.variant, revision=config.revision, model_config=config.model_config)
-    if concept is not None:
-        train_config["concept"] = concept
-    if seed is not None:
-        train_config["seed"] = seed
-    return train_config
-
-
-def planned_training(what: str, spec: str, train_config: dict) -> Training:
-    """A run to train, for the dry run: its iterations and a rough UNet cost per iteration."""
-    from unguide_jax.training.config import train_schema
-
-    settings = as_config(train_config, train_schema)
-    return Training(what=what, run_dir=train_config["run_dir"], spec=spec,
-                    iterations=int(getattr(settings, "iterations", 0) or 0),
-                    rows_per_iteration=train_rows_per_iteration(settings))
-
-
-def _missing_edits(config: EvaluateConfig, seed: int | None):
-    """(edit name, erasure, run folder, train config) of every train_missing edit not trained yet for ``seed``."""
-    for erasure in seeded_erasures(config, seed):
-        for name, spec in config.train_missing.items():
-            run_dir = Path(erasure.edits[name][0])
-            if run_is_missing(run_dir):
-                yield name, erasure, run_dir, missing_train_config(spec, run_dir, config, erasure.concept, seed)
-
-
-def train_missing_edits(config: EvaluateConfig, train_runner=None, seed: int | None = None) -> list[str]:
-    """Train every ``train_missing`` edit whose run folder is missing (its train config, the erasure's concept,
-    the evaluated model; ``seed``: the LoRA's seed, None: the train config's); returns the folders trained.
-    ``train_runner``: ``run_training`` unless given."""
-    from unguide_jax.training.run import run_training
-
-    train_runner = train_runner or (lambda c: run_training(c, progress=False))
-    trained = []
-    for name, erasure, run_dir, train_config in list(_missing_edits(config, seed)):
-        if is_main_process():
-            print(f"training {name} for {erasure.concept}: {config.train_missing[name]}"
-                  f"{'' if seed is None else f' (seed {seed})'} -> {run_dir}", flush=True)
-        train_runner(train_config)
-        trained.append(str(run_dir))
-    return trained
-
-
 def spread(per_seed: list[dict]) -> tuple[dict, dict]:
     """The mean and the standard deviation (ddof 1; 0 for one seed) over LoRA seeds of the seeds' averages."""
     mean, std = {}, {}
@@ -782,7 +539,7 @@ def plan_evaluation(config: EvaluateConfig | Mapping, measure: bool = True) -> P
     seeds = list(config.lora_seeds) or [None]
     trainings = [planned_training(f"{name} for {erasure.concept}" + ("" if seed is None else f" (seed {seed})"),
                                   config.train_missing[name], train_config)
-                 for seed in seeds for name, erasure, _, train_config in _missing_edits(config, seed)]
+                 for seed in seeds for name, erasure, _, train_config in missing_edits(config, seed)]
     sd = _load_model(config)
     evaluator = load_image_evaluator(config.evaluator)
     cache = open_cache(config, Path(config.out_dir), evaluator)

@@ -34,7 +34,7 @@ from unguide_jax.diffusion.images import slug, versions
 from unguide_jax.erasers.concepts import load_concept
 from unguide_jax.erasers.unguide.probe import ProbeConfig
 from unguide_jax.evaluation.config import I2PConfig, Method, check_given
-from unguide_jax.evaluation.erasure import missing_train_config, planned_training, run_is_missing
+from unguide_jax.evaluation.train_first import missing_train_config, planned_training, run_is_missing
 from unguide_jax.evaluation.nudenet import (
     CLASS_LABELS,
     DETECTOR_FLOOR,

@@ -183,7 +183,7 @@ def _main_process_lock(root: Path) -> Iterator[None]:
         return
     with contextlib.ExitStack() as stack:
         try:
-            stack.enter_context(run_folder_lock(root))
+            stack.enter_context(run_folder_lock(root, "out_dir"))
         except Exception as err:
             broadcast_json(str(err))
             raise

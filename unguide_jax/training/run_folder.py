@@ -76,8 +76,9 @@ def _read_lock(path: Path) -> dict | None:
 
 
 @contextlib.contextmanager
-def run_folder_lock(root: Path) -> Iterator[Path]:
-    """Hold ``root``'s lock for the ``with`` block; ``RunFolderBusy`` if a live process holds it."""
+def run_folder_lock(root: Path, key: str = "run_dir") -> Iterator[Path]:
+    """Hold ``root``'s lock for the ``with`` block; ``RunFolderBusy`` (naming the setting ``key`` to change) if a
+    live process holds it."""
     path = lock_path(root)
     path.parent.mkdir(parents=True, exist_ok=True)
     mine = {"pid": os.getpid(), "host": socket.gethostname(),
@@ -105,7 +106,7 @@ def run_folder_lock(root: Path) -> Iterator[Path]:
                     continue
                 raise RunFolderBusy(
                     f"{root} is in use by another run: process {holder.get('pid')} on {holder.get('host')} (since "
-                    f"{holder.get('started')}) holds {path}. Wait for it to finish, or choose another run_dir"
+                    f"{holder.get('started')}) holds {path}. Wait for it to finish, or choose another {key}"
                     + ("" if same_host else f"; if that run is gone, delete {path}")) from None
         else:
             raise RunFolderBusy(f"could not take the lock {path}: another process keeps taking it")
