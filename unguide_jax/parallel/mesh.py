@@ -28,6 +28,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
+# A third, leading axis for K concepts trained in one run (erasers/unguide/many.py): each concept group of
+# devices holds its own data x fsdp mesh, and the stacked adapters are split over the groups.
+CONCEPT_AXIS = "concept"
 FSDP = "fsdp-largest-divisible-axis"  # a rule value: see fsdp_spec
 
 # First match wins (re.search over the path).
@@ -80,11 +83,13 @@ def auto_mesh_shape(devices: int, batch_size: int | None) -> tuple[int, int]:
 
 
 def make_mesh(data: int = 0, fsdp: int = 0, devices: Sequence[jax.Device] | None = None,
-              batch_size: int | None = None) -> Mesh:
+              batch_size: int | None = None, concept: int | None = None) -> Mesh:
     """A ("data", "fsdp") mesh over ``devices`` (default ``job_devices()``: all, across hosts).
 
     ``data`` = ``fsdp`` = 0: derived from the device count and ``batch_size`` (``auto_mesh_shape``);
     -1 on one axis takes the devices the other leaves; explicit sizes must multiply to the device count.
+    ``concept``: a ("concept", "data", "fsdp") mesh instead, ``concept`` groups of devices, each a data x fsdp
+    mesh over the devices of its group (the sizes above then count the devices of one group).
     """
     guarded = devices is None
     devices = list(job_devices() if devices is None else devices)
@@ -92,6 +97,10 @@ def make_mesh(data: int = 0, fsdp: int = 0, devices: Sequence[jax.Device] | None
     guarded = guarded and n < jax.device_count()
     why = (f" (a CPU process uses one of its {jax.local_device_count()} devices: docs/xla-cpu-concurrent-devices.md)"
            if guarded else "")
+    groups = 1 if concept is None else concept
+    if groups < 1 or n % groups:
+        raise ValueError(f"mesh concept={concept} does not divide the {n} devices{why}")
+    n //= groups
     if data == 0 and fsdp == 0:
         data, fsdp = auto_mesh_shape(n, batch_size)
     elif data == 0 or fsdp == 0:
@@ -112,7 +121,9 @@ def make_mesh(data: int = 0, fsdp: int = 0, devices: Sequence[jax.Device] | None
     if batch_size is not None and batch_size % data:
         raise ValueError(f"samples_per_step={batch_size} is not divisible by the mesh's data size {data} "
                          f"(mesh data={data} x fsdp={fsdp} on {n} devices; mesh.data=0, mesh.fsdp=0 fits any count)")
-    return Mesh(np.asarray(devices, dtype=object).reshape(data, fsdp), MESH_AXES)
+    if concept is None:
+        return Mesh(np.asarray(devices, dtype=object).reshape(data, fsdp), MESH_AXES)
+    return Mesh(np.asarray(devices, dtype=object).reshape(groups, data, fsdp), (CONCEPT_AXIS, *MESH_AXES))
 
 
 def path_name(path) -> str:

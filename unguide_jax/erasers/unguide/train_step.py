@@ -64,6 +64,14 @@ def make_train_step(unet, scheduler_config: SchedulerConfig, lora_config: lora.L
     the jit carries explicit in/out shardings; they are built on the first call from the argument
     shapes and the compiled step is reused while the shapes stay the same.
     """
+    body = train_step_body(unet, scheduler_config, lora_config, objective, optimizer, mesh, latent_size=latent_size)
+    return jit_train_step(body, mesh, rules)
+
+
+def train_step_body(unet, scheduler_config: SchedulerConfig, lora_config: lora.LoraConfig, objective: ObjectiveConfig,
+                    optimizer: optax.GradientTransformation, mesh=None, *,
+                    latent_size: int | None = None) -> Callable:
+    """The step of ``make_train_step`` before it is jitted, so that ``many.py`` can vmap it over concepts."""
     latent_shape = latent_shape_of(unet, latent_size)
 
     def train_step(state: TrainState, unet_params, embeddings: ConceptEmbeddings):
@@ -84,4 +92,4 @@ def make_train_step(unet, scheduler_config: SchedulerConfig, lora_config: lora.L
         metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), t_enc=t_enc[0], t=t[0])
         return new_state, metrics
 
-    return jit_train_step(train_step, mesh, rules)
+    return train_step
