@@ -13,12 +13,15 @@
 Decisions where the paper is open (see README): unconditional branch not collected, no centring by
 default, K edited with the same E, subspaces per attention head (``per_head``: the only way the
 V edit acts on the attention output exactly as h ↦ E h).
+K concepts at once: V_F spans the K concepts' own forget subspaces, V_R the retain anchors they share
+(``pure_edit``); the edit is the same projector.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import time
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -34,6 +37,8 @@ from unguide_jax.diffusion.schedulers import (
 )
 from unguide_jax.edits import edit as edit_lib
 from unguide_jax.erasers.common import cross_attention_layers, kernel, low_rank_factors
+from unguide_jax.erasers.concepts import Concept
+from unguide_jax.erasers.uce import as_concepts, shared_retain
 from unguide_jax.models.unet import Attention
 from unguide_jax.settings import Config, InvalidValue, at_least, option
 
@@ -204,13 +209,49 @@ def kernel_delta_factors(kernel_: np.ndarray, forget_basis: np.ndarray, retain_b
     return -kernel_ @ (np.eye(d) - projector(retain_basis)) @ forget_basis, forget_basis.T
 
 
-def pure_edit(sd, concept, config: PureConfig) -> tuple[edit_lib.Edit, dict]:
-    """PURE on ``concept`` (its forget and retain anchors) -> (Edit, report with ranks, seconds, UNet rows)."""
-    forget, retain = list(concept.forget_anchors), list(concept.retain_anchors)
-    if not forget:
-        raise ValueError(f"concept {concept.name!r} has no forget anchors")
+def union_basis(bases: Sequence[np.ndarray], heads: int = 1) -> np.ndarray:
+    """Orthonormal basis of the sum of the spans of ``bases`` (each (d, k_i), orthonormal), head by head so
+    that block-diagonal bases stay block-diagonal; one basis comes back as it is."""
+    if len(bases) == 1:
+        return bases[0]
+    d = bases[0].shape[0]
+    width = d // heads
+    blocks = []
+    for i in range(heads):
+        rows = np.concatenate([b[i * width:(i + 1) * width] for b in bases], axis=1)
+        u, s, _ = np.linalg.svd(rows, full_matrices=False)
+        # numpy's matrix_rank tolerance: a direction only one concept's subspace holds, however nearly the
+        # others reach it, is still a direction of the sum.
+        keep = s > (s.max(initial=0.0) * max(rows.shape) * np.finfo(rows.dtype).eps)
+        blocks.append(u[:, keep])
+    basis = np.zeros((d, sum(b.shape[1] for b in blocks)))
+    col = 0
+    for i, b in enumerate(blocks):
+        basis[i * width:(i + 1) * width, col:col + b.shape[1]] = b
+        col += b.shape[1]
+    return basis
+
+
+def pure_edit(sd, concepts: Concept | Sequence[Concept], config: PureConfig) -> tuple[edit_lib.Edit, dict]:
+    """PURE on one concept (its forget and retain anchors), or on K -> (Edit, report with ranks, seconds,
+    UNet rows).
+
+    K concepts: the forget subspace is the sum of the K concepts' own subspaces, each taken at τ_F from its
+    own activation rows (one SVD over all K concepts' rows would rank directions by energy across concepts, so
+    a concept with weaker or fewer rows could fall below τ and stay unerased); the retain subspace comes from
+    the retain anchors of all K less those another concept erases (``uce.shared_retain``). E = I − P_F (I − P_R)
+    is then PURE's edit with those two subspaces, still closed form and of rank dim V_F."""
+    listed = as_concepts(concepts)
+    for concept in listed:
+        if not concept.forget_anchors:
+            raise ValueError(f"concept {concept.name!r} has no forget anchors")
+    retain, dropped = shared_retain(listed)
     started = time.perf_counter()
-    h_forget, rows_f = collect(sd, forget, config)
+    h_forgets, rows_f = [], 0
+    for concept in listed:
+        h, rows = collect(sd, list(concept.forget_anchors), config)
+        h_forgets.append(h)
+        rows_f += rows
     if config.retain_tau == 0:
         retain = []  # no retain subspace: its anchors are not collected
     h_retain, rows_r = (collect(sd, retain, config) if retain else ({}, 0))
@@ -218,17 +259,26 @@ def pure_edit(sd, concept, config: PureConfig) -> tuple[edit_lib.Edit, dict]:
     adapter, ranks = {}, {}
     for layer in cross_attention_layers(sd.params["unet"]):
         heads = layer_heads(sd.unet.config, layer) if config.per_head else 1
-        v_f, v_r = layer_bases(h_forget[layer], h_retain.get(layer), heads, config)
+        first, v_r = layer_bases(h_forgets[0][layer], h_retain.get(layer), heads, config)
+        own = [first] + [head_subspace(h[layer], heads, config.energy, config.center) for h in h_forgets[1:]]
+        v_f = union_basis(own, heads)
         e = edit_matrix(v_f, v_r)
+        h_forget = h_forgets[0][layer] if len(listed) == 1 else np.concatenate([h[layer] for h in h_forgets])
         ranks[layer] = dict(forget=int(v_f.shape[1]), retain=int(v_r.shape[1]),
-                            forget_removed=round(removed_fraction(h_forget[layer], e), 4),
+                            forget_removed=round(removed_fraction(h_forget, e), 4),
                             retain_removed=round(removed_fraction(h_retain[layer], e), 4) if retain else None)
+        if not isinstance(concepts, Concept):
+            ranks[layer].update(forget_per_concept=[int(f.shape[1]) for f in own],
+                                forget_removed_per_concept=[round(removed_fraction(h[layer], e), 4)
+                                                            for h in h_forgets])
         for name in ("to_k", "to_v") if config.edit_keys else ("to_v",):
             module = f"{layer}.{name}"
             a, b = kernel_delta_factors(kernel(sd.params["unet"], module), v_f, v_r)
             adapter[module] = low_rank_factors(a, b)
     adapter = jax.tree.map(jnp.asarray, adapter)
-    report = dict(forget_anchors=len(forget), retain_anchors=len(retain), ranks=ranks, unet_rows=rows_f + rows_r,
-                  collect_seconds=round(collect_seconds, 2), seconds=round(time.perf_counter() - started, 2),
-                  config=dataclasses.asdict(config))
+    report = dict(forget_anchors=sum(len(c.forget_anchors) for c in listed), retain_anchors=len(retain), ranks=ranks,
+                  unet_rows=rows_f + rows_r, collect_seconds=round(collect_seconds, 2),
+                  seconds=round(time.perf_counter() - started, 2), config=dataclasses.asdict(config))
+    if not isinstance(concepts, Concept):
+        report.update(concepts=[c.name for c in listed], retain_dropped=dropped)
     return edit_lib.lora_edit(adapter, 1.0), report

@@ -13,11 +13,16 @@ prompt's last subject token to the end of the sequence, erase and guide rows ali
 last subject tokens (CLIP's causal attention spreads the subject into every later token, which the
 UNet also attends to); ``"subject"``: the last subject token only. Erase prompts: the concept's
 forget anchors; preserve: its retain anchors; guide: "" (default) or the concept's reference.
+
+K concepts (the paper's setting: its closed form is stated for many concepts at once) are one problem:
+every concept's erase rows with its own guides, and the retain anchors of all of them less any prompt
+another concept erases (``shared_retain``).
 """
 from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +30,7 @@ import numpy as np
 
 from unguide_jax.edits import edit as edit_lib
 from unguide_jax.erasers.common import cross_attention_layers, kernel, low_rank_factors
+from unguide_jax.erasers.concepts import Concept
 from unguide_jax.settings import Config, option, positive
 
 TOKEN_MODES = ("subject_to_end", "subject")
@@ -81,14 +87,43 @@ def objective(k, k0, erase, guide, preserve, config: UceConfig) -> float:
     return float(value)
 
 
-def uce_edit(sd, concept, config: UceConfig) -> tuple[edit_lib.Edit, dict]:
-    started = time.perf_counter()
-    forget, retain = list(concept.forget_anchors), list(concept.retain_anchors)
+def as_concepts(concepts) -> list:
+    """One concept or a sequence of them, as a non-empty list."""
+    listed = [concepts] if isinstance(concepts, Concept) else list(concepts)
+    if not listed:
+        raise ValueError("no concept to erase: give a Concept or a non-empty sequence of them")
+    return listed
+
+
+def shared_retain(concepts: Sequence[Concept]) -> tuple[list[str], list[str]]:
+    """(the retain anchors of K concepts together, those left out): each concept's own list in order, less a
+    prompt an earlier concept already brought and less a prompt another concept erases (preserving what one
+    concept erases would pull the solution back from that erasure). A concept's own list is kept as it is, so
+    that K = 1 is the single-concept edit exactly."""
+    retain, dropped, seen = [], [], set()
+    for k, concept in enumerate(concepts):
+        erased_elsewhere = {p for j, other in enumerate(concepts) if j != k for p in other.forget_anchors}
+        mine = [p for p in concept.retain_anchors if p not in seen]
+        for prompt in mine:
+            (dropped if prompt in erased_elsewhere else retain).append(prompt)
+        seen.update(mine)
+    return retain, sorted(set(dropped))
+
+
+def concept_guides(concept: Concept, config: UceConfig) -> list[str]:
+    forget = concept.forget_anchors
     if config.guide == "reference":
         pairs = concept.pairs
-        guides = [pairs[min(i, len(pairs) - 1)][1] for i in range(len(forget))]
-    else:
-        guides = [""] * len(forget)
+        return [pairs[min(i, len(pairs) - 1)][1] for i in range(len(forget))]
+    return [""] * len(forget)
+
+
+def edit_rows(sd, concepts: Sequence[Concept], config: UceConfig):
+    """(erase, guide, preserve rows, report fields) for K concepts: every concept's forget anchors with its
+    own guides, and the retain anchors of ``shared_retain``."""
+    forget = [p for c in concepts for p in c.forget_anchors]
+    guides = [g for c in concepts for g in concept_guides(c, config)]
+    retain, dropped = shared_retain(concepts)
     h_f, i_f = token_rows(sd, forget, config.tokens)
     h_g, i_g = token_rows(sd, guides, config.tokens)
     erase_rows, guide_rows = [], []
@@ -103,6 +138,18 @@ def uce_edit(sd, concept, config: UceConfig) -> tuple[edit_lib.Edit, dict]:
                                    for k in range(len(retain))])
     else:
         preserve = np.zeros((0, erase.shape[1]))
+    owner = [k for k, c in enumerate(concepts) for _ in c.forget_anchors]
+    per_concept = [sum(len(r) for r, o in zip(erase_rows, owner) if o == k) for k in range(len(concepts))]
+    info = dict(guides=sorted(set(guides)), retain_dropped=dropped, erase_rows_per_concept=per_concept)
+    return erase, guide, preserve, info
+
+
+def uce_edit(sd, concepts: Concept | Sequence[Concept], config: UceConfig) -> tuple[edit_lib.Edit, dict]:
+    """UCE on one concept, or on K at once: the paper states its closed form for many concepts (all erase rows
+    and all preserve rows in one least-squares problem), solved once per K/V kernel."""
+    started = time.perf_counter()
+    listed = as_concepts(concepts)
+    erase, guide, preserve, info = edit_rows(sd, listed, config)
     adapter = {}
     for layer in cross_attention_layers(sd.params["unet"]):
         for name in ("to_k", "to_v"):
@@ -110,6 +157,9 @@ def uce_edit(sd, concept, config: UceConfig) -> tuple[edit_lib.Edit, dict]:
             a, b = solve(kernel(sd.params["unet"], module), erase, guide, preserve, config)
             adapter[module] = low_rank_factors(a, b)
     adapter = jax.tree.map(jnp.asarray, adapter)
-    report = dict(erase_rows=int(erase.shape[0]), preserve_rows=int(preserve.shape[0]), guides=sorted(set(guides)),
+    report = dict(erase_rows=int(erase.shape[0]), preserve_rows=int(preserve.shape[0]), guides=info["guides"],
                   seconds=round(time.perf_counter() - started, 2), config=dataclasses.asdict(config))
+    if not isinstance(concepts, Concept):
+        report.update(concepts=[c.name for c in listed], erase_rows_per_concept=info["erase_rows_per_concept"],
+                      retain_dropped=info["retain_dropped"])
     return edit_lib.lora_edit(adapter, 1.0), report
