@@ -288,11 +288,13 @@ WATCHED_JOB = textwrap.dedent("""
     import sys, time
     from unguide_jax.cli.config import error_lines, exit_code_of
     from unguide_jax.parallel.hosts import broadcast_json, maybe_initialize_distributed
+    from unguide_jax.parallel.supervise import report_progress
 
     maybe_initialize_distributed()
     try:
         for i in range(100000):
             broadcast_json({"step": i})
+            report_progress(f"step {i}")
             if i == 0:
                 print("running", file=sys.stderr, flush=True)
             time.sleep(0.02)
@@ -334,3 +336,40 @@ def test_when_a_process_dies_the_others_stop_with_one_line_naming_it(tmp_path):
     (message,) = error_lines(stderr)
     assert f"process 1 (pid {processes[1].pid} on " in message and ") of 2 stopped" in message
     assert "Check failure stack trace" not in stderr
+
+
+def test_when_the_coordinator_dies_the_others_stop_with_one_line_naming_it(tmp_path):
+    """Process 0 of 2, the coordinator, is killed (-9) mid-job: process 1 stops with exit status 1 and one error line
+    naming process 0 (before: jaxlib's coordination agent aborted it from a C++ thread, status 134 and a C++ stack
+    dump; now a supervising parent, parallel/supervise.py, holds the dump back and says it in one line)."""
+    (tmp_path / "job.py").write_text(WATCHED_JOB)
+    port = free_port()
+    processes = []
+    for i in range(2):
+        env = subprocess_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
+                             PYTHONPATH=str(REPO))
+        env.pop("UNGUIDE_DEBUG", None)
+        processes.append(subprocess.Popen([sys.executable, str(tmp_path / "job.py")], cwd=REPO, env=env,
+                                          stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"{i}.err", "w")))
+    try:
+        deadline = time.monotonic() + 60
+        while "running" not in (tmp_path / "1.err").read_text():
+            assert processes[1].poll() is None, (tmp_path / "1.err").read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(0.5)
+        processes[0].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        status = processes[1].wait(timeout=60)
+        took = time.monotonic() - killed
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+    stderr = (tmp_path / "1.err").read_text()
+    assert status == FAILED and took < 10, (status, took, stderr[-3000:])
+    (message,) = error_lines(stderr)
+    assert "process 0 (" in message and ("the coordinator" in message or ") of 2 stopped" in message), message
+    if "the coordinator" in message:  # the supervisor's line names the last step the job completed
+        assert "the job stopped after step " in message, message
+    assert "Check failure stack trace" not in stderr and "Terminating process" not in stderr, stderr[-3000:]

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from unguide_jax.diffusion.pipeline import StableDiffusion
 from unguide_jax.parallel.batches import padded_rows
 from unguide_jax.parallel.hosts import is_main_process
+from unguide_jax.parallel.supervise import report_progress
 
 
 class NonFiniteImage(RuntimeError):
@@ -56,7 +57,10 @@ def generate_images(sd: StableDiffusion, requests: Sequence[ImageRequest], *, ba
     groups = [list(g) for _, g in itertools.groupby(order, key=lambda i: size(requests[i]))]
     batches = [g[i:i + batch_size] for g in groups for i in range(0, len(g), batch_size)]
     results: dict[int, np.ndarray] = {}
-    for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress or not batches or not is_main_process()):
+    for done, batch in enumerate(tqdm(batches, desc=desc, unit="batch",
+                                      disable=not progress or not batches or not is_main_process())):
+        if done:
+            report_progress(f"{done} of {len(batches)} batches" + (f" of {desc}" if desc else ""))
         padded = [requests[i] for i in batch + [batch[-1]] * (batch_size - len(batch))]
         height, width, plain = size(padded[0])
         out = sd.generate(

@@ -20,10 +20,13 @@ coordination service's key-value store; when a collective fails, ``explain_lost_
 others' sockets (a refused connection: that process is gone) and names them (``LostProcess``). At exit,
 a process whose peer is gone skips jax's shutdown barrier, which would wait for the dead one until the
 heartbeat timeout (100 s) and then abort the process with a C++ stack dump (exit status 134).
-Limitation: when process 0, the coordinator, dies, jaxlib's coordination agent in every other process
-aborts it at once from a C++ thread (``client.h: Terminating process because the JAX distributed service
-detected fatal errors``, status 134); nothing in Python can catch that (jaxlib's replacement hook for it,
-``missed_heartbeat_callback``, fails with std::bad_cast when given a Python function).
+When process 0, the coordinator, dies, jaxlib's coordination agent in every other process aborts it at once
+from a C++ thread (``client.h: Terminating process because the JAX distributed service detected fatal
+errors``, SIGABRT, a C++ stack dump); nothing in Python can catch that (jaxlib's replacement hook for it,
+``missed_heartbeat_callback``, fails with std::bad_cast when given a Python function). So each process i != 0
+runs under a supervising parent (``parallel/supervise.py``): the same program again as a child, whose abort
+dump the parent holds back, printing instead one line naming the lost coordinator, and exiting with status 1
+(the last completed step is not known to it). Not with ``--debug`` or UNGUIDE_DEBUG=1: the full dump then.
 """
 from __future__ import annotations
 
@@ -45,6 +48,8 @@ import jax
 import numpy as np
 from jax._src import distributed as jax_distributed
 from jax.experimental import multihost_utils
+
+from unguide_jax.parallel.supervise import supervise_if_needed, supervisor_pid
 
 DEFAULT_TIMEOUT_S = 300
 
@@ -71,6 +76,7 @@ def maybe_initialize_distributed() -> bool:
         return False
     if jax.distributed.is_initialized():
         return True
+    supervise_if_needed()  # process i != 0: runs this program again as a watched child, and exits as it did
     timeout = int(os.environ.get("JAX_COORDINATOR_TIMEOUT", DEFAULT_TIMEOUT_S))
     kwargs: dict[str, Any] = {"initialization_timeout": timeout}
     if address:
@@ -135,7 +141,7 @@ def _start_watch(timeout: int) -> None:
         listener.bind(("", 0))
         listener.listen(128)
         me = {"host": _local_address(state.coordinator_address), "port": listener.getsockname()[1],
-              "pid": os.getpid(), "hostname": socket.gethostname()}
+              "pid": supervisor_pid() or os.getpid(), "hostname": socket.gethostname()}
         state.client.key_value_set(f"unguide/watch/{state.process_id}", json.dumps(me))
         peers = {i: json.loads(state.client.blocking_key_value_get(f"unguide/watch/{i}", timeout * 1000))
                  for i in range(state.num_processes) if i != state.process_id}

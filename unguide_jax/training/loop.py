@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from unguide_jax.json_files import dumps_json
+from unguide_jax.parallel.supervise import report_progress
 from unguide_jax.training.checkpoints import RunCheckpoints
 
 
@@ -174,6 +175,7 @@ def train_loop(state, step_fn: Callable, *, iterations: int, checkpoint_every: i
                  "seconds": round(time.perf_counter() - began, 4)})
             bar.set_postfix(loss=f"{metrics['loss']:.5f}")
             bar.update(1)
+            report_progress(f"train step {step}/{iterations}")
             if checkpoints is not None and (step == iterations or (checkpoint_every and step % checkpoint_every == 0)):
                 if not bool(_all_finite(state.adapter)):
                     raise NonFiniteLoss(_nonfinite_message(f"the adapter is not finite after step {step}", checkpoints))
