@@ -335,6 +335,7 @@ def test_when_a_process_dies_the_others_stop_with_one_line_naming_it(tmp_path):
     assert status == FAILED and took < 10, (status, took, stderr[-3000:])
     (message,) = error_lines(stderr)
     assert f"process 1 (pid {processes[1].pid} on " in message and ") of 2 stopped" in message
+    assert "cannot go on without it after step " in message  # and the last step it completed
     assert "Check failure stack trace" not in stderr
 
 

@@ -49,7 +49,7 @@ import numpy as np
 from jax._src import distributed as jax_distributed
 from jax.experimental import multihost_utils
 
-from unguide_jax.parallel.supervise import supervise_if_needed, supervisor_pid
+from unguide_jax.parallel.supervise import last_progress, supervise_if_needed, supervisor_pid
 
 DEFAULT_TIMEOUT_S = 300
 
@@ -209,9 +209,11 @@ def explain_lost_process(err: BaseException, then: str = "") -> BaseException:
     _watch.lost = lost
     who = ", ".join(f"{i} (pid {_watch.peers[i].get('pid')} on {_watch.peers[i].get('hostname')})" for i in lost)
     first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    done = last_progress()
     return LostProcess(f"process{'es' if len(lost) > 1 else ''} {who} of {_watch.count} stopped (killed, crashed or "
-                       f"unreachable; its own output says why), and process {_watch.me} cannot go on without it "
-                       f"({type(err).__name__}: {first}).{(' ' + then) if then else ''}")
+                       f"unreachable; its own output says why), and process {_watch.me} cannot go on without it"
+                       f"{f' after {done}' if done else ''} ({type(err).__name__}: {first})."
+                       f"{(' ' + then) if then else ''}")
 
 
 @contextlib.contextmanager

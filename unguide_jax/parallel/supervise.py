@@ -76,9 +76,20 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+_last_completed = ""  # this process's last report_progress, for the lost-process line (parallel.hosts)
+
+
+def last_progress() -> str:
+    """What this process last completed (``report_progress``), or ""."""
+    return _last_completed
+
+
 def report_progress(what: str) -> None:
-    """Under a supervisor: records ``what`` (the last completed step) where it reads it if the job dies with the
-    coordinator. Elsewhere nothing: one environment lookup."""
+    """Records ``what`` (the last completed step) for the line that names a lost process: in memory for this
+    process's own line and, under a supervisor, in the file its parent reads if the job dies with the
+    coordinator."""
+    global _last_completed
+    _last_completed = what
     path = os.environ.get(_PROGRESS_FILE)
     if not path:
         return
