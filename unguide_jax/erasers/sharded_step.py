@@ -20,7 +20,6 @@ def jit_train_step(train_step, mesh: Mesh | None, rules=PARTITION_RULES):
     """
     if mesh is None:
         return jax.jit(train_step, donate_argnums=0, compiler_options=XLA_CPU_OPTIONS)
-    compiled: dict = {}
 
     def jitted_for(args):
         state, unet_params, embeddings = args
@@ -29,14 +28,21 @@ def jit_train_step(train_step, mesh: Mesh | None, rules=PARTITION_RULES):
         return in_sh, jax.jit(train_step, in_shardings=in_sh, out_shardings=(state_sh, replicated(mesh)),
                               donate_argnums=0, compiler_options=XLA_CPU_OPTIONS)
 
-    def sharded_step(state, unet_params, embeddings):
-        args = (state, unet_params, embeddings)
+    return compiled_per_shapes(jitted_for, "train step")
+
+
+def compiled_per_shapes(jitted_for, what: str):
+    """The step that ``jitted_for(args) -> (in_shardings, jitted)`` builds, compiled once per argument shapes and
+    called on arguments placed as those shardings say. ``what`` names the multi-process barrier."""
+    compiled: dict = {}
+
+    def sharded_step(*args):
         signature = jax.tree.structure(args), tuple((x.shape, x.dtype) for x in jax.tree.leaves(args))
         if signature not in compiled:
             in_sh, jitted = jitted_for(args)
             if jax.process_count() > 1:  # compiled ahead, so that the processes start the step together
                 jitted = jitted.lower(*place(args, in_sh)).compile()
-                barrier("train step compiled")
+                barrier(f"{what} compiled")
             compiled[signature] = (in_sh, jitted)
         in_sh, jitted = compiled[signature]
         # A no-op for arguments already placed as the rules say (the usual case after the first step).

@@ -79,12 +79,14 @@ def _evaluator_or_unset(value: str) -> str | None:
     return None if value == "" else check_evaluator(value)
 
 
-# What the sd14-* presets leave to the user ("": nothing is assumed), and what to pass: the paper's model and CLIP.
+# What the sd14-* and retention presets leave to the user ("": nothing is assumed), and what to pass: the paper's model and CLIP.
 GIVEN_BY_USER = {
     "model": "--config.model=PATH_OR_HUB_ID (the model under evaluation; the paper's: Stable Diffusion v1.4, "
              "CompVis/stable-diffusion-v1-4 in the hub cache or its diffusers folder)",
     "evaluator": "--config.evaluator=clip:SOURCE (the paper's CLIP ViT-B/32: clip:openai/clip-vit-base-patch32 in "
                  "the hub cache, or a CLIP folder)",
+    "clip": "--config.clip=SOURCE (the CLIP of the retention job's CLIP score: a transformers CLIP folder, a hub id "
+            "in the local cache such as openai/clip-vit-large-patch14, or a safetensors file)",
 }
 
 

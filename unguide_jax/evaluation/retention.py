@@ -42,7 +42,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from unguide_jax.diffusion.images import slug, versions
-from unguide_jax.evaluation.config import Method
+from unguide_jax.evaluation.config import Method, check_given
 from unguide_jax.evaluation.evaluators import ClipEvaluator
 from unguide_jax.evaluation.plan import Plan, Stage, measure_unet_step, probe_unet_rows
 from unguide_jax.evaluation.retention_config import RetentionConfig
@@ -407,7 +407,7 @@ def run_retention(config: RetentionConfig | Mapping) -> Path:
     """The retention job (``config``: a RetentionConfig or a dict validated into one); results.json and results.md
     in ``config.out_dir``, each method's images and manifest in a folder of its own."""
     config = as_config(config, RetentionConfig)
-    _check_given(config)
+    check_given(config)
     methods = config.method_rows()
     captions = read_captions(config.captions, config.limit)  # bad input fails before anything loads
     if config.seed + len(captions) - 1 >= SEED_LIMIT:
@@ -485,7 +485,7 @@ def plan_retention(config: RetentionConfig | Mapping, measure: bool = True) -> P
     images CLIP has not scored (clip_scores.json); with ``measure``, one UNet step and one CLIP call timed here.
     Samples, scores and trains nothing."""
     config = as_config(config, RetentionConfig)
-    _check_given(config)
+    check_given(config)
     captions = read_captions(config.captions, config.limit)
     check_fid_settings(config)
     sd = load_model(config.model, dtype=dtype_named(config.dtype), variant=config.variant, revision=config.revision,
@@ -529,14 +529,6 @@ def plan_retention(config: RetentionConfig | Mapping, measure: bool = True) -> P
                f"{config.num_steps} DDIM steps, batches of {batch}; out_dir {config.out_dir}.")
     notes = ["The FID (fid_reference) runs on the CPU after sampling: not timed."] if config.fid_reference else []
     return Plan(job="retention", summary=summary, stages=stages, timing=timing, evaluator="CLIP", notes=notes)
-
-
-def _check_given(config: RetentionConfig) -> None:
-    if not config.model:
-        raise ConfigError("config.model is empty: give the Stable Diffusion model the edits were trained on")
-    if not config.clip:
-        raise ConfigError("config.clip is empty: give the CLIP model of the CLIP score (a transformers CLIP folder, a "
-                          "hub id in the local cache such as openai/clip-vit-large-patch14, or a safetensors file)")
 
 
 def format_table(results: Mapping[str, dict]) -> str:

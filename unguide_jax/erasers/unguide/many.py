@@ -23,15 +23,14 @@ from jax.sharding import PartitionSpec as P
 from unguide_jax.diffusion.sampler import XLA_CPU_OPTIONS
 from unguide_jax.diffusion.schedulers import SchedulerConfig
 from unguide_jax.edits import lora
+from unguide_jax.erasers.sharded_step import compiled_per_shapes
 from unguide_jax.erasers.unguide.objective import ConceptEmbeddings, ObjectiveConfig
 from unguide_jax.erasers.unguide.train_step import TrainState, init_train_state, train_step_body
-from unguide_jax.parallel.hosts import barrier
 from unguide_jax.parallel.mesh import (
     CONCEPT_AXIS,
     PARTITION_RULES,
     partition_spec,
     path_name,
-    place,
     shardings_for,
 )
 
@@ -117,7 +116,6 @@ def make_many_train_step(unet, scheduler_config: SchedulerConfig, lora_config: l
     if mesh is None:
         return jax.jit(many, donate_argnums=0, compiler_options=XLA_CPU_OPTIONS)
 
-    compiled: dict = {}
     per_concept = NamedSharding(mesh, P(CONCEPT_AXIS if groups > 1 else None))
 
     def jitted_for(args):
@@ -127,18 +125,11 @@ def make_many_train_step(unet, scheduler_config: SchedulerConfig, lora_config: l
         return in_sh, jax.jit(many, in_shardings=in_sh, out_shardings=(states_sh, per_concept), donate_argnums=0,
                               compiler_options=XLA_CPU_OPTIONS)
 
+    step = compiled_per_shapes(jitted_for, "many-concept train step")
+
     def sharded_step(states, unet_params, embeddings):
         check(states)
-        args = (states, unet_params, embeddings)
-        signature = jax.tree.structure(args), tuple((x.shape, x.dtype) for x in jax.tree.leaves(args))
-        if signature not in compiled:
-            in_sh, jitted = jitted_for(args)
-            if jax.process_count() > 1:  # compiled ahead, so that the processes start the step together
-                jitted = jitted.lower(*place(args, in_sh)).compile()
-                barrier("many-concept train step compiled")
-            compiled[signature] = (in_sh, jitted)
-        in_sh, jitted = compiled[signature]
-        return jitted(*place(args, in_sh))
+        return step(states, unet_params, embeddings)
 
-    sharded_step.lower = lambda *args: jitted_for(args)[1].lower(*args)
+    sharded_step.lower = step.lower
     return sharded_step
