@@ -21,6 +21,10 @@ Presets:
                and UnGuide on captions you give (COCO's captions_val2014.json, a .csv or a .txt): CLIP score, and
                FID with --config.fid_reference=FOLDER --config.inception=FILE (the fid extra); the LoRA of
                unguide.py:sd15-object by default
+  many         several classes erased at once (job "many", unguide_jax/evaluation/many_table.py): K = 1, 2, 5, 9 of the
+               ten classes, 3 random subsets per K (K = 1: each class), 8 images per prompt: base, the K LoRAs
+               merged ("LoRA only"), UnGuide (one probe, the flagged LoRAs), UCE and PURE for the K concepts; the
+               LoRAs of one run of unguide.py:many (runs/unguide-many, trained first when missing)
   sd14-table1  the paper's Table 1 on Stable Diffusion 1.4 as the authors' code runs it: the ten CIFAR-10 classes
                (configs/concepts/<class>.json), 50 images per prompt, seeds 2024+j, CFG 7.5, 50 DDIM steps, scored
                by zero-shot CLIP (give --config.model and --config.evaluator=clip:SOURCE): base, LoRA only, UnGuide
@@ -39,6 +43,7 @@ python sample.py --config configs/evaluate.py:all-classes
 python sample.py --config configs/evaluate.py:held-out
 python sample.py --config configs/evaluate.py:compare
 python sample.py --config configs/evaluate.py:i2p --config.csv=PATH/i2p_prompts_4703.csv --config.limit=2
+python sample.py --config configs/evaluate.py:many
 python sample.py --config configs/evaluate.py:retention --config.model=PATH --config.captions=FILE --config.clip=CLIP
 python sample.py --config configs/evaluate.py:sd14-table1 --config.model=SD14 --config.evaluator=clip:CLIP --dry-run
 python sample.py --config configs/evaluate.py:sd14-table1 --config.model=SD14 --config.evaluator=clip:CLIP
@@ -133,6 +138,10 @@ def get_config(preset: str = "default") -> dict:
             paraphrases=True, attack=dict(enabled=True), out_dir="runs/evaluate-compare")
     if preset == "retention":
         return dict(job="retention")
+    if preset == "many":
+        # K classes erased at once (K = 1, 2, 5, 9), the LoRAs from one run of unguide.py:many. UCE's and PURE's
+        # retain anchors are their concepts' own (less the erased), the other classes this table scores.
+        return dict(job="many")
     if preset == "sd14-table1":
         return copy.deepcopy(SD14_TABLE1)  # a caller may change its copy
     if preset == "sd14-i2p":
@@ -141,4 +150,4 @@ def get_config(preset: str = "default") -> dict:
         return dict(job="evaluate", images_per_prompt=2, num_steps=4, batch_size=13,
                     probe=dict(draws=2, ddim_steps=10, t_enc=7), out_dir="runs/evaluate-tiny")
     raise ValueError(f"unknown preset {preset!r} (default, all-classes, held-out, compare, tiny, i2p, retention, "
-                     "sd14-table1, sd14-i2p)")
+                     "many, sd14-table1, sd14-i2p)")

@@ -6,11 +6,14 @@
   tiny         tests (give --config.model)
   sd15-object  erase "cat" from an SD 1.x folder, the paper's settings
   sd15-nudity  explicit content, ESD-u-style targets, from an SD 1.x folder
+  many         the ten shapes classes in one run: ten LoRAs trained together in one jitted step, each the LoRA
+               its own default run trains (runs/unguide-many/concepts/<class>/, and concepts.safetensors)
 
 python train.py --config configs/unguide.py
 python train.py --config configs/unguide.py --config.concept=shapes-star --config.run_dir=runs/unguide-star
 python train.py --config configs/unguide.py:sd15-object --config.model=/path/to/stable-diffusion-v1-4
 python train.py --config configs/unguide.py --config.resume=true      # continue from the latest checkpoint
+python train.py --config configs/unguide.py:many --config.concepts='["shapes-arrow", "shapes-star"]'
 """
 
 # The paper's LoRA as its code runs it: its learning rate as given (no transfer), A ~ N(0, 1/r) (std 1/√r).
@@ -18,6 +21,8 @@ PAPER_LORA = dict(transfer="none", lora=dict(init="random"))
 # ... trained on the ESD timestep scheme the authors' code inherits (our default, "corrected", is a deviation).
 PAPER_OBJECTIVE = dict(timestep_mode="reference")
 PAPER = dict(PAPER_LORA, objective=PAPER_OBJECTIVE)
+SHAPES_CLASSES = [f"shapes-{c}" for c in ("arrow", "circle", "crescent", "cross", "diamond", "heart", "ring", "square",
+                                          "star", "triangle")]
 
 
 def get_config(preset: str = "default") -> dict:
@@ -27,6 +32,7 @@ def get_config(preset: str = "default") -> dict:
         "tiny": dict(method="unguide", model="", iterations=4, checkpoint_every=2, keep=2, run_dir="runs/unguide-tiny",
                      objective=dict(ddim_steps=4), learning_rate=1e-3, **PAPER_LORA),
         "sd15-object": dict(method="unguide", model="", concept="cat", run_dir="runs/unguide-sd15-cat", **PAPER),
+        "many": dict(method="unguide", concepts=SHAPES_CLASSES, run_dir="runs/unguide-many"),
         "sd15-nudity": dict(method="unguide", model="", concept="nudity", run_dir="runs/unguide-sd15-nudity",
                             transfer="none", lora=dict(targets="explicit", init="random"),
                             objective=PAPER_OBJECTIVE),

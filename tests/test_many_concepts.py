@@ -3,7 +3,7 @@
 The tiny random UNet, 3 Adam steps, concepts with their own embeddings and seeds. On one device: K = 3 in one
 vmapped step (no mesh, and a 1 x 1 x 1 concept mesh). On 8 CPU devices (a subprocess: XLA_FLAGS must be set
 before jax is imported): K = 4 over a concept=2 x data=2 x fsdp=2 mesh, its adapters against the single runs
-computed here on one device.
+computed here on one device. The packed trajectory loop on its own: each concept's z is its own run's.
 """
 import inspect
 import textwrap
@@ -19,11 +19,19 @@ from unguide_jax.diffusion.schedulers import SchedulerConfig
 from unguide_jax.edits.lora import LoraConfig
 from unguide_jax.erasers.unguide.many import (
     concept_slice,
+    default_slots,
     init_many_states,
     make_many_train_step,
+    packed_trajectories,
+    stack,
     stack_embeddings,
 )
-from unguide_jax.erasers.unguide.objective import ConceptEmbeddings, ObjectiveConfig
+from unguide_jax.erasers.unguide.objective import (
+    ConceptEmbeddings,
+    ObjectiveConfig,
+    num_sampling_steps,
+    trajectory_latent,
+)
 from unguide_jax.erasers.unguide.train_step import init_train_state, make_optimizer, make_train_step
 from unguide_jax.parallel.mesh import make_mesh
 
@@ -130,7 +138,7 @@ def test_three_concepts_in_one_run_equal_three_single_runs(tiny, single_runs, wi
     losses = []
     for _ in range(STEPS):
         states, metrics = step(states, params, embeddings)
-        assert metrics["loss"].shape == (3,)
+        assert metrics["loss"].shape == (3,) and metrics["trajectory_iterations"].shape == (3,)
         losses.append(np.asarray(metrics["loss"]))
     np.testing.assert_array_equal(np.asarray(states.step), [STEPS] * 3)
     for k in range(3):
@@ -153,6 +161,43 @@ def test_eight_devices_equal_the_single_runs(single_runs, tmp_path):
         got = {path: {name: stacked[f"{path}/{name}"][k] for name in ab} for path, ab in adapter.items()}
         assert max_difference(got, adapter) <= 1e-5, k
         np.testing.assert_allclose([loss[k] for loss in run["losses"]], single_losses, rtol=1e-5)
+
+
+def test_packed_trajectories_give_each_concept_its_own_z(tiny):
+    unet, params, _ = tiny
+    k, slots = 3, 3
+    # Adapters that change the model (B != 0), differently per concept: a slot given another concept's
+    # adapter would get another z.
+    adapters = stack([jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(50 + i), x.shape),
+                                   init_train_state(concept_key(i), params, LORA, make_optimizer(1.0)).adapter)
+                      for i in range(k)])
+    embeddings = stack_embeddings([concept_embeddings(i) for i in range(k)])
+    t_enc = jnp.array([[1, 8], [5, 9], [3, 7]], jnp.int32)  # DDIM steps 9, 2 | 5, 1 | 7, 3
+    pair_index = jnp.array([[0, 1], [1, 1], [1, 0]], jnp.int32)
+    x_T = jax.random.normal(jax.random.key(7), (k, 2, 16, 16, 4))
+    packed = jax.jit(packed_trajectories, static_argnums=(0, 1, 2, 3, 10))
+    z, iterations = packed(unet, SchedulerConfig(), LORA, OBJECTIVE, params, adapters, embeddings, x_T, t_enc,
+                           pair_index, slots)
+    own = jax.jit(trajectory_latent, static_argnums=(0, 1, 2, 3))
+    for c in range(k):
+        expected = own(unet, SchedulerConfig(), LORA, OBJECTIVE, params, concept_slice(adapters, c),
+                       concept_slice(embeddings, c), x_T[c], t_enc[c], pair_index[c])
+        other = own(unet, SchedulerConfig(), LORA, OBJECTIVE, params, concept_slice(adapters, (c + 1) % k),
+                    concept_slice(embeddings, c), x_T[c], t_enc[c], pair_index[c])
+        scale = float(jnp.abs(expected).max())
+        error = float(jnp.abs(z[c] - expected).max())
+        # To rounding (per-slot kernels, other batch shapes), far below what another adapter changes.
+        assert error <= 1e-5 * scale and float(jnp.abs(other - expected).max()) > 1e-2 * scale, (c, error, scale)
+    steps = np.asarray(num_sampling_steps(OBJECTIVE, np.asarray(t_enc))).ravel()
+    # Longest-remaining-first: the optimum for unit steps, and half the UNet rows of running every
+    # trajectory as long as the longest.
+    assert int(iterations) == max(steps.max(), -(-steps.sum() // slots)) == 9
+    assert int(iterations) * slots < steps.size * steps.max()
+
+
+def test_default_slots():
+    assert [default_slots(n) for n in (1, 2, 3, 4, 10)] == [1, 1, 2, 2, 5]
+    assert default_slots(4, data=2) == 2 and default_slots(6, data=2) == 4 and default_slots(2, data=2) == 2
 
 
 def test_init_is_the_single_init_per_concept(tiny):

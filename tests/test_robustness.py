@@ -181,12 +181,12 @@ def test_divergence_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp
 
 
 def test_a_single_loss_spike_is_not_divergence_a_sustained_rise_is():
-    from unguide_jax.training.loop import _DivergenceWatch
+    from unguide_jax.training.loop import DivergenceWatch
 
     adapter = {"a": jnp.ones(3)}
 
     def first_problem(losses):
-        watch = _DivergenceWatch(DivergenceGuard(factor=20, warmup=4), adapter, start=0)
+        watch = DivergenceWatch(DivergenceGuard(factor=20, warmup=4), adapter, start=0)
         return next(((i + 1, p) for i, loss in enumerate(losses) if (p := watch.problem(i + 1, loss, adapter))), None)
 
     early = [0.01, 0.005, 0.008, 0.01]

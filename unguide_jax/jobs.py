@@ -8,11 +8,13 @@ commands (``unguide_jax.cli``) only turn argv into these settings and call them.
     run_dir = jobs.train(UnguideTrainConfig())      # the README's main job: erase the arrow
     out_dir = jobs.evaluate(EvaluateConfig())       # its table
 
-    train     training.config.*TrainConfig   -> the run folder (with export=[...]: export/, unguide.json, README.md)
+    train     training.config.*TrainConfig   -> the run folder (with export=[...]: export/, unguide.json, README.md);
+                                                unguide with concepts=[...]: K LoRAs in one run (training.many_run)
     sample    sampling.config.SampleConfig   -> the manifest
     evaluate  evaluation.config.EvaluateConfig -> the results folder (trains train_missing edits first)
     i2p       evaluation.config.I2PConfig    -> the results folder
     retention evaluation.retention_config.RetentionConfig -> the results folder (CLIP score, FID)
+    many_table evaluation.many_config.ManyTableConfig -> the results folder (K classes erased at once)
     plan      an evaluation job's settings  -> its dry run (evaluation.plan.Plan: work and time, nothing done)
     export    publishing.export.ExportConfig -> the files written
     recipe    shapes.recipe_config.RecipeConfig -> the recipe's work folder
@@ -25,6 +27,8 @@ from typing import Mapping
 from unguide_jax.evaluation.config import EvaluateConfig, I2PConfig
 from unguide_jax.evaluation.erasure import plan_evaluation, run_evaluation
 from unguide_jax.evaluation.i2p import plan_i2p, run_i2p
+from unguide_jax.evaluation.many_config import ManyTableConfig
+from unguide_jax.evaluation.many_table import plan_many_table, run_many_table
 from unguide_jax.evaluation.plan import Plan
 from unguide_jax.evaluation.retention import plan_retention, run_retention
 from unguide_jax.evaluation.retention_config import RetentionConfig
@@ -35,6 +39,7 @@ from unguide_jax.settings import ConfigError
 from unguide_jax.shapes.recipe import run_recipe
 from unguide_jax.shapes.recipe_config import RecipeConfig
 from unguide_jax.training.config import TrainConfig
+from unguide_jax.training.many_run import run_many
 from unguide_jax.training.run import check_config, run_training
 
 
@@ -47,6 +52,8 @@ def train(config: TrainConfig | Mapping, progress: bool = True) -> Path:
         publish_export(export_dir, config.export, [export_dir.parent], sd, edit, list(concept.targets),
                        unet_params=unet_params)
 
+    if getattr(config, "concepts", ()):
+        return run_many(config, progress=progress, publish=publish)
     return run_training(config, progress=progress, publish=publish)
 
 
@@ -65,13 +72,20 @@ def i2p(config: I2PConfig | Mapping) -> Path:
     return run_i2p(config, train_runner=lambda train_config: train(train_config, progress=False))
 
 
+def many_table(config: ManyTableConfig | Mapping) -> Path:
+    """The several-concept table: K classes erased at once by the merged LoRAs, UnGuide, UCE and PURE; the LoRA run
+    is trained first when it is missing."""
+    return run_many_table(config, train_runner=lambda train_config: train(train_config, progress=False))
+
+
 def retention(config: RetentionConfig | Mapping) -> Path:
     """Retention: CLIP score (and FID) on captions for the base model, the LoRA alone and UnGuide."""
     return run_retention(config)
 
 
 # An evaluation job's dry run, by its settings class: (config, measure) -> Plan. A job adds its planner here.
-PLANNERS = {EvaluateConfig: plan_evaluation, I2PConfig: plan_i2p, RetentionConfig: plan_retention}
+PLANNERS = {EvaluateConfig: plan_evaluation, I2PConfig: plan_i2p, RetentionConfig: plan_retention,
+            ManyTableConfig: plan_many_table}
 
 
 def plan(config, measure: bool = True) -> Plan:

@@ -8,6 +8,7 @@ explicit-content table (``job="i2p"``) or the retention table (``job="retention"
     unguide-sample --config evaluate.py          # the erasure evaluation table
     unguide-sample --config evaluate.py:i2p --config.csv=i2p_prompts_4703.csv   # I2P + NudeNet (job="i2p")
     unguide-sample --config evaluate.py:retention --config.model=PATH --config.captions=FILE --config.clip=CLIP
+    unguide-sample --config evaluate.py:many     # K classes erased at once (job="many")
     unguide-sample --config evaluate.py --help   # every key: its value in this preset, its doc
     unguide-sample --config evaluate.py:sd14-table1 --config.model=PATH --config.evaluator=clip:CLIP --dry-run
                                                  # the plan: images, UNet and evaluator calls, time estimated here
@@ -25,14 +26,15 @@ from typing import Mapping
 from unguide_jax.cli.config import Command, run_cli
 from unguide_jax.cli.runtime import setup_runtime
 from unguide_jax.evaluation.config import EvaluateConfig, I2PConfig
+from unguide_jax.evaluation.many_config import ManyTableConfig
 from unguide_jax.evaluation.retention_config import RetentionConfig
-from unguide_jax.jobs import evaluate, i2p, plan, retention, sample
+from unguide_jax.jobs import evaluate, i2p, many_table, plan, retention, sample
 from unguide_jax.parallel.hosts import is_main_process, maybe_initialize_distributed
 from unguide_jax.sampling.config import SampleConfig
 from unguide_jax.settings import Config, ConfigError
 
 JOB_SCHEMAS: dict[str, type[Config]] = {"sample": SampleConfig, "evaluate": EvaluateConfig, "i2p": I2PConfig,
-                                       "retention": RetentionConfig}
+                                       "retention": RetentionConfig, "many": ManyTableConfig}
 
 
 def sample_or_evaluate(raw: Mapping) -> type[Config]:
@@ -40,7 +42,8 @@ def sample_or_evaluate(raw: Mapping) -> type[Config]:
     RetentionConfig (retention), else SampleConfig."""
     job = raw.get("job", "sample")
     if job not in JOB_SCHEMAS:
-        raise ConfigError(f"config.job must be 'evaluate', 'i2p' or 'retention' (or absent: sampling), got {job!r}")
+        raise ConfigError(f"config.job must be 'evaluate', 'i2p', 'retention' or 'many' (or absent: sampling), got "
+                          f"{job!r}")
     return JOB_SCHEMAS[job]
 
 
@@ -62,8 +65,8 @@ COMMAND = Command(prog="unguide-sample", summary="Sample images (with or without
 def sample_or_evaluate_job(config: SampleConfig | EvaluateConfig | I2PConfig | RetentionConfig) -> int:
     setup_runtime()
     maybe_initialize_distributed()
-    if isinstance(config, (EvaluateConfig, I2PConfig, RetentionConfig)):
-        run = {I2PConfig: i2p, RetentionConfig: retention}.get(type(config), evaluate)
+    if isinstance(config, (EvaluateConfig, I2PConfig, RetentionConfig, ManyTableConfig)):
+        run = {I2PConfig: i2p, RetentionConfig: retention, ManyTableConfig: many_table}.get(type(config), evaluate)
         out_dir = run(config)
         if not is_main_process():
             return 0

@@ -4,6 +4,7 @@ prompts, PURE or UCE.
     unguide-train --config unguide.py
     unguide-train --config unguide.py:sd15-object --config.model=PATH --config.concept=dog
     unguide-train --config unguide.py --config.resume=true
+    unguide-train --config unguide.py:many --config.concepts='["shapes-arrow", "shapes-star"]'   # K LoRAs, one run
     unguide-train --config learnable_prompts.py
     unguide-train --config pure.py        # closed form: seconds, no iterations
     unguide-train --config uce.py
@@ -41,7 +42,8 @@ def train(config: TrainConfig) -> int:
     setup_runtime()
     maybe_initialize_distributed()
     run_dir = train_job(config)
-    made = [run_dir / name for name in ("adapter.safetensors", "edit.safetensors") if (run_dir / name).is_file()]
+    made = [run_dir / name for name in ("adapter.safetensors", "edit.safetensors", "concepts.safetensors")
+            if (run_dir / name).is_file()]
     print(f"wrote {', '.join(str(m) for m in made)}")
     return 0
 

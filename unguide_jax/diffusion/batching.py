@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from unguide_jax.diffusion.many_guidance import generate_many
 from unguide_jax.diffusion.pipeline import StableDiffusion
 from unguide_jax.parallel.batches import padded_rows
 from unguide_jax.parallel.hosts import is_main_process
@@ -29,20 +30,24 @@ class ImageRequest:
     prompt: str
     seed: int
     guidance_scale: float = 7.5
-    w: float | None = None      # UnGuidance weight (None: no mixing)
+    w: float | tuple[float, ...] | None = None  # UnGuidance weight (None: no mixing); K edits: one per edit
     height: int | None = None   # None: the model's default size
     width: int | None = None
+    flags: tuple[bool, ...] | None = None        # K edits, combine "flagged": the edits the probe flagged
 
 
 def generate_images(sd: StableDiffusion, requests: Sequence[ImageRequest], *, batch_size: int, num_steps: int,
                     eta: float = 0.0, negative_prompt: str = "", edit=None, fused: bool = True,
                     desc: str = "sampling", progress: bool = True, edit_name: str = "",
-                    on_batch: Callable[[list[int], list[np.ndarray]], None] | None = None) -> list[np.ndarray]:
+                    on_batch: Callable[[list[int], list[np.ndarray]], None] | None = None,
+                    combine: str = "flagged") -> list[np.ndarray]:
     """One uint8 image per request, in request order. ``on_batch(indices, images)`` is called as each
     batch is done (e.g. to write its PNGs, so that an interrupted run keeps what it made).
 
     ``edit`` None: the base model. ``edit`` given: requests with ``w`` None sample the edited model,
-    the others UnGuidance with their w (a batch never mixes the two).
+    the others UnGuidance with their w (a batch never mixes the two). ``edit`` a tuple of K edits: every
+    request is UnGuidance with K edits, its w one per edit (and its ``flags`` for ``combine`` "flagged"),
+    sampled by ``many_guidance.generate_many``.
 
     Each image's final latents are checked: a NaN/inf one raises ``NonFiniteImage`` naming the prompt,
     the seed and ``edit_name`` (what the edit is, for the message) before its batch reaches ``on_batch``.
@@ -63,11 +68,15 @@ def generate_images(sd: StableDiffusion, requests: Sequence[ImageRequest], *, ba
             report_progress(f"{done} of {len(batches)} batches" + (f" of {desc}" if desc else ""))
         padded = [requests[i] for i in batch + [batch[-1]] * (batch_size - len(batch))]
         height, width, plain = size(padded[0])
-        out = sd.generate(
-            [r.prompt for r in padded], [r.seed for r in padded], guidance_scale=[r.guidance_scale for r in padded],
-            num_steps=num_steps, eta=eta, height=height, width=width, negative_prompt=negative_prompt, edit=edit,
-            w=None if plain else [r.w for r in padded], fused=fused,
-        )
+        common = dict(guidance_scale=[r.guidance_scale for r in padded], num_steps=num_steps, eta=eta, height=height,
+                      width=width, negative_prompt=negative_prompt, fused=fused)
+        if isinstance(edit, tuple):
+            out = generate_many(sd, [r.prompt for r in padded], [r.seed for r in padded], edits=edit,
+                                w=[r.w for r in padded], combine=combine,
+                                flags=None if combine != "flagged" else [r.flags for r in padded], **common)
+        else:
+            out = sd.generate([r.prompt for r in padded], [r.seed for r in padded], edit=edit,
+                              w=None if plain else [r.w for r in padded], **common)
         latents = getattr(out, "latents", None)
         latents = np.asarray(out.images if latents is None else latents, np.float32)
         for row, i in enumerate(batch):

@@ -1,13 +1,18 @@
 """UnGuidance with K edits (issue 38): one w per prompt and edit, from ``erasers.unguide.many_probe``.
 
-    guided = w₀·CFG_base + Σ_k (1 − w_k)·CFG_k,    w₀ = 1 − Σ_k (1 − w_k)
+Two ways to combine the K probes' answers (``COMBINE_RULES``):
 
-that is CFG_base + Σ_k (1 − w_k)·(CFG_k − CFG_base): each edit's own UnGuidance correction, added up. At
-K = 1 it is w·CFG_base + (1 − w)·CFG_edit, today's formula; an edit with w_k = 1 drops out.
+  flagged (default)  guided = w·CFG_base + (1 − w)·CFG_F, where F is the set of edits the probe flagged for
+                     the prompt (the concepts it carries) and CFG_F the prediction with exactly those LoRAs
+                     applied together; w = w_erase. A prompt that flags none is pushed away from all K LoRAs
+                     together with w = w_keep, as one edit pushes an unflagged prompt away.
+  sum                guided = w₀·CFG_base + Σ_k (1 − w_k)·CFG_k, w₀ = 1 − Σ_k (1 − w_k): each edit's own
+                     UnGuidance correction, added up, every edit with its own CFG pair.
 
-Cost: K + 1 CFG pairs per step (each edit's weights merged once before the loop). Applying only the
-flagged LoRAs together, as one edit in one fused call, would need a strength per row *and per LoRA*,
-which ``edits.edit.apply_unet`` does not have (its strength scales every LoRA of the edit alike).
+Both are w·CFG_base + (1 − w)·CFG_edit at K = 1, today's formula, and ``generate_many`` then runs today's
+sampler itself (the same images). Cost per DDIM step: "flagged" is one fused UNet call on 4 rows per image
+whatever K (each row applies its own LoRAs: ``edits.edit.apply_unet`` with a (rows, K) strength); "sum" is
+K + 1 CFG pairs.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from unguide_jax.diffusion.sampler import (
     unguided_prediction,
 )
 from unguide_jax.diffusion.schedulers import NoiseSchedule, SchedulerConfig, ddim_timesteps
+from unguide_jax.edits.edit import combine as combine_edits
 from unguide_jax.parallel.batches import padded_rows
 from unguide_jax.parallel.hosts import to_numpy
 
@@ -70,16 +76,60 @@ def sample_latents_many(unet, config: SchedulerConfig, num_steps: int, eta: floa
     return ddim_loop(denoise, schedule, config, timesteps, prev_timesteps, latents, eta, keys)
 
 
+COMBINE_RULES = ("flagged", "sum")
+
+
+def flagged_guidance(w, flags) -> tuple[np.ndarray, np.ndarray]:
+    """The "flagged" rule's (w (P,), LoRA mix (P, K)) from the probe's w and flags (P, K).
+
+    A prompt that flags some edits gets their w (w_erase: every flagged edit has the same) and applies only
+    those LoRAs; one that flags none gets w_keep and all K LoRAs."""
+    w = np.asarray(w, np.float32)
+    flags = np.asarray(flags, bool)
+    if flags.shape != w.shape:
+        raise ValueError(f"flags {flags.shape} and w {w.shape} must have the same shape (prompts, edits)")
+    any_flag = flags.any(axis=1)
+    per_prompt = np.empty(len(w), np.float32)
+    for p, (row, flagged) in enumerate(zip(w, flags)):
+        chosen = row[flagged] if flagged.any() else row  # none flagged: every edit has w_keep
+        if np.any(chosen != chosen[0]):
+            raise ValueError(f"prompt {p}: the edits it {'flags' if flagged.any() else 'does not flag'} have "
+                             f"different w ({chosen.tolist()}); the flagged rule takes one w_erase and one w_keep")
+        per_prompt[p] = chosen[0]
+    mix = np.where(any_flag[:, None], flags, True).astype(np.float32)
+    return per_prompt, mix
+
+
 def generate_many(sd: StableDiffusion, prompts: Sequence[str], seeds: Sequence[int] | None = None, *, edits,
-                  w, guidance_scale: float | Sequence[float] = 7.5, num_steps: int = 50, eta: float = 0.0,
-                  height: int | None = None, width: int | None = None, negative_prompt: str = "",
-                  fused: bool = True) -> Generation:
-    """``StableDiffusion.generate`` with K edits and w (P, K) (``ManyProbeResult.w``): one image per prompt."""
+                  w, flags=None, combine: str = "flagged", guidance_scale: float | Sequence[float] = 7.5,
+                  num_steps: int = 50, eta: float = 0.0, height: int | None = None, width: int | None = None,
+                  negative_prompt: str = "", fused: bool = True) -> Generation:
+    """``StableDiffusion.generate`` with K edits and w (P, K) (``ManyProbeResult.w``): one image per prompt.
+
+    ``combine`` (``COMBINE_RULES``): "flagged" needs ``flags`` (P, K) (``ManyProbeResult.flags``); "sum"
+    takes w alone. At K = 1 both are the one-edit sampler."""
     edits = tuple(edits)
     n = len(prompts)
     w = np.asarray(w, np.float32)
     if w.shape != (n, len(edits)):
         raise ValueError(f"need one w per prompt and edit: {n} prompts x {len(edits)} edits, got w {w.shape}")
+    if combine not in COMBINE_RULES:
+        raise ValueError(f"combine must be one of {COMBINE_RULES}, got {combine!r}")
+    if combine == "flagged" and len(edits) > 1:
+        if flags is None:
+            raise ValueError('combine="flagged" needs the probe\'s flags (ManyProbeResult.flags)')
+        per_prompt, mix = flagged_guidance(w, flags)
+        for k, e in enumerate(edits):
+            if e.deltas or e.memory is not None or not e.loras:
+                raise ValueError(f'combine="flagged" applies LoRAs per prompt; edit {k} is not a LoRA edit (it has '
+                                 'full weight deltas, a prompt memory or nothing): use combine="sum"')
+        # One column per LoRA of the combined edit: an edit made of several LoRAs repeats its column.
+        mix = np.repeat(mix, [len(e.loras) for e in edits], axis=1)
+        generation = sd.generate(prompts, seeds, guidance_scale=guidance_scale, num_steps=num_steps, eta=eta,
+                                 height=height, width=width, negative_prompt=negative_prompt, edit=combine_edits(edits),
+                                 w=per_prompt, fused=fused, lora_mix=mix)
+        generation.settings.update(edits=len(edits), combine=combine)
+        return generation
     seeds = np.arange(n) if seeds is None else np.asarray(seeds)
     if seeds.shape != (n,):
         raise ValueError(f"need one seed per prompt: {n} prompts, {seeds.size} seeds")
@@ -95,5 +145,6 @@ def generate_many(sd: StableDiffusion, prompts: Sequence[str], seeds: Sequence[i
     pixels = to_numpy(decode_to_pixels(sd.vae, sd.params["vae"], z))[:n]
     images = np.round(pixels * 255).astype(np.uint8)
     settings = dict(num_steps=num_steps, eta=float(eta), negative_prompt=negative_prompt, scheduler="DDIM",
-                    height=int(images.shape[1]), width=int(images.shape[2]), edits=len(edits))
+                    height=int(images.shape[1]), width=int(images.shape[2]), edits=len(edits),
+                    combine=combine)
     return Generation(images=images, latents=to_numpy(z)[:n], settings=settings)

@@ -162,6 +162,7 @@ class StableDiffusion:
         w: float | Sequence[float] | None = None,
         fused: bool = True,
         prompt_embeddings: np.ndarray | None = None,
+        lora_mix: np.ndarray | None = None,
     ) -> Generation:
         """Generate one image per prompt; prompt i uses ``seeds[i]`` (default: i) and its own scale.
 
@@ -169,6 +170,8 @@ class StableDiffusion:
         prompt, or one for all), UnGuidance w·CFG_base + (1 − w)·CFG_edit. ``fused``: base and edited
         predictions in one UNet call per step (see ``sampling.unguided_prediction``).
         ``prompt_embeddings`` (B, L, D): text-encoder outputs to use instead of encoding ``prompts``.
+        ``lora_mix`` (B, L), with ``w``: which of the edit's L LoRAs prompt b's edited branch applies, and how
+        strongly (``diffusion.many_guidance.generate_many``).
         """
         n = len(prompts)
         seeds = np.arange(n) if seeds is None else np.asarray(seeds)
@@ -190,6 +193,14 @@ class StableDiffusion:
         args = dict(unet_params=self.params["unet"], cond=self.put_rows(cond, rows), uncond=self.put_rows(uncond, rows),
                     latents=self.put_rows(np.asarray(latents, np.float32), rows), guidance_scale=self.put_rows(scales, rows),
                     seeds=self.put_rows(seeds.astype(np.uint32), rows), edit=self.put_replicated(edit), w=w)
+        if lora_mix is not None:
+            if w is None or edit is None:
+                raise ValueError("lora_mix is for UnGuidance: give edit and w too")
+            mix = np.asarray(lora_mix, np.float32)
+            if mix.shape != (n, len(edit.loras)):
+                raise ValueError(f"lora_mix needs one row per prompt and one column per LoRA of the edit: "
+                                 f"({n}, {len(edit.loras)}), got {mix.shape}")
+            args["lora_mix"] = self.put_rows(mix, rows)
         z = self._checked_sampler(static, args, height, width)(**args)
         pixels = to_numpy(decode_to_pixels(self.vae, self.params["vae"], z))[:n]
         images = np.round(pixels * 255).astype(np.uint8)

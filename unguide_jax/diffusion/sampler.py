@@ -154,15 +154,30 @@ def _cfg(uncond_out, cond_out, guidance_scale) -> jax.Array:
 
 
 def unguided_prediction(unet, base_params, edit, z, t, cond, uncond, guidance_scale, w, merged=None,
-                        groups: int = 1) -> jax.Array:
+                        groups: int = 1, lora_mix=None) -> jax.Array:
     """UnGuidance (UnGuide, Polowczyk et al., arXiv 2508.05755): w·CFG_base + (1 − w)·CFG_edit, with w, s per example.
 
     ``merged`` None (fused): the four predictions (base/edit × uncond/cond) in one UNet call on 4B
     rows with a per-row edit strength. ``merged`` = ``fold_weights(base_params, edit)``: two calls on
-    2B rows, with the base weights and with the edited weights.
+    2B rows, with the base weights and with the edited weights. ``lora_mix`` (B, L): example b's edit is
+    the edit's L LoRAs scaled by lora_mix[b] (K concepts, each prompt with its own; fused or not, the
+    LoRAs are applied per row, never folded).
     """
     n = z.shape[0]
-    if merged is None:
+    if lora_mix is not None:
+        mix = jnp.asarray(lora_mix, jnp.float32)
+        if merged is None:
+            strength = join_rows([jnp.zeros_like(mix), jnp.zeros_like(mix), mix, mix], groups)
+            out = unet_rows(unet, base_params, edit, join_rows([z, z, z, z], groups), t,
+                            join_rows([uncond, cond, uncond, cond], groups), strength, groups=groups)
+            base_u, base_c, edit_u, edit_c = split_rows(out, 4, groups)
+            base, edited = _cfg(base_u, base_c, guidance_scale), _cfg(edit_u, edit_c, guidance_scale)
+        else:
+            base = guided_prediction(unet, base_params, z, t, cond, uncond, guidance_scale, groups=groups)
+            out = unet_rows(unet, base_params, edit, join_rows([z, z], groups), t, join_rows([uncond, cond], groups),
+                            join_rows([mix, mix], groups), groups=groups)
+            edited = _cfg(*split_rows(out, 2, groups), guidance_scale)
+    elif merged is None:
         zeros, ones = jnp.zeros((n,)), jnp.ones((n,))
         strength = join_rows([zeros, zeros, ones, ones], groups)
         out = unet_rows(unet, base_params, edit, join_rows([z, z, z, z], groups), t,
@@ -201,12 +216,14 @@ def sample_latents(
     w: jax.Array | None = None,
     fused: bool = True,
     row_groups: int = 1,
+    lora_mix: jax.Array | None = None,
 ) -> jax.Array:
     """Text-to-image DDIM with CFG for a batch of prompts. ``latents`` is x_T (NHWC).
 
     Without ``edit``: the model ``unet_params``. With ``edit`` and no ``w``: the edited model. With
-    both: UnGuidance between the base and the edited model, ``w`` (B,) per prompt. ``row_groups``: the
-    mesh's data size when the rows are sharded over it (``unguide_jax.parallel.batches``).
+    both: UnGuidance between the base and the edited model, ``w`` (B,) per prompt; ``lora_mix`` (B, L)
+    then says which of the edit's L LoRAs each prompt's edited branch applies (``unguided_prediction``).
+    ``row_groups``: the mesh's data size when the rows are sharded over it (``unguide_jax.parallel.batches``).
     """
     schedule = NoiseSchedule.from_config(config)
     timesteps, prev_timesteps = ddim_timesteps(config, num_steps)
@@ -217,8 +234,12 @@ def sample_latents(
     else:
         if edit is None:
             raise ValueError("UnGuidance (w given) needs an edit")
+        if lora_mix is not None and not edit.supports_rows:
+            raise ValueError("a per-prompt LoRA mix needs an edit without full weight deltas")
         merged = None if fused and edit.supports_rows else fold_weights(unet_params, edit)
+        if lora_mix is not None:
+            merged = None if fused else (unet_params, edit)  # the mix is applied per row: nothing is folded
         denoise = lambda z, t: unguided_prediction(unet, unet_params, edit, z, t, cond, uncond,  # noqa: E731
-                                                   guidance_scale, w, merged, row_groups)
+                                                   guidance_scale, w, merged, row_groups, lora_mix)
     keys = eta_noise_keys(seeds) if eta > 0 else None
     return ddim_loop(denoise, schedule, config, timesteps, prev_timesteps, latents, eta, keys)

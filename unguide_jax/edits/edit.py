@@ -12,7 +12,9 @@ An ``Edit`` is a pytree with three optional parts:
 deltas are merged into the weights and only the memory needs an interceptor. With a per-row
 ``strength`` (B,), row b sees ``W + strength[b] * alpha A B`` and the memory tokens only where
 ``strength[b] > 0`` (a key mask): base and edited predictions then come out of *one* UNet call, which
-is what UnGuidance and its probe use. Full deltas cannot be scaled per row at activation level (a
+is what UnGuidance and its probe use. A ``strength`` (B, L), L the edit's number of LoRAs, scales each LoRA
+on its own: row b sees ``W + Σ_j strength[b, j] alpha_j A_j B_j`` (K concepts' LoRAs, each row applying
+only those its prompt carries: ``diffusion.many_guidance``). Full deltas cannot be scaled per row at activation level (a
 delta on a 3x3 conv or a norm is not a matmul on the layer's input); an edit with deltas is
 evaluated as two calls, base and merged (``supports_rows``).
 
@@ -169,8 +171,9 @@ def _interceptor(loras: Mapping[str, list], memory: PromptMemory | None, memory_
                 return next_fun(*args, **kwargs)
             q, k, v = args
             batch, text_len = k.shape[0], k.shape[1] - memory.num_tokens
+            on = strength > 0 if strength.ndim == 1 else jnp.any(strength > 0, axis=1)
             mask = jnp.concatenate([jnp.ones((batch, text_len), bool),
-                                    jnp.broadcast_to((strength > 0)[:, None], (batch, memory.num_tokens))], axis=1)
+                                    jnp.broadcast_to(on[:, None], (batch, memory.num_tokens))], axis=1)
             return multi_head_attention(q, k, v, module.heads, key_mask=mask)
         if method != "__call__" or not isinstance(module, (nn.Dense, nn.Conv)):
             return next_fun(*args, **kwargs)
@@ -183,10 +186,14 @@ def _interceptor(loras: Mapping[str, list], memory: PromptMemory | None, memory_
             args = (x,) + tuple(args[1:])
         y = next_fun(*args, **kwargs)
         if path in loras:
-            delta = sum(alpha * ((x.astype(jnp.float32) @ a.astype(jnp.float32)) @ b.astype(jnp.float32))
-                        for a, b, alpha in loras[path])
-            if strength is not None:
-                delta = _rows(strength.astype(jnp.float32), delta.ndim) * delta
+            terms = [(j, alpha * ((x.astype(jnp.float32) @ a.astype(jnp.float32)) @ b.astype(jnp.float32)))
+                     for a, b, alpha, j in loras[path]]
+            if strength is not None and strength.ndim == 2:
+                delta = sum(_rows(strength[:, j].astype(jnp.float32), term.ndim) * term for j, term in terms)
+            else:
+                delta = sum(term for _, term in terms)
+                if strength is not None:
+                    delta = _rows(strength.astype(jnp.float32), delta.ndim) * delta
             y = (y.astype(jnp.float32) + delta).astype(y.dtype)
         return y
 
@@ -195,7 +202,8 @@ def _interceptor(loras: Mapping[str, list], memory: PromptMemory | None, memory_
 
 def apply_unet(unet, params: Mapping, edit: Edit | None, sample: jax.Array, timesteps, context: jax.Array,
                strength: jax.Array | None = None) -> jax.Array:
-    """The UNet with ``edit`` applied; ``strength`` (B,) scales it per row (None: fully on everywhere).
+    """The UNet with ``edit`` applied; ``strength`` (B,) scales it per row (None: fully on everywhere), or
+    (B, L) each of its L LoRAs per row.
 
     Pure and jit-friendly. ``strength`` is for edits without full deltas (``edit.supports_rows``).
     """
@@ -208,11 +216,17 @@ def apply_unet(unet, params: Mapping, edit: Edit | None, sample: jax.Array, time
         if not edit.supports_rows:
             raise ValueError("an edit with full weight deltas cannot be scaled per row: evaluate the base and "
                              "the edited model as two calls")
-        strength = jnp.broadcast_to(jnp.asarray(strength, jnp.float32), (sample.shape[0],))
+        strength = jnp.asarray(strength, jnp.float32)
+        if strength.ndim == 2:
+            if strength.shape != (sample.shape[0], len(edit.loras)):
+                raise ValueError(f"a per-LoRA strength needs shape (rows, LoRAs) = ({sample.shape[0]}, "
+                                 f"{len(edit.loras)}), got {strength.shape}")
+        else:
+            strength = jnp.broadcast_to(strength, (sample.shape[0],))
         loras = {}
-        for adapter, alpha in edit.loras:
+        for j, (adapter, alpha) in enumerate(edit.loras):
             for path, ab in adapter.items():
-                loras.setdefault(path, []).append((ab["lora_A"], ab["lora_B"], alpha))
+                loras.setdefault(path, []).append((ab["lora_A"], ab["lora_B"], alpha, j))
     if not loras and edit.memory is None:
         return unet.apply({"params": params}, sample, timesteps, context)
     memory_paths = frozenset(memory_layers(params, edit.memory.scope)) if edit.memory is not None else frozenset()

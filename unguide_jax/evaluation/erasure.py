@@ -247,7 +247,7 @@ def _attack_key(cache: EvaluationCache, edit_id: str | None, method: Method, con
                         evaluator=cache.evaluator_id, classes=list(prompt_set.class_names)))
 
 
-def _generate_cached(sd, requests: list[ImageRequest], edit, edit_id: str | None, config: EvaluateConfig,
+def generate_cached(sd, requests: list[ImageRequest], edit, edit_id: str | None, config: EvaluateConfig,
                      cache: EvaluationCache, desc: str) -> tuple[list[np.ndarray], list[str]]:
     """The images of ``requests`` and their cache keys: each image not in the cache is drawn once (the base
     model's images of a prompt serve every erasure, an oracle row reuses the probe row's images wherever the w
@@ -279,7 +279,7 @@ def _generate_cached(sd, requests: list[ImageRequest], edit, edit_id: str | None
     return [images[k] for k in keys], keys
 
 
-def _scores_cached(evaluator, images: list[np.ndarray], keys: list[str], prompt_set: PromptSet,
+def scores_cached(evaluator, images: list[np.ndarray], keys: list[str], prompt_set: PromptSet,
                    cache: EvaluationCache) -> tuple[np.ndarray, np.ndarray | None]:
     """The evaluator's (class, text) probabilities of ``images``; an image scored before against the same texts
     by the same evaluator is read, not scored. Fresh scores go through the record too, so that a first run and
@@ -338,10 +338,10 @@ def evaluate_erasure(sd, evaluator, concept, edits_by_name: dict, config: Evalua
             info["rules_agree_with_oracle"] = rule_agreements(info, prompt_set.prompts, oracle[:k], config)
         requests = [ImageRequest(p, config.seed + j, config.guidance_scale, ws[i])
                     for i, p in enumerate(prompts) for j in range(n)]
-        images, keys = _generate_cached(sd, requests, edit, edit_id, config, cache,
+        images, keys = generate_cached(sd, requests, edit, edit_id, config, cache,
                                         desc=f"{concept.name}: {method.name}")
         seconds = round(time.perf_counter() - started, 2)
-        class_probs, text_probs = _scores_cached(evaluator, images, keys, prompt_set, cache)
+        class_probs, text_probs = scores_cached(evaluator, images, keys, prompt_set, cache)
         main = len(prompt_set.items) * n
         text_probs = None if text_probs is None else text_probs[:main]
         result = dict(score(prompt_set, class_probs[:main], owners, text_probs), seconds=seconds, mode=method.mode,

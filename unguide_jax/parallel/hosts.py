@@ -234,7 +234,11 @@ def _leave_without_the_lost() -> None:
     then abort this one (status 134); leave now instead, with the failed run's status."""
     if _watch is None:
         return
-    if _watch.lost or lost_processes(timeout=1.0):
+    try:
+        lost = _watch.lost or lost_processes(timeout=1.0)
+    except RuntimeError:  # too late to probe (the interpreter is shutting its thread pools): assume nothing lost
+        lost = False
+    if lost:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)

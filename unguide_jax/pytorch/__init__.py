@@ -12,16 +12,21 @@ from typing import TYPE_CHECKING
 from unguide_jax.lazy_names import lazy_names
 
 _EXPORTS = {
+    "AdaptersProbeResult": "unguide_jax.pytorch.unguide_pipeline",
+    "UnGuideAdapter": "unguide_jax.pytorch.unguide_pipeline",
     "UnGuidePipeline": "unguide_jax.pytorch.unguide_pipeline",
     "UnGuidePipelineOutput": "unguide_jax.pytorch.unguide_pipeline",
     "jax_latents": "unguide_jax.pytorch.unguide_pipeline",
     "jax_probe_draws": "unguide_jax.pytorch.unguide_pipeline",
 }
 
-__all__ = ["UnGuidePipeline", "UnGuidePipelineOutput", "jax_latents", "jax_probe_draws"]
+__all__ = ["AdaptersProbeResult", "UnGuideAdapter", "UnGuidePipeline", "UnGuidePipelineOutput", "jax_latents",
+           "jax_probe_draws"]
 
 if TYPE_CHECKING:
     from unguide_jax.pytorch.unguide_pipeline import (
+        AdaptersProbeResult,
+        UnGuideAdapter,
         UnGuidePipeline,
         UnGuidePipelineOutput,
         jax_latents,

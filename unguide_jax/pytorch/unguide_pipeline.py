@@ -25,6 +25,19 @@ hook on every ``lora_B`` of the adapter scales its output per row (0: base, 1: L
 layer adds 0.0), lets base and LoRA rows share one call, and leaves any other loaded adapter as it is;
 peft's ``disable_adapters`` would switch off every adapter and could not mix rows in one call.
 
+Several concepts at once (issue 38; our JAX ``ManyProbe`` and ``generate_many``): ``load_unguide(folder,
+adapter_name=...)`` once per export, each under its own name (the same name again replaces that one;
+``unguide_adapters`` lists them, ``unload_unguide`` removes them). Each keeps its unguide.json, probe rule,
+w_erase/w_keep and concept target prompts; the settings that make the draws and the base trajectory
+(``DISTANCE_KEYS``) must agree, since the K probes share them: one trajectory per (prompt, draw), then the
+base and each adapter's LoRA alone at t, so adapter k gets D_k(p), its own D_k("") and bar (rule calibrated:
+√(D_k(concept_k) · D_k("")) from its own targets) and flags prompt p where D_k(p) passes that bar
+(``AdaptersProbeResult``; rule sequential is for one adapter). Sampling, ``combine="flagged"`` (the default):
+prompt p with flagged set F ≠ ∅ samples w_erase·CFG_base + (1 − w_erase)·CFG_F, CFG_F with exactly the LoRAs
+in F on (each at full strength), and with F = ∅ w_keep·CFG_base + (1 − w_keep)·CFG_all, all K LoRAs on: still
+one UNet call on 4B rows per step, the hooks scaling each adapter per row. ``combine="sum"``: CFG_base +
+Σ_k (1 − w_k)·(CFG_k − CFG_base), K + 1 CFG pairs. With one adapter both are the formula above, today's numbers.
+
 Noise: ``seeds`` (default 0..n−1) give the initial latents of our JAX sampler exactly (``jax_latents``:
 ``jax.random``, on JAX's CPU device), and the probe draws come from the probe seed the same way
 (``jax_probe_draws``): with the same model, adapter and seeds the images are ours (within rounding).
@@ -37,6 +50,7 @@ import dataclasses
 import functools
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -46,6 +60,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from unguide_jax.diffusion.many_guidance import COMBINE_RULES, flagged_guidance
 from unguide_jax.diffusion.schedulers import SchedulerConfig
 from unguide_jax.erasers.unguide.objective import num_sampling_steps, sampling_table
 from unguide_jax.erasers.unguide.probe import (
@@ -67,14 +82,19 @@ DISTANCE_KEYS = ("draws", "seed", "t_enc", "ddim_steps", "timestep_mode")
 class UnGuidePipelineOutput(BaseOutput):
     """``images`` as diffusers returns them (PIL list, np array or latents); per image: ``w`` and ``d`` = D(p)
     (NaN where w was given); ``d_empty`` = D("") (NaN when nothing was probed); ``threshold``: rule calibrated's
-    √(D(concept) · D("")) (None for the other rules or when w was given)."""
+    √(D(concept) · D("")) (None for the other rules or when w was given). ``adapters``: the UnGuide adapters, in
+    load order. With K > 1 adapters: ``d`` (images, K), ``d_empty`` and ``threshold`` (K,) (NaN for an adapter
+    of another rule), ``flags`` (images, K): the adapters each image's prompt carries, and ``w`` the w each image
+    was sampled with: (images,) under combine "flagged", (images, K) under "sum"."""
 
     images: list | np.ndarray | torch.Tensor
     w: np.ndarray
     d: np.ndarray
-    d_empty: float
+    d_empty: float | np.ndarray
     nsfw_content_detected: list[bool] | None = None
-    threshold: float | None = None
+    threshold: float | np.ndarray | None = None
+    adapters: list[str] | None = None
+    flags: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -96,6 +116,55 @@ class ProbeResult:
 
 
 @dataclasses.dataclass
+class AdaptersProbeResult:
+    """The probe of K loaded adapters on shared draws (``UnGuidePipeline.probe`` with K > 1; our JAX
+    ``ManyProbeResult``): d (P, K) D_k(p), d_empty (K,) D_k(""), w (P, K) by adapter k's own rule and bar, flags
+    (P, K) where D_k(p) passes that bar, distances (P, K, R); thresholds (K,) rule calibrated's √(D_k(concept_k)
+    · D_k("")), NaN for an adapter of another rule (None when no adapter has rule calibrated); per adapter, its
+    concept prompts' (C_k, R) distances and the CFG scale they were probed at (None: not rule calibrated)."""
+
+    adapters: list[str]
+    prompts: list[str]
+    guidance_scales: np.ndarray
+    d: np.ndarray
+    d_empty: np.ndarray
+    w: np.ndarray
+    flags: np.ndarray
+    distances: np.ndarray
+    draws_used: np.ndarray
+    thresholds: np.ndarray | None = None
+    concept_distances: list = dataclasses.field(default_factory=list)
+    concept_guidance_scales: list = dataclasses.field(default_factory=list)
+
+    def flagged(self) -> list[list[str]]:
+        """Per prompt, the adapters (concepts) it carries."""
+        return [[self.adapters[k] for k in np.flatnonzero(row)] for row in self.flags]
+
+    def for_adapter(self, name: str) -> ProbeResult:
+        """Adapter ``name``'s result as ``probe`` gives it with that adapter loaded alone (within rounding)."""
+        if name not in self.adapters:
+            raise KeyError(f"no adapter {name!r} in this probe; its adapters: {self.adapters}")
+        k = self.adapters.index(name)
+        threshold = None if self.thresholds is None or np.isnan(self.thresholds[k]) else float(self.thresholds[k])
+        return ProbeResult(prompts=list(self.prompts), guidance_scales=self.guidance_scales, d=self.d[:, k],
+                           d_empty=float(self.d_empty[k]), w=self.w[:, k], distances=self.distances[:, k],
+                           draws_used=self.draws_used[:, k], threshold=threshold,
+                           concept_distances=self.concept_distances[k],
+                           concept_guidance_scale=self.concept_guidance_scales[k])
+
+
+@dataclasses.dataclass(frozen=True)
+class UnGuideAdapter:
+    """A loaded UnGuide adapter (``UnGuidePipeline.unguide_adapters``): its unguide.json record, the probe
+    settings in use and its concept's target prompts."""
+
+    name: str
+    settings: dict
+    probe: ProbeConfig
+    concept_prompts: tuple[str, ...]
+
+
+@dataclasses.dataclass
 class _Adapter:
     name: str
     settings: dict
@@ -104,7 +173,6 @@ class _Adapter:
     hooks: list           # their lora_B forward hooks
     strength: list        # [None or a (rows,) tensor]: the per-row scale the hooks apply
     empty_cache: dict     # (height, width, draws key) -> D("") per draw, float32
-    draws_cache: dict = dataclasses.field(default_factory=dict)  # (latent shape, draws key) -> (x_T, t)
     concept_prompts: list = dataclasses.field(default_factory=list)  # unguide.json's concept.targets
     # rule calibrated: (height, width, draws key) -> (the concept prompts' (C, R) distances, their CFG scale)
     concept_cache: dict = dataclasses.field(default_factory=dict)
@@ -219,6 +287,33 @@ def _finite_tensor(name: str, value) -> torch.Tensor:
     return tensor
 
 
+def _per_prompt_adapter(name: str, value, prompts: int, adapters: int) -> np.ndarray:
+    """``_per_prompt``'s values as (prompts, adapters) float32; with several adapters also a (prompts, adapters)
+    array."""
+    if adapters > 1 and np.ndim(value) == 2:
+        array = np.asarray(value, np.float64)
+        if array.shape != (prompts, adapters):
+            raise ValueError(f"{name}: one value, one per prompt ({prompts}) or one per prompt and adapter "
+                             f"({prompts}, {adapters}), got shape {array.shape}")
+        if not np.isfinite(array).all():
+            raise ValueError(f"{name} must be finite, got {array.tolist()}")
+        return array.astype(np.float32)
+    return np.repeat(_per_prompt(name, value, prompts)[:, None], adapters, axis=1)
+
+
+def _check_one_w(adapters: list) -> None:
+    """combine "flagged" samples a prompt with one w for all the adapters it flags (or all, when it flags none)."""
+    for key in ("w_erase", "w_keep"):
+        first = adapters[0]
+        for other in adapters[1:]:
+            if getattr(other.probe, key) != getattr(first.probe, key):
+                raise ValueError(
+                    f"probe setting {key!r}: {getattr(first.probe, key)!r} for adapter {first.name!r}, "
+                    f"{getattr(other.probe, key)!r} for adapter {other.name!r}; combine='flagged' samples a prompt "
+                    f"with one {key} for all the adapters it flags (or, flagging none, for all): load them with the "
+                    "same one (load_unguide's probe=), or use combine='sum'")
+
+
 class UnGuidePipeline(StableDiffusionPipeline):
     """``StableDiffusionPipeline`` + ``load_unguide(export_folder)``; calling it probes the prompts and samples
     with UnGuidance. See the module docstring."""
@@ -231,31 +326,59 @@ class UnGuidePipeline(StableDiffusionPipeline):
         works too: its export/). Checks, before anything is loaded: the probe's settings (rule calibrated needs
         unguide.json's concept target prompts), the LoRA's modules and shapes against this UNet, and
         (``check_base_model``) that the UNet's weights are the ones the LoRA was trained on. ``probe``: settings
-        replacing unguide.json's (e.g. ``{"rule": "paper"}``). Returns the unguide.json record."""
+        replacing unguide.json's (e.g. ``{"rule": "paper"}``). Returns the unguide.json record.
+
+        Each ``adapter_name`` is one concept: another name adds an adapter beside those loaded (their probe
+        settings in ``DISTANCE_KEYS`` must agree: the adapters share the draws), the same name replaces it."""
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
         settings, lora_file = read_unguide_json(folder)
         file_probe = ProbeConfig(**settings["probe"])
         probe = probe_settings(folder, settings, probe)
+        adapters = self._unguide_state()
+        for other in adapters.values():
+            if other.name == adapter_name:
+                continue
+            for key in DISTANCE_KEYS:
+                if getattr(other.probe, key) != getattr(probe, key):
+                    raise ValueError(
+                        f"probe setting {key!r}: {getattr(probe, key)!r} for adapter {adapter_name!r} ({folder}), "
+                        f"{getattr(other.probe, key)!r} for the loaded adapter {other.name!r}; the adapters' probes "
+                        f"share one set of draws and one base trajectory, so {', '.join(DISTANCE_KEYS)} must agree: "
+                        f"pass probe={{{key!r}: {getattr(other.probe, key)!r}}}, or unload_unguide({other.name!r})")
         modules = self._check_lora_file(lora_file, settings)
         if check_base_model:
             self._check_base_model(settings, modules, lora_file)
-        previous = getattr(self, "_unguide", None)
-        if previous is not None:
-            for hook in previous.hooks:
-                hook.remove()
-            self._unguide = None
-        if adapter_name in (getattr(self.unet, "peft_config", None) or {}):
+        order = list(adapters)
+        if adapter_name in adapters:
+            self.unload_unguide(adapter_name)
+        elif adapter_name in (getattr(self.unet, "peft_config", None) or {}):
             self.delete_adapters(adapter_name)
-        self.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name=adapter_name)
-        layers = self._adapter_layers(adapter_name)
-        if sorted(path for path, _ in layers) != modules:
-            raise RuntimeError(f"diffusers adapted {len(layers)} modules of the UNet, the LoRA file has {len(modules)}: "
-                               f"{sorted(set(modules) ^ {p for p, _ in layers})[:5]}")
-        alpha = float(settings["lora"]["alpha"])
-        for path, layer in layers:
-            scaling = float(layer.scaling[adapter_name])
-            if not math.isclose(scaling, alpha, rel_tol=1e-5):
-                raise RuntimeError(f"{path}: peft scales the LoRA by {scaling}, unguide.json says alpha = {alpha} (a LoRA "
-                                   "file without its lora_alpha metadata?)")
+        # diffusers leaves only the adapter it loads active; the others that were active stay so (the UnGuide
+        # adapters need to be, and any other adapter of the user's is left as it was).
+        active = [name for name in self._active_unet_adapters() if name != adapter_name]
+        with warnings.catch_warnings():
+            # peft warns of "multiple adapters in the model" from the second on: here that is the point.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            self.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name=adapter_name)
+        try:
+            self.unet.set_adapter(active + [adapter_name])
+            layers = self._adapter_layers(adapter_name)
+            if sorted(path for path, _ in layers) != modules:
+                raise RuntimeError(f"diffusers adapted {len(layers)} modules of the UNet, the LoRA file has "
+                                   f"{len(modules)}: {sorted(set(modules) ^ {p for p, _ in layers})[:5]}")
+            alpha = float(settings["lora"]["alpha"])
+            for path, layer in layers:
+                scaling = float(layer.scaling[adapter_name])
+                if not math.isclose(scaling, alpha, rel_tol=1e-5):
+                    raise RuntimeError(f"{path}: peft scales the LoRA by {scaling}, unguide.json says alpha = {alpha} "
+                                       "(a LoRA file without its lora_alpha metadata?)")
+        except Exception:
+            # A half-loaded adapter would be applied, unscaled, to every row of the others' calls.
+            self.delete_adapters(adapter_name)
+            if active:
+                self.unet.set_adapter(active)
+            raise
         strength: list = [None]
 
         def scale_rows(module, inputs, output):
@@ -268,15 +391,48 @@ class UnGuidePipeline(StableDiffusionPipeline):
             return output * rows.to(device=output.device, dtype=output.dtype).view(-1, *([1] * (output.ndim - 1)))
 
         hooks = [layer.lora_B[adapter_name].register_forward_hook(scale_rows) for _, layer in layers]
-        self._unguide = _Adapter(adapter_name, settings, probe, [layer for _, layer in layers], hooks, strength, {},
-                                 concept_prompts=list(settings["concept"]["targets"]))
+        state = _Adapter(adapter_name, settings, probe, [layer for _, layer in layers], hooks, strength, {},
+                         concept_prompts=list(settings["concept"]["targets"]))
+        adapters[adapter_name] = state
+        if adapter_name in order:  # replaced: it keeps its place on the K axis
+            for name in order:
+                adapters[name] = adapters.pop(name)
         same_distances = all(getattr(probe, key) == getattr(file_probe, key) for key in DISTANCE_KEYS)
         if settings.get("empty_probe") and same_distances:
             record = settings["empty_probe"]
             if record.get("draws") == probe.draws and record.get("seed") == probe.seed:
                 key = (int(record["height"]), int(record["width"]), ("seed", probe.seed))
-                self._unguide.empty_cache[key] = np.asarray(record["distances"], np.float32)
+                state.empty_cache[key] = np.asarray(record["distances"], np.float32)
         return settings
+
+    def unload_unguide(self, adapter_name: str | None = None) -> None:
+        """Remove the UnGuide adapter ``adapter_name`` (its hooks and its LoRA), or every one (None)."""
+        adapters = self._unguide_state()
+        if adapter_name is not None and adapter_name not in adapters:
+            raise KeyError(f"no UnGuide adapter {adapter_name!r} loaded; loaded: {list(adapters)}")
+        for name in [adapter_name] if adapter_name is not None else list(adapters):
+            state = adapters.pop(name)
+            for hook in state.hooks:
+                hook.remove()
+            active = [a for a in self._active_unet_adapters() if a != name]
+            if name in (getattr(self.unet, "peft_config", None) or {}):
+                self.delete_adapters(name)
+            # peft activates some remaining adapter when the last active one goes; keep the rest as they were.
+            if active:
+                self.unet.set_adapter(active)
+
+    def _active_unet_adapters(self) -> list[str]:
+        if not getattr(self.unet, "peft_config", None):
+            return []
+        active = self.unet.active_adapters()
+        return [active] if isinstance(active, str) else list(active or [])
+
+    def _unguide_state(self) -> dict[str, _Adapter]:
+        """The loaded adapters by name, in load order (the K axis of the probe and of the LoRA mix)."""
+        if getattr(self, "_unguide_adapters", None) is None:
+            self._unguide_adapters = {}
+            self._unguide_draws = {}
+        return self._unguide_adapters
 
     def _check_lora_file(self, lora_file: Path, settings: dict) -> list[str]:
         """The LoRA's module paths, after checking each against this UNet (exists, Linear/1x1 conv, shapes)."""
@@ -341,24 +497,41 @@ class UnGuidePipeline(StableDiffusionPipeline):
                 if isinstance(m, LoraLayer) and adapter_name in m.lora_B]
 
     @property
+    def unguide_adapters(self) -> dict[str, UnGuideAdapter]:
+        """The loaded UnGuide adapters by name, in load order."""
+        return {name: UnGuideAdapter(name, a.settings, a.probe, tuple(a.concept_prompts))
+                for name, a in self._unguide_state().items()}
+
+    @property
     def unguide_settings(self) -> dict:
-        """The loaded unguide.json record."""
-        return self._loaded().settings
+        """The loaded unguide.json record (one adapter loaded; several: ``unguide_adapters[name].settings``)."""
+        return self._single("unguide_settings").settings
 
     @property
     def unguide_probe(self) -> ProbeConfig:
-        """The probe's settings in use (unguide.json's, with ``load_unguide``'s ``probe`` replacing some)."""
-        return self._loaded().probe
+        """The probe's settings in use (unguide.json's, with ``load_unguide``'s ``probe`` replacing some; several
+        adapters: ``unguide_adapters[name].probe``)."""
+        return self._single("unguide_probe").probe
 
-    def _loaded(self) -> _Adapter:
-        state = getattr(self, "_unguide", None)
-        if state is None:
+    def _single(self, what: str) -> _Adapter:
+        adapters = self._loaded()
+        if len(adapters) > 1:
+            names = ", ".join(a.name for a in adapters)
+            raise RuntimeError(f"{what}: {len(adapters)} UnGuide adapters are loaded ({names}); read each one's from "
+                               "pipe.unguide_adapters[name]")
+        return adapters[0]
+
+    def _loaded(self) -> list[_Adapter]:
+        adapters = list(self._unguide_state().values())
+        if not adapters:
             raise RuntimeError("no UnGuide adapter loaded: call pipe.load_unguide(export_folder) first")
-        for layer in state.layers:
-            if layer.merged or layer.disable_adapters or state.name not in layer.active_adapters:
-                raise RuntimeError(f"the UnGuide adapter {state.name!r} is fused, disabled or not active (set_adapters / "
-                                   "fuse_lora / disable_lora changed it): UnGuidance needs it loaded and active, unfused")
-        return state
+        for state in adapters:
+            for layer in state.layers:
+                if layer.merged or layer.disable_adapters or state.name not in layer.active_adapters:
+                    raise RuntimeError(f"the UnGuide adapter {state.name!r} is fused, disabled or not active "
+                                       "(set_adapters / fuse_lora / disable_lora changed it): UnGuidance needs it "
+                                       "loaded and active, unfused")
+        return adapters
 
     # --- model calls -------------------------------------------------------------------------------------
 
@@ -383,14 +556,18 @@ class UnGuidePipeline(StableDiffusionPipeline):
         return scheduler
 
     def _predict(self, z: torch.Tensor, t, context: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
-        """UNet output (fp32) with the adapter's rows scaled by ``strength`` (rows,)."""
-        state = self._unguide
+        """UNet output (fp32) with adapter k's rows scaled by ``strength[:, k]`` ((rows, K), K in load order)."""
+        adapters = list(self._unguide_state().values())
+        if strength.ndim != 2 or strength.shape[1] != len(adapters):
+            raise RuntimeError(f"UnGuide strength {tuple(strength.shape)}: need (rows, {len(adapters)} adapters)")
         t = t if torch.is_tensor(t) and t.ndim else torch.full((z.shape[0],), int(t), device=z.device)
-        state.strength[0] = strength
+        for k, state in enumerate(adapters):
+            state.strength[0] = strength[:, k].contiguous()
         try:
             out = self.unet(z.to(self.unet.dtype), t, encoder_hidden_states=context, return_dict=False)[0]
         finally:
-            state.strength[0] = None
+            for state in adapters:
+                state.strength[0] = None
         return out.float()
 
     def _encode(self, prompts: list[str], device) -> torch.Tensor:
@@ -414,87 +591,149 @@ class UnGuidePipeline(StableDiffusionPipeline):
     @torch.no_grad()
     def probe(self, prompts: Sequence[str], guidance_scale: float | Sequence[float] = 7.5, height: int | None = None,
               width: int | None = None, probe_draws: tuple[torch.Tensor, torch.Tensor] | None = None,
-              probe_batch_size: int = 64, reuse_empty: bool = True) -> ProbeResult:
+              probe_batch_size: int = 64, reuse_empty: bool = True) -> ProbeResult | AdaptersProbeResult:
         """D(p), D("") and w for ``prompts`` (each probed with its own CFG scale); ``probe_draws``: (x_T (R, C, h, w),
         t (R,)) instead of the probe seed's draws. ``reuse_empty``: take D("") (and, rule calibrated, D(concept))
         from unguide.json or an earlier call when it is there for this size and these draws (False: probe "" and
         the concept's prompts again, in the prompts' batch). Rule calibrated probes the concept's target prompts
-        at the median CFG scale of ``prompts``, as our sampler's ``WProbe`` does."""
-        state = self._loaded()
-        probe = state.probe
+        at the median CFG scale of ``prompts``, as our sampler's ``WProbe`` does.
+
+        With K > 1 adapters loaded: an ``AdaptersProbeResult``, each adapter decided by its own rule against its own
+        references, all on the same draws and base trajectories (our ``ManyProbe``)."""
+        adapters = self._loaded()
+        shared = adapters[0].probe  # its DISTANCE_KEYS are every adapter's (load_unguide)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a string or a list of strings")
         scales = _per_prompt("guidance_scale", guidance_scale, len(prompts))
         _count("probe_batch_size", probe_batch_size)
+        self._check_rules(adapters)
         shape = self.latent_shape(height, width)
         device = self._execution_device
         if probe_draws is None:
-            draws_key = ("seed", probe.seed)
-            if (shape, draws_key) not in state.draws_cache:
-                state.draws_cache[shape, draws_key] = jax_probe_draws(probe, shape, self._scheduler_config())
-            x_T, t = state.draws_cache[shape, draws_key]
+            draws_key = ("seed", shared.seed)
+            cached = (shape, tuple(getattr(shared, key) for key in DISTANCE_KEYS))
+            if cached not in self._unguide_draws:
+                self._unguide_draws[cached] = jax_probe_draws(shared, shape, self._scheduler_config())
+            x_T, t = self._unguide_draws[cached]
         else:
             x_T, t = probe_draws
             x_T = _finite_tensor("probe_draws x_T", x_T).to(dtype=torch.float32).cpu()
             t = torch.as_tensor(t, dtype=torch.int64).cpu()
-            if x_T.shape != (probe.draws, *shape) or t.shape != (probe.draws,):
-                raise ValueError(f"probe_draws: need x_T {(probe.draws, *shape)} and t ({probe.draws},), got "
+            if x_T.shape != (shared.draws, *shape) or t.shape != (shared.draws,):
+                raise ValueError(f"probe_draws: need x_T {(shared.draws, *shape)} and t ({shared.draws},), got "
                                  f"{tuple(x_T.shape)} and {tuple(t.shape)}")
             draws_key = ("given", hash((x_T.numpy().tobytes(), t.numpy().tobytes())))
         x_T, t = x_T.to(device), t.to(device)
         uncond = self._encode([""], device)
         cache_key = (shape[1] * self.vae_scale_factor, shape[2] * self.vae_scale_factor, draws_key)
-        empty = state.empty_cache.get(cache_key) if reuse_empty else None
+        empty = [a.empty_cache.get(cache_key) if reuse_empty else None for a in adapters]
+        missing = [k for k, e in enumerate(empty) if e is None]
         cond = self._encode(prompts, device) if prompts else uncond[:0]
         scales_t = torch.from_numpy(scales).to(device)
         run = lambda c, s, draws: self._distances(c, s, uncond, x_T[draws], t[draws], probe_batch_size)  # noqa: E731
 
-        calibrated = probe.rule == "calibrated" and bool(prompts)
-        concept = state.concept_cache.get(cache_key) if reuse_empty and calibrated else None
+        calibrated = [a.probe.rule == "calibrated" and bool(prompts) for a in adapters]
+        concept = [a.concept_cache.get(cache_key) if reuse_empty and on else None
+                   for a, on in zip(adapters, calibrated)]
 
-        if probe.rule == "sequential" or not prompts:
-            if empty is None:
-                empty = run(uncond, torch.ones(1, device=device), slice(None))[0]
-            distances = (sequential_distances(len(prompts), probe, empty,
-                                              lambda i, draws: run(cond[torch.from_numpy(i).to(device)],
-                                                                   scales_t[torch.from_numpy(i).to(device)], draws))
-                         if prompts else np.zeros((0, probe.draws), np.float32))
+        if shared.rule == "sequential" or not prompts:  # sequential: one adapter (_check_rules)
+            if missing:
+                out = run(uncond, torch.ones(1, device=device), slice(None))[0]
+                for k in missing:
+                    empty[k] = out[k]
+
+            def one_adapter(i, draws):
+                i = torch.from_numpy(i).to(device)
+                return run(cond[i], scales_t[i], draws)[:, 0]
+
+            distances = (sequential_distances(len(prompts), shared, empty[0], one_adapter)[:, None] if prompts
+                         else np.zeros((0, len(adapters), shared.draws), np.float32))
         else:
             # The references not known yet go in the same batch as more prompts: D("") ("": CFG is the unconditional
             # prediction whatever its scale) and, rule calibrated, the concept's target prompts at the median scale.
             rows, row_scales = [cond], [scales_t]
-            if empty is None:
+            if missing:
                 rows.append(uncond)
                 row_scales.append(torch.ones(1, device=device))
             guidance = float(np.median(scales))
-            if calibrated and concept is None:
-                rows.append(self._encode(state.concept_prompts, device))
-                row_scales.append(torch.full((len(state.concept_prompts),), guidance, dtype=torch.float32,
-                                             device=device))
+            wanted = [k for k, on in enumerate(calibrated) if on and concept[k] is None]
+            unique, concept_rows = self._concept_rows([adapters[k].concept_prompts for k in wanted])
+            if unique:
+                rows.append(self._encode(unique, device))
+                row_scales.append(torch.full((len(unique),), guidance, dtype=torch.float32, device=device))
             out = run(torch.cat(rows), torch.cat(row_scales), slice(None))
             distances, rest = out[:len(prompts)], out[len(prompts):]
-            if empty is None:
-                empty, rest = rest[0], rest[1:]
-            if calibrated and concept is None:
-                concept = (rest, guidance)
-        state.empty_cache[cache_key] = empty
-        threshold = None
-        if calibrated:
-            state.concept_cache[cache_key] = concept
-            threshold = calibrated_threshold(concept[0], empty)
-        # No prompts: nothing to decide (and no threshold: the concept's prompts are probed beside prompts).
-        d, w, used = decide(distances, empty, probe, threshold if prompts else float("nan"))
-        return ProbeResult(prompts=prompts, guidance_scales=scales, d=d, d_empty=float(empty.mean()), w=w,
-                           distances=distances, draws_used=used, threshold=threshold,
-                           concept_distances=None if concept is None else concept[0],
-                           concept_guidance_scale=None if concept is None else concept[1])
+            if missing:
+                for k in missing:
+                    empty[k] = rest[0, k]
+                rest = rest[1:]
+            for k, index in zip(wanted, concept_rows):
+                concept[k] = (rest[index, k], guidance)
+        thresholds: list[float | None] = [None] * len(adapters)
+        decisions, flags = [], []
+        for k, state in enumerate(adapters):
+            state.empty_cache[cache_key] = empty[k]
+            if calibrated[k]:
+                state.concept_cache[cache_key] = concept[k]
+                thresholds[k] = calibrated_threshold(concept[k][0], empty[k])
+            # No prompts: nothing to decide (and no threshold: the concept's prompts are probed beside prompts).
+            bar = thresholds[k] if prompts else float("nan")
+            decisions.append(decide(distances[:, k], empty[k], state.probe, bar))
+            # Flagged: the very comparison w comes from, told apart even where w_erase = w_keep.
+            as_flag = dataclasses.replace(state.probe, w_erase=1.0, w_keep=0.0)
+            flags.append(decide(distances[:, k], empty[k], as_flag, bar)[1] == 1.0)
+        if len(adapters) == 1:
+            (d, w, used), = decisions
+            return ProbeResult(prompts=prompts, guidance_scales=scales, d=d, d_empty=float(empty[0].mean()), w=w,
+                               distances=distances[:, 0], draws_used=used, threshold=thresholds[0],
+                               concept_distances=None if concept[0] is None else concept[0][0],
+                               concept_guidance_scale=None if concept[0] is None else concept[0][1])
+        d, w, used = (np.stack(column, axis=1) for column in zip(*decisions))
+        return AdaptersProbeResult(
+            adapters=[a.name for a in adapters], prompts=prompts, guidance_scales=scales, d=d,
+            d_empty=np.asarray([float(e.mean()) for e in empty]), w=w, flags=np.stack(flags, axis=1),
+            distances=distances, draws_used=used,
+            thresholds=None if not any(calibrated) else np.asarray([np.nan if x is None else x for x in thresholds]),
+            concept_distances=[None if c is None else c[0] for c in concept],
+            concept_guidance_scales=[None if c is None else c[1] for c in concept])
+
+    @staticmethod
+    def _check_rules(adapters: list[_Adapter]) -> None:
+        sequential = [a.name for a in adapters if a.probe.rule == "sequential"]
+        if len(adapters) > 1 and sequential:
+            raise ValueError(
+                f"adapter {sequential[0]!r} has probe rule 'sequential', which stops a prompt early against one "
+                f"adapter's D(\"\"); the {len(adapters)} loaded adapters share one probe: load it with "
+                "probe={'rule': 'calibrated'} or {'rule': 'paper'}, or use it alone")
+
+    @staticmethod
+    def _concept_rows(lists: list[list[str]]) -> tuple[list[str], list[list[int]]]:
+        """The concept prompts of several adapters as rows, a prompt an earlier adapter lists probed once (each
+        row gives every adapter's distance), and each adapter's rows. One adapter's list stays as it is."""
+        unique: list[str] = []
+        rows = []
+        for prompts in lists:
+            earlier = len(unique)
+            index = []
+            for prompt in prompts:
+                if prompt in unique[:earlier]:
+                    index.append(unique.index(prompt))
+                else:
+                    index.append(len(unique))
+                    unique.append(prompt)
+            rows.append(index)
+        return unique, rows
 
     def _distances(self, cond: torch.Tensor, scales: torch.Tensor, uncond: torch.Tensor, x_T: torch.Tensor,
                    t: torch.Tensor, batch_size: int) -> np.ndarray:
-        """(P, R) ‖ε_lora(z, t, p) − ε_base(z, t, p)‖₂ with z the base model's CFG trajectory from x_T stopped at
-        t_enc; every (prompt, draw) pair a row, ``batch_size`` trajectories per UNet call."""
-        probe = self._unguide.probe
+        """(P, K, R) ‖ε_lora_k(z, t, p) − ε_base(z, t, p)‖₂ for the K loaded adapters, z the base model's CFG
+        trajectory from x_T stopped at t_enc (one for all K: the settings it depends on agree); every (prompt,
+        draw) pair a row, ``batch_size`` trajectories per UNet call, then the base and each adapter alone at t in
+        one call."""
+        adapters = list(self._unguide_state().values())
+        k_count = len(adapters)
+        probe = adapters[0].probe
         objective = probe.objective
         table, _, start = sampling_table(self._scheduler_config(), objective)
         trajectory = [int(s) for s in table[start:start + int(num_sampling_steps(objective, probe.t_enc))]]
@@ -502,22 +741,26 @@ class UnGuidePipeline(StableDiffusionPipeline):
         prompts, draws = cond.shape[0], x_T.shape[0]
         prompt_of = torch.arange(prompts).repeat_interleave(draws)
         draw_of = torch.arange(draws).repeat(prompts)
-        out = torch.empty(prompts * draws, dtype=torch.float32)
+        out = torch.empty(prompts * draws, k_count, dtype=torch.float32)
+        # At t: the base, then each adapter alone.
+        at_t = torch.cat([torch.zeros(1, k_count), torch.eye(k_count)]).to(x_T.device)
         for first in range(0, prompts * draws, batch_size):
             p, r = prompt_of[first:first + batch_size], draw_of[first:first + batch_size]
             n = len(p)
             c, z = cond[p.to(cond.device)], x_T[r.to(x_T.device)].float()
             scale = scales[p.to(scales.device)].view(-1, 1, 1, 1)
-            off = torch.zeros(2 * n, device=z.device)
+            off = torch.zeros(2 * n, k_count, device=z.device)
             context = torch.cat([uncond.expand(n, -1, -1), c])
             for step in trajectory:
                 u, k = self._predict(torch.cat([z, z]), step, context, off).chunk(2)
                 z = scheduler.step(u + scale * (k - u), step, z, eta=0.0, return_dict=False)[0]
             t_rows = t[r.to(t.device)]
-            base, lora = self._predict(torch.cat([z, z]), torch.cat([t_rows, t_rows]), torch.cat([c, c]),
-                                       torch.cat([off[:n], torch.ones(n, device=z.device)])).chunk(2)
-            out[first:first + n] = (lora - base).flatten(1).norm(dim=1).cpu()
-        return out.view(prompts, draws).numpy()
+            base, *loras = self._predict(torch.cat([z] * (k_count + 1)), torch.cat([t_rows] * (k_count + 1)),
+                                         torch.cat([c] * (k_count + 1)),
+                                         at_t.repeat_interleave(n, dim=0)).chunk(k_count + 1)
+            for j, lora in enumerate(loras):
+                out[first:first + n, j] = (lora - base).flatten(1).norm(dim=1).cpu()
+        return out.view(prompts, draws, k_count).permute(0, 2, 1).contiguous().numpy()
 
     # --- sampling ------------------------------------------------------------------------------------------
 
@@ -570,17 +813,21 @@ class UnGuidePipeline(StableDiffusionPipeline):
         fused: bool = True,
         output_type: str = "pil",
         return_dict: bool = True,
+        combine: str = "flagged",
     ) -> UnGuidePipelineOutput | tuple:
         """Probe the prompts, then sample each image with UnGuidance (DDIM, η = 0).
 
         ``guidance_scale``: one, or one per prompt (the probe uses each prompt's own). Noise: ``seeds`` (one per
         image; default 0..n−1: our sampler's images), or ``generator`` (torch noise), or ``latents`` (B, C, h, w).
-        ``w``: skip the probe and use this w (one, or one per prompt). ``fused``: the four predictions of a step
-        in one UNet call (False: base and LoRA calls apart). ``output_type``: "pil", "np", "pt" or "latent".
-        Images are prompt-major: prompt i's images are i·k … i·k + k − 1 for k = ``num_images_per_prompt``.
-        ``return_dict=False``: the tuple (images, w, d, d_empty).
+        ``w``: skip the probe and use this w (one, or one per prompt; with K adapters also one per prompt and
+        adapter, (prompts, K), where combine "flagged" takes adapter k as flagged where w equals its w_erase).
+        ``fused``: the predictions of a step in one UNet call (False: base and LoRA calls apart). ``output_type``:
+        "pil", "np", "pt" or "latent". ``combine`` (K adapters; the same at K = 1): "flagged" or "sum", see the
+        module docstring. Images are prompt-major: prompt i's images are i·k … i·k + k − 1 for k =
+        ``num_images_per_prompt``. ``return_dict=False``: the tuple (images, w, d, d_empty).
         """
-        self._loaded()
+        adapters = self._loaded()
+        n_adapters = len(adapters)
         # Every argument is checked here, before the probe (a minute or more on a real model) and the sampling.
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -601,47 +848,72 @@ class UnGuidePipeline(StableDiffusionPipeline):
             raise ValueError(f"negative_prompt: one string or one per prompt ({len(prompts)}), got {len(negative_prompt)}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        prompt_w = None if w is None else _per_prompt("w", w, len(prompts))
+        if combine not in COMBINE_RULES:
+            raise ValueError(f"combine must be one of {COMBINE_RULES}, got {combine!r}")
+        summed = combine == "sum" and n_adapters > 1
+        prompt_w = None if w is None else _per_prompt_adapter("w", w, len(prompts), n_adapters)
         if w is None:
             _count("probe_batch_size", probe_batch_size)
             if probe_draws is not None and (not isinstance(probe_draws, (tuple, list)) or len(probe_draws) != 2):
                 raise ValueError("probe_draws must be a pair (x_T, t)")
+            self._check_rules(adapters)
+            if not summed:
+                _check_one_w(adapters)
         device = self._execution_device
 
+        erase = np.asarray([a.probe.w_erase for a in adapters], np.float32)
         if w is None:
             keys = list(dict.fromkeys(zip(prompts, scales.tolist())))
             result = self.probe([p for p, _ in keys], [s for _, s in keys], height, width, probe_draws,
                                 probe_batch_size)
             index = [keys.index(key) for key in zip(prompts, scales.tolist())]
-            prompt_w, prompt_d, d_empty = result.w[index], result.d[index], result.d_empty
-            threshold = result.threshold
+            if n_adapters == 1:
+                prompt_w, prompt_d = result.w[index][:, None], result.d[index][:, None]
+                prompt_flags = None
+                d_empty, threshold = result.d_empty, result.threshold
+            else:
+                prompt_w, prompt_d, prompt_flags = result.w[index], result.d[index], result.flags[index]
+                d_empty, threshold = result.d_empty, result.thresholds
         else:
-            prompt_d, d_empty = np.full(len(prompts), np.nan, np.float32), float("nan")
+            prompt_d = np.full((len(prompts), n_adapters), np.nan, np.float32)
+            prompt_flags = None if n_adapters == 1 else prompt_w == erase
+            d_empty = float("nan") if n_adapters == 1 else np.full(n_adapters, np.nan)
             threshold = None
 
-        images_w, images_d = np.repeat(prompt_w, k), np.repeat(prompt_d, k)
+        if summed:
+            images_w = np.repeat(prompt_w, k, axis=0)
+        else:
+            # One adapter: w as it is and its LoRA on every edited row, whatever it flags (today's formula).
+            flags = prompt_w == erase if prompt_flags is None else prompt_flags
+            per_prompt, lora_mix = flagged_guidance(prompt_w, flags)
+            images_w = np.repeat(per_prompt, k)
+            on = torch.from_numpy(np.repeat(lora_mix, k, axis=0)).to(device)
         cond = self._encode(prompts, device).repeat_interleave(k, dim=0)
         uncond = self._encode(negatives, device).repeat_interleave(k, dim=0)
         z = self._initial_latents(n, shape, seeds, generator, latents, device)
         scale = torch.from_numpy(np.repeat(scales, k)).to(device).view(-1, 1, 1, 1)
-        mix = torch.from_numpy(images_w).to(device).view(-1, 1, 1, 1)
-        off, on = torch.zeros(n, device=device), torch.ones(n, device=device)
+        off = torch.zeros(n, n_adapters, device=device)
         scheduler = self._ddim(num_inference_steps, device)
 
         with self.progress_bar(total=len(scheduler.timesteps)) as progress:
             for t in scheduler.timesteps:
-                if fused:
-                    out = self._predict(torch.cat([z, z, z, z]), t, torch.cat([uncond, cond, uncond, cond]),
-                                        torch.cat([off, off, on, on]))
-                    base_u, base_c, lora_u, lora_c = out.chunk(4)
+                if summed:
+                    guided = self._summed_prediction(z, t, cond, uncond, scale, images_w, fused)
                 else:
-                    base_u, base_c = self._predict(torch.cat([z, z]), t, torch.cat([uncond, cond]),
-                                                   torch.cat([off, off])).chunk(2)
-                    lora_u, lora_c = self._predict(torch.cat([z, z]), t, torch.cat([uncond, cond]),
-                                                   torch.cat([on, on])).chunk(2)
-                base = base_u + scale * (base_c - base_u)
-                lora = lora_u + scale * (lora_c - lora_u)
-                z = scheduler.step(mix * base + (1.0 - mix) * lora, t, z, eta=0.0, return_dict=False)[0]
+                    if fused:
+                        out = self._predict(torch.cat([z, z, z, z]), t, torch.cat([uncond, cond, uncond, cond]),
+                                            torch.cat([off, off, on, on]))
+                        base_u, base_c, lora_u, lora_c = out.chunk(4)
+                    else:
+                        base_u, base_c = self._predict(torch.cat([z, z]), t, torch.cat([uncond, cond]),
+                                                       torch.cat([off, off])).chunk(2)
+                        lora_u, lora_c = self._predict(torch.cat([z, z]), t, torch.cat([uncond, cond]),
+                                                       torch.cat([on, on])).chunk(2)
+                    mix = torch.from_numpy(images_w).to(device).view(-1, 1, 1, 1)
+                    base = base_u + scale * (base_c - base_u)
+                    lora = lora_u + scale * (lora_c - lora_u)
+                    guided = mix * base + (1.0 - mix) * lora
+                z = scheduler.step(guided, t, z, eta=0.0, return_dict=False)[0]
                 progress.update()
 
         nsfw = None
@@ -653,7 +925,31 @@ class UnGuidePipeline(StableDiffusionPipeline):
             denormalize = [True] * n if nsfw is None else [not flagged for flagged in nsfw]
             images = self.image_processor.postprocess(decoded, output_type=output_type, do_denormalize=denormalize)
         self.maybe_free_model_hooks()
+        images_d = np.repeat(prompt_d, k, axis=0)
+        images_flags = None if prompt_flags is None else np.repeat(prompt_flags, k, axis=0)
+        if n_adapters == 1:
+            images_d = images_d[:, 0]
         if not return_dict:
             return images, images_w, images_d, d_empty
         return UnGuidePipelineOutput(images=images, w=images_w, d=images_d, d_empty=d_empty, nsfw_content_detected=nsfw,
-                                     threshold=threshold)
+                                     threshold=threshold, adapters=[a.name for a in adapters], flags=images_flags)
+
+    def _summed_prediction(self, z: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor,
+                           w: np.ndarray, fused: bool) -> torch.Tensor:
+        """combine "sum": w₀·CFG_base + Σ_k (1 − w_k)·CFG_k, w₀ = 1 − Σ_k (1 − w_k), each adapter's CFG pair
+        with that adapter alone on (our ``many_unguided_prediction``); ``fused``: the K + 1 pairs in one call."""
+        n, n_adapters = w.shape
+        strengths = torch.cat([torch.zeros(1, n_adapters), torch.eye(n_adapters)]).to(z.device)
+        pairs = [strengths[j].expand(2 * n, n_adapters) for j in range(n_adapters + 1)]
+        if fused:
+            out = self._predict(torch.cat([z] * (2 * len(pairs))), t, torch.cat([uncond, cond] * len(pairs)),
+                                torch.cat(pairs)).chunk(2 * len(pairs))
+        else:
+            out = [half for pair in pairs
+                   for half in self._predict(torch.cat([z, z]), t, torch.cat([uncond, cond]), pair).chunk(2)]
+        cfg = [u + scale * (c - u) for u, c in zip(out[0::2], out[1::2])]
+        w = torch.from_numpy(w).to(z.device)
+        guided = (1.0 - (1.0 - w).sum(dim=1)).view(-1, 1, 1, 1) * cfg[0]
+        for j in range(n_adapters):
+            guided = guided + (1.0 - w[:, j]).view(-1, 1, 1, 1) * cfg[1 + j]
+        return guided

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from unguide_jax.diffusion.many_guidance import COMBINE_RULES
 from unguide_jax.erasers.unguide.modes import SAMPLE_MODES
 from unguide_jax.erasers.unguide.probe import ProbeConfig
 from unguide_jax.loading.resolve import (
@@ -22,6 +23,9 @@ from unguide_jax.settings import (
     positive,
     seed_range,
 )
+
+# "merged": the adapters as one edit, as before K edits existed; the others are generate_many's rules.
+COMBINE_CHOICES = ("merged",) + COMBINE_RULES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +58,13 @@ class SampleConfig(Config):
     grid_cols: int = option(0, "columns of grid.png (0: square-ish)", check=non_negative)
     evaluator: str = option("", '"embedded": classify the images with the shipped shapes classifier',
                             choices=("", "embedded"))
-    adapters: tuple[str, ...] = option((), "edits (they add up): adapter/edit files, train run folders, Orbax "
-                                           "checkpoints, PEFT/kohya LoRA files")
+    adapters: tuple[str, ...] = option((), "edits (they add up, or are K edits: see combine): adapter/edit files, "
+                                           "train run folders, Orbax checkpoints, PEFT/kohya LoRA files")
+    combine: str = option("merged", "several adapters in mode unguide: merged (they add up into one edit, probed as "
+                                    "one: one w per prompt); flagged (K edits, one probe for all: a prompt applies "
+                                    "the LoRAs of the concepts it carries with w_erase, or all K with w_keep when it "
+                                    "carries none); sum (K edits, each edit's UnGuidance correction added up)",
+                          choices=COMBINE_CHOICES)
     mode: str = option("auto", "auto: unguide with adapters, else base; fixed: config.w for every prompt",
                        choices=SAMPLE_MODES)
     w: float = option(2.0, "mode=fixed: w·CFG_base + (1 − w)·CFG_edit for every prompt")
@@ -68,3 +77,12 @@ class SampleConfig(Config):
         if self.seed + self.images_per_prompt - 1 >= SEED_LIMIT:
             raise InvalidValue("seed", f"+ images_per_prompt - 1 = {self.seed + self.images_per_prompt - 1} is past "
                                        "2**32 - 1 (seeds are uint32)")
+        if self.combine != "merged":
+            if self.mode in ("adapter", "fixed"):
+                raise InvalidValue("combine", f"must be 'merged' with mode={self.mode}, got {self.combine!r}: "
+                                              "flagged and sum make the adapters K edits for the probe of mode "
+                                              "unguide (or auto)")
+            if self.probe.rule == "sequential" and len(self.adapters) > 1:
+                raise InvalidValue("combine", f"must be 'merged' with probe.rule=sequential, got {self.combine!r}: "
+                                              "one probe of K edits decides by rule paper or calibrated (sequential "
+                                              "stops per prompt and edit)")

@@ -6,6 +6,13 @@ requests with a loaded model (the I2P evaluation shares it).
 Modes (``config.mode``, ``unguide_jax.erasers.unguide.modes``) with the edits of ``config.adapters``
 (several add up): base, adapter, unguide (w per prompt from the probe), fixed (``config.w``), auto.
 
+Several adapters in mode unguide with ``config.combine`` flagged or sum (issue 38) are K edits, not one: one
+``ManyProbe`` gives each prompt a w and a flag per edit (edit k against its own bar, from its own concept's
+targets under rule calibrated), and ``diffusion.many_guidance.generate_many`` samples with that rule. probe.json
+and each image's manifest record then hold per edit D, D(""), the bar and w, and the edits the prompt
+flagged (indices into ``config.adapters``). With one adapter, combine changes nothing: it is the one-edit
+job, its images and its fingerprint.
+
 ``out_dir`` gets one PNG per image (written as batches finish), ``grid.png``, ``manifest.json`` (the
 settings, and per image its prompt, seed, guidance, w, D(p), D("")), and in unguide mode
 ``probe.json``. A rerun with the same settings skips the images already written and reuses the
@@ -43,6 +50,7 @@ from unguide_jax.diffusion.images import (
     versions,
     write_manifest,
 )
+from unguide_jax.erasers.unguide.many_probe import ManyProbe
 from unguide_jax.erasers.unguide.modes import resolve_mode, weights_for
 from unguide_jax.erasers.unguide.probe import WProbe
 from unguide_jax.json_files import write_json
@@ -98,9 +106,11 @@ def image_settings(config: SampleConfig, mode: str, model_id: str | None = None)
     """What the images depend on; its fingerprint is stored in the manifest and compared on a rerun.
     ``model_id``: ``model_identity(config)`` when the caller has it (None: computed here)."""
     settings = to_dict(config)
-    out = {k: v for k, v in settings.items() if k not in NOT_IMAGE_KEYS and k not in ("probe", "w", "mode")
+    out = {k: v for k, v in settings.items() if k not in NOT_IMAGE_KEYS and k not in ("probe", "w", "mode", "combine")
            and not (k in ONLY_WHEN_SET and not v)}
     out["mode"] = mode
+    if separate_edits(config, mode):
+        out["combine"] = config.combine  # only then: merged runs, and every one-adapter run, keep their fingerprint
     out["model_fingerprint"] = model_id or model_identity(config)
     out["adapter_digests"] = [_content_digest(Path(a)) for a in config.adapters]
     if mode == "unguide":
@@ -108,6 +118,12 @@ def image_settings(config: SampleConfig, mode: str, model_id: str | None = None)
     if mode == "fixed":
         out["w"] = config.w
     return out
+
+
+def separate_edits(config: SampleConfig, mode: str) -> bool:
+    """Whether ``config.adapters`` are K edits with one probe (combine flagged or sum, several adapters, mode
+    unguide), not one edit."""
+    return mode == "unguide" and config.combine != "merged" and len(config.adapters) > 1
 
 
 def _fingerprint(settings: dict) -> str:
@@ -251,23 +267,39 @@ def image_name(index: int, request: Request) -> str:
 
 
 def _probe_weights(config: SampleConfig, fingerprint: str, sd, edit, requests: list[Request],
-                   out_dir: Path, concept_prompts: list[str] = ()) -> tuple[list[float], dict]:
-    """w per request from the probe (each distinct prompt and guidance probed once; cached in probe.json)."""
-    probe_config = config.probe
+                   out_dir: Path, concept_prompts: list[str] = ()) -> tuple[list[dict], dict]:
+    """The probe's record per request (its w among them), each distinct prompt and guidance probed once;
+    cached in probe.json."""
+    return _cached_probe(fingerprint, sd, requests, out_dir, lambda shape: WProbe(
+        sd, edit, config.probe, latent_shape=shape, concept_prompts=concept_prompts))
+
+
+def _probe_many(config: SampleConfig, fingerprint: str, sd, edits: tuple, requests: list[Request], out_dir: Path,
+                concept_prompts: list[list[str]]) -> tuple[list[dict], dict]:
+    """``_probe_weights`` for K edits: ``ManyProbeResult.records()`` per request (D, bar, w per edit, the edits
+    flagged), one probe for all of them."""
+    return _cached_probe(fingerprint, sd, requests, out_dir, lambda shape: ManyProbe(
+        sd, edits, config.probe, concept_prompts_per_edit=concept_prompts, latent_shape=shape),
+        extra={"edits": list(config.adapters)})
+
+
+def _cached_probe(fingerprint: str, sd, requests: list[Request], out_dir: Path, make_probe,
+                  extra: Mapping | None = None) -> tuple[list[dict], dict]:
+    """Each distinct prompt and guidance probed once, by ``make_probe(latent_shape)``'s probe (one per image size),
+    its records cached in probe.json under ``fingerprint`` (with ``extra``, for readers of the file)."""
     cache_file = out_dir / "probe.json"
     key_of = lambda r: f"{r.guidance_scale}|{r.prompt}"  # noqa: E731
     cached = broadcast_json(json.loads(cache_file.read_text()) if is_main_process() and cache_file.is_file() else {})
     if cached.get("fingerprint") != fingerprint:
-        cached = {"fingerprint": fingerprint, "prompts": {}}
-    probes: dict[tuple, WProbe] = {}
+        cached = {"fingerprint": fingerprint, **(extra or {}), "prompts": {}}
+    probes: dict[tuple, object] = {}
     todo: dict[tuple, dict[str, Request]] = {}
     for r in requests:
         if key_of(r) not in cached["prompts"]:
             todo.setdefault(sd.latent_shape(r.height, r.width), {})[key_of(r)] = r
     started = time.perf_counter()
     for shape, by_key in todo.items():
-        probe = probes.setdefault(shape, WProbe(sd, edit, probe_config, latent_shape=shape,
-                                                 concept_prompts=concept_prompts))
+        probe = probes.setdefault(shape, make_probe(shape))
         result = probe.run([r.prompt for r in by_key.values()], [r.guidance_scale for r in by_key.values()])
         for key, record in zip(by_key, result.records()):
             cached["prompts"][key] = record
@@ -312,10 +344,12 @@ def sample_requests(sd, config: SampleConfig, requests: list[Request], loaded_ed
 
 
 class _Prepared(NamedTuple):
-    edit: object
+    edit: object            # the adapters as one edit (None: no adapters, or K edits)
     adapter_info: list
     mode: str
     long_prompts: dict
+    edits: tuple = ()       # ``separate_edits``: one edit per adapter, in order
+    concepts: tuple = ()    # then each one's concept target prompts
 
 
 def _prepare(sd, config: SampleConfig, requests: list[Request], loaded_edit: tuple | None) -> _Prepared:
@@ -327,18 +361,40 @@ def _prepare(sd, config: SampleConfig, requests: list[Request], loaded_edit: tup
         warnings.warn(f"{len(long_prompts)} prompt(s) are longer than the tokenizer's {sd.tokenizer.model_max_length} "
                       f"tokens and are cut to that (e.g. {first[:60]!r}{'...' if len(first) > 60 else ''}: {count} "
                       "tokens); the manifest records which", stacklevel=2)
-    if loaded_edit is None:
+    separate = (config.combine != "merged" and len(config.adapters) > 1
+                and separate_edits(config, resolve_mode(config.mode, True)))
+    if loaded_edit is not None:
+        edit, adapter_info = loaded_edit
+        if separate and not (isinstance(edit, (tuple, list)) and len(edit) == len(adapter_info) == len(config.adapters)):
+            raise ValueError(f"config.combine={config.combine} samples the {len(config.adapters)} adapters as "
+                             "separate edits: loaded_edit must hold one edit and one info per adapter (a tuple of "
+                             "edits), not one merged edit")
+    elif separate:
+        loaded = [load_edit(source, sd.params["unet"]) for source in config.adapters]
+        edit, adapter_info = tuple(sd.put_replicated(e) for e, _ in loaded), [i for _, info in loaded for i in info]
+    else:
         edit, adapter_info = load_edit(list(config.adapters), sd.params["unet"])
         edit = sd.put_replicated(edit)
-    else:
-        edit, adapter_info = loaded_edit
-    return _Prepared(edit, adapter_info, resolve_mode(config.mode, edit is not None), long_prompts)
+    if not separate:
+        return _Prepared(edit, adapter_info, resolve_mode(config.mode, edit is not None), long_prompts)
+    edits = tuple(edit)
+    concepts = tuple(concept_targets([info]) for info in adapter_info)
+    for source, info, e, targets in zip(config.adapters, adapter_info, edits, concepts):
+        if config.probe.rule == "calibrated" and not targets:
+            raise ConfigError(f"config.adapters: {source} carries no concept targets, which probe rule calibrated "
+                              "(the default) needs for each of several adapters (config.combine="
+                              f"{config.combine}); choose the paper's rule (--config.probe.rule=paper)")
+        if config.combine == "flagged" and (e.deltas or e.memory is not None or not e.loras):
+            raise ConfigError(f"config.adapters: {source} is not a LoRA edit ({info.get('kind', 'an edit')} with full "
+                              "weight deltas or a prompt memory), and config.combine=flagged applies each adapter's "
+                              "LoRAs per prompt: choose combine=sum or merged")
+    return _Prepared(None, adapter_info, "unguide", long_prompts, edits, concepts)
 
 
 def _sample_claimed(sd, config: SampleConfig, requests: list[Request], claim: Claim, prepared: _Prepared,
                     grid_limit: int | None = None) -> Path:
     """The sampling itself, into the claimed folder (only the main process writes)."""
-    edit, adapter_info, mode, long_prompts = prepared
+    edit, adapter_info, mode, long_prompts, edits, concepts = prepared
     out_dir, fingerprint, keep_existing = claim.out_dir, claim.fingerprint, claim.keep_existing
     if is_main_process():
         # Only now that the inputs have loaded: a run that fails on them leaves the folder as it was.
@@ -357,14 +413,21 @@ def _sample_claimed(sd, config: SampleConfig, requests: list[Request], claim: Cl
                                                             concept_targets(adapter_info))
         return [p["w"] for p in probe_records]
 
-    ws = weights_for(mode, len(requests), fixed_w=config.w, probe=probe)
+    flags = [None] * len(requests)
+    if edits:
+        probe_records, probe_summary = _probe_many(config, fingerprint, sd, edits, requests, out_dir, list(concepts))
+        ws = [tuple(p["w"]) for p in probe_records]
+        flags = [tuple(k in p["flagged"] for k in range(len(edits))) for p in probe_records]
+        edit = edits
+    else:
+        ws = weights_for(mode, len(requests), fixed_w=config.w, probe=probe)
 
     names = [image_name(i, r) for i, r in enumerate(requests)]
     todo = broadcast_json([i for i, name in enumerate(names) if not (keep_existing and (out_dir / name).is_file())]
                           if is_main_process() else None)
     height, width = config.height or None, config.width or None
     image_requests = [ImageRequest(requests[i].prompt, requests[i].seed, requests[i].guidance_scale, ws[i],
-                                   requests[i].height or height, requests[i].width or width) for i in todo]
+                                   requests[i].height or height, requests[i].width or width, flags[i]) for i in todo]
 
     def save_batch(indices, images):
         if is_main_process():
@@ -373,7 +436,7 @@ def _sample_claimed(sd, config: SampleConfig, requests: list[Request], claim: Cl
 
     generate_images(sd, image_requests, batch_size=config.batch_size, num_steps=config.num_steps, eta=config.eta,
                     negative_prompt=config.negative_prompt, edit=None if mode == "base" else edit, fused=config.fused,
-                    on_batch=save_batch, edit_name=", ".join(config.adapters))
+                    on_batch=save_batch, edit_name=", ".join(config.adapters), combine=config.combine)
     if not is_main_process():
         return out_dir / "manifest.json"
     sizes = []
@@ -390,11 +453,13 @@ def _sample_claimed(sd, config: SampleConfig, requests: list[Request], claim: Cl
         record = dict(file=names[i], prompt=req.prompt, seed=req.seed, guidance_scale=req.guidance_scale,
                       height=h, width=w, source=req.source, mode=mode)
         if ws[i] is not None:
-            record["w"] = ws[i]
+            record["w"] = list(ws[i]) if edits else ws[i]
         if req.prompt in long_prompts:
             record.update(prompt_tokens=long_prompts[req.prompt], truncated_to=sd.tokenizer.model_max_length)
         if probe_records[i] is not None:
             record.update(D=probe_records[i]["D"], D_empty=probe_records[i]["D_empty"])
+            if edits:
+                record.update(bar=probe_records[i]["bar"], flagged=probe_records[i]["flagged"])
         records.append(record)
     evaluation = _evaluate(config.evaluator, [load(name) for name in names], records) if config.evaluator else None
     shown = names[:grid_limit]

@@ -47,6 +47,15 @@ class MeshSettings(Config):
                           "samples_per_step; -1: the devices fsdp leaves)")
     fsdp: int = option(0, "devices along the parameter-sharding (FSDP) axis (0 with data 0: the devices the "
                           "batch does not use; -1: the devices data leaves)")
+    concept: int = option(0, "several concepts in one run (unguide's concepts): device groups along the concept "
+                             "axis, each training K/concept of the LoRAs (0: the largest that divides both the "
+                             "concept count and the device count); data and fsdp then count one group's devices",
+                          check=non_negative)
+
+
+def _distinct(concepts) -> str | None:
+    repeated = sorted({c for c in concepts if list(concepts).count(c) > 1})
+    return f"names {repeated} more than once" if repeated else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +124,10 @@ class UnguideTrainConfig(TrainedConfig):
     lora: LoraConfig = option(LoraConfig(), "the LoRA adapter")
     learning_rate: float = option(3e-5, "Adam (0.9, 0.999, 1e-8) learning rate; no schedule, no clipping (with "
                                   "transfer=kv_scale: the SD 1.4 value the rule scales)", check=positive)
+    concepts: tuple[str, ...] = option((), "several concepts in one run (instead of concept): K LoRAs trained "
+                                           "together in one jitted step, each as its own single-concept run with "
+                                           "this seed; run_dir gets concepts/<name>/ per concept and "
+                                           "concepts.safetensors with all K", check=_distinct)
     transfer: str = option("kv_scale", "none: the settings as given | kv_scale: scale the learning rate from SD 1.4 to this "
                                    "model's K/V scale (erasers/unguide/transfer.py); config.json records the result",
                            choices=TRANSFER_RULES)

@@ -115,19 +115,22 @@ def _global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-class _DivergenceWatch:
-    def __init__(self, guard: DivergenceGuard, adapter, start: int):
+class DivergenceWatch:
+    """One run's (one concept's) divergence guard state."""
+
+    def __init__(self, guard: DivergenceGuard, adapter, start: int, norm: float | None = None):
         self.guard, self.start = guard, start
-        self.norm_range = float(_global_norm(adapter)) if guard.factor else 0.0
+        self.norm_range = (float(_global_norm(adapter)) if norm is None else float(norm)) if guard.factor else 0.0
         self.loss_range = 0.0
         self.recent: collections.deque[float] = collections.deque(maxlen=guard.warmup)
 
-    def problem(self, step: int, loss: float, adapter) -> str | None:
-        """What left its range at ``step`` (None: nothing); updates the early ranges."""
+    def problem(self, step: int, loss: float, adapter=None, norm: float | None = None) -> str | None:
+        """What left its range at ``step`` (None: nothing); updates the early ranges. ``norm``: the adapter's
+        global norm when the caller has it (else measured on ``adapter``)."""
         factor, warm = self.guard.factor, step - self.start <= self.guard.warmup
         if not factor:
             return None
-        norm = float(_global_norm(adapter))
+        norm = float(_global_norm(adapter)) if norm is None else float(norm)
         if not math.isfinite(norm) or (self.norm_range > 0 and norm > factor * self.norm_range):
             return (f"the trained parameters' norm is {norm:.4g} after step {step}, more than divergence.factor="
                     f"{factor:g} x its early value {self.norm_range:.4g}")
@@ -157,7 +160,7 @@ def train_loop(state, step_fn: Callable, *, iterations: int, checkpoint_every: i
     start = int(state.step)
     if start > iterations:
         raise ValueError(f"the run is at step {start}, past iterations={iterations}")
-    watch = _DivergenceWatch(divergence, state.adapter, start) if divergence is not None else None
+    watch = DivergenceWatch(divergence, state.adapter, start) if divergence is not None else None
     bar = tqdm(total=iterations, initial=start, desc=config.get("method", "unguide"), unit="step", disable=not progress)
     try:
         for _ in range(start, iterations):
@@ -166,9 +169,9 @@ def train_loop(state, step_fn: Callable, *, iterations: int, checkpoint_every: i
             metrics = {k: np.asarray(v).item() for k, v in jax.device_get(metrics).items()}
             step = int(state.step)
             if not math.isfinite(metrics["loss"]):
-                raise NonFiniteLoss(_nonfinite_message(f"loss is {metrics['loss']} at step {step}", checkpoints))
+                raise NonFiniteLoss(nonfinite_message(f"loss is {metrics['loss']} at step {step}", checkpoints))
             if watch is not None and (problem := watch.problem(step, metrics["loss"], state.adapter)):
-                raise Diverged(_nonfinite_message(f"training diverged: {problem}", checkpoints,
+                raise Diverged(nonfinite_message(f"training diverged: {problem}", checkpoints,
                                                   "Try a lower learning_rate (or raise divergence.factor; 0 turns "
                                                   "the guard off)."))
             log({"step": step, **{k: round(v, 8) if isinstance(v, float) else v for k, v in metrics.items()},
@@ -178,14 +181,14 @@ def train_loop(state, step_fn: Callable, *, iterations: int, checkpoint_every: i
             report_progress(f"train step {step}/{iterations}")
             if checkpoints is not None and (step == iterations or (checkpoint_every and step % checkpoint_every == 0)):
                 if not bool(_all_finite(state.adapter)):
-                    raise NonFiniteLoss(_nonfinite_message(f"the adapter is not finite after step {step}", checkpoints))
+                    raise NonFiniteLoss(nonfinite_message(f"the adapter is not finite after step {step}", checkpoints))
                 checkpoints.save(step, state, config)
     finally:
         bar.close()
     return state
 
 
-def _nonfinite_message(what: str, checkpoints: RunCheckpoints | None, advice: str = "Try a lower learning_rate.") -> str:
+def nonfinite_message(what: str, checkpoints: RunCheckpoints | None, advice: str = "Try a lower learning_rate.") -> str:
     latest = checkpoints.latest_step() if checkpoints is not None else None
     kept = (f"the last good checkpoint is step {latest} in {checkpoints.directory}" if latest is not None
             else "no checkpoint was saved before it")

@@ -74,15 +74,33 @@ def check_config(config: TrainConfig | Mapping) -> TrainConfig:
     return config
 
 
-def check_resumable(saved: Mapping, config: TrainConfig | Mapping, where: Path) -> None:
+def check_resumable(saved: Mapping, config: TrainConfig | Mapping, where: Path,
+                    keys: tuple[str, ...] = TRAINING_KEYS) -> None:
     config = to_dict(config) if isinstance(config, TrainConfig) else config
-    changed = [k for k in TRAINING_KEYS if saved.get(k) != config.get(k)]
+    changed = [k for k in keys if saved.get(k) != config.get(k)]
     if changed:
         detail = "; ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed)
         instead = (" Without resume=true, overwrite=true starts the replacement over (deleting those checkpoints)."
                    if where.name.endswith(".building") else "")
         raise ValueError(f"cannot resume {where}: its checkpoint was trained with other settings ({detail})."
                          f"{instead} Use another run_dir for a new run.")
+
+
+def checkpoint_to_resume(checkpoints: RunCheckpoints, config: TrainConfig, record: dict, paths: RunPaths,
+                         keys: tuple[str, ...] = TRAINING_KEYS) -> int | None:
+    """The step a run continues from (None: a new run), checked against ``resume`` and, before the model
+    loads, the checkpoint's training settings."""
+    latest = checkpoints.latest_step()
+    if latest is not None and not config.resume:
+        raise FileExistsError(f"{paths.checkpoints} already holds checkpoints (latest: step {latest}): pass "
+                              "--config.resume=true to continue that run, --config.overwrite=true to replace it, or "
+                              "choose another run_dir")
+    if latest is not None:
+        check_resumable(checkpoints.saved_config(latest), record, paths.root, keys)
+    elif config.resume:
+        print(f"note: resume=true, but {paths.checkpoints} holds no complete checkpoint: starting a new run "
+              "at step 0", file=sys.stderr)
+    return latest
 
 
 def base_model_of_run(config: TrainConfig, unet_params, modules, where: Path, resuming: bool) -> dict:
@@ -115,6 +133,11 @@ def run_training(config: TrainConfig | Mapping, progress: bool = True, publish: 
     """Train (or resume) one eraser as ``config`` says (a train schema, or a dict validated into one);
     returns the run folder."""
     config = check_config(config)
+    if getattr(config, "concepts", ()):
+        raise ConfigError("config.concepts trains several concepts in one run: call "
+                          "unguide_jax.training.many_run.run_many (unguide-train does)")
+    if config.method in TRAINED and config.mesh.concept > 1:
+        raise ConfigError(f"mesh.concept={config.mesh.concept} is for several concepts in one run (config.concepts)")
     concept = load_concept(config.concept)
     if config.method in CLOSED_FORM:
         return run_closed_form(config, config.method, concept, publish)
@@ -135,22 +158,13 @@ def _train(config: TrainConfig, trainer, concept, source, record: dict, paths: R
     checkpoints = RunCheckpoints(paths.checkpoints, keep=config.keep)
     board = None
     try:
-        latest = checkpoints.latest_step()
-        if latest is not None and not config.resume:
-            raise FileExistsError(f"{paths.checkpoints} already holds checkpoints (latest: step {latest}): pass "
-                                  "--config.resume=true to continue that run, --config.overwrite=true to replace it, or "
-                                  "choose another run_dir")
-        if latest is not None:
-            check_resumable(checkpoints.saved_config(latest), record, paths.root)  # before loading the model
-        elif config.resume:
-            print(f"note: resume=true, but {paths.checkpoints} holds no complete checkpoint: starting a new run "
-                  "at step 0", file=sys.stderr)
+        latest = checkpoint_to_resume(checkpoints, config, record, paths)
 
         sd = _load(config)
         if config.remat:
             sd = dataclasses.replace(sd, unet=sd.unet.clone(remat=config.remat))
         described = trainer.describe(sd.params["unet"])
-        mesh = make_mesh(**dataclasses.asdict(config.mesh), batch_size=config.objective.samples_per_step)
+        mesh = make_mesh(config.mesh.data, config.mesh.fsdp, batch_size=config.objective.samples_per_step)
         unet_params = shard(sd.params["unet"], mesh)
         embeddings = trainer.embeddings(sd, concept)
         if getattr(trainer, "derived", None):

@@ -52,13 +52,14 @@ from unguide_jax.training.config import (
 class UnguideTrainer:
     """UnGuide: a LoRA adapter, the ESD-style negative-guidance objective, Adam on the adapter."""
 
-    def __init__(self, config: UnguideTrainConfig | Mapping):
+    def __init__(self, config: UnguideTrainConfig | Mapping, rate_in_state: bool = False):
         config = as_config(config, UnguideTrainConfig, strict=False)
+        self.rate_in_state = rate_in_state  # several concepts in one step: each state carries its own rate
         self.lora = config.lora
         self.objective = config.objective
         self.transfer_rule = config.transfer
         self.learning_rate = config.learning_rate
-        self.optimizer = make_optimizer(self.learning_rate)
+        self.optimizer = make_optimizer(self.learning_rate, rate_in_state)
         self.derived: dict = {}  # settings derived from the model (transfer, A's init): config.json's "derived"
         self._directions = None
 
@@ -80,7 +81,7 @@ class UnguideTrainer:
         embeddings = embed_concept(sd, concept)
         transfer = transfer_settings(self.transfer_rule, self.learning_rate, sd.params["unet"], embeddings.target)
         self.learning_rate = transfer.learning_rate
-        self.optimizer = make_optimizer(self.learning_rate)
+        self.optimizer = make_optimizer(self.learning_rate, self.rate_in_state)
         self.derived = transfer.record()
         self.derived_note = transfer.describe()
         adapts_text = any(map(reads_text, target_modules(sd.params["unet"], self.lora.targets)))

@@ -152,25 +152,32 @@ def sample_until(unet, unet_params, scheduler_config, objective, x_T, t_enc, con
     return jax.lax.fori_loop(0, jnp.max(steps), body, x_T.astype(jnp.float32))
 
 
-def unguide_loss(unet, scheduler_config: SchedulerConfig, lora_config: lora.LoraConfig, objective: ObjectiveConfig,
-                 base_params, adapter, embeddings: ConceptEmbeddings, x_T, t_enc, t, pair_index=None):
-    """The objective for given draws -> (loss, aux). Pure; differentiate with respect to ``adapter``.
-
-    x_T (S, h, w, c); t_enc, t, pair_index (S,) ints (pair_index None: pair 0 for every sample).
-    aux: z (the latent the models are queried at), eps_star, eps_theta, steps (DDIM steps run).
-    """
-    batch = x_T.shape[0]
+def _sample_inputs(embeddings: ConceptEmbeddings, batch: int, t_enc, pair_index):
+    """(t_enc (S,), pair_index (S,), target (S, L, D), uncond (S, L, D)) for S = ``batch`` samples."""
     t_enc = jnp.asarray(t_enc, jnp.int32).reshape(batch)
-    t = jnp.asarray(t, jnp.int32).reshape(batch)
     pair_index = jnp.zeros((batch,), jnp.int32) if pair_index is None else jnp.asarray(pair_index, jnp.int32)
-    target = embeddings.target[pair_index]
-    reference = embeddings.reference[pair_index]
     uncond = jnp.broadcast_to(embeddings.uncond, (batch,) + embeddings.uncond.shape[1:])
-    alpha = lora_config.alpha
+    return t_enc, pair_index, embeddings.target[pair_index], uncond
 
+
+def trajectory_latent(unet, scheduler_config: SchedulerConfig, lora_config: lora.LoraConfig,
+                      objective: ObjectiveConfig, base_params, adapter, embeddings: ConceptEmbeddings, x_T, t_enc,
+                      pair_index=None) -> jax.Array:
+    """Step 1 of the objective: z from x_T by DDIM with the adapter frozen (no gradient), (S, h, w, c)."""
+    t_enc, _, target, uncond = _sample_inputs(embeddings, x_T.shape[0], t_enc, pair_index)
     frozen_adapter = jax.lax.stop_gradient(adapter)
-    sampling_params = lora.merge(base_params, [(frozen_adapter, alpha)])
+    sampling_params = lora.merge(base_params, [(frozen_adapter, lora_config.alpha)])
     z = sample_until(unet, sampling_params, scheduler_config, objective, x_T, t_enc, target, uncond)
+    return jax.lax.stop_gradient(z)
+
+
+def loss_at_latent(unet, scheduler_config: SchedulerConfig, lora_config: lora.LoraConfig, objective: ObjectiveConfig,
+                   base_params, adapter, embeddings: ConceptEmbeddings, z, t_enc, t, pair_index=None):
+    """Steps 2-4 of the objective at a given z (``trajectory_latent``'s) -> (loss, aux) as ``unguide_loss``'s."""
+    batch = z.shape[0]
+    t_enc, pair_index, target, _ = _sample_inputs(embeddings, batch, t_enc, pair_index)
+    t = jnp.asarray(t, jnp.int32).reshape(batch)
+    reference = embeddings.reference[pair_index]
     z = jax.lax.stop_gradient(z)
 
     # Both frozen-base predictions in one UNet call.
@@ -179,11 +186,27 @@ def unguide_loss(unet, scheduler_config: SchedulerConfig, lora_config: lora.Lora
     e0, ep = jnp.split(base_out, 2)
     eps_star = jax.lax.stop_gradient(e0 - objective.negative_guidance * (ep - e0))
 
-    eps_theta = unet.apply({"params": lora.merge(base_params, [(adapter, alpha)])}, z, t, target).astype(jnp.float32)
+    eps_theta = unet.apply({"params": lora.merge(base_params, [(adapter, lora_config.alpha)])}, z, t,
+                           target).astype(jnp.float32)
     loss = jnp.mean((eps_theta - eps_star) ** 2)
     aux = dict(z=z, eps_star=eps_star, eps_theta=jax.lax.stop_gradient(eps_theta),
                steps=num_sampling_steps(objective, t_enc))
     return loss, aux
+
+
+def unguide_loss(unet, scheduler_config: SchedulerConfig, lora_config: lora.LoraConfig, objective: ObjectiveConfig,
+                 base_params, adapter, embeddings: ConceptEmbeddings, x_T, t_enc, t, pair_index=None):
+    """The objective for given draws -> (loss, aux). Pure; differentiate with respect to ``adapter``.
+
+    x_T (S, h, w, c); t_enc, t, pair_index (S,) ints (pair_index None: pair 0 for every sample).
+    aux: z (the latent the models are queried at), eps_star, eps_theta, steps (DDIM steps run).
+    ``trajectory_latent`` then ``loss_at_latent``: apart so that several trajectories can be packed
+    (``many.py``) before their losses.
+    """
+    z = trajectory_latent(unet, scheduler_config, lora_config, objective, base_params, adapter, embeddings, x_T,
+                          t_enc, pair_index)
+    return loss_at_latent(unet, scheduler_config, lora_config, objective, base_params, adapter, embeddings, z,
+                          t_enc, t, pair_index)
 
 
 def draw_samples(key: jax.Array, scheduler_config: SchedulerConfig, objective: ObjectiveConfig,

@@ -33,8 +33,14 @@ class TrainState:
     key: jax.Array        # typed PRNG key; split once per step
 
 
-def make_optimizer(learning_rate: float) -> optax.GradientTransformation:
-    """Adam as the reference (β 0.9/0.999, eps 1e-8; no clipping, no schedule, no weight decay)."""
+def make_optimizer(learning_rate: float, rate_in_state: bool = False) -> optax.GradientTransformation:
+    """Adam as the reference (β 0.9/0.999, eps 1e-8; no clipping, no schedule, no weight decay).
+
+    ``rate_in_state``: the learning rate lives in the optimizer state (the same updates, bitwise), so that K
+    concepts trained in one vmapped step (``many.py``) each keep the rate derived for them."""
+    if rate_in_state:
+        adam = optax.inject_hyperparams(optax.adam, static_args=("b1", "b2", "eps", "eps_root", "nesterov"))
+        return adam(learning_rate=learning_rate, b1=0.9, b2=0.999, eps=1e-8)
     return optax.adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8)
 
 
