@@ -3,9 +3,10 @@
 (bring your own model and prompt), embedded (the shipped shapes model, one prompt per class), smoke (a random
 tiny model), many (two erased concepts at once: the arrow and star LoRAs of ``unguide.py:many`` as two edits).
 
-Several adapters add up into one edit, probed as one (``combine=merged``, the default). ``combine=flagged``
+Several adapters add up into one edit, probed as one (``combine=merged``, the default). ``combine=flagged-mean``
 makes them K edits with one probe: each prompt applies the LoRAs of the concepts it carries (each edit's own
-bar, from its own concept) with w_erase, or all of them with w_keep when it carries none; ``combine=sum`` adds
+bar, from its own concept) with w_erase, or their mean with w_keep when it carries none (``flagged``: all of
+them together); ``combine=sum`` adds
 up each edit's own UnGuidance correction. probe.json and manifest.json then record D, the bar and w per edit
 and the edits each prompt flagged.
 
@@ -32,7 +33,7 @@ def get_config(preset: str = "default") -> dict:
     if preset == "many":
         # Any runs' adapters work alike (two single runs: runs/unguide-shapes-arrow, runs/unguide-shapes-star).
         return dict(model="embedded", adapters=["runs/unguide-many/concepts/shapes-arrow",
-                                                "runs/unguide-many/concepts/shapes-star"], combine="flagged",
+                                                "runs/unguide-many/concepts/shapes-star"], combine="flagged-mean",
                     prompts=[f"a photo of the {c}" for c in ("arrow", "star", "circle", "heart")], images_per_prompt=4,
                     batch_size=16, evaluator="embedded", grid_cols=4, out_dir="runs/many-samples")
     raise ValueError(f"unknown preset {preset!r} (default, embedded, smoke, many)")

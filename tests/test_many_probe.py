@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from unguide_jax.diffusion.many_guidance import generate_many
-from unguide_jax.edits.edit import combine, lora_edit
+from unguide_jax.edits.edit import Edit, combine, lora_edit
 from unguide_jax.edits.lora import LoraConfig, init_lora
 from unguide_jax.erasers.unguide.many_probe import ManyProbe
 from unguide_jax.erasers.unguide.probe import ProbeConfig, WProbe
@@ -95,21 +95,24 @@ def test_sampling_with_one_edit_is_todays_unguidance(sd, edits):
 
 
 def test_flagged_rule_applies_the_flagged_loras(sd, edits):
-    """combine="flagged": a prompt applies the LoRAs it flags (w_erase), or pushes away from all of them (w_keep);
-    each row as the one-edit sampler makes it with that edit."""
+    """The flagged rules: a prompt applies the LoRAs it flags (w_erase), or pushes away from all of them together
+    ("flagged") or from their mean ("flagged-mean", the default) (w_keep); each row as the one-edit sampler makes
+    it with that edit."""
     prompts, seeds = PROMPTS, [5, 6, 7, 8]
     flags = np.array([[True, False], [False, True], [False, False], [True, True]])
     w = np.where(flags, -1.0, 2.0).astype(np.float32)
     common = dict(num_steps=3, height=32, width=32)
     both = combine(edits)
-    expected = [(edits[0], -1.0), (edits[1], -1.0), (both, 2.0), (both, -1.0)]
-    for fused in (True, False):
-        ours = generate_many(sd, prompts, seeds, edits=edits, w=w, flags=flags, fused=fused, **common)
-        assert ours.settings["combine"] == "flagged"
-        for i, (edit, w_i) in enumerate(expected):
+    mean = Edit(loras=tuple((adapter, alpha / 2) for adapter, alpha in both.loras))
+    expected = {"flagged": [(edits[0], -1.0), (edits[1], -1.0), (both, 2.0), (both, -1.0)],
+                "flagged-mean": [(edits[0], -1.0), (edits[1], -1.0), (mean, 2.0), (both, -1.0)]}
+    for rule, fused in [("flagged", True), ("flagged", False), ("flagged-mean", True)]:
+        ours = generate_many(sd, prompts, seeds, edits=edits, w=w, flags=flags, fused=fused, combine=rule, **common)
+        assert ours.settings["combine"] == rule
+        for i, (edit, w_i) in enumerate(expected[rule]):
             alone = sd.generate(prompts[i:i + 1], seeds[i:i + 1], edit=edit, w=[w_i], **common)
             np.testing.assert_allclose(ours.latents[i], alone.latents[0], rtol=0,
-                                       atol=1e-5 * np.abs(alone.latents).max(), err_msg=f"prompt {i}, fused={fused}")
+                                       atol=1e-5 * np.abs(alone.latents).max(), err_msg=f"prompt {i}, {rule}, fused={fused}")
     # The flagged rows differ from the sum rule's where two edits meet (row 3), and a wrong flag is seen.
     summed = generate_many(sd, prompts, seeds, edits=edits, w=w, combine="sum", **common)
     assert np.abs(summed.latents[3] - ours.latents[3]).max() > 1e-4

@@ -112,7 +112,7 @@ def test_one_adapter_is_the_one_edit_job_whatever_combine_says(setup, tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["--config.combine=each"], r"config.combine must be one of \('merged', 'flagged', 'sum'\), got 'each'"),
+    (["--config.combine=each"], r"config.combine must be one of \('merged', 'flagged', 'flagged-mean', 'sum'\), got 'each'"),
     (["--config.combine=flagged", "--config.mode=fixed"], "config.combine must be 'merged' with mode=fixed"),
     (["--config.combine=sum", "--config.probe.rule=sequential", "--config.probe.round_draws=2"],
      "config.combine must be 'merged' with probe.rule=sequential"),

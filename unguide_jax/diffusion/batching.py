@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from unguide_jax.diffusion.many_guidance import generate_many
+from unguide_jax.diffusion.many_guidance import FLAGGED_RULES, generate_many
 from unguide_jax.diffusion.pipeline import StableDiffusion
 from unguide_jax.parallel.batches import padded_rows
 from unguide_jax.parallel.hosts import is_main_process
@@ -40,13 +40,13 @@ def generate_images(sd: StableDiffusion, requests: Sequence[ImageRequest], *, ba
                     eta: float = 0.0, negative_prompt: str = "", edit=None, fused: bool = True,
                     desc: str = "sampling", progress: bool = True, edit_name: str = "",
                     on_batch: Callable[[list[int], list[np.ndarray]], None] | None = None,
-                    combine: str = "flagged") -> list[np.ndarray]:
+                    combine: str = "flagged-mean") -> list[np.ndarray]:
     """One uint8 image per request, in request order. ``on_batch(indices, images)`` is called as each
     batch is done (e.g. to write its PNGs, so that an interrupted run keeps what it made).
 
     ``edit`` None: the base model. ``edit`` given: requests with ``w`` None sample the edited model,
     the others UnGuidance with their w (a batch never mixes the two). ``edit`` a tuple of K edits: every
-    request is UnGuidance with K edits, its w one per edit (and its ``flags`` for ``combine`` "flagged"),
+    request is UnGuidance with K edits, its w one per edit (and its ``flags`` for the flagged rules),
     sampled by ``many_guidance.generate_many``.
 
     Each image's final latents are checked: a NaN/inf one raises ``NonFiniteImage`` naming the prompt,
@@ -73,7 +73,7 @@ def generate_images(sd: StableDiffusion, requests: Sequence[ImageRequest], *, ba
         if isinstance(edit, tuple):
             out = generate_many(sd, [r.prompt for r in padded], [r.seed for r in padded], edits=edit,
                                 w=[r.w for r in padded], combine=combine,
-                                flags=None if combine != "flagged" else [r.flags for r in padded], **common)
+                                flags=[r.flags for r in padded] if combine in FLAGGED_RULES else None, **common)
         else:
             out = sd.generate([r.prompt for r in padded], [r.seed for r in padded], edit=edit,
                               w=None if plain else [r.w for r in padded], **common)

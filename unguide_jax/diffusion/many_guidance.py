@@ -1,18 +1,21 @@
 """UnGuidance with K edits (issue 38): one w per prompt and edit, from ``erasers.unguide.many_probe``.
 
-Two ways to combine the K probes' answers (``COMBINE_RULES``):
+Three ways to combine the K probes' answers (``COMBINE_RULES``):
 
-  flagged (default)  guided = w·CFG_base + (1 − w)·CFG_F, where F is the set of edits the probe flagged for
-                     the prompt (the concepts it carries) and CFG_F the prediction with exactly those LoRAs
-                     applied together; w = w_erase. A prompt that flags none is pushed away from all K LoRAs
-                     together with w = w_keep, as one edit pushes an unflagged prompt away.
-  sum                guided = w₀·CFG_base + Σ_k (1 − w_k)·CFG_k, w₀ = 1 − Σ_k (1 − w_k): each edit's own
-                     UnGuidance correction, added up, every edit with its own CFG pair.
+  flagged-mean  guided = w·CFG_base + (1 − w)·CFG_F, where F is the set of edits the probe flagged for the
+  (default)     prompt (the concepts it carries) and CFG_F the prediction with exactly those LoRAs applied
+                together; w = w_erase. A prompt that flags none is pushed away (w = w_keep) from the mean of
+                the K LoRAs: each applied at strength 1/K.
+  flagged       the same, but a prompt that flags none is pushed away from all K LoRAs together.
+  sum           guided = w₀·CFG_base + Σ_k (1 − w_k)·CFG_k, w₀ = 1 − Σ_k (1 − w_k): each edit's own UnGuidance
+                correction, added up, every edit with its own CFG pair.
 
-Both are w·CFG_base + (1 − w)·CFG_edit at K = 1, today's formula, and ``generate_many`` then runs today's
-sampler itself (the same images). Cost per DDIM step: "flagged" is one fused UNet call on 4 rows per image
-whatever K (each row applies its own LoRAs: ``edits.edit.apply_unet`` with a (rows, K) strength); "sum" is
-K + 1 CFG pairs.
+All are w·CFG_base + (1 − w)·CFG_edit at K = 1, today's formula, and ``generate_many`` then runs today's
+sampler itself (the same images). The default was chosen on the several-concept table's first split
+(docs/results.md, "Several concepts at once"): pushing the prompts that carry no erased concept away from
+all K LoRAs together cost them Acc_s as K grew; from their mean it did not. Cost per DDIM step: the flagged
+rules are one fused UNet call on 4 rows per image whatever K (each row applies its own LoRAs at its own
+strengths: ``edits.edit.apply_unet`` with a (rows, K) strength); "sum" is K + 1 CFG pairs.
 """
 from __future__ import annotations
 
@@ -76,14 +79,18 @@ def sample_latents_many(unet, config: SchedulerConfig, num_steps: int, eta: floa
     return ddim_loop(denoise, schedule, config, timesteps, prev_timesteps, latents, eta, keys)
 
 
-COMBINE_RULES = ("flagged", "sum")
+COMBINE_RULES = ("flagged", "flagged-mean", "sum")
+FLAGGED_RULES = ("flagged", "flagged-mean")  # the rules that apply per prompt the LoRAs it flags
 
 
-def flagged_guidance(w, flags) -> tuple[np.ndarray, np.ndarray]:
-    """The "flagged" rule's (w (P,), LoRA mix (P, K)) from the probe's w and flags (P, K).
+def flagged_guidance(w, flags, combine: str = "flagged-mean") -> tuple[np.ndarray, np.ndarray]:
+    """The flagged rules' (w (P,), LoRA mix (P, K)) from the probe's w and flags (P, K).
 
     A prompt that flags some edits gets their w (w_erase: every flagged edit has the same) and applies only
-    those LoRAs; one that flags none gets w_keep and all K LoRAs."""
+    those LoRAs; one that flags none gets w_keep and all K LoRAs together ("flagged") or their mean, each at
+    strength 1/K ("flagged-mean"). At K = 1 the two are the same."""
+    if combine not in FLAGGED_RULES:
+        raise ValueError(f"flagged_guidance takes combine {FLAGGED_RULES}, got {combine!r}")
     w = np.asarray(w, np.float32)
     flags = np.asarray(flags, bool)
     if flags.shape != w.shape:
@@ -96,17 +103,18 @@ def flagged_guidance(w, flags) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError(f"prompt {p}: the edits it {'flags' if flagged.any() else 'does not flag'} have "
                              f"different w ({chosen.tolist()}); the flagged rule takes one w_erase and one w_keep")
         per_prompt[p] = chosen[0]
-    mix = np.where(any_flag[:, None], flags, True).astype(np.float32)
+    unflagged = 1.0 if combine == "flagged" else 1.0 / flags.shape[1]
+    mix = np.where(any_flag[:, None], flags.astype(np.float32), np.float32(unflagged)).astype(np.float32)
     return per_prompt, mix
 
 
 def generate_many(sd: StableDiffusion, prompts: Sequence[str], seeds: Sequence[int] | None = None, *, edits,
-                  w, flags=None, combine: str = "flagged", guidance_scale: float | Sequence[float] = 7.5,
+                  w, flags=None, combine: str = "flagged-mean", guidance_scale: float | Sequence[float] = 7.5,
                   num_steps: int = 50, eta: float = 0.0, height: int | None = None, width: int | None = None,
                   negative_prompt: str = "", fused: bool = True) -> Generation:
     """``StableDiffusion.generate`` with K edits and w (P, K) (``ManyProbeResult.w``): one image per prompt.
 
-    ``combine`` (``COMBINE_RULES``): "flagged" needs ``flags`` (P, K) (``ManyProbeResult.flags``); "sum"
+    ``combine`` (``COMBINE_RULES``): the flagged rules need ``flags`` (P, K) (``ManyProbeResult.flags``); "sum"
     takes w alone. At K = 1 both are the one-edit sampler."""
     edits = tuple(edits)
     n = len(prompts)
@@ -115,13 +123,13 @@ def generate_many(sd: StableDiffusion, prompts: Sequence[str], seeds: Sequence[i
         raise ValueError(f"need one w per prompt and edit: {n} prompts x {len(edits)} edits, got w {w.shape}")
     if combine not in COMBINE_RULES:
         raise ValueError(f"combine must be one of {COMBINE_RULES}, got {combine!r}")
-    if combine == "flagged" and len(edits) > 1:
+    if combine in FLAGGED_RULES and len(edits) > 1:
         if flags is None:
-            raise ValueError('combine="flagged" needs the probe\'s flags (ManyProbeResult.flags)')
-        per_prompt, mix = flagged_guidance(w, flags)
+            raise ValueError(f'combine="{combine}" needs the probe\'s flags (ManyProbeResult.flags)')
+        per_prompt, mix = flagged_guidance(w, flags, combine)
         for k, e in enumerate(edits):
             if e.deltas or e.memory is not None or not e.loras:
-                raise ValueError(f'combine="flagged" applies LoRAs per prompt; edit {k} is not a LoRA edit (it has '
+                raise ValueError(f'combine="{combine}" applies LoRAs per prompt; edit {k} is not a LoRA edit (it has '
                                  'full weight deltas, a prompt memory or nothing): use combine="sum"')
         # One column per LoRA of the combined edit: an edit made of several LoRAs repeats its column.
         mix = np.repeat(mix, [len(e.loras) for e in edits], axis=1)

@@ -56,7 +56,7 @@ class ManyTableConfig(Config):
     train_missing: str = option("unguide.py:many", "a train config that makes lora_run when it is missing, with "
                                                    "concepts = classes ('': refuse)")
     methods: tuple[str, ...] = option(MANY_METHODS, f"rows: {', '.join(MANY_METHODS)}", check=_methods)
-    combine: str = option("flagged", "how UnGuide combines the K probes' answers (diffusion/many_guidance.py)",
+    combine: str = option("flagged-mean", "how UnGuide combines the K probes' answers (diffusion/many_guidance.py)",
                           choices=COMBINE_RULES)
     images_per_prompt: int = option(8, "images per prompt", check=positive)
     seed: int = option(2024, "image j of every prompt: seed + j (paired across prompts, subsets and methods)",

@@ -33,8 +33,8 @@ from typing import Callable, Mapping
 import numpy as np
 
 from unguide_jax.diffusion.batching import ImageRequest
-from unguide_jax.diffusion.many_guidance import flagged_guidance
-from unguide_jax.edits.edit import combine
+from unguide_jax.diffusion.many_guidance import FLAGGED_RULES, flagged_guidance
+from unguide_jax.edits.edit import Edit
 from unguide_jax.edits.merge import merge_loras
 from unguide_jax.erasers.concepts import load_concept
 from unguide_jax.erasers.pure import pure_edit
@@ -231,13 +231,15 @@ def _unguide(sd, config: ManyTableConfig, probe_config: ProbeConfig, concepts, l
     else:
         cache.work["probes_found"] += 1
     w, flags = np.asarray(found["w"], np.float32), np.asarray(found["flags"], bool)
-    if config.combine == "flagged":
-        per_prompt, mix = flagged_guidance(w, flags)
-        prompt_edits = [combine([e for e, on in zip(edits, row) if on]) for row in mix > 0]
-        ws = per_prompt.tolist()
-    else:
-        raise ConfigError('the several-concept table samples the flagged rule (combine="flagged"); the sum rule is '
+    if config.combine not in FLAGGED_RULES:
+        raise ConfigError(f"the several-concept table samples the flagged rules {FLAGGED_RULES}; the sum rule is "
                           "generate_many(..., combine='sum')")
+    per_prompt, mix = flagged_guidance(w, flags, config.combine)
+    # Each prompt's LoRAs at their strengths, as one edit: the same images as the per-row mix of generate_many,
+    # and a prompt that applies one LoRA at strength 1 shares its images with that LoRA's own row.
+    prompt_edits = [Edit(loras=tuple((adapter, alpha * strength) for e, strength in zip(edits, row) if strength > 0
+                                     for adapter, alpha in e.loras)) for row in mix]
+    ws = per_prompt.tolist()
     scores, _ = per_prompt_scores(texts, ws, prompt_edits, f"K={len(subset)} unguide")
     own = [{c} if (c := _class_of(p, concepts, subset)) else set() for p in texts]
     flagged_sets = [{subset[i] for i in np.flatnonzero(row)} for row in flags]
@@ -309,6 +311,7 @@ def plan_many_table(config: ManyTableConfig | Mapping, measure: bool = True) -> 
     n = config.images_per_prompt
     if "base" in stages:
         stages["base"].add_images(len(table_prompts(concepts).items) * n)
+        stages["base"].scores += len(table_prompts(concepts).items) * n
     for k, subsets in draw_subsets(config).items():
         for subset in subsets:
             prompts = len(subset_prompts(concepts, subset))
@@ -316,6 +319,7 @@ def plan_many_table(config: ManyTableConfig | Mapping, measure: bool = True) -> 
                 if method == "base":
                     continue
                 stage.add_images(prompts * n)
+                stage.scores += prompts * n
                 if method == "unguide":
                     stage.probe_rows += probe_unet_rows(config.probe, prompts, len(subset), sd.mesh)
     trainings = []
@@ -326,7 +330,7 @@ def plan_many_table(config: ManyTableConfig | Mapping, measure: bool = True) -> 
         trainings.append(Training(f"{len(config.classes)} LoRAs in one run", str(run), config.train_missing,
                                   iterations * len(config.classes), 2 * 50 / 2 + 5))
     timing = measure_unet_step(sd, batch) if measure else None
-    notes = ["images the cache already holds are not counted apart: a rerun makes none of them again",
+    notes = ["counted as if nothing were made yet: a rerun takes what out_dir/cache holds and makes none of it again",
              "UnGuide's images are made once per (prompt, flagged LoRAs, w): subsets that agree share them"]
     return Plan("many", f"{sum(len(s) for s in draw_subsets(config).values())} subsets of "
                         f"{len(config.classes)} classes, K in {list(config.sizes)}", list(stages.values()),

@@ -32,10 +32,11 @@ w_erase/w_keep and concept target prompts; the settings that make the draws and 
 (``DISTANCE_KEYS``) must agree, since the K probes share them: one trajectory per (prompt, draw), then the
 base and each adapter's LoRA alone at t, so adapter k gets D_k(p), its own D_k("") and bar (rule calibrated:
 √(D_k(concept_k) · D_k("")) from its own targets) and flags prompt p where D_k(p) passes that bar
-(``AdaptersProbeResult``; rule sequential is for one adapter). Sampling, ``combine="flagged"`` (the default):
-prompt p with flagged set F ≠ ∅ samples w_erase·CFG_base + (1 − w_erase)·CFG_F, CFG_F with exactly the LoRAs
-in F on (each at full strength), and with F = ∅ w_keep·CFG_base + (1 − w_keep)·CFG_all, all K LoRAs on: still
-one UNet call on 4B rows per step, the hooks scaling each adapter per row. ``combine="sum"``: CFG_base +
+(``AdaptersProbeResult``; rule sequential is for one adapter). Sampling, ``combine="flagged-mean"`` (the
+default): prompt p with flagged set F ≠ ∅ samples w_erase·CFG_base + (1 − w_erase)·CFG_F, CFG_F with exactly
+the LoRAs in F on (each at full strength), and with F = ∅ w_keep·CFG_base + (1 − w_keep)·CFG_mean, the K LoRAs
+each at strength 1/K ("flagged": all K at full strength): still one UNet call on 4B rows per step, the hooks
+scaling each adapter per row (``diffusion.many_guidance``). ``combine="sum"``: CFG_base +
 Σ_k (1 − w_k)·(CFG_k − CFG_base), K + 1 CFG pairs. With one adapter both are the formula above, today's numbers.
 
 Noise: ``seeds`` (default 0..n−1) give the initial latents of our JAX sampler exactly (``jax_latents``:
@@ -813,7 +814,7 @@ class UnGuidePipeline(StableDiffusionPipeline):
         fused: bool = True,
         output_type: str = "pil",
         return_dict: bool = True,
-        combine: str = "flagged",
+        combine: str = "flagged-mean",
     ) -> UnGuidePipelineOutput | tuple:
         """Probe the prompts, then sample each image with UnGuidance (DDIM, η = 0).
 
@@ -885,7 +886,7 @@ class UnGuidePipeline(StableDiffusionPipeline):
         else:
             # One adapter: w as it is and its LoRA on every edited row, whatever it flags (today's formula).
             flags = prompt_w == erase if prompt_flags is None else prompt_flags
-            per_prompt, lora_mix = flagged_guidance(prompt_w, flags)
+            per_prompt, lora_mix = flagged_guidance(prompt_w, flags, "flagged" if combine == "sum" else combine)
             images_w = np.repeat(per_prompt, k)
             on = torch.from_numpy(np.repeat(lora_mix, k, axis=0)).to(device)
         cond = self._encode(prompts, device).repeat_interleave(k, dim=0)

@@ -61,9 +61,10 @@ class SampleConfig(Config):
     adapters: tuple[str, ...] = option((), "edits (they add up, or are K edits: see combine): adapter/edit files, "
                                            "train run folders, Orbax checkpoints, PEFT/kohya LoRA files")
     combine: str = option("merged", "several adapters in mode unguide: merged (they add up into one edit, probed as "
-                                    "one: one w per prompt); flagged (K edits, one probe for all: a prompt applies "
-                                    "the LoRAs of the concepts it carries with w_erase, or all K with w_keep when it "
-                                    "carries none); sum (K edits, each edit's UnGuidance correction added up)",
+                                    "one: one w per prompt); flagged-mean (K edits, one probe for all: a prompt "
+                                    "applies the LoRAs of the concepts it carries with w_erase, or the K LoRAs' mean "
+                                    "with w_keep when it carries none); flagged (all K then); sum (K edits, each "
+                                    "edit's UnGuidance correction added up): diffusion/many_guidance.py",
                           choices=COMBINE_CHOICES)
     mode: str = option("auto", "auto: unguide with adapters, else base; fixed: config.w for every prompt",
                        choices=SAMPLE_MODES)

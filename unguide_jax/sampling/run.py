@@ -50,6 +50,7 @@ from unguide_jax.diffusion.images import (
     versions,
     write_manifest,
 )
+from unguide_jax.diffusion.many_guidance import FLAGGED_RULES
 from unguide_jax.erasers.unguide.many_probe import ManyProbe
 from unguide_jax.erasers.unguide.modes import resolve_mode, weights_for
 from unguide_jax.erasers.unguide.probe import WProbe
@@ -384,7 +385,7 @@ def _prepare(sd, config: SampleConfig, requests: list[Request], loaded_edit: tup
             raise ConfigError(f"config.adapters: {source} carries no concept targets, which probe rule calibrated "
                               "(the default) needs for each of several adapters (config.combine="
                               f"{config.combine}); choose the paper's rule (--config.probe.rule=paper)")
-        if config.combine == "flagged" and (e.deltas or e.memory is not None or not e.loras):
+        if config.combine in FLAGGED_RULES and (e.deltas or e.memory is not None or not e.loras):
             raise ConfigError(f"config.adapters: {source} is not a LoRA edit ({info.get('kind', 'an edit')} with full "
                               "weight deltas or a prompt memory), and config.combine=flagged applies each adapter's "
                               "LoRAs per prompt: choose combine=sum or merged")
