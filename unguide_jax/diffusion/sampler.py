@@ -163,30 +163,23 @@ def unguided_prediction(unet, base_params, edit, z, t, cond, uncond, guidance_sc
     the edit's L LoRAs scaled by lora_mix[b] (K concepts, each prompt with its own; fused or not, the
     LoRAs are applied per row, never folded).
     """
-    n = z.shape[0]
-    if lora_mix is not None:
-        mix = jnp.asarray(lora_mix, jnp.float32)
-        if merged is None:
-            strength = join_rows([jnp.zeros_like(mix), jnp.zeros_like(mix), mix, mix], groups)
-            out = unet_rows(unet, base_params, edit, join_rows([z, z, z, z], groups), t,
-                            join_rows([uncond, cond, uncond, cond], groups), strength, groups=groups)
-            base_u, base_c, edit_u, edit_c = split_rows(out, 4, groups)
-            base, edited = _cfg(base_u, base_c, guidance_scale), _cfg(edit_u, edit_c, guidance_scale)
-        else:
-            base = guided_prediction(unet, base_params, z, t, cond, uncond, guidance_scale, groups=groups)
-            out = unet_rows(unet, base_params, edit, join_rows([z, z], groups), t, join_rows([uncond, cond], groups),
-                            join_rows([mix, mix], groups), groups=groups)
-            edited = _cfg(*split_rows(out, 2, groups), guidance_scale)
-    elif merged is None:
-        zeros, ones = jnp.zeros((n,)), jnp.ones((n,))
-        strength = join_rows([zeros, zeros, ones, ones], groups)
+    # The edited rows' strengths: 1 (the whole edit) or, with a mix, each LoRA's own.
+    on = jnp.ones((z.shape[0],)) if lora_mix is None else jnp.asarray(lora_mix, jnp.float32)
+    if merged is None:
+        off = jnp.zeros_like(on)
+        strength = join_rows([off, off, on, on], groups)
         out = unet_rows(unet, base_params, edit, join_rows([z, z, z, z], groups), t,
                         join_rows([uncond, cond, uncond, cond], groups), strength, groups=groups)
         base_u, base_c, edit_u, edit_c = split_rows(out, 4, groups)
         base, edited = _cfg(base_u, base_c, guidance_scale), _cfg(edit_u, edit_c, guidance_scale)
     else:
         base = guided_prediction(unet, base_params, z, t, cond, uncond, guidance_scale, groups=groups)
-        edited = guided_prediction(unet, merged[0], z, t, cond, uncond, guidance_scale, merged[1], groups=groups)
+        if lora_mix is None:
+            edited = guided_prediction(unet, merged[0], z, t, cond, uncond, guidance_scale, merged[1], groups=groups)
+        else:
+            out = unet_rows(unet, base_params, edit, join_rows([z, z], groups), t, join_rows([uncond, cond], groups),
+                            join_rows([on, on], groups), groups=groups)
+            edited = _cfg(*split_rows(out, 2, groups), guidance_scale)
     w = jnp.asarray(w, jnp.float32).reshape(-1, *([1] * (z.ndim - 1)))
     return w * base + (1.0 - w) * edited
 
