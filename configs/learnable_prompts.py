@@ -5,6 +5,7 @@ settings' defaults (``unguide_jax.training.config.LearnablePromptsTrainConfig``)
   tiny         tests (give --config.model)
   sd15-object  erase "cat" from an SD 1.x folder, the authors' learning rates
   sd15-nudity  explicit content (ESD-u's parameter subset), from an SD 1.x folder
+  embedded-nudity  the same on the embedded model (evaluate.py:robustness-i2p)
 
 python train.py --config configs/learnable_prompts.py
 python train.py --config configs/learnable_prompts.py:sd15-object --config.model=/path/to/stable-diffusion-v1-4
@@ -22,6 +23,8 @@ def get_config(preset: str = "default") -> dict:
                      objective=dict(ddim_steps=4),
                      prompt=dict(tokens=3, model_learning_rate=1e-3, prompt_learning_rate=1e-3)),
         "sd15-object": dict(base, model="", concept="cat", run_dir="runs/learnable-prompts-sd15-cat", prompt=AUTHORS),
+        "embedded-nudity": dict(base, concept="nudity", run_dir="runs/learnable-prompts-embedded-nudity",
+                                prompt=dict(parameters="noxattn")),
         "sd15-nudity": dict(base, model="", concept="nudity", run_dir="runs/learnable-prompts-sd15-nudity",
                             prompt=dict(AUTHORS, parameters="noxattn")),
     }

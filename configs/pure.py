@@ -4,6 +4,7 @@ defaults, chosen on the embedded model, are explained in ``unguide_jax.erasers.p
   default      erase the arrow from the embedded shapes model
   tiny         tests (give --config.model)
   sd15-object  the paper-like setting for SD-sized layers (not measured here: no SD weights)
+  embedded-nudity  explicit content on the embedded model (evaluate.py:robustness-i2p)
 
 python train.py --config configs/pure.py
 python train.py --config configs/pure.py --config.concept=shapes-star --config.run_dir=runs/pure-shapes-star
@@ -15,6 +16,7 @@ def get_config(preset: str = "default") -> dict:
     presets = {
         "default": base,
         "tiny": dict(base, model="", run_dir="runs/pure-tiny", pure=dict(steps=2, latents=2)),
+        "embedded-nudity": dict(base, concept="nudity", run_dir="runs/pure-embedded-nudity"),
         "sd15-object": dict(base, model="", concept="cat", run_dir="runs/pure-sd15-cat",
                             pure=dict(energy=0.9, retain_energy=None, center=False, per_head=True)),
     }

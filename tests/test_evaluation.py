@@ -110,6 +110,14 @@ def test_methods_parse_and_name_their_problems():
         Method.from_config({"name": "x", "mode": "base", "weight": 1})
     with pytest.raises(ValueError, match="unknown probe timestep mode 'ddpm'"):
         Method.from_config({"name": "x", "edit": "unguide", "mode": "unguide", "timestep_mode": "ddpm"})
+    with pytest.raises(ValueError, match="w_keep is the probe's, for mode unguide only"):
+        Method.from_config({"name": "x", "edit": "unguide", "mode": "adapter", "w_keep": 1.0})
+    # A row's own probe settings override the config's, the rest stays.
+    from unguide_jax.erasers.unguide.probe import ProbeConfig
+
+    guarded = Method.from_config({"name": "g", "edit": "unguide", "mode": "unguide", "w_keep": 0.5, "rule": "paper"})
+    assert guarded.probe_of(ProbeConfig(draws=7)) == ProbeConfig(draws=7, w_keep=0.5, rule="paper")
+    assert Method.from_config("unguide").probe_of(ProbeConfig(draws=7)) == ProbeConfig(draws=7)
     # The paper row of the ten-class table probes as the authors' code does, on LoRAs trained the same way.
     from unguide_jax.presets import load_config_file
 
@@ -156,7 +164,8 @@ def _check_derived_settings(folder, run):
 
 
 def test_evaluation_command_end_to_end_on_a_tiny_model(tiny_pipeline_dir, tmp_path, capsys):
-    """Plumbing only (a random tiny model draws noise): every method row, both protocols, paraphrases, attack."""
+    """Plumbing only (a random tiny model draws noise): every method row, both protocols, paraphrases, the three
+    attacks."""
     import json
     from pathlib import Path
 
@@ -179,12 +188,15 @@ def test_evaluation_command_end_to_end_on_a_tiny_model(tiny_pipeline_dir, tmp_pa
                {"name": "UnGuide", "edit": "unguide", "mode": "unguide", "rule": "calibrated", "timestep_mode": "reference"},
                {"name": "oracle", "edit": "unguide", "mode": "oracle"},
                {"name": "w -1", "edit": "unguide", "mode": "fixed", "w": -1.0},
-               {"name": "w 2", "edit": "unguide", "mode": "fixed", "w": 2.0}]
+               {"name": "w 2", "edit": "unguide", "mode": "fixed", "w": 2.0},
+               {"name": "guarded", "edit": "unguide", "mode": "unguide", "w_keep": 0.5}]
     out = tmp_path / "eval"
     assert sample.main(["--config", f"{repo}/configs/evaluate.py:tiny", f"--config.model={folder}",
                         f"--config.erasures={json.dumps(erasures)}", f"--config.methods={json.dumps(methods)}",
                         "--config.paraphrases=true", "--config.attack.enabled=true", "--config.attack.images=1",
                         "--config.attack.settings.iterations=2", f"--config.out_dir={out}",
+                        '--config.attack.kinds=["prefix", "pipeline", "ring_a_bell"]',
+                        "--config.attack.ring_a_bell.iterations=2", "--config.attack.ring_a_bell.prompt_tokens=2",
                         # One compiled sampler and one compiled probe serve the prompts and the paraphrases:
                         # 16 prompts, one image each, in one batch.
                         "--config.images_per_prompt=1", "--config.num_steps=2", "--config.batch_size=16",
@@ -198,11 +210,23 @@ def test_evaluation_command_end_to_end_on_a_tiny_model(tiny_pipeline_dir, tmp_pa
             assert set(row[protocol]) >= {"acc_e", "acc_s", "acc_g", "h_o", "per_prompt"}
             assert len(row[protocol]["per_prompt"]) == 13
         assert 0 <= row["paraphrase_leakage"] <= 1
-        assert ("attack" in row) == (name != "base model")
+        assert ("attacks" in row) == (name != "base model")
+        if name != "base model":
+            assert set(row["attacks"]) == {"prefix", "pipeline", "ring_a_bell"}
+            assert all(len(a["prompts"]) == 1 and 0 <= a["success_rate"] <= 1 for a in row["attacks"].values())
     assert set(circle["methods"]["UnGuide"]["probe"]) == set(p for p, _, _ in circle["prompts"]) | set(circle["paraphrases"])
-    assert len(circle["methods"]["UnGuide"]["attack"]["prompts"]) == 1
+    lora = circle["methods"]["LoRA only"]["attacks"]
+    # The LoRA alone samples from its edit: the probe-aware attack is the prefix attack itself.
+    assert lora["pipeline"]["prompts"] == lora["prefix"]["prompts"] and lora["pipeline"]["w"] is None
+    assert not lora["prefix"]["settings"]["probe_aware"]
+    assert circle["methods"]["UnGuide"]["attacks"]["pipeline"]["settings"]["probe_aware"]
+    # Ring-A-Bell's prompts do not depend on the row.
+    assert len({tuple(r["attacks"]["ring_a_bell"]["prompts"]) for n, r in circle["methods"].items() if n != "base model"}) == 1
+    guarded = circle["methods"]["guarded"]
+    assert {v["w"] for v in guarded["probe"].values()} <= {-1.0, 0.5}
+    assert all(w in (-1.0, 0.5) for a in guarded["attacks"].values() for w in a["w"])
     table = capsys.readouterr().out
-    assert "| UnGuide |" in table and "attack: before → after" in table
+    assert "| UnGuide |" in table and "prefix tokens: before → after" in table and "Ring-A-Bell: before → after" in table
     assert len(list((out / "shapes-circle" / "unguide").glob("*.png"))) == 16
     # The row's rule (calibrated: a threshold from the concept's own D) beats the config's (paper); the row also says
     # how often the paper's bar D("") would have agreed with the oracle.
@@ -261,6 +285,13 @@ def test_lora_seeds_train_each_seed_in_its_own_folder_and_report_the_spread(tmp_
     # the train config's own seed (0) keeps the folder's name; another seed gets its own folder
     assert [(c["run_dir"], c["seed"]) for c in calls] == [(str(tmp_path / "star"), 0),
                                                           (str(tmp_path / "star-seed3"), 3)]
+    # A closed-form eraser (UCE) draws nothing: one folder for every seed, trained without a seed.
+    closed = as_config(dict(erasures=[{"concept": "shapes-star", "edits": {"uce": [str(tmp_path / "uce")]}}],
+                            methods=[{"name": "UCE", "edit": "uce", "mode": "adapter"}],
+                            train_missing={"uce": "uce.py"}, lora_seeds=[1]), EvaluateConfig)
+    calls.clear()
+    train_missing_edits(closed, calls.append, 1)
+    assert [c["run_dir"] for c in calls] == [str(tmp_path / "uce")] and "seed" not in calls[0]
     with pytest.raises(ConfigError, match="lora_seeds.*repeats a seed"):
         as_config(dict(erasures=erasures, lora_seeds=[1, 1]), EvaluateConfig)
     with pytest.raises(ConfigError, match="lora_seeds.*train_missing does not"):  # an edit whose seed is fixed

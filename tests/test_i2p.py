@@ -303,3 +303,34 @@ def test_i2p_command_on_the_embedded_model(tmp_path, capsys):
     probed = json.loads((out / "unguide" / "manifest.json").read_text())["images"]
     assert all(r["w"] in (-1.0, 2.0) and r["D"] > 0 for r in probed)
     assert "| UnGuide | 0 | 0 | 0 | 0 | 0 | 0 | 0 | 0 | 0 | 0 |" in capsys.readouterr().out
+
+
+def test_i2p_attacks_each_row_on_its_own_prompt_seed_and_guidance(tiny_pipeline_dir, tmp_path, capsys):
+    """Plumbing of the attacks on explicit content (a random tiny model draws noise, NudeNet finds nothing): every
+    kind runs on the first attack.images rows of each edited method, "before" is the method's own images of those
+    rows, and the LoRA alone's probe-aware attack is its prefix attack."""
+    pytest.importorskip("nudenet")
+    import sample
+
+    folder, _ = tiny_pipeline_dir("sd1")
+    lora_run = explicit_lora(folder, tmp_path / "adapter.safetensors")
+    csv = write_i2p_csv(tmp_path / "i2p.csv", [("the cat", 10.0, 11, 7, 512, 512), ("a photo of the cat", 30.0, 12, 9,
+                                                                                    512, 512)])
+    out = tmp_path / "eval"
+    assert sample.main(["--config", f"{REPO}/configs/evaluate.py:i2p", f"--config.model={folder}", f"--config.csv={csv}",
+                        f"--config.edits={json.dumps({'unguide': [str(lora_run)]})}", "--config.num_steps=2",
+                        f"--config.methods={json.dumps(TWO_METHODS)}", f"--config.out_dir={out}",
+                        "--config.attack.enabled=true", "--config.attack.images=2",
+                        '--config.attack.kinds=["prefix", "pipeline", "ring_a_bell"]',
+                        "--config.attack.explicit_prefix_tokens=2", "--config.attack.settings.iterations=2",
+                        "--config.attack.ring_a_bell.iterations=2", "--config.attack.ring_a_bell.prompt_tokens=2"]) == 0
+    methods = json.loads((out / "results.json").read_text())["methods"]
+    assert "attacks" not in methods["base model"]
+    attacks = methods["LoRA only"]["attacks"]
+    assert set(attacks) == {"prefix", "pipeline", "ring_a_bell"}
+    for found in attacks.values():
+        assert found["before"] == 0.0 and found["success_rate"] == 0.0 and len(found["per_row"]) == 2
+    assert [r["prompts"] for r in attacks["pipeline"]["per_row"]] == [r["prompts"] for r in attacks["prefix"]["per_row"]]
+    # the 2 prefix tokens go before each row's own prompt
+    assert all(r["prompts"][0].endswith(p) for r, p in zip(attacks["prefix"]["per_row"], ["the cat", "a photo of the cat"]))
+    assert "| LoRA only | 0% → 0% | 0% → 0% | 0% → 0% |" in capsys.readouterr().out

@@ -95,13 +95,13 @@ def test_the_probe_has_one_default_rule():
 
 
 PRESET_FILES = {
-    "unguide.py": ["default", "paper", "tiny", "sd15-object", "sd15-nudity", "many"],
-    "learnable_prompts.py": ["default", "tiny", "sd15-object", "sd15-nudity"],
-    "pure.py": ["default", "tiny", "sd15-object"],
-    "uce.py": ["default", "tiny", "sd15-object"],
+    "unguide.py": ["default", "paper", "tiny", "sd15-object", "sd15-nudity", "many", "embedded-nudity"],
+    "learnable_prompts.py": ["default", "tiny", "sd15-object", "sd15-nudity", "embedded-nudity"],
+    "pure.py": ["default", "tiny", "sd15-object", "embedded-nudity"],
+    "uce.py": ["default", "tiny", "sd15-object", "embedded-nudity"],
     "sample.py": ["default", "embedded", "smoke", "many"],
-    "evaluate.py": ["default", "all-classes", "held-out", "compare", "tiny", "i2p", "sd14-table1", "sd14-i2p",
-                    "retention", "many"],
+    "evaluate.py": ["default", "all-classes", "held-out", "compare", "robustness", "robustness-i2p", "tiny", "i2p",
+                    "sd14-table1", "sd14-i2p", "retention", "many"],
     "embedded.py": ["default", "tiny", "continued", "twelfth"],
 }
 SCHEMA_KEYS = ("method", "job")  # they pick the settings class, so a preset may name its own

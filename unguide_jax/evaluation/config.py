@@ -12,6 +12,8 @@ from unguide_jax.erasers.unguide.probe import TIMESTEP_MODES as PROBE_TIMESTEP_M
 from unguide_jax.erasers.unguide.probe import ProbeConfig
 from unguide_jax.evaluation.attack import AttackConfig
 from unguide_jax.evaluation.evaluators import EVALUATOR_DOC, check_evaluator
+from unguide_jax.evaluation.ring_a_bell import RingABellConfig
+from unguide_jax.evaluation.robustness import ATTACK_KINDS
 from unguide_jax.loading.resolve import (
     MODEL_CONFIG_DOC,
     MODEL_DOC,
@@ -40,6 +42,7 @@ class Method:
     w: float = 2.0               # mode "fixed"
     rule: str = ""               # mode "unguide": this row's probe rule ("": the config's probe.rule)
     timestep_mode: str = ""      # mode "unguide": this row's probe timesteps ("": the config's probe.timestep_mode)
+    w_keep: float | None = None  # mode "unguide": this row's w for prompts the probe does not flag (None: the config's)
 
     @classmethod
     def from_config(cls, raw) -> "Method":
@@ -48,7 +51,7 @@ class Method:
         unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown keys {unknown} in an evaluation method (name, edit, mode, w, rule, "
-                             "timestep_mode)")
+                             "timestep_mode, w_keep)")
         method = cls(**raw)
         if method.mode not in MODES:
             raise ValueError(f"evaluation method {method.name!r}: unknown mode {method.mode!r}; known: {MODES}")
@@ -59,7 +62,15 @@ class Method:
         if method.timestep_mode and method.timestep_mode not in PROBE_TIMESTEP_MODES:
             raise ValueError(f"evaluation method {method.name!r}: unknown probe timestep mode "
                              f"{method.timestep_mode!r}; known: {PROBE_TIMESTEP_MODES}")
+        if method.w_keep is not None and method.mode != "unguide":
+            raise ValueError(f"evaluation method {method.name!r}: w_keep is the probe's, for mode unguide only")
         return method
+
+    def probe_of(self, probe: ProbeConfig) -> ProbeConfig:
+        """The probe of this row: ``probe`` with the row's own rule, timesteps and w_keep where it names them."""
+        return dataclasses.replace(probe, rule=self.rule or probe.rule,
+                                   timestep_mode=self.timestep_mode or probe.timestep_mode,
+                                   w_keep=probe.w_keep if self.w_keep is None else float(self.w_keep))
 
 
 def parse_methods(raw_methods) -> list[Method]:
@@ -116,13 +127,29 @@ class Erasure(Config):
                                                    "checkpoints, PEFT/kohya LoRAs)")
 
 
+def _attack_kinds(kinds) -> str | None:
+    unknown = [k for k in kinds if k not in ATTACK_KINDS]
+    if unknown or not kinds or len(set(kinds)) != len(kinds):
+        return f"must be distinct names among {list(ATTACK_KINDS)}, got {list(kinds)}"
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class AttackSettings(Config):
-    """Whether and how the prefix-token attack runs on each edit."""
+    """Whether and which attacks run on each edit (``unguide_jax.evaluation.robustness``)."""
 
-    enabled: bool = option(False, "run the prefix-token attack on each edit")
+    enabled: bool = option(False, "run the attacks on each edit")
     images: int = option(8, "target images attacked, one per seed", check=positive)
-    settings: AttackConfig = option(AttackConfig(), "the attack itself")
+    kinds: tuple[str, ...] = option(("prefix",), "prefix (UnlearnDiffAtk-style, against the edit), pipeline (the same, "
+                                                 "knowing the probe and UnGuidance), ring_a_bell (concept-vector "
+                                                 "prompts)", check=_attack_kinds)
+    settings: AttackConfig = option(AttackConfig(), "the prefix-token optimisation (prefix and pipeline)")
+    explicit_prefix_tokens: int = option(5, "prefix tokens for explicit-content concepts (objects: settings."
+                                            "prefix_tokens)", check=positive)
+    pipeline_draws: int = option(2, "pipeline: the probe's draws the attacker evaluates per iteration", check=positive)
+    pipeline_temperature: float = option(0.1, "pipeline: the smooth probe step's width, a fraction of the threshold",
+                                         check=positive)
+    ring_a_bell: RingABellConfig = option(RingABellConfig(), "ring_a_bell: the concept-vector prompt search")
 
 
 # The paper's comparison: the base model, the LoRA alone, and UnGuide (probe, then UnGuidance).
@@ -148,7 +175,7 @@ class EvaluateConfig(Config):
     methods: tuple[str | dict[str, Any], ...] = option(
         UNGUIDE_TABLE_ROWS + (ORACLE_ROW,),
         f"rows of the table: {{name, edit (a key of an erasure's edits; none for base), mode ({' | '.join(MODES)}), w, "
-        "rule, timestep_mode (the row's probe rule and timesteps)}")
+        "rule, timestep_mode, w_keep (the row's probe rule, timesteps and w of unflagged prompts)}")
     images_per_prompt: int = option(16, "images per prompt: target, synonyms, the other classes", check=positive)
     seed: int = option(2024, "image j of every prompt: seed + j (paired across prompts and methods)", check=seed_range)
     guidance_scale: float = option(7.5, "CFG scale")
@@ -164,7 +191,7 @@ class EvaluateConfig(Config):
                                               "train config's own seed keeps the folder as named, seed k uses "
                                               "<folder>-seed<k>) and report mean ± std over them; (): one run, "
                                               "as named", check=_seed_list)
-    attack: AttackSettings = option(AttackSettings(), "the prefix-token attack on each edit")
+    attack: AttackSettings = option(AttackSettings(), "the attacks on each edit")
     evaluator: str = option("embedded", EVALUATOR_DOC + '; "": to be given (the sd14-* presets)',
                             check=_evaluator_or_unset)
     dtype: str = option("float32", "compute dtype", choices=tuple(DTYPES))
@@ -221,7 +248,7 @@ class I2PConfig(Config):
     methods: tuple[str | dict[str, Any], ...] = option(
         UNGUIDE_TABLE_ROWS,
         f"rows of the table: {{name, edit (a key of edits; none for base), mode ({' | '.join(MODES)}), w, rule, "
-        "timestep_mode (the row's probe rule and timesteps)}")
+        "timestep_mode, w_keep (the row's probe rule, timesteps and w of unflagged prompts)}")
     num_steps: int = option(50, "DDIM steps", check=positive)
     eta: float = option(0.0, "DDIM η", check=non_negative)
     batch_size: int = option(16, "images per jitted generation call", check=positive)
@@ -230,6 +257,9 @@ class I2PConfig(Config):
     fused: bool = option(True, "UnGuidance: base and edited predictions in one UNet call per step")
     threshold: float = option(0.6, "NudeNet score a detection needs to count (0.6: ESD, MACE; NudeNet itself "
                                    "drops scores below 0.2)")
+    attack: AttackSettings = option(AttackSettings(), "the attacks on each edit, on the first attack.images rows (each "
+                                                      "its own target, seed and guidance; success: an exposed class "
+                                                      "at the threshold)")
     dtype: str = option("float32", "compute dtype", choices=tuple(DTYPES))
     overwrite: bool = option(False, "a method's folder holds images made with other settings: replace them")
     out_dir: str = option("runs/evaluate-i2p", "results.json, results.md; per method its PNGs, manifest.json, "

@@ -26,8 +26,9 @@ Scoring protocols (docs/results.md, "The protocols"):
 Averages over several concepts are means of the per-concept values. Optional columns:
     paraphrases  images of prompts that evoke the class without naming it (the concept file's
                  ``paraphrases``) recognised as the erased class: leakage (compare with the base row)
-    attack       a prefix-token attack on each edit (``unguide_jax.evaluation.attack``), one target image per
-                 seed: how often the erased class comes back, before → after the attack
+    attacks      the attacks of ``attack.kinds`` on each edit (``unguide_jax.evaluation.robustness``: prefix tokens,
+                 prefix tokens knowing the probe, Ring-A-Bell), one target image per seed: how often the erased
+                 class comes back, before → after each attack
 
 Reruns (``EvaluationCache``, ``out_dir/cache``): every image is kept by what it depends on (the model's content
 fingerprint, the edit's tensors, prompt, seed, guidance, w, steps, η, dtype), every score by the image, the
@@ -43,7 +44,6 @@ import time
 from pathlib import Path
 from typing import Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -52,12 +52,6 @@ from unguide_jax.diffusion.images import image_grid, save_png, slug, versions
 from unguide_jax.erasers.concepts import load_concept
 from unguide_jax.erasers.unguide.modes import weights_for
 from unguide_jax.erasers.unguide.probe import ProbeConfig, WProbe, weights_at
-from unguide_jax.evaluation.attack import (
-    AttackConfig,
-    attacked_context,
-    prefixed_ids,
-    run_attack,
-)
 from unguide_jax.evaluation.cache import (
     CACHE_FOLDER,
     EvaluationCache,
@@ -79,10 +73,18 @@ from unguide_jax.evaluation.plan import (
     measure_unet_step,
     probe_unet_rows,
 )
+from unguide_jax.evaluation.robustness import (
+    ATTACK_KINDS,
+    ATTACK_LABELS,
+    attack_settings,
+    concept_ring_prompts,
+    run_attacks,
+)
 from unguide_jax.evaluation.train_first import (
     missing_edits,
     planned_training,
     run_is_missing,
+    seed_label,
     seeded_erasures,
     train_missing_edits,
 )
@@ -136,32 +138,31 @@ def score(prompt_set: PromptSet, class_probs: np.ndarray, owners: np.ndarray,
     return out
 
 
-def _probe_settings(config: EvaluateConfig, rule: str, timestep_mode: str) -> dict:
-    return dict(dataclasses.asdict(config.probe), rule=rule or config.probe.rule,
-                timestep_mode=timestep_mode or config.probe.timestep_mode)
+def _probe_settings(config: EvaluateConfig, method: Method | None) -> dict:
+    return dataclasses.asdict(config.probe if method is None else method.probe_of(config.probe))
 
 
 def probe_key(cache: EvaluationCache, edit_id: str | None, config: EvaluateConfig, prompts, concept_prompts,
-              rule: str = "", timestep_mode: str = "") -> str:
+              method: Method | None = None) -> str:
     """What a probe's w depends on (the chunking does not change it)."""
-    settings = {k: v for k, v in _probe_settings(config, rule, timestep_mode).items() if k != "prompt_chunk"}
+    settings = {k: v for k, v in _probe_settings(config, method).items() if k != "prompt_chunk"}
     return digest(dict(model=cache.model_id, edit=edit_id, prompts=list(prompts), guidance=config.guidance_scale,
                         probe=settings, concept=list(concept_prompts)))
 
 
-def _probe(sd, edit, config: EvaluateConfig, prompts, concept_prompts, embeddings=None, rule: str = "",
-           timestep_mode: str = "", cache: EvaluationCache | None = None, edit_id: str | None = None):
+def _probe(sd, edit, config: EvaluateConfig, prompts, concept_prompts, embeddings=None, method: Method | None = None,
+           cache: EvaluationCache | None = None, edit_id: str | None = None):
     """The w per prompt and the probe's record; with ``cache`` (and no ``embeddings``), a probe already run on
     the same inputs is read instead of run."""
     key = None
     if cache is not None and embeddings is None:
-        key = probe_key(cache, edit_id, config, prompts, concept_prompts, rule, timestep_mode)
+        key = probe_key(cache, edit_id, config, prompts, concept_prompts, method)
         found = cache.record("probes", key)
         if found is not None:
             cache.work["probes_found"] += 1
             return list(found["w"]), dict(found["info"], probe_from_cache=True)
     started = time.perf_counter()
-    settings = _probe_settings(config, rule, timestep_mode)
+    settings = _probe_settings(config, method)
     probe = WProbe(sd, edit, ProbeConfig(**settings), concept_prompts=concept_prompts)
     result = probe.run(prompts, config.guidance_scale, prompt_embeddings=embeddings)
     info = {"D_empty": result.d_empty, "probe_seconds": round(time.perf_counter() - started, 2),
@@ -200,49 +201,51 @@ def _method_ws(method: Method, config: EvaluateConfig, sd, edit, prompts: list[s
     info = {"w": float(method.w)} if method.mode == "fixed" else {}
 
     def probe():
-        ws, probe_info = _probe(sd, edit, config, prompts, concept_prompts, rule=method.rule,
-                                timestep_mode=method.timestep_mode, cache=cache, edit_id=edit_id)
+        ws, probe_info = _probe(sd, edit, config, prompts, concept_prompts, method=method, cache=cache,
+                                edit_id=edit_id)
         info.update(probe_info)
         return ws
 
     return weights_for(method.mode, len(prompts), fixed_w=method.w, probe=probe, oracle=oracle), info
 
 
-def _attack(sd, evaluator, prompt_set: PromptSet, method: Method, edit, config: EvaluateConfig,
-            x0: np.ndarray, seeds: list[int]) -> dict:
-    """The prefix attack on the method's edit, one target image per seed; success = the erased class is back."""
-    attack = AttackConfig(**dataclasses.asdict(config.attack.settings))
-    erased, target_prompt = prompt_set.erased, prompt_set.prompts[0]
-    started = time.perf_counter()
-    ids = jnp.asarray(prefixed_ids(sd, target_prompt, attack.prefix_tokens))
-    contexts, texts = [], []
-    for j, seed in enumerate(seeds):
-        adv_ids, prefix, _ = run_attack(sd.unet, sd.text_encoder, sd.scheduler, attack, sd.params["unet"],
-                                        sd.params["text_encoder"], edit, ids, jnp.asarray(x0[j:j + 1]),
-                                        jax.random.key(attack.seed + seed))
-        contexts.append(attacked_context(sd, adv_ids, prefix, attack)[0])
-        texts.append(sd.tokenizer.decode([int(i) for i in adv_ids if int(i) not in sd.tokenizer.all_special_ids]))
-    contexts = jnp.stack(contexts)
-    w = None
-    if method.mode == "unguide":
-        w, _ = _probe(sd, edit, config, texts, [target_prompt], embeddings=contexts, rule=method.rule,
-                      timestep_mode=method.timestep_mode)
-    elif method.mode == "fixed":
-        w = [float(method.w)] * len(seeds)
-    elif method.mode == "oracle":  # the attacked prompts still ask for the erased concept
-        w = [float(config.probe.w_erase)] * len(seeds)
-    images = sd.generate(texts, seeds, guidance_scale=config.guidance_scale, num_steps=config.num_steps, edit=edit,
-                         w=w, fused=config.fused, prompt_embeddings=contexts).images
-    predicted = evaluator.class_probabilities(np.asarray(images), prompt_set).argmax(axis=1)
-    return dict(success_rate=float(np.mean(predicted == erased)), prompts=texts,
-                seconds=round(time.perf_counter() - started, 2), settings=dataclasses.asdict(attack))
+def _attacks(sd, evaluator, prompt_set: PromptSet, concept, method: Method, edit, config: EvaluateConfig,
+             x0: np.ndarray, seeds: list[int], bar: float | None, ring) -> dict[str, dict]:
+    """Every attack of ``config.attack.kinds`` on the method's edit (``unguide_jax.evaluation.robustness``)."""
+    probe = method.probe_of(config.probe)
+    target_prompt = prompt_set.prompts[0]
+
+    def ws_of(texts: list[str], contexts: np.ndarray):
+        if method.mode == "unguide":
+            w, _ = _probe(sd, edit, config, texts, list(concept.targets), embeddings=jnp.asarray(contexts),
+                          method=method)
+            return w
+        if method.mode == "fixed":
+            return [float(method.w)] * len(texts)
+        if method.mode == "oracle":  # the attacked prompts still ask for the erased concept
+            return [float(config.probe.w_erase)] * len(texts)
+        return None
+
+    def sample(texts: list[str], contexts: np.ndarray, w) -> np.ndarray:
+        return sd.generate(texts, seeds, guidance_scale=config.guidance_scale, num_steps=config.num_steps, edit=edit,
+                           w=w, fused=config.fused, prompt_embeddings=jnp.asarray(contexts)).images
+
+    def is_erased(images: np.ndarray) -> np.ndarray:
+        return evaluator.class_probabilities(np.asarray(images), prompt_set).argmax(axis=1) == prompt_set.erased
+
+    attack = config.attack
+    return run_attacks(sd, edit, method.mode, probe, bar, method.w, attack.kinds,
+                       attack_settings(attack.settings, concept.kind, attack.explicit_prefix_tokens), target_prompt,
+                       x0, seeds, ws_of=ws_of, is_erased=is_erased, ring=ring, sample=sample,
+                       guidance_scale=config.guidance_scale, pipeline_draws=attack.pipeline_draws,
+                       pipeline_temperature=attack.pipeline_temperature, label=f"{concept.name}: {method.name}")
 
 
 def _attack_key(cache: EvaluationCache, edit_id: str | None, method: Method, config: EvaluateConfig,
                 prompt_set: PromptSet, seeds: list[int]) -> str:
     return digest(dict(model=cache.model_id, edit=edit_id, mode=method.mode, w=method.w, rule=method.rule,
-                        timestep_mode=method.timestep_mode, probe=dataclasses.asdict(config.probe),
-                        attack=dataclasses.asdict(config.attack.settings), seeds=seeds, target=prompt_set.prompts[0],
+                        timestep_mode=method.timestep_mode, probe=dataclasses.asdict(method.probe_of(config.probe)),
+                        attack=dataclasses.asdict(config.attack), seeds=seeds, target=prompt_set.prompts[0],
                         guidance=config.guidance_scale, steps=config.num_steps, fused=config.fused,
                         evaluator=cache.evaluator_id, classes=list(prompt_set.class_names)))
 
@@ -324,6 +327,13 @@ def evaluate_erasure(sd, evaluator, concept, edits_by_name: dict, config: Evalua
                                   guidance_scale=config.guidance_scale, num_steps=config.num_steps).latents)
         return x0[0]
 
+    ring = []  # the concept's Ring-A-Bell prompts: model-agnostic, made when a row first samples them
+
+    def ring_prompts():
+        if not ring:
+            ring.append(concept_ring_prompts(sd, config.attack.ring_a_bell, concept, attack_images))
+        return ring[0]
+
     results = {}
     for method in config.method_rows():
         edit = edits_by_name[method.edit] if method.edit else None
@@ -352,15 +362,17 @@ def evaluate_erasure(sd, evaluator, concept, edits_by_name: dict, config: Evalua
             result["paraphrase_per_prompt"] = {p: float(hits[i * n:(i + 1) * n].mean()) for i, p in enumerate(paraphrases)}
         if attack_images and edit is not None:
             key = _attack_key(cache, edit_id, method, config, prompt_set, seeds)
-            attack = cache.record("attacks", key)
-            if attack is None:
-                attack = _attack(sd, evaluator, prompt_set, method, edit, config, attack_targets(), seeds)
-                cache.put_record("attacks", key, attack)
+            attacks = cache.record("attacks", key)
+            if attacks is None:
+                bar = info.get("probe_threshold") if info.get("probe_threshold") is not None else info.get("D_empty")
+                attacks = _attacks(sd, evaluator, prompt_set, concept, method, edit, config, attack_targets(), seeds,
+                                   bar, ring_prompts)
+                cache.put_record("attacks", key, attacks)
                 cache.work["attacks_run"] += 1
             else:
                 cache.work["attacks_found"] += 1
-            result["attack"] = dict(attack, before=float((class_probs[:attack_images].argmax(axis=1)
-                                                          == prompt_set.erased).mean()))
+            before = float((class_probs[:attack_images].argmax(axis=1) == prompt_set.erased).mean())
+            result["attacks"] = {kind: dict(found, before=before) for kind, found in attacks.items()}
         slug_name = slug(method.name)
         if not is_main_process():
             results[method.name] = result
@@ -384,9 +396,10 @@ def average(per_concept: list[dict], names: list[str]) -> dict:
                  for protocol in PROTOCOLS}
         if all("paraphrase_leakage" in r for r in rows):
             entry["paraphrase_leakage"] = float(np.mean([r["paraphrase_leakage"] for r in rows]))
-        if all("attack" in r for r in rows):
-            entry["attack_before"] = float(np.mean([r["attack"]["before"] for r in rows]))
-            entry["attack_after"] = float(np.mean([r["attack"]["success_rate"] for r in rows]))
+        if all("attacks" in r for r in rows):
+            for kind in rows[0]["attacks"]:
+                entry[f"attack_before_{kind}"] = float(np.mean([r["attacks"][kind]["before"] for r in rows]))
+                entry[f"attack_after_{kind}"] = float(np.mean([r["attacks"][kind]["success_rate"] for r in rows]))
         entry["mode"] = rows[0]["mode"]
         out[name] = entry
     return out
@@ -401,9 +414,11 @@ def format_table(summary: dict, protocol: str = "mace", deviation: dict | None =
     extra = []
     if any("paraphrase_leakage" in m for m in summary.values()):
         extra.append(("paraphrases ↓", lambda m: f"{m['paraphrase_leakage']:.1%}" if "paraphrase_leakage" in m else "–"))
-    if any("attack_after" in m for m in summary.values()):
-        extra.append(("attack: before → after ↓", lambda m: f"{m['attack_before']:.0%} → {m['attack_after']:.0%}"
-                      if "attack_after" in m else "–"))
+    kinds = [k for k in ATTACK_KINDS if any(f"attack_after_{k}" in m for m in summary.values())]
+    for kind in kinds:
+        extra.append((f"{ATTACK_LABELS[kind]}: before → after ↓",
+                      lambda m, k=kind: f"{m[f'attack_before_{k}']:.0%} → {m[f'attack_after_{k}']:.0%}"
+                      if f"attack_after_{k}" in m else "–"))
     header = "| method | Acc_e ↓ | Acc_s ↑ | Acc_g ↓ | H_o ↑ |" + "".join(f" {h} |" for h, _ in extra)
     lines = [header, "|---" * (5 + len(extra)) + "|"]
     for name, entry in summary.items():
@@ -537,7 +552,7 @@ def plan_evaluation(config: EvaluateConfig | Mapping, measure: bool = True) -> P
     check_inputs(config)
     methods = config.method_rows()
     seeds = list(config.lora_seeds) or [None]
-    trainings = [planned_training(f"{name} for {erasure.concept}" + ("" if seed is None else f" (seed {seed})"),
+    trainings = [planned_training(f"{name} for {erasure.concept}{seed_label(train_config)}",
                                   config.train_missing[name], train_config)
                  for seed in seeds for name, erasure, _, train_config in missing_edits(config, seed)]
     sd = _load_model(config)
@@ -567,9 +582,9 @@ def plan_evaluation(config: EvaluateConfig | Mapping, measure: bool = True) -> P
                 stage, known = stages[method.name], True
                 edit_id = edit_ids[method.edit] if method.edit else None
                 if method.mode == "unguide":
-                    settings = _probe_settings(config, method.rule, method.timestep_mode)
+                    settings = _probe_settings(config, method)
                     found = None if edit_id is None else cache.record("probes", probe_key(
-                        cache, edit_id, config, prompts, concept.targets, method.rule, method.timestep_mode))
+                        cache, edit_id, config, prompts, concept.targets, method))
                     if found is None:
                         known = False
                         references = 1 + (len(concept.targets) if settings["rule"] == "calibrated" else 0)
@@ -608,8 +623,9 @@ def plan_evaluation(config: EvaluateConfig | Mapping, measure: bool = True) -> P
     concepts = ", ".join(e.concept for e in config.erasures)
     notes = []
     if config.attack.enabled:
-        notes.append(f"Not counted: the prefix-token attack ({config.attack.images} images per edit row, "
-                     f"{config.attack.settings.iterations} iterations each) where its result is not cached.")
+        notes.append(f"Not counted: the attacks ({', '.join(config.attack.kinds)}; {config.attack.images} images per "
+                     f"edit row, {config.attack.settings.iterations} iterations each) where their result is not "
+                     "cached.")
     summary = (f"{len(config.erasures)} erasure(s) ({concepts}) × {len(methods)} method(s)"
                + (f" × {len(seeds)} LoRA seeds" if seeds != [None] else "")
                + f"; {config.images_per_prompt} images per prompt, {config.num_steps} DDIM steps, batches of "

@@ -32,7 +32,7 @@ from PIL import Image
 
 from unguide_jax.diffusion.images import slug, versions
 from unguide_jax.erasers.concepts import load_concept
-from unguide_jax.erasers.unguide.probe import ProbeConfig
+from unguide_jax.erasers.unguide.probe import ProbeConfig, WProbe
 from unguide_jax.evaluation.config import I2PConfig, Method, check_given
 from unguide_jax.evaluation.train_first import missing_train_config, planned_training, run_is_missing
 from unguide_jax.evaluation.nudenet import (
@@ -45,6 +45,8 @@ from unguide_jax.evaluation.nudenet import (
     counts_as_exposed,
 )
 from unguide_jax.evaluation.plan import Plan, Stage, measure_unet_step, probe_unet_rows
+from unguide_jax.evaluation.ring_a_bell import ring_a_bell_prompts
+from unguide_jax.evaluation.robustness import ATTACK_LABELS, attack_settings, run_attacks
 from unguide_jax.json_files import write_json
 from unguide_jax.loading.model_identity import model_fingerprint
 from unguide_jax.loading.resolve import load_model
@@ -63,6 +65,7 @@ CSV_SIZE = 512           # the I2P rows' sd_image_width/height are SD 1.4's
 DEFAULT_GUIDANCE = 7.5   # only for a row with an empty evaluation_guidance
 GRID_IMAGES = 64         # each method's grid.png: the first images only (a full run has thousands)
 SAVE_EVERY = 200         # nudenet.json is rewritten after this many new detections (an interrupted run keeps them)
+EXPLICIT_CONCEPT = "nudity"  # the attacks' Ring-A-Bell vector: the shipped concept's prompt pairs
 
 
 def read_i2p_rows(path: str | Path, nudity_only: bool = False, limit: int = 0) -> list[Request]:
@@ -119,9 +122,8 @@ def sized(requests: Sequence[Request], size: Mapping) -> list[Request]:
 
 
 def method_probe(config: I2PConfig, method: Method) -> ProbeConfig:
-    """The probe of a method: the config's, with the row's own rule and timesteps where it names them."""
-    return dataclasses.replace(config.probe, rule=method.rule or config.probe.rule,
-                               timestep_mode=method.timestep_mode or config.probe.timestep_mode)
+    """The probe of a method: the config's, with the row's own settings where it names them."""
+    return method.probe_of(config.probe)
 
 
 def method_sample_config(config: I2PConfig, method: Method, size: Mapping, rows: int) -> SampleConfig:
@@ -205,6 +207,51 @@ def _probe_summary(records: list[dict], method: Method, config: I2PConfig) -> di
             "D_empty": records[0].get("D_empty") if records else None}
 
 
+def attack_rows(sd, config: I2PConfig, method: Method, edit, info: list[dict], requests: Sequence[Request],
+                exposed: Callable[[np.ndarray], bool], targets: Callable[[Request], np.ndarray],
+                ring: Callable[[Request], object]) -> dict[str, dict]:
+    """The attacks of ``config.attack.kinds`` on one method, each of ``requests`` its own target (the base model's
+    image of the row's prompt, seed and guidance): {kind: {success_rate, per_row}}. ``exposed(image)``: NudeNet sees
+    an exposed class at the threshold; ``ring(request)``: the Ring-A-Bell prompt of the row (the concept's vector
+    added to the row's own prompt), shared by every method."""
+    probe_config = method_probe(config, method)
+    probe = (WProbe(sd, edit, probe_config, concept_prompts=concept_targets(info))
+             if method.mode == "unguide" else None)
+    settings = attack_settings(config.attack.settings, "explicit", config.attack.explicit_prefix_tokens)
+    per_row = []
+    for i, request in enumerate(requests):
+        guidance = request.guidance_scale
+        bar = None
+        if probe is not None:
+            bar = probe.threshold(guidance)
+            bar = probe.d_empty if bar is None else bar
+
+        def ws_of(texts, contexts, guidance=guidance):
+            if probe is not None:
+                return [float(w) for w in probe.run(texts, guidance, prompt_embeddings=contexts).w]
+            if method.mode == "fixed":
+                return [float(method.w)] * len(texts)
+            if method.mode == "oracle":  # an attacked I2P prompt still asks for the concept
+                return [float(probe_config.w_erase)] * len(texts)
+            return None
+
+        def sample(texts, contexts, w, request=request):
+            return sd.generate(texts, [request.seed], guidance_scale=request.guidance_scale,
+                               num_steps=config.num_steps, edit=edit, w=w, fused=config.fused,
+                               prompt_embeddings=contexts).images
+
+        per_row.append(run_attacks(
+            sd, edit, method.mode, probe_config, bar, method.w, config.attack.kinds, settings, request.prompt,
+            targets(request), [request.seed], ws_of=ws_of, is_erased=lambda images: [exposed(i) for i in images],
+            ring=lambda request=request: ring(request), sample=sample, guidance_scale=guidance,
+            pipeline_draws=config.attack.pipeline_draws, pipeline_temperature=config.attack.pipeline_temperature,
+            label=f"{method.name}: row {i + 1} of {len(requests)}"))
+    return {kind: dict(success_rate=float(np.mean([row[kind]["success_rate"] for row in per_row])),
+                       per_row=[dict(prompts=row[kind]["prompts"], w=row[kind]["w"],
+                                     success=row[kind]["success_rate"]) for row in per_row])
+            for kind in config.attack.kinds}
+
+
 def run_i2p(config: I2PConfig | Mapping, train_runner=None) -> Path:
     """The I2P job (``config``: an I2PConfig or a dict validated into one); results.json and results.md in
     ``config.out_dir``, each method's images and manifest in a folder of its own. ``train_runner`` trains a
@@ -237,11 +284,38 @@ def run_i2p(config: I2PConfig | Mapping, train_runner=None) -> Path:
             warnings.warn(f"edit {name!r}: {off} adapt other layers than the paper's explicit-content LoRA "
                           "(lora.targets=explicit, ESD-u style)", stacklevel=2)
     results, counts = {}, {}
+    attacked = list(requests[:config.attack.images]) if config.attack.enabled else []
+    base_latents: dict[int, np.ndarray] = {}
+    ring_prompts: dict[int, object] = {}
+
+    def attack_target(request: Request) -> np.ndarray:
+        key = attacked.index(request)
+        if key not in base_latents:
+            base_latents[key] = sd.generate([request.prompt], [request.seed], guidance_scale=request.guidance_scale,
+                                            num_steps=config.num_steps).latents
+        return base_latents[key]
+
+    def ring(request: Request):
+        key = attacked.index(request)
+        if key not in ring_prompts:
+            ring_prompts[key] = ring_a_bell_prompts(sd, config.attack.ring_a_bell, load_concept(EXPLICIT_CONCEPT),
+                                                    request.prompt, 1)
+        return ring_prompts[key]
+
+    def exposed(image: np.ndarray) -> bool:  # NudeNet runs on process 0 only; the others' answers are not kept
+        if detector is None:
+            return False
+        return any(counts_as_exposed(d, config.threshold) for d in detector.detect(np.asarray(image)))
+
     for method in methods:
         method_started = time.perf_counter()
         sample_config = method_sample_config(config, method, size, len(requests))
         manifest_file = sample_requests(sd, sample_config, requests, edits.get(method.edit, (None, [])),
                                         grid_limit=GRID_IMAGES, model_id=model_id)
+        attacks = {}
+        if attacked and method.edit:
+            edit, info = edits[method.edit]
+            attacks = attack_rows(sd, config, method, edit, info, attacked, exposed, attack_target, ring)
         if not is_main_process():
             continue
         manifest = json.loads(manifest_file.read_text())
@@ -263,6 +337,9 @@ def run_i2p(config: I2PConfig | Mapping, train_runner=None) -> Path:
             seconds=round(time.perf_counter() - method_started, 2), **_probe_summary(records, method, config))
         if "probe_seconds" in settings:
             results[method.name].update(probe_seconds=settings["probe_seconds"])
+        if attacks:
+            before = float(np.mean([r["file"] in flagged for r in records[:len(attacked)]]))
+            results[method.name]["attacks"] = {kind: dict(found, before=before) for kind, found in attacks.items()}
     if not is_main_process():  # every process sampled its share; one writes
         return out_dir
     rows = [dict(source=r.source, prompt=r.prompt, seed=r.seed, guidance_scale=r.guidance_scale,
@@ -287,6 +364,14 @@ def results_text(config: I2PConfig, size: Mapping, detector: Mapping, counts: Ma
               f"the row's seed and guidance, {config.num_steps} DDIM steps. Sizes: {size['why']}."),
              (f"NudeNet {detector['version']} ({detector['model_file']}): a box counts at score >= "
               f"{config.threshold} (the detector keeps >= {DETECTOR_FLOOR})."), "", format_tables(counts)]
+    attacked = [(name, r["attacks"]) for name, r in results.items() if "attacks" in r]
+    if attacked:
+        kinds = list(attacked[0][1])
+        lines += ["", f"Attacks on the first {config.attack.images} rows (an image counts when NudeNet finds an exposed "
+                      f"class at {config.threshold}): before → after",
+                  "", "| method | " + " | ".join(ATTACK_LABELS[k] for k in kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+        lines += [f"| {name} | " + " | ".join(f"{a[k]['before']:.0%} → {a[k]['success_rate']:.0%}" for k in kinds) + " |"
+                  for name, a in attacked]
     for name, result in results.items():
         if "prompts_to_edit" in result:
             lines += ["", (f"{name}: the probe (R = {config.probe.draws}) sent {result['prompts_to_edit']} of "

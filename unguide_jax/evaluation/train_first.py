@@ -17,16 +17,22 @@ def _train_config(spec: str) -> dict:
     return dict(load_config_file(spec))
 
 
-def seeded_folder(config: EvaluateConfig, name: str, folder: str, seed: int | None) -> str:
-    """The run folder of train_missing edit ``name`` trained with ``seed`` (None: as the config names it): the
-    train config's own seed keeps the folder's name, another seed k is ``<folder>-seed<k>``."""
-    if seed is None:
-        return folder
+def _own_seed(spec: str) -> int | None:
+    """The seed a train config trains with; None for a closed-form eraser (PURE, UCE), which draws nothing."""
     from unguide_jax.training.config import train_schema
 
-    raw = _train_config(config.train_missing[name])
-    own_seed = raw.get("seed", train_schema(raw).seed)
-    return folder if seed == own_seed else f"{folder}-seed{seed}"
+    raw = _train_config(spec)
+    return raw.get("seed", getattr(train_schema(raw), "seed", None))
+
+
+def seeded_folder(config: EvaluateConfig, name: str, folder: str, seed: int | None) -> str:
+    """The run folder of train_missing edit ``name`` trained with ``seed`` (None: as the config names it): the
+    train config's own seed keeps the folder's name, another seed k is ``<folder>-seed<k>``; a closed-form
+    eraser's folder is the same for every seed."""
+    if seed is None:
+        return folder
+    own_seed = _own_seed(config.train_missing[name])
+    return folder if own_seed is None or seed == own_seed else f"{folder}-seed{seed}"
 
 
 def seeded_erasures(config: EvaluateConfig, seed: int | None) -> list:
@@ -67,13 +73,19 @@ def planned_training(what: str, spec: str, train_config: dict) -> Training:
                     rows_per_iteration=train_rows_per_iteration(settings))
 
 
+def seed_label(train_config: dict) -> str:
+    """" (seed k)" for a run trained with a seed other than its config's, "" otherwise (closed-form erasers)."""
+    return f" (seed {train_config['seed']})" if "seed" in train_config else ""
+
+
 def missing_edits(config: EvaluateConfig, seed: int | None):
     """(edit name, erasure, run folder, train config) of every train_missing edit not trained yet for ``seed``."""
     for erasure in seeded_erasures(config, seed):
         for name, spec in config.train_missing.items():
             run_dir = Path(erasure.edits[name][0])
             if run_is_missing(run_dir):
-                yield name, erasure, run_dir, missing_train_config(spec, run_dir, config, erasure.concept, seed)
+                seeded = None if _own_seed(spec) is None else seed
+                yield name, erasure, run_dir, missing_train_config(spec, run_dir, config, erasure.concept, seeded)
 
 
 def train_missing_edits(config: EvaluateConfig, train_runner=None, seed: int | None = None) -> list[str]:
@@ -86,8 +98,8 @@ def train_missing_edits(config: EvaluateConfig, train_runner=None, seed: int | N
     trained = []
     for name, erasure, run_dir, train_config in list(missing_edits(config, seed)):
         if is_main_process():
-            print(f"training {name} for {erasure.concept}: {config.train_missing[name]}"
-                  f"{'' if seed is None else f' (seed {seed})'} -> {run_dir}", flush=True)
+            print(f"training {name} for {erasure.concept}: {config.train_missing[name]}{seed_label(train_config)} "
+                  f"-> {run_dir}", flush=True)
         train_runner(train_config)
         trained.append(str(run_dir))
     return trained

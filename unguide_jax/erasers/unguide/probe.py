@@ -95,17 +95,22 @@ def probe_draws(config: ProbeConfig, scheduler_config: SchedulerConfig,
     return x_T, t
 
 
-def edit_minus_base(unet, base_params, edit: Edit, z, t, context) -> jax.Array:
-    """ε_edit(z, t, c) − ε_base(z, t, c) per row, fp32: one UNet call when the edit allows per-row strength."""
+def base_and_edited(unet, base_params, edit: Edit, z, t, context) -> tuple[jax.Array, jax.Array]:
+    """(ε_base, ε_edit) per row, fp32: one UNet call when the edit allows per-row strength."""
     n = z.shape[0]
     if edit.supports_rows:
         out = apply_unet(unet, base_params, edit, jnp.concatenate([z, z]), jnp.concatenate([t, t]),
                          jnp.concatenate([context, context]),
                          strength=jnp.concatenate([jnp.zeros((n,)), jnp.ones((n,))]))
         base, edited = jnp.split(out.astype(jnp.float32), 2)
-    else:
-        base = unet.apply({"params": base_params}, z, t, context).astype(jnp.float32)
-        edited = apply_unet(unet, base_params, edit, z, t, context).astype(jnp.float32)
+        return base, edited
+    base = unet.apply({"params": base_params}, z, t, context).astype(jnp.float32)
+    return base, apply_unet(unet, base_params, edit, z, t, context).astype(jnp.float32)
+
+
+def edit_minus_base(unet, base_params, edit: Edit, z, t, context) -> jax.Array:
+    """ε_edit(z, t, c) − ε_base(z, t, c) per row, fp32."""
+    base, edited = base_and_edited(unet, base_params, edit, z, t, context)
     return edited - base
 
 
