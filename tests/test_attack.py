@@ -172,6 +172,10 @@ def test_pipeline_loss_with_w_fixed_at_0_is_the_edits_and_at_1_the_base_models(t
     w0 = float(loss(edit, pipeline_inputs(tiny_sd, _target(0.0, 0.0), shape), *draw))
     w1 = float(loss(edit, pipeline_inputs(tiny_sd, _target(1.0, 1.0), shape), *draw))
     assert w0 == pytest.approx(plain, rel=1e-5) and w1 == pytest.approx(base, rel=1e-5)
+    # A constant w skips the probe; through the probe (the smooth step between equal values) the loss is the same.
+    probed = pipeline_inputs(tiny_sd, _target(1.0, 1.0), shape)
+    assert probed.constant_w
+    assert float(loss(edit, probed.replace(constant_w=False), *draw)) == pytest.approx(w1, rel=1e-5)
 
 
 def test_pipeline_gradients_are_finite_and_reach_the_prefix_through_the_probe(tiny_sd, edit, draw):

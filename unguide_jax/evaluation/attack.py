@@ -121,6 +121,8 @@ class PipelineInputs:
     temperature: jax.Array
     objective: ObjectiveConfig = flax.struct.field(pytree_node=False)
     t_enc: int = flax.struct.field(pytree_node=False)
+    # w_erase == w_keep (a fixed-w or oracle row): w does not depend on the prompt, so the probe is not run
+    constant_w: bool = flax.struct.field(pytree_node=False, default=False)
 
 
 @dataclasses.dataclass
@@ -177,7 +179,11 @@ def smooth_w(d: jax.Array, bar, w_erase, w_keep, temperature) -> jax.Array:
 
 def pipeline_prediction(unet, scheduler_config: SchedulerConfig, unet_params, edit: Edit, pipeline: PipelineInputs,
                         x_t: jax.Array, t: jax.Array, context: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(ε_w at (x_t, t, c), w(c), D̂(c)) for one context c (1, L, D): the model UnGuidance samples from."""
+    """(ε_w at (x_t, t, c), w(c), D̂(c)) for one context c (1, L, D): the model UnGuidance samples from.
+    With a constant w, D̂ is not measured (NaN)."""
+    if pipeline.constant_w:
+        base, edited = base_and_edited(unet, unet_params, edit, x_t.astype(jnp.float32), t, context)
+        return pipeline.w_keep * base + (1 - pipeline.w_keep) * edited, pipeline.w_keep, jnp.float32(jnp.nan)
     draws = pipeline.x_T.shape[0]
     c_r = jnp.broadcast_to(context, (draws,) + context.shape[1:])
     # The probe's trajectory without a gradient: backpropagating through its CFG steps would cost twice as many
@@ -283,7 +289,7 @@ def pipeline_inputs(sd, target: PipelineTarget, latent_shape: tuple[int, int, in
                           guidance_scale=scalar(guidance_scale), bar=scalar(target.bar),
                           w_erase=scalar(target.w_erase), w_keep=scalar(target.w_keep),
                           temperature=scalar(target.temperature), objective=target.probe.objective,
-                          t_enc=int(target.probe.t_enc))
+                          t_enc=int(target.probe.t_enc), constant_w=target.w_erase == target.w_keep)
 
 
 def prefix_attack(sd, edit: Edit, config: AttackConfig, prompt: str, x0: np.ndarray, seeds: Sequence[int],

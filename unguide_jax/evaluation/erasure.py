@@ -527,16 +527,18 @@ def run_evaluation(config: EvaluateConfig | Mapping, train_runner=None) -> Path:
     model = "the embedded shapes model" if config.model == "embedded" else config.model
     text = [f"Erasure evaluation on {model}: {concepts}; {n} images per prompt, seeds {config.seed}+j, CFG "
             f"{config.guidance_scale}, {config.num_steps} DDIM steps; scored by the {evaluator.name}."]
-    if seeds != [None]:
+    if len(seeds) > 1:
         text.append(f"Each edit trained with LoRA seeds {', '.join(map(str, seeds))}: mean ± std (ddof 1) over the "
                     "seeds of the concepts' average.")
+    elif seeds != [None]:
+        text.append(f"Each edit trained with LoRA seed {seeds[0]}.")
     work = settings["work"]
     text.append(f"This run generated {work['images_generated']} images and reused {work['images_found']} (from "
                 f"{out_dir / CACHE_FOLDER} or an earlier row), scored {work['scores_computed']} (reused "
                 f"{work['scores_found']}), ran {work['probes_run']} probes (reused {work['probes_found']}).")
     text.append("")
     for protocol in PROTOCOLS:
-        table = format_table(summary, protocol, None if seeds == [None] else deviation)
+        table = format_table(summary, protocol, deviation if len(seeds) > 1 else None)  # one seed: no spread
         text += [f"Protocol: {protocol}", "", table, ""]
     (out_dir / "results.md").write_text("\n".join(text))
     return out_dir
