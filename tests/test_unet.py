@@ -87,3 +87,43 @@ def test_unet_bf16_compute_stays_close(unet_pair, rng):
     assert out.dtype == jax.numpy.bfloat16
     err = float(np.abs(np.asarray(out, np.float32) - np.asarray(ref)).max())
     assert err < 0.1 * float(np.abs(np.asarray(ref)).max())
+
+
+# SDXL's UNet layout, tiny: no attention at the first level, a deeper transformer below it, linear projections,
+# and the text_time add-embedding (the pooled text embedding and six micro-conditioning ids).
+TINY_SDXL = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32, 32),
+                 norm_num_groups=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=24,
+                 attention_head_dim=(2, 2, 4), transformer_layers_per_block=(1, 2, 3), use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=12 + 6 * 8)
+
+
+def test_sdxl_layout_unet_with_the_text_time_embedding_matches_diffusers(rng):
+    from diffusers import UNet2DConditionModel as TorchUNet
+
+    torch.manual_seed(0)
+    torch_unet = tiny_models.perturb_(TorchUNet(**TINY_SDXL))
+    model = UNet2DConditionModel(UNetConfig.from_dict(dict(torch_unet.config)))
+    abstract = abstract_params(model, *model.init_inputs())
+    assert set(key_table(abstract)) == set(torch_unet.state_dict())  # add_embedding.* included
+    params = torch_to_flax(torch_unet.state_dict(), abstract)
+    sample = rng.standard_normal((2, 4, 16, 8), dtype=np.float32)
+    context = rng.standard_normal((2, 5, 24), dtype=np.float32)
+    text_embeds = rng.standard_normal((2, 12), dtype=np.float32)
+    time_ids = np.array([[1024, 1024, 0, 0, 1024, 1024], [768, 512, 16, 8, 1024, 1024]], np.float32)
+    timesteps = np.array([3, 917])
+    with torch.no_grad():
+        expected = torch_unet(torch.from_numpy(sample), torch.from_numpy(timesteps), torch.from_numpy(context),
+                              added_cond_kwargs={"text_embeds": torch.from_numpy(text_embeds),
+                                                 "time_ids": torch.from_numpy(time_ids)}).sample.numpy()
+    added = {"text_embeds": text_embeds, "time_ids": time_ids}
+    got = jax.jit(model.apply)({"params": params}, sample.transpose(0, 2, 3, 1), timesteps, context, added)
+    np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), expected, atol=ATOL, rtol=0)
+    # The micro-conditioning matters, and leaving it out is refused by name.
+    other = dict(added, time_ids=time_ids[::-1].copy())
+    assert np.abs(np.asarray(jax.jit(model.apply)({"params": params}, sample.transpose(0, 2, 3, 1), timesteps,
+                                                  context, other)) - np.asarray(got)).max() > 1e-4
+    with pytest.raises(ValueError, match="needs added_cond with 'text_embeds'"):
+        model.apply({"params": params}, sample.transpose(0, 2, 3, 1), timesteps, context)
+    with pytest.raises(ValueError, match="needs addition_time_embed_dim"):
+        UNetConfig.from_dict({**dict(torch_unet.config), "addition_time_embed_dim": None})

@@ -3,7 +3,9 @@
 Covers what SD1.4/1.5, SD2.0/2.1 base and SD2.1-768 need: cross-attention dim 768/1024, heads as
 an int or a per-block list, conv (SD1) or linear (SD2) ``proj_in/proj_out``, upcast attention
 (a no-op here: logits and softmax always run in fp32). The prediction type (epsilon or v) is a
-scheduler property; the network is the same.
+scheduler property; the network is the same. SDXL's layout is understood too: per-level transformer
+depth, a first level without attention, and the ``text_time`` add-embedding (``added_cond``); the rest
+of SDXL (its two text encoders, loading, sampling) is not built yet.
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 CROSS_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
+TEXT_TIME = "text_time"  # SDXL's addition_embed_type
+TIME_IDS = 6  # original size (h, w), crop top-left (y, x), target size (h, w)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +62,20 @@ class UNetConfig:
     upcast_attention: bool = False
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
+    # SDXL's micro-conditioning ("text_time"): the pooled text embedding and the six size/crop ids, each id
+    # embedded sinusoidally with addition_time_embed_dim channels, go through add_embedding into the time
+    # embedding. projection_class_embeddings_input_dim = pooled dim + 6 · addition_time_embed_dim.
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     def __post_init__(self):
+        if self.addition_embed_type not in (None, TEXT_TIME):
+            raise ValueError(f"unsupported addition_embed_type {self.addition_embed_type!r} (None or {TEXT_TIME!r})")
+        if self.addition_embed_type == TEXT_TIME and not (self.addition_time_embed_dim
+                                                           and self.projection_class_embeddings_input_dim):
+            raise ValueError("addition_embed_type 'text_time' needs addition_time_embed_dim and "
+                             "projection_class_embeddings_input_dim")
         n = len(self.block_out_channels)
         if len(self.down_block_types) != n or len(self.up_block_types) != n:
             raise ValueError("down_block_types, up_block_types and block_out_channels must have the same length")
@@ -94,13 +110,13 @@ class UNetConfig:
 # Keys diffusers writes whose non-default values we do not implement.
 _UNET_FIXED = {
     "act_fn": "silu", "center_input_sample": False, "class_embed_type": None, "num_class_embeds": None,
-    "addition_embed_type": None, "addition_time_embed_dim": None, "addition_embed_type_num_heads": 64,
+    "addition_embed_type_num_heads": 64,
     "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
     "timestep_post_act": None, "time_cond_proj_dim": None, "resnet_time_scale_shift": "default",
     "dual_cross_attention": False, "only_cross_attention": False, "mid_block_only_cross_attention": None,
     "mid_block_type": "UNetMidBlock2DCrossAttn", "mid_block_scale_factor": (1, 1.0), "downsample_padding": 1,
     "conv_in_kernel": 3, "conv_out_kernel": 3, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
-    "projection_class_embeddings_input_dim": None, "class_embeddings_concat": False,
+    "class_embeddings_concat": False,
     "cross_attention_norm": None, "resnet_skip_time_act": False, "resnet_out_scale_factor": (1, 1.0),
     "attention_type": "default", "dropout": (0, 0.0), "reverse_transformer_layers_per_block": None,
     "use_attention_mask": False,
@@ -249,14 +265,33 @@ class UNet2DConditionModel(nn.Module, DtypeMixin):
 
     def init_inputs(self, batch: int = 1, size: int = 8, context_len: int = 77):
         """Placeholder inputs for ``init``/``eval_shape`` (parameter shapes do not depend on them)."""
-        return (
+        inputs = (
             jnp.zeros((batch, size, size, self.config.in_channels), self.dtype),
             jnp.zeros((batch,), jnp.int32),
             jnp.zeros((batch, context_len, self.config.cross_attention_dim), self.dtype),
         )
+        if self.config.addition_embed_type != TEXT_TIME:
+            return inputs
+        pooled = self.config.projection_class_embeddings_input_dim - TIME_IDS * self.config.addition_time_embed_dim
+        return inputs + ({"text_embeds": jnp.zeros((batch, pooled), self.dtype),
+                          "time_ids": jnp.zeros((batch, TIME_IDS), jnp.float32)},)
+
+    def _added_embedding(self, added_cond, batch: int) -> jax.Array:
+        """SDXL's text_time embedding (diffusers' add_time_proj + add_embedding), added to the time embedding."""
+        cfg = self.config
+        if added_cond is None or not {"text_embeds", "time_ids"} <= set(added_cond):
+            raise ValueError("this UNet (addition_embed_type 'text_time') needs added_cond with 'text_embeds' (the "
+                             "pooled text embedding) and 'time_ids' (original size, crop, target size: 6 numbers)")
+        time_ids = jnp.asarray(added_cond["time_ids"], jnp.float32).reshape(batch, -1)
+        time_embeds = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
+                                         cfg.freq_shift).reshape(batch, -1)
+        add = jnp.concatenate([jnp.asarray(added_cond["text_embeds"], jnp.float32), time_embeds], axis=-1)
+        add = dense(cfg.block_out_channels[0] * 4, "add_embedding.linear_1", self)(add.astype(self.dtype))
+        return dense(cfg.block_out_channels[0] * 4, "add_embedding.linear_2", self)(nn.silu(add))
 
     @nn.compact
-    def __call__(self, sample, timesteps, encoder_hidden_states):
+    def __call__(self, sample, timesteps, encoder_hidden_states, added_cond=None):
+        """``added_cond``: {"text_embeds" (B, pooled), "time_ids" (B, 6)}, for a text_time (SDXL) UNet only."""
         cfg = self.config
         channels = cfg.block_out_channels
         heads, tlayers = cfg.heads_per_block, cfg.transformer_layers
@@ -268,6 +303,10 @@ class UNet2DConditionModel(nn.Module, DtypeMixin):
         temb = timestep_embedding(timesteps, channels[0], cfg.flip_sin_to_cos, cfg.freq_shift).astype(self.dtype)
         temb = dense(channels[0] * 4, "time_embedding.linear_1", self)(temb)
         temb = dense(channels[0] * 4, "time_embedding.linear_2", self)(nn.silu(temb))
+        if cfg.addition_embed_type == TEXT_TIME:
+            temb = temb + self._added_embedding(added_cond, sample.shape[0])
+        elif added_cond is not None:
+            raise ValueError("added_cond was given to a UNet without an addition embedding (addition_embed_type None)")
 
         h = conv(channels[0], 3, "conv_in", self)(sample)
         skips = [h]
