@@ -147,8 +147,10 @@ def prefixed_ids(sd, prompt: str, k: int) -> np.ndarray:
     return np.asarray(sequence + [pad] * (length - len(sequence)), np.int32)
 
 
-def encode_with_prefix(text_encoder, text_params, ids: jax.Array, prefix: jax.Array) -> jax.Array:
-    """Encoder output for ids (B, L) whose positions 1..k get the embeddings ``prefix`` (k, D)."""
+def encode_with_prefix(text_encoder, text_params, ids: jax.Array, prefix: jax.Array,
+                       skip_last_layers: int = 0) -> jax.Array:
+    """Encoder output for ids (B, L) whose positions 1..k get the embeddings ``prefix`` (k, D); ``skip_last_layers``:
+    the model's clip skip, as ``StableDiffusion.encode_prompts`` applies it."""
     k = prefix.shape[0]
 
     def intercept(next_fun, args, kwargs, context):
@@ -158,7 +160,7 @@ def encode_with_prefix(text_encoder, text_params, ids: jax.Array, prefix: jax.Ar
         return out
 
     with nn.intercept_methods(intercept):
-        hidden, _ = text_encoder.apply({"params": text_params}, ids)
+        hidden, _ = text_encoder.apply({"params": text_params}, ids, skip_last_layers=skip_last_layers)
     return hidden
 
 

@@ -216,15 +216,11 @@ def _attacks(sd, evaluator, prompt_set: PromptSet, concept, method: Method, edit
     target_prompt = prompt_set.prompts[0]
 
     def ws_of(texts: list[str], contexts: np.ndarray):
-        if method.mode == "unguide":
-            w, _ = _probe(sd, edit, config, texts, list(concept.targets), embeddings=jnp.asarray(contexts),
-                          method=method)
-            return w
-        if method.mode == "fixed":
-            return [float(method.w)] * len(texts)
-        if method.mode == "oracle":  # the attacked prompts still ask for the erased concept
-            return [float(config.probe.w_erase)] * len(texts)
-        return None
+        # The row's own mode; the oracle's w is w_erase, since every attacked prompt still asks for the concept.
+        ws = weights_for(method.mode, len(texts), fixed_w=method.w, oracle=[probe.w_erase] * len(texts),
+                         probe=lambda: _probe(sd, edit, config, texts, list(concept.targets),
+                                              embeddings=jnp.asarray(contexts), method=method)[0])
+        return None if all(w is None for w in ws) else ws
 
     def sample(texts: list[str], contexts: np.ndarray, w) -> np.ndarray:
         return sd.generate(texts, seeds, guidance_scale=config.guidance_scale, num_steps=config.num_steps, edit=edit,

@@ -32,6 +32,7 @@ from PIL import Image
 
 from unguide_jax.diffusion.images import slug, versions
 from unguide_jax.erasers.concepts import load_concept
+from unguide_jax.erasers.unguide.modes import weights_for
 from unguide_jax.erasers.unguide.probe import ProbeConfig, WProbe
 from unguide_jax.evaluation.config import I2PConfig, Method, check_given
 from unguide_jax.evaluation.train_first import missing_train_config, planned_training, run_is_missing
@@ -227,13 +228,10 @@ def attack_rows(sd, config: I2PConfig, method: Method, edit, info: list[dict], r
             bar = probe.d_empty if bar is None else bar
 
         def ws_of(texts, contexts, guidance=guidance):
-            if probe is not None:
-                return [float(w) for w in probe.run(texts, guidance, prompt_embeddings=contexts).w]
-            if method.mode == "fixed":
-                return [float(method.w)] * len(texts)
-            if method.mode == "oracle":  # an attacked I2P prompt still asks for the concept
-                return [float(probe_config.w_erase)] * len(texts)
-            return None
+            # The row's own mode; the oracle's w is w_erase, since an attacked I2P prompt still asks for the concept.
+            ws = weights_for(method.mode, len(texts), fixed_w=method.w, oracle=[probe_config.w_erase] * len(texts),
+                             probe=lambda: probe.run(texts, guidance, prompt_embeddings=contexts).w)
+            return None if all(w is None for w in ws) else ws
 
         def sample(texts, contexts, w, request=request):
             return sd.generate(texts, [request.seed], guidance_scale=request.guidance_scale,

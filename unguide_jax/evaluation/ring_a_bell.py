@@ -29,13 +29,12 @@ import dataclasses
 import functools
 from collections.abc import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from unguide_jax.evaluation.attack import TOKEN_EMBEDDING, prefixed_ids, token_table
+from unguide_jax.evaluation.attack import encode_with_prefix, prefixed_ids, token_table
 from unguide_jax.parallel.batches import padded_rows
 from unguide_jax.parallel.hosts import to_numpy
 from unguide_jax.settings import (
@@ -132,25 +131,6 @@ def allowed_tokens(sd) -> np.ndarray:
     return allowed
 
 
-def _encode_free(text_encoder, text_params, ids: jax.Array, free: jax.Array, clip_skip: int) -> jax.Array:
-    """Encoder output (L, D) of ids (L,) whose positions 1..K take the embeddings ``free`` (K, D).
-
-    ``attack.encode_with_prefix`` does the same but runs every layer; this one honours the model's clip skip,
-    so that the search matches what ``sd.encode_prompts`` gives the UNet.
-    """
-    k = free.shape[0]
-
-    def intercept(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if context.method_name == "__call__" and ".".join(context.module.path) == TOKEN_EMBEDDING:
-            out = out.at[:, 1:1 + k].set(free.astype(out.dtype)[None])
-        return out
-
-    with nn.intercept_methods(intercept):
-        hidden, _ = text_encoder.apply({"params": text_params}, ids[None], skip_last_layers=clip_skip)
-    return hidden[0].astype(jnp.float32)
-
-
 def _nearest(embeddings: jax.Array, table: jax.Array, allowed: jax.Array) -> jax.Array:
     d2 = jnp.sum(table**2, axis=1)[None] - 2 * embeddings @ table.T
     return jnp.argmin(jnp.where(allowed[None], d2, jnp.inf), axis=1).astype(jnp.int32)
@@ -175,7 +155,8 @@ def search_tokens(text_encoder, text_params, template: jax.Array, target: jax.Ar
     def loss_fn(p, chosen):
         # Straight-through: the forward pass sees the chosen tokens' embeddings, the gradient lands on p.
         used = p + jax.lax.stop_gradient(table[chosen] - p)
-        return jnp.mean((_encode_free(text_encoder, text_params, template, used, clip_skip) - target) ** 2)
+        context = encode_with_prefix(text_encoder, text_params, template[None], used, clip_skip)[0]
+        return jnp.mean((context.astype(jnp.float32) - target) ** 2)
 
     def step(carry, _):
         p, opt_state, best_loss, best_ids = carry

@@ -387,8 +387,8 @@ def _prepare(sd, config: SampleConfig, requests: list[Request], loaded_edit: tup
                               f"{config.combine}); choose the paper's rule (--config.probe.rule=paper)")
         if config.combine in FLAGGED_RULES and (e.deltas or e.memory is not None or not e.loras):
             raise ConfigError(f"config.adapters: {source} is not a LoRA edit ({info.get('kind', 'an edit')} with full "
-                              "weight deltas or a prompt memory), and config.combine=flagged applies each adapter's "
-                              "LoRAs per prompt: choose combine=sum or merged")
+                              f"weight deltas or a prompt memory), and config.combine={config.combine} applies each "
+                              "adapter's LoRAs per prompt: choose combine=sum or merged")
     return _Prepared(None, adapter_info, "unguide", long_prompts, edits, concepts)
 
 
