@@ -64,6 +64,15 @@ def tiny_pipeline_dir(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """(a tiny random SDXL folder in diffusers layout, the PyTorch pipeline it was saved from)."""
+    root = tmp_path_factory.mktemp("tiny_sdxl")
+    pipe = tiny_models.build_sdxl_pipeline(root / "tokenizer_src")
+    pipe.save_pretrained(root / "pipeline", safe_serialization=True)
+    return root / "pipeline", pipe
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """For the tiny models torch's second thread costs more in hand-offs than it gives on a busy 2-core

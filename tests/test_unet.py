@@ -13,7 +13,7 @@ from unguide_jax.loading.convert import (
 )
 from unguide_jax.models.config_io import ConfigError
 from unguide_jax.models.layers import abstract_params
-from unguide_jax.models.unet import UNet2DConditionModel, UNetConfig
+from unguide_jax.models.unet import UNet2DConditionModel, UNetConfig, pack_context
 
 ATOL = 1e-4  # fp32 on CPU; observed max abs error ~3e-7
 
@@ -123,7 +123,11 @@ def test_sdxl_layout_unet_with_the_text_time_embedding_matches_diffusers(rng):
     other = dict(added, time_ids=time_ids[::-1].copy())
     assert np.abs(np.asarray(jax.jit(model.apply)({"params": params}, sample.transpose(0, 2, 3, 1), timesteps,
                                                   context, other)) - np.asarray(got)).max() > 1e-4
-    with pytest.raises(ValueError, match="needs added_cond with 'text_embeds'"):
-        model.apply({"params": params}, sample.transpose(0, 2, 3, 1), timesteps, context)
+    # The same conditioning packed into the context's last token (what samplers and trainers pass).
+    packed = pack_context(context, text_embeds, time_ids)
+    np.testing.assert_allclose(np.asarray(jax.jit(model.apply)({"params": params}, sample.transpose(0, 2, 3, 1),
+                                                               timesteps, packed)), np.asarray(got), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="do not fit in one context token"):
+        pack_context(context[..., :16], text_embeds, time_ids)
     with pytest.raises(ValueError, match="needs addition_time_embed_dim"):
         UNetConfig.from_dict({**dict(torch_unet.config), "addition_time_embed_dim": None})

@@ -92,6 +92,40 @@ def build_pipeline(flavour: str, tokenizer_dir: Path):
     )
 
 
+# SDXL, tiny: a first level without attention, deeper transformers below, linear projections, two text
+# encoders (CLIP-L-like quick_gelu, and a bigG-like gelu one with a projection) whose states are concatenated,
+# the text_time add-embedding, and SDXL's VAE scaling factor.
+SDXL_UNET = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32, 32),
+                 norm_num_groups=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+                 attention_head_dim=(2, 2, 4), transformer_layers_per_block=(1, 2, 2), use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=24 + 6 * 8)
+
+
+def build_sdxl_pipeline(tokenizer_dir: Path):
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    write_clip_tokenizer(tokenizer_dir / "one", TINY_MERGES, pad_token="<|endoftext|>")
+    write_clip_tokenizer(tokenizer_dir / "two", TINY_MERGES, pad_token="!")
+    torch.manual_seed(0)
+    unet = perturb_(UNet2DConditionModel(**SDXL_UNET))
+    torch.manual_seed(1)
+    text_encoder = perturb_(CLIPTextModel(CLIPTextConfig(**dict(text_encoder_kwargs("sd1"), hidden_size=32))))
+    torch.manual_seed(3)
+    config_2 = CLIPTextConfig(**dict(text_encoder_kwargs("sd2"), hidden_size=32, projection_dim=24))
+    text_encoder_2 = perturb_(CLIPTextModelWithProjection(config_2))
+    torch.manual_seed(2)
+    vae = perturb_(AutoencoderKL(**dict(vae_kwargs("sd2"), scaling_factor=0.13025, force_upcast=True)))
+    scheduler = DDIMScheduler(**dict(scheduler_kwargs("sd1"), timestep_spacing="leading"))
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir / "one"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(tokenizer_dir / "two"), unet=unet, scheduler=scheduler,
+        force_zeros_for_empty_prompt=True, add_watermarker=False,
+    )
+
+
 def flax_unet(context_dim: int = 16, context_len: int = 5, seed: int = 0):
     """The smallest Flax UNet with cross-attention (one down block, the mid block, one up block) and
     random parameters drawn in numpy from its abstract shapes: Flax's init would cost a compile as

@@ -16,8 +16,8 @@ from unguide_jax.diffusion.sampler import (
     sample_latents,
 )
 from unguide_jax.diffusion.schedulers import SchedulerConfig
-from unguide_jax.models.text_encoder import CLIPTextModel
-from unguide_jax.models.unet import UNet2DConditionModel
+from unguide_jax.models.text_encoder import CLIPTextModel, CLIPTextModelWithProjection
+from unguide_jax.models.unet import UNet2DConditionModel, pack_context, with_time_ids
 from unguide_jax.models.vae import AutoencoderKL
 from unguide_jax.parallel.batches import (
     data_mesh,
@@ -35,6 +35,21 @@ from unguide_jax.parallel.mesh import job_devices
 def encode_text(text_encoder: CLIPTextModel, params, input_ids: jax.Array, skip_last_layers: int = 0) -> jax.Array:
     hidden, _ = text_encoder.apply({"params": params}, input_ids, skip_last_layers=skip_last_layers)
     return hidden
+
+
+@functools.partial(jax.jit, static_argnames=("text_encoder", "text_encoder_2", "layer"), compiler_options=XLA_CPU_OPTIONS)
+def encode_text_sdxl(text_encoder: CLIPTextModel, text_encoder_2: CLIPTextModelWithProjection, params, params_2,
+                     input_ids, input_ids_2, zero_rows, time_ids, layer: int = 0) -> jax.Array:
+    """SDXL's conditioning, as diffusers' ``StableDiffusionXLPipeline.encode_prompt`` makes it, packed into one
+    context (``models.unet.pack_context``): both encoders' hidden states ``hidden_states[-(layer + 2)]``
+    concatenated, and the second encoder's projected pooled output. ``zero_rows`` (B,): rows that are all
+    zeros instead (``force_zeros_for_empty_prompt``); the time ids stay."""
+    hidden, _ = text_encoder.apply({"params": params}, input_ids, sdxl_layer=layer)
+    hidden_2, pooled = text_encoder_2.apply({"params": params_2}, input_ids_2, sdxl_layer=layer)
+    keep = 1.0 - jnp.asarray(zero_rows, jnp.float32)
+    context = jnp.concatenate([hidden, hidden_2], axis=-1) * keep[:, None, None].astype(hidden.dtype)
+    pooled = pooled * keep[:, None].astype(pooled.dtype)
+    return pack_context(context, pooled, jnp.broadcast_to(jnp.asarray(time_ids, jnp.float32), (hidden.shape[0], 6)))
 
 
 @functools.partial(jax.jit, static_argnames=("vae",), compiler_options=XLA_CPU_OPTIONS)
@@ -63,6 +78,11 @@ class StableDiffusion:
     ``params`` = {"unet": ..., "text_encoder": ..., "vae": ...}; adapters live elsewhere and are
     applied on top of ``params["unet"]``. ``mesh``: set by ``on_mesh``, the devices that generation
     shards its rows over (None: the default device).
+
+    SDXL (``is_sdxl``): a second text encoder and tokenizer (``params["text_encoder_2"]``), and a prompt's
+    encoding is SDXL's packed context (``models.unet.pack_context``), whose time ids say the default
+    size until ``generate`` stamps the size it samples. ``force_zeros_for_empty_prompt`` (the SDXL
+    folder's ``model_index.json``): the empty prompt, the unconditional one, is all zeros.
     """
 
     unet: UNet2DConditionModel
@@ -73,6 +93,29 @@ class StableDiffusion:
     params: dict
     clip_skip: int = 0
     mesh: Any = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: Any = None
+    force_zeros_for_empty_prompt: bool = False
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def family(self) -> str:
+        return "sdxl" if self.is_sdxl else "sd"
+
+    def attention_context(self, encoded: jax.Array) -> jax.Array:
+        """What cross-attention reads of ``encode_prompts``' output: all of it, or for SDXL the text states
+        without the packed pooled/time-id token."""
+        return encoded[:, :-1] if self.is_sdxl else encoded
+
+    def sized_context(self, encoded: jax.Array, height: int | None, width: int | None) -> jax.Array:
+        """``encoded`` with SDXL's time ids for an image of height x width (unchanged for SD 1.x/2.x)."""
+        if not self.is_sdxl:
+            return encoded
+        h, w = height or self.default_size, width or self.default_size
+        return with_time_ids(jnp.asarray(encoded), self.unet.config.pooled_dim, (h, w, 0, 0, h, w))
 
     def on_mesh(self, mesh) -> "StableDiffusion":
         """This model with its weights replicated on ``mesh`` (``unguide_jax.parallel.batches.data_mesh``):
@@ -128,16 +171,24 @@ class StableDiffusion:
             _COMPILED_SAMPLERS[signature] = compiled
         return _COMPILED_SAMPLERS[signature]
 
-    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+    def tokenize(self, prompts: Sequence[str], tokenizer=None) -> np.ndarray:
         if isinstance(prompts, str):
             raise TypeError("prompts must be a sequence of strings, not one string")
-        ids = self.tokenizer(
-            list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-        ).input_ids
+        tokenizer = tokenizer or self.tokenizer
+        ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True).input_ids
         return np.asarray(ids, np.int32)
 
     def encode_prompts(self, prompts: Sequence[str]) -> jax.Array:
-        return encode_text(self.text_encoder, self.params["text_encoder"], self.tokenize(prompts), self.clip_skip)
+        if not self.is_sdxl:
+            return encode_text(self.text_encoder, self.params["text_encoder"], self.tokenize(prompts), self.clip_skip)
+        prompts = list(prompts) if not isinstance(prompts, str) else prompts
+        zero = np.asarray([self.force_zeros_for_empty_prompt and p == "" for p in prompts], bool)
+        size = self.default_size
+        return encode_text_sdxl(self.text_encoder, self.text_encoder_2, self.params["text_encoder"],
+                                self.params["text_encoder_2"], self.tokenize(prompts),
+                                self.tokenize(prompts, self.tokenizer_2), zero,
+                                np.asarray([size, size, 0, 0, size, size], np.float32), self.clip_skip)
 
     def latent_shape(self, height: int | None, width: int | None) -> tuple[int, int, int]:
         height, width = height or self.default_size, width or self.default_size
@@ -182,6 +233,7 @@ class StableDiffusion:
         if cond.shape[0] != n:
             raise ValueError(f"need one prompt embedding per prompt: {n} prompts, {cond.shape[0]} embeddings")
         uncond = self.encode_prompts([negative_prompt] * n)
+        cond, uncond = (self.sized_context(c, height, width) for c in (cond, uncond))
         if latents is None:
             # fp32 whatever the compute dtype: the same seed gives the same x_T, and the DDIM state
             # stays fp32 between steps (the UNet casts its own input).

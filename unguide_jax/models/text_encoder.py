@@ -1,4 +1,8 @@
-"""CLIP text encoder of Stable Diffusion 1.x (quick_gelu) / 2.x (gelu) in Flax Linen.
+"""CLIP text encoders of Stable Diffusion 1.x (quick_gelu) / 2.x (gelu) / SDXL in Flax Linen.
+
+SDXL has two: CLIP ViT-L (``CLIPTextModel``) and OpenCLIP ViT-bigG with its projection
+(``CLIPTextModelWithProjection``); both give the un-normalised hidden states of a layer below the last
+(``sdxl_layer``), as diffusers' SDXL pipeline reads ``hidden_states[-(clip_skip + 2)]``.
 
 Parameter paths are transformers' ``CLIPTextModel`` keys without the ``text_model.`` prefix, so the
 table-driven converter maps them 1:1. ``rename_torch_key`` accepts both spellings: transformers 5.x
@@ -103,6 +107,10 @@ class CLIPTextModel(nn.Module, DtypeMixin):
     ``skip_last_layers=N`` (diffusers' ``clip_skip``) returns ``final_layer_norm`` of the output of
     layer ``num_hidden_layers - N``; the last N layers are not run. ``pooled`` is gathered from the
     returned sequence at the EOS position, as transformers' ``pooler_output`` (N=0).
+
+    ``sdxl_layer=N`` (SDXL): the hidden states are the output of layer ``num_hidden_layers - 1 - N``
+    *without* ``final_layer_norm`` (transformers' ``hidden_states[-(N + 2)]``), and ``pooled`` is the
+    full model's ``pooler_output``.
     """
 
     config: CLIPTextConfig
@@ -114,10 +122,17 @@ class CLIPTextModel(nn.Module, DtypeMixin):
         return (jnp.zeros((batch, self.config.max_position_embeddings), jnp.int32),)
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array, skip_last_layers: int = 0) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, input_ids: jax.Array, skip_last_layers: int = 0,
+                 sdxl_layer: int | None = None) -> tuple[jax.Array, jax.Array]:
+        return self._encode(input_ids, skip_last_layers, sdxl_layer)
+
+    def _encode(self, input_ids, skip_last_layers, sdxl_layer):
         cfg = self.config
         if not 0 <= skip_last_layers < cfg.num_hidden_layers:
             raise ValueError(f"skip_last_layers={skip_last_layers} must be in [0, {cfg.num_hidden_layers})")
+        if sdxl_layer is not None and (skip_last_layers or not 0 <= sdxl_layer < cfg.num_hidden_layers - 1):
+            raise ValueError(f"sdxl_layer={sdxl_layer} must be in [0, {cfg.num_hidden_layers - 1}) and comes "
+                             "without skip_last_layers")
         length = input_ids.shape[-1]
         if length > cfg.max_position_embeddings:
             raise ValueError(f"sequence length {length} exceeds max_position_embeddings={cfg.max_position_embeddings}")
@@ -125,8 +140,11 @@ class CLIPTextModel(nn.Module, DtypeMixin):
             n, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         x = embed(cfg.vocab_size, "embeddings.token_embedding")(input_ids)
         x = x + embed(cfg.max_position_embeddings, "embeddings.position_embedding")(jnp.arange(length))[None]
+        hidden = None
         for i in range(cfg.num_hidden_layers - skip_last_layers):
             x = CLIPEncoderLayer(cfg, dtype=self.dtype, param_dtype=self.param_dtype, name=f"encoder.layers.{i}")(x)
+            if sdxl_layer is not None and i == cfg.num_hidden_layers - 2 - sdxl_layer:
+                hidden = x
         x = layer_norm(cfg.layer_norm_eps, "final_layer_norm", self)(x)
         if cfg.eos_token_id == 2:
             # transformers' legacy rule for configs predating its eos fix (the SD Hub configs
@@ -135,7 +153,18 @@ class CLIPTextModel(nn.Module, DtypeMixin):
         else:
             eos_pos = jnp.argmax(input_ids == cfg.eos_token_id, axis=-1)  # first EOS, 0 if none
         pooled = jnp.take_along_axis(x, eos_pos[:, None, None], axis=1)[:, 0]
-        return x, pooled
+        return (x if hidden is None else hidden), pooled
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """``CLIPTextModel`` whose pooled output goes through ``text_projection`` (no bias): transformers'
+    ``CLIPTextModelWithProjection`` (``text_embeds``), SDXL's second text encoder."""
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, skip_last_layers: int = 0,
+                 sdxl_layer: int | None = None) -> tuple[jax.Array, jax.Array]:
+        hidden, pooled = self._encode(input_ids, skip_last_layers, sdxl_layer)
+        return hidden, dense(self.config.projection_dim, "text_projection", self, use_bias=False)(pooled)
 
 
 def rename_torch_key(key: str) -> str | None:
@@ -145,8 +174,8 @@ def rename_torch_key(key: str) -> str | None:
     return None if key == "embeddings.position_ids" else key
 
 
-def config_to_transformers_dict(config: CLIPTextConfig) -> dict:
-    """The ``config.json`` that ``transformers.CLIPTextModel.from_pretrained`` reads."""
-    out = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model"}
+def config_to_transformers_dict(config: CLIPTextConfig, architecture: str = "CLIPTextModel") -> dict:
+    """The ``config.json`` that ``transformers.<architecture>.from_pretrained`` reads."""
+    out = {"architectures": [architecture], "model_type": "clip_text_model"}
     out.update(dataclasses.asdict(config))
     return out

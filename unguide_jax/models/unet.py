@@ -3,9 +3,15 @@
 Covers what SD1.4/1.5, SD2.0/2.1 base and SD2.1-768 need: cross-attention dim 768/1024, heads as
 an int or a per-block list, conv (SD1) or linear (SD2) ``proj_in/proj_out``, upcast attention
 (a no-op here: logits and softmax always run in fp32). The prediction type (epsilon or v) is a
-scheduler property; the network is the same. SDXL's layout is understood too: per-level transformer
-depth, a first level without attention, and the ``text_time`` add-embedding (``added_cond``); the rest
-of SDXL (its two text encoders, loading, sampling) is not built yet.
+scheduler property; the network is the same. SDXL's layout too: per-level transformer depth, a first
+level without attention, and the ``text_time`` add-embedding (``added_cond``).
+
+SDXL's conditioning travels as one array, the *packed context*: the cross-attention context with one
+more token holding the pooled text embedding and the six micro-conditioning ids (``pack_context``).
+Everything between the text encoders and the UNet (samplers, the probe, training, sharding, the edits)
+then handles an SDXL prompt as it handles an SD 1.x one: one (B, L, D) array per prompt. The UNet splits
+the token off again before any block sees the context (``unpack_context``), so cross-attention and its
+LoRAs read the concatenated text-encoder states only, as diffusers' do.
 """
 from __future__ import annotations
 
@@ -39,6 +45,31 @@ REMAT_POLICIES = {
 CROSS_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
 TEXT_TIME = "text_time"  # SDXL's addition_embed_type
 TIME_IDS = 6  # original size (h, w), crop top-left (y, x), target size (h, w)
+
+
+def pack_context(context: jax.Array, text_embeds: jax.Array, time_ids: jax.Array) -> jax.Array:
+    """(B, L, D) context, (B, P) pooled text embedding, (B, 6) time ids -> (B, L + 1, D): the last token is
+    [text_embeds, time_ids, 0...]. Needs P + 6 <= D (SDXL: 1280 + 6 <= 2048)."""
+    batch, _, width = context.shape
+    pooled = text_embeds.shape[-1]
+    if pooled + TIME_IDS > width:
+        raise ValueError(f"a pooled embedding of {pooled} and {TIME_IDS} time ids do not fit in one context token "
+                         f"of width {width}")
+    token = jnp.concatenate([text_embeds.astype(context.dtype), jnp.asarray(time_ids, context.dtype),
+                             jnp.zeros((batch, width - pooled - TIME_IDS), context.dtype)], axis=-1)
+    return jnp.concatenate([context, token[:, None]], axis=1)
+
+
+def unpack_context(packed: jax.Array, pooled: int) -> tuple[jax.Array, dict]:
+    """``pack_context``'s inverse: (context (B, L, D), {"text_embeds": (B, pooled), "time_ids": (B, 6)})."""
+    token = packed[:, -1]
+    return packed[:, :-1], {"text_embeds": token[:, :pooled], "time_ids": token[:, pooled:pooled + TIME_IDS]}
+
+
+def with_time_ids(packed: jax.Array, pooled: int, time_ids) -> jax.Array:
+    """A packed context with its time ids replaced (one row of 6 for all, or one per row)."""
+    time_ids = jnp.broadcast_to(jnp.asarray(time_ids, packed.dtype), (packed.shape[0], TIME_IDS))
+    return packed.at[:, -1, pooled:pooled + TIME_IDS].set(time_ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +132,13 @@ class UNetConfig:
     @property
     def transformer_layers(self) -> tuple[int, ...]:
         return self._per_block(self.transformer_layers_per_block)
+
+    @property
+    def pooled_dim(self) -> int | None:
+        """The width of the pooled text embedding a text_time (SDXL) UNet takes; None for other UNets."""
+        if self.addition_embed_type != TEXT_TIME:
+            return None
+        return self.projection_class_embeddings_input_dim - TIME_IDS * self.addition_time_embed_dim
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "unet config") -> "UNetConfig":
@@ -272,8 +310,7 @@ class UNet2DConditionModel(nn.Module, DtypeMixin):
         )
         if self.config.addition_embed_type != TEXT_TIME:
             return inputs
-        pooled = self.config.projection_class_embeddings_input_dim - TIME_IDS * self.config.addition_time_embed_dim
-        return inputs + ({"text_embeds": jnp.zeros((batch, pooled), self.dtype),
+        return inputs + ({"text_embeds": jnp.zeros((batch, self.config.pooled_dim), self.dtype),
                           "time_ids": jnp.zeros((batch, TIME_IDS), jnp.float32)},)
 
     def _added_embedding(self, added_cond, batch: int) -> jax.Array:
@@ -291,8 +328,11 @@ class UNet2DConditionModel(nn.Module, DtypeMixin):
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, added_cond=None):
-        """``added_cond``: {"text_embeds" (B, pooled), "time_ids" (B, 6)}, for a text_time (SDXL) UNet only."""
+        """``added_cond``: {"text_embeds" (B, pooled), "time_ids" (B, 6)}, for a text_time (SDXL) UNet only;
+        without it such a UNet reads them from ``encoder_hidden_states``' last token (``pack_context``)."""
         cfg = self.config
+        if cfg.addition_embed_type == TEXT_TIME and added_cond is None:
+            encoder_hidden_states, added_cond = unpack_context(encoder_hidden_states, cfg.pooled_dim)
         channels = cfg.block_out_channels
         heads, tlayers = cfg.heads_per_block, cfg.transformer_layers
         last = len(channels) - 1
