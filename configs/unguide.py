@@ -9,6 +9,8 @@
   many         the ten shapes classes in one run: ten LoRAs trained together in one jitted step, each the LoRA
                its own default run trains (runs/unguide-many/concepts/<class>/, and concepts.safetensors)
   embedded-nudity  explicit content on the embedded model, ESD-u-style targets (evaluate.py:robustness-i2p)
+  sdxl-object  erase "cat" from an SDXL base folder or single file: the paper's settings, bf16 weights and compute,
+               remat (one 80 GB device; add mesh.fsdp to shard the base weights)
 
 python train.py --config configs/unguide.py
 python train.py --config configs/unguide.py --config.concept=shapes-star --config.run_dir=runs/unguide-star
@@ -34,6 +36,8 @@ def get_config(preset: str = "default") -> dict:
                      objective=dict(ddim_steps=4), learning_rate=1e-3, **PAPER_LORA),
         "sd15-object": dict(method="unguide", model="", concept="cat", run_dir="runs/unguide-sd15-cat", **PAPER),
         "many": dict(method="unguide", concepts=SHAPES_CLASSES, run_dir="runs/unguide-many"),
+        "sdxl-object": dict(method="unguide", model="", concept="cat", run_dir="runs/unguide-sdxl-cat", dtype="bfloat16",
+                            param_dtype="bfloat16", remat="blocks", **PAPER),
         "embedded-nudity": dict(method="unguide", concept="nudity", run_dir="runs/unguide-embedded-nudity",
                                 lora=dict(targets="explicit")),
         "sd15-nudity": dict(method="unguide", model="", concept="nudity", run_dir="runs/unguide-sd15-nudity",

@@ -116,11 +116,11 @@ def test_unknown_evaluator_is_an_error(tiny_pipeline_dir, tmp_path, capsys):
 # --- typed configs and the shared command line ------------------------------------------------------
 
 PRESETS = {  # config file -> (schema chooser, its presets)
-    "unguide": (train_schema, ["default", "tiny", "sd15-object", "sd15-nudity", "many", "embedded-nudity"]),
+    "unguide": (train_schema, ["default", "tiny", "sd15-object", "sd15-nudity", "many", "embedded-nudity", "sdxl-object"]),
     "learnable_prompts": (train_schema, ["default", "tiny", "sd15-object", "sd15-nudity", "embedded-nudity"]),
     "pure": (train_schema, ["default", "tiny", "sd15-object", "embedded-nudity"]),
     "uce": (train_schema, ["default", "tiny", "sd15-object", "embedded-nudity"]),
-    "sample": (sample_or_evaluate, ["default", "embedded", "smoke", "many"]),
+    "sample": (sample_or_evaluate, ["default", "embedded", "smoke", "many", "sdxl"]),
     "evaluate": (sample_or_evaluate, ["default", "all-classes", "held-out", "compare", "robustness", "robustness-i2p", "tiny", "i2p",
                                      "sd14-table1", "sd14-i2p", "retention", "many"]),
     "embedded": (RecipeConfig, ["default", "tiny", "continued", "ninth", "twelfth"]),

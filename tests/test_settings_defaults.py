@@ -95,11 +95,11 @@ def test_the_probe_has_one_default_rule():
 
 
 PRESET_FILES = {
-    "unguide.py": ["default", "paper", "tiny", "sd15-object", "sd15-nudity", "many", "embedded-nudity"],
+    "unguide.py": ["default", "paper", "tiny", "sd15-object", "sd15-nudity", "many", "embedded-nudity", "sdxl-object"],
     "learnable_prompts.py": ["default", "tiny", "sd15-object", "sd15-nudity", "embedded-nudity"],
     "pure.py": ["default", "tiny", "sd15-object", "embedded-nudity"],
     "uce.py": ["default", "tiny", "sd15-object", "embedded-nudity"],
-    "sample.py": ["default", "embedded", "smoke", "many"],
+    "sample.py": ["default", "embedded", "smoke", "many", "sdxl"],
     "evaluate.py": ["default", "all-classes", "held-out", "compare", "robustness", "robustness-i2p", "tiny", "i2p",
                     "sd14-table1", "sd14-i2p", "retention", "many"],
     "embedded.py": ["default", "tiny", "continued", "twelfth"],

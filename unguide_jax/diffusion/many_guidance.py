@@ -142,8 +142,7 @@ def generate_many(sd: StableDiffusion, prompts: Sequence[str], seeds: Sequence[i
     if seeds.shape != (n,):
         raise ValueError(f"need one seed per prompt: {n} prompts, {seeds.size} seeds")
     scales = np.broadcast_to(np.asarray(guidance_scale, np.float32), (n,))
-    cond = sd.encode_prompts(list(prompts))
-    uncond = sd.encode_prompts([negative_prompt] * n)
+    cond, uncond = (sd.sized_context(sd.encode_prompts(p), height, width) for p in (list(prompts), [negative_prompt] * n))
     latents = initial_latents(seeds, sd.latent_shape(height, width))
     rows = padded_rows(n, sd.mesh)
     z = sample_latents_many(sd.unet, sd.scheduler, num_steps, float(eta), sd.params["unet"], sd.put_rows(cond, rows),

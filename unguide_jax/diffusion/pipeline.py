@@ -179,11 +179,15 @@ class StableDiffusion:
                         truncation=True).input_ids
         return np.asarray(ids, np.int32)
 
-    def encode_prompts(self, prompts: Sequence[str]) -> jax.Array:
+    def encode_prompts(self, prompts: Sequence[str], empty_is_unconditional: bool = True) -> jax.Array:
+        """The text encoders' output for each prompt: (B, 77, D), SDXL's packed (B, 78, D). The empty prompt is
+        the unconditional one, which an SDXL model with ``force_zeros_for_empty_prompt`` makes all zeros as its
+        pipeline's negative branch does; ``empty_is_unconditional=False`` encodes "" as text."""
         if not self.is_sdxl:
             return encode_text(self.text_encoder, self.params["text_encoder"], self.tokenize(prompts), self.clip_skip)
         prompts = list(prompts) if not isinstance(prompts, str) else prompts
-        zero = np.asarray([self.force_zeros_for_empty_prompt and p == "" for p in prompts], bool)
+        zero = np.asarray([empty_is_unconditional and self.force_zeros_for_empty_prompt and p == "" for p in prompts],
+                          bool)
         size = self.default_size
         return encode_text_sdxl(self.text_encoder, self.text_encoder_2, self.params["text_encoder"],
                                 self.params["text_encoder_2"], self.tokenize(prompts),

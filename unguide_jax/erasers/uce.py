@@ -57,7 +57,8 @@ def last_subject_index(sd, prompt: str) -> int:
 
 def token_rows(sd, prompts: list[str], tokens: str) -> tuple[np.ndarray, list[int]]:
     """(encoder outputs (P, L, D) as float64, last-subject index per prompt)."""
-    hidden = np.asarray(sd.encode_prompts(prompts), np.float64)
+    # The text as encoded (SDXL: "" too, not the zeros of the unconditional branch), as K/V read it.
+    hidden = np.asarray(sd.attention_context(sd.encode_prompts(prompts, empty_is_unconditional=False)), np.float64)
     return hidden, [last_subject_index(sd, p) for p in prompts]
 
 

@@ -74,6 +74,10 @@ def run_attacks(sd, edit, mode: str, probe: ProbeConfig, bar: float | None, fixe
     by the caller); ``sample(texts, contexts, w)``: the row's images of attacked prompts with ``seeds``;
     ``guidance_scale``: the CFG scale the row samples with (the probe-aware attacker's trajectories use it);
     ``label``: what the progress lines name (empty: none printed)."""
+    if kinds and sd.is_sdxl:
+        # The attacks optimise tokens through one text encoder (attack.encode_with_prefix); SDXL's two, and its
+        # pooled embedding, are not wired in.
+        raise ValueError(f"attacks {list(kinds)} are built for SD 1.x/2.x's one text encoder, not SDXL: set attack.kinds=[]")
     out: dict[str, dict] = {}
     made: dict[str, tuple[list[str], np.ndarray, dict]] = {}
     for kind in kinds:

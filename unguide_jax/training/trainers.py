@@ -79,15 +79,16 @@ class UnguideTrainer:
         """The concept's encodings; also derives what depends on the model: the transferred learning rate and
         (``lora.init = "concept"``) A's starting direction."""
         embeddings = embed_concept(sd, concept)
-        transfer = transfer_settings(self.transfer_rule, self.learning_rate, sd.params["unet"], embeddings.target)
+        text = sd.attention_context  # what the K/V projections read (SDXL: without the pooled/time-id token)
+        transfer = transfer_settings(self.transfer_rule, self.learning_rate, sd.params["unet"], text(embeddings.target))
         self.learning_rate = transfer.learning_rate
         self.optimizer = make_optimizer(self.learning_rate, self.rate_in_state)
         self.derived = transfer.record()
         self.derived_note = transfer.describe()
         adapts_text = any(map(reads_text, target_modules(sd.params["unet"], self.lora.targets)))
         if self.lora.init == "concept" and adapts_text:
-            neutral = np.concatenate([np.asarray(embeddings.reference), np.asarray(embeddings.uncond)])
-            self._directions = concept_directions(np.asarray(embeddings.target), neutral, self.lora.rank)
+            neutral = np.concatenate([np.asarray(text(embeddings.reference)), np.asarray(text(embeddings.uncond))])
+            self._directions = concept_directions(np.asarray(text(embeddings.target)), neutral, self.lora.rank)
             self.derived["lora_init"] = "concept"
         elif self.lora.init == "concept":
             self.derived["lora_init"] = "random (lora.init=concept starts the cross-attention K/V only; none is adapted)"
