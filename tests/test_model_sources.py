@@ -1,6 +1,6 @@
 """``load_model``: one entry point for "embedded", a diffusers folder, a single-file checkpoint (with a
-config folder or a shipped SD 1.x/2.x config) and a hub id in the local Hugging Face cache. Tiny
-models built here load to the same parameters as the diffusers folder they came from; the shipped
+config folder or a shipped SD 1.x/2.x/SDXL base config) and a hub id in the local Hugging Face cache (SD 1 and
+SDXL). Tiny models built here load to the same parameters as the diffusers folder they came from; the shipped
 configs are checked against the real architectures' parameter counts without any weights."""
 import dataclasses
 import hashlib
@@ -21,6 +21,7 @@ from tests.test_single_file import (
     assert_params_equal,
     clip_to_ldm,
     open_clip_to_ldm,
+    open_clip_tower_to_ldm,
     read_configs,
     unet_to_ldm,
     vae_to_ldm,
@@ -45,6 +46,7 @@ from unguide_jax.loading.weights import PickledWeightsRefused
 from unguide_jax.resources import EMBEDDED_MODEL as SHAPES_EMBEDDED_MODEL
 
 REPO = "tiny-org/tiny-sd"
+SDXL_REPO = "tiny-org/tiny-sdxl"
 COMMIT_MAIN, COMMIT_V2 = "a" * 40, "b" * 40
 WEIGHT_FILES = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
                 "text_encoder/model.safetensors")
@@ -122,6 +124,19 @@ def hub_dir(sd1, tmp_path_factory):
     return cache
 
 
+@pytest.fixture(scope="module")
+def hub_dir_with_sdxl(hub_dir, tiny_sdxl_dir):
+    """hub_dir, plus SDXL_REPO: the tiny SDXL folder as its main snapshot."""
+    folder = tiny_sdxl_dir[0]
+    storage = hub_dir / f"models--{SDXL_REPO.replace('/', '--')}"
+    if not storage.is_dir():
+        _add_snapshot(storage, COMMIT_MAIN, {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*")
+                                             if p.is_file()})
+        (storage / "refs").mkdir()
+        (storage / "refs" / "main").write_text(COMMIT_MAIN)
+    return hub_dir
+
+
 @pytest.fixture
 def hub_cache(hub_dir, monkeypatch):
     """Point huggingface_hub (its environment variable and its constant, read at import) at hub_dir."""
@@ -182,44 +197,54 @@ def test_shipped_config_error_names_it(sd1, sd1_file, monkeypatch):
 
 
 def _real_ldm_shapes(shipped: sd_configs.ShippedConfig) -> dict:
-    """Tensor name -> shape of a real full-size single file, from models built on the meta device."""
+    """Tensor name -> shape of a real full-size single file, from models built on the meta device, and the
+    parameter counts of its UNet, VAE, text encoder (and SDXL's second one)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     def strip(d):
         return {k: v for k, v in d.items() if not k.startswith("_")}
 
-    text_config = {k: v for k, v in shipped.text_encoder.items() if k not in ("architectures", "model_type")}
+    def text_config(d):
+        return CLIPTextConfig(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")})
+
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(strip(shipped.unet))
-        vae = AutoencoderKL.from_config(strip(shipped.vae))
-        text = CLIPTextModel(CLIPTextConfig(**text_config))
-    counts = [sum(p.numel() for p in m.parameters()) for m in (unet, vae, text)]
+        models = [UNet2DConditionModel.from_config(strip(shipped.unet)), AutoencoderKL.from_config(strip(shipped.vae)),
+                  CLIPTextModel(text_config(shipped.text_encoder))]
+        if shipped.is_sdxl:
+            models.append(CLIPTextModelWithProjection(text_config(shipped.text_encoder_2)))
+    counts = [sum(p.numel() for p in m.parameters()) for m in models]
+    unet, vae, text = models[:3]
     ckpt = {**unet_to_ldm(unet.state_dict(), shipped.unet), **vae_to_ldm(vae.state_dict(), shipped.vae)}
     text_state = with_text_model_prefix(text.state_dict())
     if shipped.text_kind == "clip":
-        ckpt.update({k: v for k, v in clip_to_ldm(text_state).items()})
+        ckpt.update(clip_to_ldm(text_state))
+    elif shipped.text_kind == "sdxl":  # CLIP-L and bigG (with its projection) under SGM's conditioner.embedders
+        ckpt.update(clip_to_ldm(text_state, prefix="conditioner.embedders.0.transformer."))
+        ckpt.update(open_clip_tower_to_ldm(models[3].state_dict(), "conditioner.embedders.1.model."))
     else:  # the OpenCLIP renaming only needs shapes: stand-ins for the tower's 24th block come out real-sized
-        ckpt.update({k: v for k, v in open_clip_to_ldm(text_state, shipped.text_encoder).items()})
+        ckpt.update(open_clip_to_ldm(text_state, shipped.text_encoder))
     return {k: tuple(v.shape) for k, v in ckpt.items()}, counts
 
 
 def test_shipped_configs_are_the_real_architectures():
-    """Parameter counts of SD 1.5 / SD 2.1 (UNet, VAE, text encoder), every config key understood by our
-    loaders, and the pick from a full-size file's tensor shapes: SD 1.x outright, SD 2.x ambiguous."""
+    """Parameter counts of SD 1.5 / SD 2.1 / SDXL base 1.0 (UNet, VAE, text encoder(s)), every config key
+    understood by our loaders, and the pick from a full-size file's tensor shapes: SD 1.x and SDXL base
+    outright, SD 2.x ambiguous."""
     from unguide_jax.diffusion.schedulers import SchedulerConfig
 
     expected = {"sd1": [859_520_964, 83_653_863, 123_060_480], "sd2-base": [865_910_724, 83_653_863, 340_387_840],
-                "sd2-v": [865_910_724, 83_653_863, 340_387_840]}
+                "sd2-v": [865_910_724, 83_653_863, 340_387_840],
+                "sdxl-base": [2_567_463_684, 83_653_863, 123_060_480, 694_659_840]}
     assert set(sd_configs.SHIPPED_CONFIGS) == set(expected)
     for name, shipped in sd_configs.SHIPPED_CONFIGS.items():
-        for part in ("unet", "vae", "text_encoder"):
+        for part in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if shipped.is_sdxl else ()):
             COMPONENTS[part].config_cls.from_dict(shipped.configs()[part], source=name)
         SchedulerConfig.from_dict(shipped.scheduler, source=name)
         shapes, counts = _real_ldm_shapes(shipped)
         assert counts == expected[name], name
-        if name == "sd1":
-            assert shipped_config_for(shapes).name == "sd1"
+        if name in ("sd1", "sdxl-base"):
+            assert shipped_config_for(shapes).name == name
         else:
             with pytest.raises(SingleFileError, match="ambiguous.*'sd2-base'.*512 px, epsilon.*'sd2-v'.*v-prediction"):
                 shipped_config_for(shapes)
@@ -252,7 +277,8 @@ def test_unknown_architecture_and_incomplete_files(tmp_path):
     with pytest.raises(SingleFileError, match="no shipped config fits.*in_channels 9 \\(an inpainting model\\?\\)"):
         load_model(inpaint)
     sdxl = write("sdxl.safetensors", {**unet, "conditioner.embedders.0.x": (4,)})
-    with pytest.raises(SingleFileError, match="SDXL"):
+    with pytest.raises(SingleFileError, match="lacks the VAE .*; SDXL's first text encoder, CLIP ViT-L "
+                                              "\\(conditioner.embedders.0.transformer.*; SDXL's second"):
         load_model(sdxl)
     unet_only = write("unet_only.safetensors", unet)
     with pytest.raises(SingleFileError, match="lacks the VAE"):
@@ -285,6 +311,14 @@ def test_hub_id_loads_like_the_folder(sd1, hub_cache):
         "repo_id": REPO, "revision": "main", "commit": COMMIT_MAIN}
     # callers that take a folder get the snapshot
     assert resolve_model_path(REPO) == resolve_model_source(REPO).path
+
+
+def test_hub_id_of_an_sdxl_folder_loads_like_the_folder(tiny_sdxl_dir, hub_dir_with_sdxl, hub_cache):
+    sd, ref = load_model(SDXL_REPO), load_pipeline(tiny_sdxl_dir[0])
+    assert sd.is_sdxl and sd.force_zeros_for_empty_prompt
+    assert_params_equal(sd.params, ref.params)
+    assert sd.text_encoder_2.config == ref.text_encoder_2.config and sd.scheduler == ref.scheduler
+    assert describe_model_source(SDXL_REPO)["commit"] == COMMIT_MAIN
 
 
 def test_hub_variant_and_revision(sd1, hub_cache):

@@ -23,7 +23,9 @@ UNET, VAE, CLIP, OPEN_CLIP = "model.diffusion_model.", "first_stage_model.", "co
 # ----------------------------------------------------------------------------------------------
 
 UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-            "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+            "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+            # SDXL's text_time add-embedding (pooled text + time ids), SGM's label_emb
+            "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
                "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
 VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
@@ -90,10 +92,11 @@ def with_text_model_prefix(state) -> dict:
     return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
 
 
-def clip_to_ldm(state) -> dict:
-    out = {CLIP + k: v for k, v in with_text_model_prefix(state).items()}
+def clip_to_ldm(state, prefix=CLIP) -> dict:
+    """SD 1.x's text encoder (``prefix``: SDXL's first one is the same model under conditioner.embedders.0.transformer.)."""
+    out = {prefix + k: v for k, v in with_text_model_prefix(state).items()}
     # Old checkpoints also carry the position_ids buffer (int64); loaders must ignore it.
-    out[CLIP + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    out[prefix + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
     return out
 
 
@@ -101,28 +104,38 @@ OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp
                    "self_attn.out_proj": "attn.out_proj"}
 
 
-def open_clip_to_ldm(state, config) -> dict:
-    """transformers CLIP text model -> OpenCLIP names, fused qkv, plus the extras SD 2 files carry:
-    one more (unused) final resblock, ``text_projection`` and ``logit_scale``."""
+def open_clip_tower_to_ldm(state, prefix) -> dict:
+    """transformers CLIP text model (with or without ``text_model.``) -> OpenCLIP names under ``prefix``, fused
+    qkv; a CLIPTextModelWithProjection's ``text_projection.weight`` (out, in) -> OpenCLIP's ``text_projection``
+    (in, out: the tower multiplies from the right)."""
     state = {k.removeprefix("text_model."): v for k, v in state.items()}
-    n, width = config["num_hidden_layers"], config["hidden_size"]
     out = {}
     for key, value in state.items():
         module, leaf = key.rsplit(".", 1)
-        if module == "embeddings.token_embedding":
-            out[OPEN_CLIP + "token_embedding.weight"] = value
+        if module == "text_projection":
+            out[prefix + "text_projection"] = value.T
+        elif module == "embeddings.token_embedding":
+            out[prefix + "token_embedding.weight"] = value
         elif module == "embeddings.position_embedding":
-            out[OPEN_CLIP + "positional_embedding"] = value
+            out[prefix + "positional_embedding"] = value
         elif module == "final_layer_norm":
-            out[f"{OPEN_CLIP}ln_final.{leaf}"] = value
+            out[f"{prefix}ln_final.{leaf}"] = value
         elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.q_proj", module):
             parts = [state[f"encoder.layers.{m[1]}.self_attn.{p}_proj.{leaf}"] for p in "qkv"]
-            out[f"{OPEN_CLIP}transformer.resblocks.{m[1]}.attn.in_proj_{leaf}"] = torch.cat(parts)
+            out[f"{prefix}transformer.resblocks.{m[1]}.attn.in_proj_{leaf}"] = torch.cat(parts)
         elif re.fullmatch(r"encoder\.layers\.\d+\.self_attn\.[kv]_proj", module):
             continue  # fused above
         else:
             m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", module)
-            out[f"{OPEN_CLIP}transformer.resblocks.{m[1]}.{OPEN_CLIP_LAYER[m[2]]}.{leaf}"] = value
+            out[f"{prefix}transformer.resblocks.{m[1]}.{OPEN_CLIP_LAYER[m[2]]}.{leaf}"] = value
+    return out
+
+
+def open_clip_to_ldm(state, config) -> dict:
+    """SD 2.x's text encoder in OpenCLIP names, plus the extras SD 2 files carry: one more (unused) final
+    resblock, ``text_projection`` and ``logit_scale``."""
+    n, width = config["num_hidden_layers"], config["hidden_size"]
+    out = open_clip_tower_to_ldm(state, OPEN_CLIP)
     gen = torch.Generator().manual_seed(7)
     for key in [k for k in out if ".resblocks.0." in k]:
         out[key.replace(".resblocks.0.", f".resblocks.{n}.")] = torch.randn(out[key].shape, generator=gen)

@@ -1,5 +1,5 @@
 """Weights in and out: safetensors/pickles, PyTorch<->Flax conversion, diffusers folders, single-file
-checkpoints (with shipped SD 1.x/2.x configs), hub ids in the local Hugging Face cache, the CLIP tokenizer.
+checkpoints (with shipped SD 1.x/2.x/SDXL configs), hub ids in the local Hugging Face cache, the CLIP tokenizer.
 
 ``load_model(spec)`` is the one entry point for a model wherever it is kept (:mod:`.resolve`).
 """

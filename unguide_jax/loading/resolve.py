@@ -4,7 +4,7 @@
 
 * ``"embedded"`` -- the small shapes model shipped in the package;
 * a diffusers folder (it holds ``model_index.json``);
-* a single-file SD 1.x / 2.x checkpoint: ``.safetensors``, or a pickled ``.ckpt``/``.pt``/``.pth``/``.bin``
+* a single-file SD 1.x / 2.x / SDXL base checkpoint: ``.safetensors``, or a pickled ``.ckpt``/``.pt``/``.pth``/``.bin``
   only with ``allow_pickle``; its configs come from ``config_folder`` (a diffusers folder, or a
   shipped config's name) or else from a shipped config picked from its tensors
   (:func:`unguide_jax.loading.single_file.pick_shipped_config`);
@@ -34,6 +34,7 @@ from unguide_jax.loading.single_file import (
     pick_shipped_config,
     shipped_config_named,
 )
+from unguide_jax.loading.sd_configs import SHIPPED_CONFIGS
 from unguide_jax.loading.weights import PICKLE_SUFFIXES
 from unguide_jax.resources import EMBEDDED_MODEL
 
@@ -44,12 +45,12 @@ KINDS = ("embedded", "folder", "single_file", "hub")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 # The docs of the four settings that name a model, shared by every job that loads one.
-MODEL_DOC = ('"embedded" (the shipped shapes model), a diffusers folder, a single-file SD 1.x/2.x checkpoint or a '
-             'hub id in the local Hugging Face cache')
+MODEL_DOC = ('"embedded" (the shipped shapes model), a diffusers folder, a single-file SD 1.x/2.x/SDXL base '
+             'checkpoint or a hub id in the local Hugging Face cache')
 VARIANT_DOC = 'diffusers weight variant, such as fp16 ("": the default weights)'
 REVISION_DOC = 'hub revision (branch, tag or commit) of a model given by hub id ("": the default, main)'
-MODEL_CONFIG_DOC = ('single-file checkpoints only: a diffusers config folder, or a shipped config: sd1, sd2-base, '
-                    'sd2-v ("": picked from the checkpoint\'s tensors)')
+MODEL_CONFIG_DOC = ('single-file checkpoints only: a diffusers config folder, or a shipped config: '
+                    f'{", ".join(SHIPPED_CONFIGS)} ("": picked from the checkpoint\'s tensors)')
 
 
 class ModelNotFound(FileNotFoundError):
@@ -172,15 +173,16 @@ def load_model(
     revision: str = "",
     config_folder: str | Path | None = None,
 ) -> StableDiffusion:
-    """Load an SD 1.x / 2.x model from ``spec`` (see the module doc) into Flax.
+    """Load an SD 1.x / 2.x / SDXL base model from ``spec`` (see the module doc) into Flax.
 
     ``dtype``/``param_dtype``: compute and stored-parameter dtypes; ``allow_pickle``: accept pickled
     weights (read with ``torch.load(weights_only=True)``); ``clip_skip``: skip the text encoder's last
     N layers; ``variant``: ``*.<variant>.safetensors`` weights (folders and hub ids); ``revision``:
     branch/tag/commit (hub ids only); ``config_folder``: for a single file, a diffusers folder of its
-    architecture or a shipped config's name ("sd1", "sd2-base", "sd2-v"); by default SD 1.x is
-    recognised from the tensors, and SD 2.x needs "sd2-base" (512 px, epsilon) or "sd2-v" (768 px,
-    v-prediction) since its weights do not say which.
+    architecture or a shipped config's name ("sd1", "sd2-base", "sd2-v", "sdxl-base"); by default SD 1.x
+    and SDXL base are recognised from the tensors, and SD 2.x needs "sd2-base" (512 px, epsilon) or
+    "sd2-v" (768 px, v-prediction) since its weights do not say which. SDXL folders and hub ids load
+    like any diffusers folder.
     """
     source = resolve_model_source(spec, revision=revision)
     common = {"dtype": dtype, "param_dtype": param_dtype, "allow_pickle": allow_pickle, "clip_skip": clip_skip}
