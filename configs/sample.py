@@ -2,7 +2,8 @@
 (``unguide_jax.sampling.config.SampleConfig``: ``unguide-sample --help`` prints every key). Presets: default
 (bring your own model and prompt), embedded (the shipped shapes model, one prompt per class), smoke (a random
 tiny model), many (two erased concepts at once: the arrow and star LoRAs of ``unguide.py:many`` as two edits),
-sdxl (an SDXL base model, with or without adapters: SDXL's guidance scale 5 and bf16; the size is the model's, 1024 px).
+sdxl (an SDXL base model, with or without adapters: SDXL's Euler sampler, guidance scale 5 and bf16; the size is
+the model's, 1024 px).
 
 Several adapters add up into one edit, probed as one (``combine=merged``, the default). ``combine=flagged-mean``
 makes them K edits with one probe: each prompt applies the LoRAs of the concepts it carries (each edit's own
@@ -38,5 +39,6 @@ def get_config(preset: str = "default") -> dict:
                     prompts=[f"a photo of the {c}" for c in ("arrow", "star", "circle", "heart")], images_per_prompt=4,
                     batch_size=16, evaluator="embedded", grid_cols=4, out_dir="runs/many-samples")
     if preset == "sdxl":
-        return dict(guidance_scale=5.0, dtype="bfloat16", param_dtype="bfloat16", batch_size=2, out_dir="runs/sdxl-samples")
+        return dict(guidance_scale=5.0, sampler="euler", dtype="bfloat16", param_dtype="bfloat16", batch_size=2,
+                    out_dir="runs/sdxl-samples")
     raise ValueError(f"unknown preset {preset!r} (default, embedded, smoke, many, sdxl)")

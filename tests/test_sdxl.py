@@ -129,3 +129,26 @@ def test_an_sdxl_unet_with_sd_text_encoder_is_refused(loaded, tmp_path):
     shutil.rmtree(broken / "text_encoder_2")
     with pytest.raises(FileNotFoundError, match="text_encoder_2"):
         load_pipeline(broken)
+
+
+def test_euler_sample_matches_the_sdxl_pipeline_with_its_default_scheduler(loaded, rng):
+    """SDXL ships EulerDiscreteScheduler: 20 Euler steps with CFG from the same x_T (scaled by the initial σ on
+    both sides), latents within 1e-3."""
+    from diffusers import EulerDiscreteScheduler
+
+    _, torch_pipe, sd = loaded
+    h, w, c = sd.latent_shape(None, None)
+    x_t = rng.standard_normal((2, h, w, c), dtype=np.float32)
+    euler = EulerDiscreteScheduler.from_config(torch_pipe.scheduler.config)
+    original, torch_pipe.scheduler = torch_pipe.scheduler, euler
+    try:
+        with torch.no_grad():
+            expected = torch_pipe(PROMPTS, num_inference_steps=20, guidance_scale=5.0, output_type="latent",
+                                  latents=torch.from_numpy(x_t.transpose(0, 3, 1, 2).copy())).images.numpy()
+    finally:
+        torch_pipe.scheduler = original
+    got = sd.generate(PROMPTS, [0, 1], guidance_scale=5.0, num_steps=20, latents=x_t, sampler="euler")
+    assert got.settings["scheduler"] == "Euler"
+    np.testing.assert_allclose(got.latents, expected.transpose(0, 2, 3, 1), atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="eta > 0 is DDIM's"):
+        sd.generate(PROMPTS, [0, 1], num_steps=2, sampler="euler", eta=0.5)

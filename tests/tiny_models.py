@@ -130,14 +130,28 @@ def flax_unet(context_dim: int = 16, context_len: int = 5, seed: int = 0):
     """The smallest Flax UNet with cross-attention (one down block, the mid block, one up block) and
     random parameters drawn in numpy from its abstract shapes: Flax's init would cost a compile as
     large as the model's. For tests of our own JAX code that need no PyTorch counterpart."""
-    from unguide_jax.models.layers import abstract_params
     from unguide_jax.models.unet import UNet2DConditionModel, UNetConfig
 
     config = UNetConfig(sample_size=8, block_out_channels=(16,), layers_per_block=1, norm_num_groups=8,
                         cross_attention_dim=context_dim, attention_head_dim=2,
                         down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",))
     unet = UNet2DConditionModel(config)
-    abstract = abstract_params(unet, *unet.init_inputs(context_len=context_len))
+    return unet, random_params(unet, seed, context_len=context_len)
+
+
+def flax_sdxl_unet(seed: int = 0, remat: str = ""):
+    """``SDXL_UNET`` in Flax with random parameters (as ``flax_unet``); it takes the packed context
+    (``models.unet.pack_context``) of width 64 with a pooled embedding of 24."""
+    from unguide_jax.models.unet import UNet2DConditionModel, UNetConfig
+
+    unet = UNet2DConditionModel(UNetConfig.from_dict(SDXL_UNET), remat=remat)
+    return unet, random_params(unet, seed)
+
+
+def random_params(unet, seed: int = 0, **inputs):
+    from unguide_jax.models.layers import abstract_params
+
+    abstract = abstract_params(unet, *unet.init_inputs(**inputs))
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf):
@@ -149,4 +163,4 @@ def flax_unet(context_dim: int = 16, context_len: int = 5, seed: int = 0):
         fan_in = int(np.prod(leaf.shape[:-1])) or 1
         return jnp.asarray(rng.standard_normal(leaf.shape) / np.sqrt(fan_in), leaf.dtype)
 
-    return unet, jax.tree_util.tree_map_with_path(draw, abstract)
+    return jax.tree_util.tree_map_with_path(draw, abstract)

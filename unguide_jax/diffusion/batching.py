@@ -40,7 +40,7 @@ def generate_images(sd: StableDiffusion, requests: Sequence[ImageRequest], *, ba
                     eta: float = 0.0, negative_prompt: str = "", edit=None, fused: bool = True,
                     desc: str = "sampling", progress: bool = True, edit_name: str = "",
                     on_batch: Callable[[list[int], list[np.ndarray]], None] | None = None,
-                    combine: str = "flagged-mean") -> list[np.ndarray]:
+                    combine: str = "flagged-mean", sampler: str = "ddim") -> list[np.ndarray]:
     """One uint8 image per request, in request order. ``on_batch(indices, images)`` is called as each
     batch is done (e.g. to write its PNGs, so that an interrupted run keeps what it made).
 
@@ -69,7 +69,7 @@ def generate_images(sd: StableDiffusion, requests: Sequence[ImageRequest], *, ba
         padded = [requests[i] for i in batch + [batch[-1]] * (batch_size - len(batch))]
         height, width, plain = size(padded[0])
         common = dict(guidance_scale=[r.guidance_scale for r in padded], num_steps=num_steps, eta=eta, height=height,
-                      width=width, negative_prompt=negative_prompt, fused=fused)
+                      width=width, negative_prompt=negative_prompt, fused=fused, sampler=sampler)
         if isinstance(edit, tuple):
             out = generate_many(sd, [r.prompt for r in padded], [r.seed for r in padded], edits=edit,
                                 w=[r.w for r in padded], combine=combine,

@@ -111,7 +111,7 @@ def flagged_guidance(w, flags, combine: str = "flagged-mean") -> tuple[np.ndarra
 def generate_many(sd: StableDiffusion, prompts: Sequence[str], seeds: Sequence[int] | None = None, *, edits,
                   w, flags=None, combine: str = "flagged-mean", guidance_scale: float | Sequence[float] = 7.5,
                   num_steps: int = 50, eta: float = 0.0, height: int | None = None, width: int | None = None,
-                  negative_prompt: str = "", fused: bool = True) -> Generation:
+                  negative_prompt: str = "", fused: bool = True, sampler: str = "ddim") -> Generation:
     """``StableDiffusion.generate`` with K edits and w (P, K) (``ManyProbeResult.w``): one image per prompt.
 
     ``combine`` (``COMBINE_RULES``): the flagged rules need ``flags`` (P, K) (``ManyProbeResult.flags``); "sum"
@@ -135,9 +135,11 @@ def generate_many(sd: StableDiffusion, prompts: Sequence[str], seeds: Sequence[i
         mix = np.repeat(mix, [len(e.loras) for e in edits], axis=1)
         generation = sd.generate(prompts, seeds, guidance_scale=guidance_scale, num_steps=num_steps, eta=eta,
                                  height=height, width=width, negative_prompt=negative_prompt, edit=combine_edits(edits),
-                                 w=per_prompt, fused=fused, lora_mix=mix)
+                                 w=per_prompt, fused=fused, lora_mix=mix, sampler=sampler)
         generation.settings.update(edits=len(edits), combine=combine)
         return generation
+    if sampler != "ddim":
+        raise ValueError(f'combine="sum" samples with DDIM only, not {sampler!r}')
     seeds = np.arange(n) if seeds is None else np.asarray(seeds)
     if seeds.shape != (n,):
         raise ValueError(f"need one seed per prompt: {n} prompts, {seeds.size} seeds")

@@ -218,6 +218,7 @@ class StableDiffusion:
         fused: bool = True,
         prompt_embeddings: np.ndarray | None = None,
         lora_mix: np.ndarray | None = None,
+        sampler: str = "ddim",
     ) -> Generation:
         """Generate one image per prompt; prompt i uses ``seeds[i]`` (default: i) and its own scale.
 
@@ -226,7 +227,8 @@ class StableDiffusion:
         predictions in one UNet call per step (see ``sampling.unguided_prediction``).
         ``prompt_embeddings`` (B, L, D): text-encoder outputs to use instead of encoding ``prompts``.
         ``lora_mix`` (B, L), with ``w``: which of the edit's L LoRAs prompt b's edited branch applies, and how
-        strongly (``diffusion.many_guidance.generate_many``).
+        strongly (``diffusion.many_guidance.generate_many``). ``sampler``: "ddim" or "euler" (diffusers'
+        ``EulerDiscreteScheduler``, SDXL's default), on the model's noise schedule.
         """
         n = len(prompts)
         seeds = np.arange(n) if seeds is None else np.asarray(seeds)
@@ -245,7 +247,7 @@ class StableDiffusion:
         rows = padded_rows(n, self.mesh)
         w = None if w is None else self.put_rows(np.broadcast_to(np.asarray(w, np.float32), (n,)), rows)
         static = dict(unet=self.unet, config=self.scheduler, num_steps=num_steps, eta=float(eta), fused=bool(fused),
-                      row_groups=self.data_size)
+                      row_groups=self.data_size, sampler=sampler)
         args = dict(unet_params=self.params["unet"], cond=self.put_rows(cond, rows), uncond=self.put_rows(uncond, rows),
                     latents=self.put_rows(np.asarray(latents, np.float32), rows), guidance_scale=self.put_rows(scales, rows),
                     seeds=self.put_rows(seeds.astype(np.uint32), rows), edit=self.put_replicated(edit), w=w)
@@ -260,6 +262,7 @@ class StableDiffusion:
         z = self._checked_sampler(static, args, height, width)(**args)
         pixels = to_numpy(decode_to_pixels(self.vae, self.params["vae"], z))[:n]
         images = np.round(pixels * 255).astype(np.uint8)
-        settings = dict(num_steps=num_steps, eta=float(eta), negative_prompt=negative_prompt, scheduler="DDIM",
+        settings = dict(num_steps=num_steps, eta=float(eta), negative_prompt=negative_prompt,
+                        scheduler={"ddim": "DDIM", "euler": "Euler"}[sampler],
                         height=int(images.shape[1]), width=int(images.shape[2]))
         return Generation(images=images, latents=to_numpy(z)[:n], settings=settings)

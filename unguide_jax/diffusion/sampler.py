@@ -1,4 +1,5 @@
-"""Jitted sampling: DDIM scanned over steps with classifier-free guidance, per-prompt seeds and scales.
+"""Jitted sampling: DDIM (or Euler, SDXL's default) scanned over steps with classifier-free guidance, per-prompt
+seeds and scales.
 
 Everything at a jit boundary is explicit: the module and scheduler config are static (hashable),
 parameters, embeddings, latents, guidance scales and seeds are arrays.
@@ -13,10 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from unguide_jax.diffusion.schedulers import (
+    SAMPLERS,
     NoiseSchedule,
     SchedulerConfig,
     ddim_step,
     ddim_timesteps,
+    euler_sigmas,
+    euler_step,
 )
 from unguide_jax.edits.edit import Edit, apply_unet, merge_weights
 
@@ -116,6 +120,21 @@ def ddim_loop(
     return latents
 
 
+def euler_loop(denoise: Denoiser, config: SchedulerConfig, num_steps: int, latents: jax.Array) -> jax.Array:
+    """Euler (diffusers' ``EulerDiscreteScheduler``, no churn) from x_T = ``latents`` (unit variance: scaled here
+    by the initial σ, as diffusers' pipelines do) with ``lax.scan``."""
+    timesteps, sigmas, init_sigma = euler_sigmas(config, num_steps)
+
+    def step(x, xs):
+        t, sigma, sigma_next = xs
+        output = denoise((x.astype(jnp.float32) / jnp.sqrt(sigma**2 + 1)).astype(x.dtype), t)
+        return euler_step(config, output, sigma, sigma_next, x), None
+
+    xs = (jnp.asarray(timesteps), jnp.asarray(sigmas[:-1]), jnp.asarray(sigmas[1:]))
+    x, _ = jax.lax.scan(step, latents * init_sigma, xs)
+    return x
+
+
 def join_rows(parts: list[jax.Array], groups: int = 1) -> jax.Array:
     """``jnp.concatenate(parts)`` when ``groups`` is 1. With the rows in ``groups`` device blocks, the
     parts are joined block by block (block g of the result is block g of every part), so that each
@@ -192,7 +211,7 @@ def fold_weights(params, edit):
     return merge_weights(params, edit), Edit(memory=edit.memory)
 
 
-@functools.partial(jax.jit, static_argnames=("unet", "config", "num_steps", "eta", "fused", "row_groups"),
+@functools.partial(jax.jit, static_argnames=("unet", "config", "num_steps", "eta", "fused", "row_groups", "sampler"),
                    compiler_options=XLA_CPU_OPTIONS)
 def sample_latents(
     unet,
@@ -210,8 +229,10 @@ def sample_latents(
     fused: bool = True,
     row_groups: int = 1,
     lora_mix: jax.Array | None = None,
+    sampler: str = "ddim",
 ) -> jax.Array:
-    """Text-to-image DDIM with CFG for a batch of prompts. ``latents`` is x_T (NHWC).
+    """Text-to-image DDIM (``sampler="euler"``: Euler) with CFG for a batch of prompts. ``latents`` is x_T (NHWC),
+    unit variance.
 
     Without ``edit``: the model ``unet_params``. With ``edit`` and no ``w``: the edited model. With
     both: UnGuidance between the base and the edited model, ``w`` (B,) per prompt; ``lora_mix`` (B, L)
@@ -234,5 +255,11 @@ def sample_latents(
             merged = None if fused else (unet_params, edit)  # the mix is applied per row: nothing is folded
         denoise = lambda z, t: unguided_prediction(unet, unet_params, edit, z, t, cond, uncond,  # noqa: E731
                                                    guidance_scale, w, merged, row_groups, lora_mix)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if sampler == "euler":
+        if eta > 0:
+            raise ValueError("eta > 0 is DDIM's: the Euler sampler is deterministic")
+        return euler_loop(denoise, config, num_steps, latents)
     keys = eta_noise_keys(seeds) if eta > 0 else None
     return ddim_loop(denoise, schedule, config, timesteps, prev_timesteps, latents, eta, keys)

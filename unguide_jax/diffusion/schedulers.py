@@ -1,4 +1,4 @@
-"""DDPM noise schedules and the DDIM sampler step, as pure JAX functions usable inside ``lax.scan``.
+"""DDPM noise schedules and the DDIM and Euler sampler steps, as pure JAX functions usable inside ``lax.scan``.
 
 Configured from any diffusers ``scheduler_config.json`` (SD folders ship PNDM's; the betas,
 offsets and prediction type are what matter). Timestep tables are computed in numpy, once, as
@@ -185,3 +185,40 @@ def ddim_step(
     if noise is not None:
         prev = prev + std * noise.astype(jnp.float32)
     return prev.astype(dtype), x0.astype(dtype)
+
+
+SAMPLERS = ("ddim", "euler")
+
+
+def euler_sigmas(config: SchedulerConfig, num_steps: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """(timesteps (float), sigmas with a final 0, the initial noise's scale), as diffusers'
+    ``EulerDiscreteScheduler.set_timesteps`` makes them with its defaults (linear interpolation of
+    σ_t = √((1 − ᾱ_t)/ᾱ_t), no Karras sigmas, a zero final sigma): SDXL's default scheduler."""
+    n = config.num_train_timesteps
+    if not 0 < num_steps <= n:
+        raise ValueError(f"num_steps must be in [1, {n}], got {num_steps}")
+    if config.timestep_spacing == "linspace":
+        ts = np.linspace(0, n - 1, num_steps, dtype=np.float32)[::-1].copy()
+    elif config.timestep_spacing == "leading":
+        ts = (np.arange(num_steps) * (n // num_steps)).round()[::-1].copy().astype(np.float32) + config.steps_offset
+    else:
+        ts = (np.arange(n, 0, -n / num_steps)).round().copy().astype(np.float32) - 1
+    ac = np.cumprod(1.0 - betas(config), dtype=np.float32)
+    sigmas = np.interp(ts, np.arange(n), ((1 - ac) / ac) ** 0.5).astype(np.float32)
+    top = float(sigmas.max())
+    init_sigma = top if config.timestep_spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5
+    return ts, np.concatenate([sigmas, np.zeros(1, np.float32)]), init_sigma
+
+
+def euler_step(config: SchedulerConfig, model_output: jax.Array, sigma, sigma_next, sample: jax.Array) -> jax.Array:
+    """One Euler update at σ -> σ_next of the ODE dx/dσ = (x − x̂_0)/σ; fp32 throughout. ``model_output`` is the
+    UNet's on the input x / √(σ² + 1)."""
+    dtype = sample.dtype
+    out, x = model_output.astype(jnp.float32), sample.astype(jnp.float32)
+    if config.prediction_type == "epsilon":
+        x0 = x - sigma * out
+    elif config.prediction_type == "v_prediction":
+        x0 = out * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+    else:
+        raise ValueError("the Euler sampler takes epsilon or v_prediction models")
+    return (x + (x - x0) / sigma * (sigma_next - sigma)).astype(dtype)

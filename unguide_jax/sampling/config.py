@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from unguide_jax.diffusion.schedulers import SAMPLERS
 from unguide_jax.diffusion.many_guidance import COMBINE_RULES
 from unguide_jax.erasers.unguide.modes import SAMPLE_MODES
 from unguide_jax.erasers.unguide.probe import ProbeConfig
@@ -46,7 +47,9 @@ class SampleConfig(Config):
     seed: int = option(0, "image j of every prompt uses seed + j (CSV rows carry their own seeds); in [0, 2**32)",
                        check=seed_range)
     guidance_scale: float = option(7.5, "CFG scale (CSV rows may carry their own)")
-    num_steps: int = option(50, "DDIM steps", check=positive)
+    num_steps: int = option(50, "sampler steps", check=positive)
+    sampler: str = option("ddim", "ddim | euler (diffusers' EulerDiscreteScheduler, SDXL's default; eta must be 0); "
+                                  "the probe and training use DDIM whatever this says", choices=SAMPLERS)
     eta: float = option(0.0, "DDIM η (0: deterministic)", check=non_negative)
     height: int = option(0, "image height, a multiple of 8 (0: the model's default size)", check=image_side)
     width: int = option(0, "image width, a multiple of 8 (0: the model's default size)", check=image_side)

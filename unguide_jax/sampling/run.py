@@ -78,6 +78,8 @@ NOT_IMAGE_KEYS = ("out_dir", "batch_size", "grid_cols", "evaluator", "overwrite"
 # fingerprint. (The model's content, counted since, changed every fingerprint: _check_previous_run names
 # manifests older than that.)
 ONLY_WHEN_SET = ("variant", "revision", "model_config")
+# Settings fingerprinted only away from their default, so that folders made before they existed keep their fingerprint.
+ONLY_WHEN_CHANGED = {"sampler": "ddim"}
 
 
 # What a rerun of the same config finds changed when files were replaced at the same paths.
@@ -108,7 +110,7 @@ def image_settings(config: SampleConfig, mode: str, model_id: str | None = None)
     ``model_id``: ``model_identity(config)`` when the caller has it (None: computed here)."""
     settings = to_dict(config)
     out = {k: v for k, v in settings.items() if k not in NOT_IMAGE_KEYS and k not in ("probe", "w", "mode", "combine")
-           and not (k in ONLY_WHEN_SET and not v)}
+           and not (k in ONLY_WHEN_SET and not v) and ONLY_WHEN_CHANGED.get(k, object()) != v}
     out["mode"] = mode
     if separate_edits(config, mode):
         out["combine"] = config.combine  # only then: merged runs, and every one-adapter run, keep their fingerprint
@@ -437,7 +439,8 @@ def _sample_claimed(sd, config: SampleConfig, requests: list[Request], claim: Cl
 
     generate_images(sd, image_requests, batch_size=config.batch_size, num_steps=config.num_steps, eta=config.eta,
                     negative_prompt=config.negative_prompt, edit=None if mode == "base" else edit, fused=config.fused,
-                    on_batch=save_batch, edit_name=", ".join(config.adapters), combine=config.combine)
+                    on_batch=save_batch, edit_name=", ".join(config.adapters), combine=config.combine,
+                    sampler=config.sampler)
     if not is_main_process():
         return out_dir / "manifest.json"
     sizes = []
@@ -469,7 +472,7 @@ def _sample_claimed(sd, config: SampleConfig, requests: list[Request], claim: Cl
     summary = to_dict(config)
     summary.update(mode=mode, fingerprint=fingerprint, model_fingerprint=claim.settings["model_fingerprint"],
                    adapter_digests=claim.settings["adapter_digests"], status="done", adapters_loaded=adapter_info,
-                   sampler="DDIM", scheduler=dataclasses.asdict(sd.scheduler), versions=versions(),
+                   scheduler=dataclasses.asdict(sd.scheduler), versions=versions(),
                    images_generated=len(todo), images_kept=len(requests) - len(todo), **sd.placement(),
                    prompts_truncated=sorted(long_prompts),
                    seconds=round(time.perf_counter() - started, 2), **probe_summary)
