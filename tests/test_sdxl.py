@@ -152,3 +152,15 @@ def test_euler_sample_matches_the_sdxl_pipeline_with_its_default_scheduler(loade
     np.testing.assert_allclose(got.latents, expected.transpose(0, 2, 3, 1), atol=1e-3, rtol=0)
     with pytest.raises(ValueError, match="eta > 0 is DDIM's"):
         sd.generate(PROMPTS, [0, 1], num_steps=2, sampler="euler", eta=0.5)
+
+
+def test_bf16_sdxl_samples_near_fp32(loaded):
+    import jax.numpy as jnp
+
+    folder, _, sd = loaded
+    bf16 = load_model(str(folder), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    assert jax.tree.leaves(bf16.params["text_encoder_2"])[0].dtype == jnp.bfloat16
+    kw = dict(seeds=[0, 1], guidance_scale=5.0, num_steps=4)
+    ref, got = sd.generate(PROMPTS, **kw).latents, bf16.generate(PROMPTS, **kw).latents
+    assert np.isfinite(got).all()
+    assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
