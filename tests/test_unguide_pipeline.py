@@ -76,6 +76,7 @@ def export(sd, edit, tmp_path_factory):
     record = json.loads((folder / UNGUIDE_JSON).read_text())
     assert record["lora"]["alpha"] == ALPHA and record["probe"]["rule"] == "paper"
     assert record["concept"] == {"targets": CONCEPT}
+    assert record["base_model"]["family"] == "sd" and record["base_model"]["pipeline"] == "StableDiffusionPipeline"
     return folder
 
 
@@ -261,9 +262,10 @@ def test_calibrated_export_without_concept_targets_is_refused(sd, edit, calibrat
     assert json.loads((empty_targets / UNGUIDE_JSON).read_text())["concept"] == {"targets": []}
     shutil.copytree(calibrated_export, old)
     record = json.loads((old / UNGUIDE_JSON).read_text())
-    del record["concept"]
+    del record["concept"], record["base_model"]["family"], record["base_model"]["pipeline"]  # not in older files
     (old / UNGUIDE_JSON).write_text(json.dumps(record))
     assert read_unguide_json(old)[0]["concept"] == {"targets": []}
+    assert read_unguide_json(old)[0]["base_model"]["family"] == "sd"  # the only family then
     for folder in (empty_targets, old):
         with pytest.raises(ValueError, match="no concept target prompts") as err:
             pipe.load_unguide(folder)

@@ -6,8 +6,9 @@ Formats (``config.export``):
                   ranks, are folded exactly into one LoRA of alpha 1 (A's side by side, alpha_i·B_i stacked).
                   The train and export jobs add export/unguide.json beside it (alpha, probe settings, the
                   concept's targets, base-model fingerprint: ``unguide_jax.publishing``) for
-                  ``unguide_jax.pytorch.UnGuidePipeline.load_unguide(export)``.
-    kohya         the same LoRA as a kohya/A1111 file: export/kohya.safetensors
+                  ``unguide_jax.pytorch.UnGuidePipeline.load_unguide(export)`` (SDXL: ``UnGuideXLPipeline``).
+    kohya         the same LoRA as a kohya/A1111 file: export/kohya.safetensors (an SDXL UNet's modules named
+                  after the SGM UNet, as kohya's scripts name them: ``lora_unet_input_blocks_4_1_...``)
     partial_unet  the weights the edit changes, edited, as a diffusers-named partial state dict:
                   export/unet_edited.safetensors (``unet.load_state_dict(sd, strict=False)``); exact for
                   LoRAs and full deltas alike

@@ -10,7 +10,10 @@ Our adapter (``unguide_jax.edits.lora``) is ``{module path: {"lora_A": (in, r), 
   Without it diffusers assumes ``lora_alpha = r`` (scale 1). We therefore write ``lora_alpha = alpha * r``.
 - kohya/A1111 (``lora_unet_<path with '.' -> '_'>.lora_down.weight`` [r, in(, 1, 1)],
   ``.lora_up.weight`` [out, r(, 1, 1)], scalar ``.alpha``): scale ``alpha_k / r``, so ``.alpha = alpha * r``;
-  a missing ``.alpha`` means scale 1.
+  a missing ``.alpha`` means scale 1. The path is diffusers' for SD 1.x/2.x, but kohya's sd-scripts train SDXL
+  on the original (SGM) UNet and name SDXL modules after it (``sgm_module_names``):
+  ``down_blocks.1.attentions.0.…`` is ``input_blocks.4.1.…`` in SDXL; the export writes those names for an
+  SDXL UNet, the import reads both.
 
 Imported files may carry a different scale per module (mixed ranks, per-module alphas). Our pytree has a
 single alpha, so the most common scale becomes ``alpha`` and every other module's ratio ``scale / alpha``
@@ -122,7 +125,8 @@ def peft_state_dict(adapter: Adapter, alpha: float, unet_params: Mapping, dtype=
 
 
 def export_peft(path: str | Path, adapter: Adapter, alpha: float, unet_params: Mapping, dtype=np.float32) -> Path:
-    """Write a diffusers/PEFT LoRA file that ``StableDiffusionPipeline.load_lora_weights`` loads.
+    """Write a diffusers/PEFT LoRA file that ``StableDiffusionPipeline.load_lora_weights`` loads (for an SDXL UNet,
+    ``StableDiffusionXLPipeline.load_lora_weights``: the same ``unet.<diffusers path>`` keys).
 
     ``path`` ending in ``.safetensors`` is the file; otherwise it is a folder that gets
     ``pytorch_lora_weights.safetensors`` (the name ``load_lora_weights(folder)`` picks). Returns the file.
@@ -145,22 +149,132 @@ def export_peft_adapters(folder: str | Path, adapters: Mapping[str, tuple[Adapte
     return out
 
 
-def _kohya_names(kernel_paths) -> dict[str, str | None]:
-    """kohya name (without prefix) -> module path, or None where '.' -> '_' makes two paths collide."""
+# ------------------------------------------------------------------------------------------ SDXL's SGM names
+
+# Inside a block, the SGM UNet names a ResBlock's layers its own way; a transformer's layers keep diffusers' names.
+SGM_RESNET_LAYERS = {"conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "conv2": "out_layers.3",
+                     "conv_shortcut": "skip_connection"}
+SGM_TOP_LEVEL = {"conv_in": "input_blocks.0.0", "conv_out": "out.2",
+                 "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+                 "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+_BLOCK_LAYER = re.compile(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)(\..+)")
+_MID_LAYER = re.compile(r"mid_block\.(resnets|attentions)\.(\d+)(\..+)")
+
+
+def is_sdxl_unet(unet_params: Mapping) -> bool:
+    """An SDXL UNet: it has the text_time add-embedding (pooled text + time ids) that SD 1.x/2.x lack."""
+    return any(path.startswith("add_embedding.") for path in _kernel_shapes(unet_params))
+
+
+def _inner_sgm_name(kind: str, rest: str) -> str | None:
+    """A block layer's own path (``rest``: ".conv1", ".transformer_blocks.0.attn2.to_k") in the SGM UNet; None
+    where it has none."""
+    if kind == "attentions":
+        return rest
+    if kind == "resnets":
+        return "." + SGM_RESNET_LAYERS[rest[1:]] if rest[1:] in SGM_RESNET_LAYERS else None
+    if rest != ".conv":
+        return None
+    return ".op" if kind == "downsamplers" else ".conv"
+
+
+def sgm_module_names(unet) -> dict[str, str]:
+    """diffusers module path -> the SGM (original Stability) UNet's path, for every module of ``unet`` that the SGM
+    layout names (others are left out). ``unet``: the UNet's parameters, or the paths of all its Linear/conv
+    modules (the layer numbering is read from them: a subset would number wrong).
+
+    The SGM UNet numbers its layers through the whole UNet: ``input_blocks.0`` is conv_in, then each level's
+    layers (``.0`` the ResBlock, ``.1`` the transformer) and its downsampler (``.0.op``) one after the other;
+    ``middle_block.0/1/2`` is ResBlock, transformer, ResBlock; ``output_blocks`` count the up levels' layers, the
+    upsampler inside a level's last one (``.2``, or ``.1`` in a level without attention). With SDXL's uniform
+    layers per block n this is diffusers' ``_maybe_map_sgm_blocks_to_diffusers``: down_blocks.i.attentions.j is
+    input_blocks.(i·(n+1) + j + 1).1 and up_blocks.i.attentions.j is output_blocks.(i·(n+1) + j).1."""
+    paths = list(_kernel_shapes(unet)) if isinstance(unet, Mapping) else list(unet)
+    layers = {"down_blocks": collections.defaultdict(set), "up_blocks": collections.defaultdict(set)}
+    downsampled, attended = set(), set()
+    for path in paths:
+        match = _BLOCK_LAYER.fullmatch(path)
+        if not match:
+            continue
+        side, level, kind, index, _ = match.groups()
+        if kind == "resnets":
+            layers[side][int(level)].add(int(index))
+        elif kind == "downsamplers":
+            downsampled.add(int(level))
+        elif kind == "attentions" and side == "up_blocks":
+            attended.add(int(level))
+    first_input, first_output, start, out_start = {}, {}, 1, 0
+    for level in sorted(layers["down_blocks"]):
+        first_input[level] = start
+        start += len(layers["down_blocks"][level]) + (level in downsampled)
+    for level in sorted(layers["up_blocks"]):
+        first_output[level] = out_start
+        out_start += len(layers["up_blocks"][level])
+    names = {}
+    for path in paths:
+        if path in SGM_TOP_LEVEL:
+            names[path] = SGM_TOP_LEVEL[path]
+            continue
+        block = _BLOCK_LAYER.fullmatch(path)
+        mid = _MID_LAYER.fullmatch(path)
+        if block:
+            side, level, kind, index, rest = block.groups()
+            level, index = int(level), int(index)
+            inner = _inner_sgm_name(kind, rest)
+            if inner is None:
+                continue
+            if side == "down_blocks":
+                count = len(layers[side][level])
+                number = first_input[level] + (count if kind == "downsamplers" else index)
+                slot = "0" if kind in ("resnets", "downsamplers") else "1"
+                names[path] = f"input_blocks.{number}.{slot}{inner}"
+            else:
+                count = len(layers[side][level])
+                number = first_output[level] + (count - 1 if kind == "upsamplers" else index)
+                slot = {"resnets": "0", "attentions": "1"}.get(kind, "2" if level in attended else "1")
+                names[path] = f"output_blocks.{number}.{slot}{inner}"
+        elif mid:
+            kind, index, rest = mid.groups()
+            inner = _inner_sgm_name(kind, rest)
+            if inner is not None:
+                names[path] = f"middle_block.{1 if kind == 'attentions' else 2 * int(index)}{inner}"
+    return names
+
+
+def _kohya_names(kernel_paths, sgm: bool = False) -> dict[str, str | None]:
+    """kohya name (without prefix) -> module path, or None where '.' -> '_' makes two paths collide. ``sgm``
+    (SDXL): the SGM names as well as diffusers'."""
+    paths = list(kernel_paths)
     table: dict[str, str | None] = {}
-    for path in kernel_paths:
-        name = path.replace(".", "_")
-        table[name] = None if name in table else path
+    named = [(path, path) for path in paths]
+    if sgm:
+        named += [(sgm_path, path) for path, sgm_path in sgm_module_names(paths).items()]
+    for dotted, path in named:
+        name = dotted.replace(".", "_")
+        table[name] = None if name in table and table[name] != path else path
     return table
 
 
+def kohya_module_name(path: str, sgm_names: Mapping[str, str] | None) -> str:
+    """The name kohya's scripts give ``path`` (without prefix): diffusers' path, or for SDXL (``sgm_names``
+    given, ``sgm_module_names``) the SGM UNet's, both with '.' -> '_'."""
+    if sgm_names is None:
+        return path.replace(".", "_")
+    if path not in sgm_names:
+        raise LoraFileError(f"{path}: kohya names SDXL modules after the SGM UNet, which has no name for this module")
+    return sgm_names[path].replace(".", "_")
+
+
 def kohya_state_dict(adapter: Adapter, alpha: float, unet_params: Mapping, dtype=np.float32):
-    """(tensors, metadata) of the kohya/A1111 file for ``adapter``; ``unet_params`` may be abstract."""
+    """(tensors, metadata) of the kohya/A1111 file for ``adapter``; ``unet_params`` may be abstract. An SDXL UNet's
+    modules get the SGM names kohya's scripts use (``sgm_module_names``)."""
     kernels = _adapted_kernels(unet_params, adapter)
-    names = _kohya_names(_kernel_shapes(unet_params))
+    all_paths = list(_kernel_shapes(unet_params))
+    sgm_names = sgm_module_names(all_paths) if is_sdxl_unet(unet_params) else None
+    names = _kohya_names(all_paths, sgm=sgm_names is not None)
     tensors = {}
     for path in sorted(adapter):
-        name = path.replace(".", "_")
+        name = kohya_module_name(path, sgm_names)
         if names.get(name) != path:
             raise LoraFileError(f"{path}: its kohya name {KOHYA_UNET_PREFIX}{name} would be ambiguous in this model")
         down, up = _torch_pair(adapter[path], _is_conv(path, kernels[path]), dtype)
@@ -178,7 +292,7 @@ def kohya_state_dict(adapter: Adapter, alpha: float, unet_params: Mapping, dtype
 
 
 def export_kohya(path: str | Path, adapter: Adapter, alpha: float, unet_params: Mapping, dtype=np.float32) -> Path:
-    """Write a kohya/A1111 LoRA ``.safetensors`` file (UNet only).
+    """Write a kohya/A1111 LoRA ``.safetensors`` file (UNet only; an SDXL UNet's modules under their SGM names).
 
     A1111 and kohya's scripts read one ``.alpha`` per module. diffusers 0.42.1 also loads these files, but
     ignores per-module alphas that differ (mixed ranks): for diffusers prefer ``export_peft``.
@@ -374,12 +488,13 @@ def import_peft(path: str | Path, unet_params: Mapping, *, skip_text_encoder: bo
 
 def import_kohya(path: str | Path, unet_params: Mapping, *, skip_text_encoder: bool = False,
                  dtype=jnp.float32) -> tuple[Adapter, float]:
-    """A kohya/A1111 LoRA ``.safetensors`` -> (adapter, alpha), names resolved against the model's modules."""
+    """A kohya/A1111 LoRA ``.safetensors`` -> (adapter, alpha), names resolved against the model's modules (an
+    SDXL UNet's by their SGM names, as kohya's scripts write them, or by diffusers')."""
     file = Path(path)
     tensors, metadata = _read_file(file)
     skipped = _text_encoder_keys(tensors, KOHYA_TEXT_PREFIXES, skip_text_encoder, file)
     kernels = _kernel_shapes(unet_params)
-    names = _kohya_names(kernels)
+    names = _kohya_names(kernels, sgm=is_sdxl_unet(unet_params))
     parts: dict[str, dict[str, str]] = collections.defaultdict(dict)
     for key in sorted(set(tensors) - skipped):
         match = re.fullmatch(rf"{KOHYA_UNET_PREFIX}([^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)", key)

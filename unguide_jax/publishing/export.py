@@ -27,7 +27,7 @@ from unguide_jax.loading.lora_formats import DIFFUSERS_LORA_FILE
 from unguide_jax.loading.resolve import MODEL_DOC, load_model
 from unguide_jax.loading.weights import naming_the_folder
 from unguide_jax.publishing.model_card import check_card_inputs, write_model_card
-from unguide_jax.publishing.unguide_json import empty_probe_record, write_unguide_json
+from unguide_jax.publishing.unguide_json import empty_probe_record, unet_family, write_unguide_json
 from unguide_jax.settings import Config, ConfigError, as_config, option
 from unguide_jax.training.sources import classify_source, concept_targets, load_edit
 
@@ -118,8 +118,10 @@ def publish_export(export_dir: Path, formats: Sequence[str], sources: Sequence[s
     if "peft" in formats:
         written.append(write_unguide_settings(Path(export_dir), sd, edit, probe or ProbeConfig(), concept_prompts,
                                               cache_empty_probe, unet_params))
+    # The family names the usage examples' pipeline classes (SDXL: StableDiffusionXLPipeline, UnGuideXLPipeline).
+    family = sd.family if sd is not None else None if unet_params is None else unet_family(unet_params)
     written.append(write_model_card(export_dir, list(sources), formats=list(formats), base_model=base_model,
-                                    evaluation=evaluation, location=location))
+                                    evaluation=evaluation, location=location, family=family))
     return written
 
 

@@ -24,6 +24,7 @@ from typing import Mapping, Sequence
 
 from unguide_jax.loading.edit_files import ADAPTER_FORMAT, EDIT_FORMAT
 from unguide_jax.loading.weights import read_safetensors_with_metadata
+from unguide_jax.publishing.unguide_json import PIPELINE_CLASSES
 from unguide_jax.training.sources import classify_source
 
 CARD_FILE = "README.md"
@@ -189,24 +190,37 @@ class BaseModel:
     spec: str
     kind: str        # embedded | hub | folder | single_file | unknown
     revision: str = ""
+    family: str = "sd"  # sd (SD 1.x/2.x) | sdxl: which pipeline classes load it (PIPELINE_CLASSES)
+
+    @property
+    def pipeline(self) -> str:
+        """diffusers' pipeline class for this base model."""
+        return PIPELINE_CLASSES[self.family]["diffusers"]
+
+    @property
+    def unguide_pipeline(self) -> str:
+        """Ours, that samples with UnGuidance (``unguide_jax.pytorch``)."""
+        return PIPELINE_CLASSES[self.family]["unguide"]
 
     @classmethod
-    def from_spec(cls, spec: str | None, revision: str = "") -> "BaseModel":
+    def from_spec(cls, spec: str | None, revision: str = "", family: str = "sd") -> "BaseModel":
         from unguide_jax.loading.resolve import (
             NAMED_MODELS,
             SINGLE_FILE_SUFFIXES,
             looks_like_hub_id,
         )
 
+        if family not in PIPELINE_CLASSES:
+            raise ValueError(f"base model family {family!r}; known: {sorted(PIPELINE_CLASSES)}")
         if not spec:
-            return cls("", "unknown")
+            return cls("", "unknown", family=family)
         if spec in NAMED_MODELS and not Path(spec).exists():
-            return cls(spec, "embedded")
+            return cls(spec, "embedded", family=family)
         if spec.endswith(SINGLE_FILE_SUFFIXES):
-            return cls(spec, "single_file")
+            return cls(spec, "single_file", family=family)
         if looks_like_hub_id(spec) and not Path(spec).exists():
-            return cls(spec, "hub", revision)
-        return cls(spec, "folder")
+            return cls(spec, "hub", revision, family)
+        return cls(spec, "folder", family=family)
 
     def short(self) -> str:
         return {"embedded": "the embedded shapes model of unguide-jax", "single_file": f"a local file: {self.spec}",
@@ -255,7 +269,8 @@ def front_matter(records: Sequence[EditRecord], base: BaseModel, formats: Sequen
     if any(f in formats for f in ("peft", "kohya")) or any(r.kind == "LoRA file" for r in records):
         tags.insert(0, "lora")
     tags += [METHOD_TAGS[m] for m in methods if m in METHOD_TAGS]
-    tags += ["text-to-image", "stable-diffusion", "diffusers"]
+    tags += ["text-to-image", "stable-diffusion", *(["stable-diffusion-xl"] if base.family == "sdxl" else []),
+             "diffusers"]
     lines = ["---", f"library_name: {_yaml_scalar('diffusers')}", f"pipeline_tag: {_yaml_scalar('text-to-image')}"]
     if base.kind == "hub":
         lines.append(f"base_model: {_yaml_scalar(base.spec)}")
@@ -450,42 +465,42 @@ def _usage_section(records: Sequence[EditRecord], formats: Sequence[str], base: 
     unguide_lora = all(r.method == "unguide" for r in records) and (export_dir / UNGUIDE_JSON).is_file()
     if "peft" in formats and unguide_lora:
         both = ", ".join(json.dumps(p) for p in example_prompts[:2])
-        block("UnGuidance (`UnGuidePipeline`)",
+        block(f"UnGuidance (`{base.unguide_pipeline}`)",
               "The method as the paper samples it: per prompt, w from the probe mixes the base model's and the LoRA's "
               "guided predictions (`unguide.json` holds alpha and the probe's settings).",
-              ["from unguide_jax.pytorch import UnGuidePipeline", "", *setup,
-               f"pipe = {base.load('UnGuidePipeline')}",
+              [f"from unguide_jax.pytorch import {base.unguide_pipeline}", "", *setup,
+               f"pipe = {base.load(base.unguide_pipeline)}",
                "pipe.load_unguide(export)",
                f"out = pipe([{both}], seeds=[0, 1])",
                "images, w = out.images, out.w  # w per prompt: w_erase where the concept is present, w_keep elsewhere"])
     if "peft" in formats:
         block("Plain LoRA (diffusers `load_lora_weights`)",
               "The edit at full strength on every prompt" + (" (the paper's \"LoRA only\")." if unguide_lora else "."),
-              ["from diffusers import StableDiffusionPipeline", "", *setup,
-               f"pipe = {base.load('StableDiffusionPipeline')}",
+              [f"from diffusers import {base.pipeline}", "", *setup,
+               f"pipe = {base.load(base.pipeline)}",
                'pipe.load_lora_weights(f"{export}/diffusers")',
                f"image = pipe({prompt}).images[0]"])
     if "kohya" in formats:
         block("kohya / A1111 LoRA",
               "The same LoRA in kohya's naming (A1111, ComfyUI: copy `kohya.safetensors` into their LoRA folder); "
               "diffusers reads it too:",
-              ["from diffusers import StableDiffusionPipeline", "", *setup,
-               f"pipe = {base.load('StableDiffusionPipeline')}",
+              [f"from diffusers import {base.pipeline}", "", *setup,
+               f"pipe = {base.load(base.pipeline)}",
                'pipe.load_lora_weights(export, weight_name="kohya.safetensors")'])
     if "partial_unet" in formats:
         block("Edited UNet weights (partial state dict)",
               "Every parameter of the modules the edit changes, edited, under diffusers' names:",
-              ["from diffusers import StableDiffusionPipeline", "from safetensors.torch import load_file", "",
-               *setup, f"pipe = {base.load('StableDiffusionPipeline')}",
+              [f"from diffusers import {base.pipeline}", "from safetensors.torch import load_file", "",
+               *setup, f"pipe = {base.load(base.pipeline)}",
                'missing, unexpected = pipe.unet.load_state_dict(load_file(f"{export}/unet_edited.safetensors"), '
                'strict=False)',
                "assert not unexpected"])
     if "merged_unet" in formats:
         block("Merged UNet folder",
               "A whole diffusers `unet/` folder with the edit merged in:",
-              ["from diffusers import StableDiffusionPipeline, UNet2DConditionModel", "", *setup,
+              [f"from diffusers import {base.pipeline}, UNet2DConditionModel", "", *setup,
                'unet = UNet2DConditionModel.from_pretrained(f"{export}/unet")',
-               f"pipe = {base.load('StableDiffusionPipeline', ', unet=unet')}"])
+               f"pipe = {base.load(base.pipeline, ', unet=unet')}"])
     if "prompt" in formats:
         lines += ["### Learnable prompt tokens", "",
                   "`prompt_tokens.safetensors` holds `prompt_keys` and `prompt_values` (m × text width). diffusers has "
@@ -498,11 +513,11 @@ def _usage_section(records: Sequence[EditRecord], formats: Sequence[str], base: 
     return lines
 
 
-def _files_section(export_dir: Path) -> list[str]:
+def _files_section(export_dir: Path, base: BaseModel) -> list[str]:
     names = sorted(p.name + ("/" if p.is_dir() else "") for p in export_dir.iterdir() if p.name != CARD_FILE)
     notes = {"diffusers/": "the diffusers/PEFT LoRA (`pytorch_lora_weights.safetensors`)",
-             UNGUIDE_JSON: "UnGuidance's settings for `UnGuidePipeline.load_unguide` (alpha, w probe, base-model "
-                           "fingerprint)",
+             UNGUIDE_JSON: f"UnGuidance's settings for `{base.unguide_pipeline}.load_unguide` (alpha, w probe, "
+                           "base-model family and fingerprint)",
              "kohya.safetensors": "the LoRA in kohya/A1111 naming",
              "unet_edited.safetensors": "the edited UNet parameters (diffusers names)",
              "unet/": "a diffusers UNet folder with the edit merged in",
@@ -543,7 +558,7 @@ def model_card(export_dir: str | Path, records: Sequence[EditRecord], formats: S
         lines += [f"{heading} Training", "", *_training_section(record), ""]
     lines += ["## Evaluation", "", *_evaluation_section(evaluation, results, records), ""]
     lines += ["## How to use", "", *_usage_section(records, formats, base, location, export_dir, examples)]
-    lines += ["## Files", "", *_files_section(export_dir), ""]
+    lines += ["## Files", "", *_files_section(export_dir, base), ""]
     return "\n".join(lines)
 
 
@@ -559,14 +574,19 @@ def _location(export_dir: Path, records: Sequence[EditRecord]) -> str:
 
 def write_model_card(export_dir: str | Path, sources: Sequence[str | Path], *, formats: Sequence[str],
                      base_model: str | None = None, revision: str = "", evaluation: str | Path | None = None,
-                     location: str | Path | None = None) -> Path:
+                     location: str | Path | None = None, family: str | None = None) -> Path:
     """Write ``export_dir/README.md`` for the edit read from ``sources`` (the run folders, checkpoints or edit files
     the export came from). ``base_model``: the model the export was made against (default: the one the source
     records); ``evaluation``: an erasure evaluation's results.json that evaluated this edit; ``location``: where
-    users will find the folder, when it is written elsewhere first (default: read from the sources)."""
+    users will find the folder, when it is written elsewhere first (default: read from the sources); ``family``:
+    the base model's, "sd" or "sdxl", which names the pipeline classes of the usage examples (default: unguide.json's
+    base_model.family when the export has one, else "sd")."""
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
         raise FileNotFoundError(f"{export_dir}: no export folder to write a model card into")
+    if family is None:
+        written = export_dir / UNGUIDE_JSON
+        family = (_read_json(written).get("base_model") or {}).get("family", "sd") if written.is_file() else "sd"
     if not sources:
         raise ValueError("a model card needs the edit's sources (run folders, checkpoints or edit files)")
     records = [describe_source(s) for s in sources]
@@ -580,7 +600,7 @@ def write_model_card(export_dir: str | Path, sources: Sequence[str | Path], *, f
         if not evaluation.is_file():
             raise FileNotFoundError(f"missing evaluation results: {evaluation}")
         results = _read_json(evaluation)
-    text = model_card(export_dir, records, list(formats), BaseModel.from_spec(base_model, revision),
+    text = model_card(export_dir, records, list(formats), BaseModel.from_spec(base_model, revision, family),
                       str(location) if location else _location(export_dir, records), evaluation, results)
     path = export_dir / CARD_FILE
     tmp = path.with_name(f".{path.name}.tmp")

@@ -1,7 +1,8 @@
 """``export/unguide.json``: what a diffusers user needs beside the PEFT LoRA to sample with UnGuidance.
 
 Written next to ``export/diffusers/pytorch_lora_weights.safetensors`` by every ``peft`` export (train.py's
-``export``, ``unguide-export``); read by ``unguide_jax.pytorch.UnGuidePipeline.load_unguide``. Keys:
+``export``, ``unguide-export``); read by ``unguide_jax.pytorch.UnGuidePipeline.load_unguide`` (SDXL:
+``UnGuideXLPipeline``). Keys:
 
     format        "unguide-jax-unguide/1"
     lora          file (relative to the JSON), alpha (ours: W + alpha A B; the file's lora_alpha is alpha * r),
@@ -14,9 +15,11 @@ Written next to ``export/diffusers/pytorch_lora_weights.safetensors`` by every `
     empty_probe   null, or the cached D("") of this adapter: {height, width, draws, seed, distances}, the
                   per-draw ‖ε_lora − ε_base‖ of "" on the probe seed's draws at that image size (D("") is
                   their mean; the sequential rule needs each draw)
-    base_model    {fingerprint: {module: [‖W‖_F, <W, u>]}}: of each adapted module's base weight W
-                  (PyTorch layout, float64; u a fixed pseudo-random direction per module), to catch a
-                  LoRA loaded onto another model; identical up to a dtype cast (fp16/bf16 storage)
+    base_model    {family, pipeline, fingerprint: {module: [‖W‖_F, <W, u>]}}: the model family, "sd" (SD 1.x/2.x)
+                  or "sdxl" (absent in older files: "sd"), and the diffusers pipeline class it loads with
+                  (``PIPELINE_CLASSES``); the fingerprint of each adapted module's base weight W (PyTorch
+                  layout, float64; u a fixed pseudo-random direction per module), to catch a LoRA loaded onto
+                  another model; identical up to a dtype cast (fp16/bf16 storage)
     draws         how the initial latents and the probe draws are made (jax.random), in words
 
 The probe draws (x_T, t) and per-seed initial latents come from ``jax.random`` (threefry); a user with
@@ -40,6 +43,7 @@ from unguide_jax.loading.base_model import base_fingerprint
 from unguide_jax.loading.base_model import base_weights as base_weights
 from unguide_jax.loading.base_model import fingerprint_mismatches as fingerprint_mismatches
 from unguide_jax.loading.base_model import weight_fingerprint as weight_fingerprint
+from unguide_jax.loading.lora_formats import is_sdxl_unet
 
 UNGUIDE_JSON = "unguide.json"
 UNGUIDE_FORMAT = "unguide-jax-unguide/1"
@@ -47,6 +51,17 @@ PROBE_BATCHING_KEYS = ("prompt_chunk",)  # how the JAX probe batches, not what i
 DRAWS_NOTE = ("initial latents: jax.random.normal(jax.random.key(seed), (h, w, c)) per image seed, NHWC "
               "(unguide_jax.diffusion.sampler.initial_latents); probe draws: unguide_jax.erasers.unguide.probe."
               "probe_draws(probe seed); the PyTorch side transposes them to NCHW")
+
+
+# Per base-model family: the diffusers pipeline class of its plain LoRA, and ours that samples with UnGuidance
+# (``unguide_jax.pytorch``).
+PIPELINE_CLASSES = {"sd": {"diffusers": "StableDiffusionPipeline", "unguide": "UnGuidePipeline"},
+                    "sdxl": {"diffusers": "StableDiffusionXLPipeline", "unguide": "UnGuideXLPipeline"}}
+
+
+def unet_family(unet_params: Mapping) -> str:
+    """"sdxl" for an SDXL UNet (its text_time add-embedding), else "sd" (SD 1.x/2.x)."""
+    return "sdxl" if is_sdxl_unet(unet_params) else "sd"
 
 
 class UnguideExportError(ValueError):
@@ -82,6 +97,7 @@ def unguide_record(lora_file: str, adapter: Mapping, alpha: float, unet_params: 
     modules = sorted(adapter)
     # Abstract parameters (shapes only, as export_peft accepts) leave nothing to fingerprint: None.
     fingerprint = base_fingerprint(unet_params, modules)
+    family = unet_family(unet_params)
     return {
         "format": UNGUIDE_FORMAT,
         "lora": {"file": lora_file, "alpha": float(alpha), "rank": ranks[0] if len(ranks) == 1 else ranks,
@@ -89,7 +105,8 @@ def unguide_record(lora_file: str, adapter: Mapping, alpha: float, unet_params: 
         "probe": probe_settings(probe),
         "concept": concept,
         "empty_probe": empty_probe,
-        "base_model": {"fingerprint": fingerprint, "tolerance": FINGERPRINT_TOLERANCE},
+        "base_model": {"family": family, "pipeline": PIPELINE_CLASSES[family]["diffusers"],
+                       "fingerprint": fingerprint, "tolerance": FINGERPRINT_TOLERANCE},
         "draws": DRAWS_NOTE,
     }
 
@@ -142,6 +159,9 @@ def read_unguide_json(folder: str | Path) -> tuple[dict, Path]:
     for key in ("file", "alpha", "target_modules"):
         if key not in record["lora"]:
             raise UnguideExportError(f"{path}: lora.{key} is missing")
+    family = record["base_model"].setdefault("family", "sd")  # older files: SD 1.x/2.x, the only family then
+    if family not in PIPELINE_CLASSES:
+        raise UnguideExportError(f"{path}: base_model.family {family!r}; this version knows {sorted(PIPELINE_CLASSES)}")
     concept = record.get("concept")
     if concept is None:
         record["concept"] = {"targets": []}

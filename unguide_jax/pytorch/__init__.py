@@ -1,5 +1,6 @@
-"""PyTorch side (needs the ``torch`` extra): ``UnGuidePipeline`` (UnGuide for diffusers users) and the reference
-implementation of UnGuide used by tests and benchmarks (``unguide_jax.pytorch.reference``).
+"""PyTorch side (needs the ``torch`` extra): ``UnGuidePipeline`` and, for SDXL, ``UnGuideXLPipeline`` (UnGuide for
+diffusers users) and the reference implementation of UnGuide used by tests and benchmarks
+(``unguide_jax.pytorch.reference``).
 
 Names load on first use, so that importing this package (and ``unguide_jax``) does not import torch::
 
@@ -16,12 +17,13 @@ _EXPORTS = {
     "UnGuideAdapter": "unguide_jax.pytorch.unguide_pipeline",
     "UnGuidePipeline": "unguide_jax.pytorch.unguide_pipeline",
     "UnGuidePipelineOutput": "unguide_jax.pytorch.unguide_pipeline",
+    "UnGuideXLPipeline": "unguide_jax.pytorch.unguide_pipeline",
     "jax_latents": "unguide_jax.pytorch.unguide_pipeline",
     "jax_probe_draws": "unguide_jax.pytorch.unguide_pipeline",
 }
 
-__all__ = ["AdaptersProbeResult", "UnGuideAdapter", "UnGuidePipeline", "UnGuidePipelineOutput", "jax_latents",
-           "jax_probe_draws"]
+__all__ = ["AdaptersProbeResult", "UnGuideAdapter", "UnGuidePipeline", "UnGuidePipelineOutput", "UnGuideXLPipeline",
+           "jax_latents", "jax_probe_draws"]
 
 if TYPE_CHECKING:
     from unguide_jax.pytorch.unguide_pipeline import (
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
         UnGuideAdapter,
         UnGuidePipeline,
         UnGuidePipelineOutput,
+        UnGuideXLPipeline,
         jax_latents,
         jax_probe_draws,
     )

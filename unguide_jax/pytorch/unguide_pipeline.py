@@ -1,10 +1,18 @@
-"""UnGuide for diffusers users: ``UnGuidePipeline``, a ``StableDiffusionPipeline`` that samples with UnGuidance.
+"""UnGuide for diffusers users: ``UnGuidePipeline``, a ``StableDiffusionPipeline`` that samples with UnGuidance,
+and ``UnGuideXLPipeline``, the same on a ``StableDiffusionXLPipeline`` (an export of an SDXL model).
 
     from unguide_jax.pytorch import UnGuidePipeline
     pipe = UnGuidePipeline.from_pretrained("path/to/model", safety_checker=None)
     pipe.load_unguide("runs/unguide-sd15-dog/export")   # the PEFT LoRA + unguide.json
     out = pipe(["a photo of the dog", "a photo of the cat"], seeds=[0, 1])
     out.images, out.w, out.d, out.d_empty
+
+Both classes are ``UnGuideMixin`` (loading, the probe, UnGuidance) over their diffusers pipeline; each says how it
+encodes prompts, calls its UNet and decodes. An SDXL prompt's encoding is carried as one tensor, as our JAX side
+carries it (``unguide_jax.models.unet.pack_context``): the text states with one more token holding the pooled
+text embedding, split off again at the UNet call, where the time ids (size, crop 0, size) are added from the
+latents' size. The empty prompt, the unconditional one, is all zeros where the folder sets
+``force_zeros_for_empty_prompt`` (SDXL base), as in our sampler and diffusers' negative branch.
 
 What a call does (UnGuide's sampling), with our JAX sampler's numbers:
 1. The w probe of every distinct (prompt, guidance) of the call, batched: all prompts × the R draws
@@ -57,7 +65,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -71,7 +79,8 @@ from unguide_jax.erasers.unguide.probe import (
     sequential_distances,
 )
 from unguide_jax.loading.base_model import fingerprint_mismatches, weight_fingerprint
-from unguide_jax.publishing.unguide_json import read_unguide_json
+from unguide_jax.models.unet import TIME_IDS
+from unguide_jax.publishing.unguide_json import PIPELINE_CLASSES, read_unguide_json
 
 DEFAULT_ADAPTER_NAME = "unguide"
 PEFT_UNET_PREFIX = "unet."
@@ -315,9 +324,12 @@ def _check_one_w(adapters: list) -> None:
                     "same one (load_unguide's probe=), or use combine='sum'")
 
 
-class UnGuidePipeline(StableDiffusionPipeline):
-    """``StableDiffusionPipeline`` + ``load_unguide(export_folder)``; calling it probes the prompts and samples
-    with UnGuidance. See the module docstring."""
+class UnGuideMixin:
+    """``load_unguide(export_folder)`` on a diffusers text-to-image pipeline; calling it probes the prompts and
+    samples with UnGuidance. See the module docstring. A pipeline class gives ``unguide_family`` (unguide.json's
+    base_model.family it takes) and ``_encode``, ``_unet_output`` and ``_decode``."""
+
+    unguide_family = ""
 
     # --- loading -------------------------------------------------------------------------------------------
 
@@ -334,6 +346,11 @@ class UnGuidePipeline(StableDiffusionPipeline):
         if not isinstance(adapter_name, str) or not adapter_name:
             raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
         settings, lora_file = read_unguide_json(folder)
+        family = settings["base_model"]["family"]
+        if family != self.unguide_family:
+            raise ValueError(f"{folder} is an export for a {family} base model (unguide.json base_model.family); "
+                             f"{type(self).__name__} samples {self.unguide_family} models: load it with "
+                             f"{PIPELINE_CLASSES[family]['unguide']}")
         file_probe = ProbeConfig(**settings["probe"])
         probe = probe_settings(folder, settings, probe)
         adapters = self._unguide_state()
@@ -565,15 +582,24 @@ class UnGuidePipeline(StableDiffusionPipeline):
         for k, state in enumerate(adapters):
             state.strength[0] = strength[:, k].contiguous()
         try:
-            out = self.unet(z.to(self.unet.dtype), t, encoder_hidden_states=context, return_dict=False)[0]
+            out = self._unet_output(z.to(self.unet.dtype), t, context)
         finally:
             for state in adapters:
                 state.strength[0] = None
         return out.float()
 
-    def _encode(self, prompts: list[str], device) -> torch.Tensor:
-        embeds, _ = self.encode_prompt(prompts, device, 1, False)
-        return embeds
+    def _encode(self, prompts: list[str], device, empty_is_unconditional: bool = True) -> torch.Tensor:
+        """The prompts' conditioning as one (B, L, D) tensor (rows are indexed, repeated and concatenated).
+        ``empty_is_unconditional=False``: "" encoded as text (D("")'s row), not as the unconditional branch."""
+        raise NotImplementedError
+
+    def _unet_output(self, z: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The UNet's prediction for latents ``z`` at ``t`` (B,) with ``_encode``'s conditioning."""
+        raise NotImplementedError
+
+    def _decode(self, z: torch.Tensor, output_type: str, device, dtype) -> tuple:
+        """(images as diffusers returns them, nsfw flags or None) of the final latents."""
+        raise NotImplementedError
 
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
         """(C, h, w) of the latents for an image of height x width pixels (default: the UNet's own size)."""
@@ -627,6 +653,8 @@ class UnGuidePipeline(StableDiffusionPipeline):
             draws_key = ("given", hash((x_T.numpy().tobytes(), t.numpy().tobytes())))
         x_T, t = x_T.to(device), t.to(device)
         uncond = self._encode([""], device)
+        # D("")'s row is the text "" (SDXL's unconditional branch is zeros, which no K/V LoRA changes), as WProbe's.
+        empty_text = self._encode([""], device, empty_is_unconditional=False)
         cache_key = (shape[1] * self.vae_scale_factor, shape[2] * self.vae_scale_factor, draws_key)
         empty = [a.empty_cache.get(cache_key) if reuse_empty else None for a in adapters]
         missing = [k for k, e in enumerate(empty) if e is None]
@@ -640,7 +668,7 @@ class UnGuidePipeline(StableDiffusionPipeline):
 
         if shared.rule == "sequential" or not prompts:  # sequential: one adapter (_check_rules)
             if missing:
-                out = run(uncond, torch.ones(1, device=device), slice(None))[0]
+                out = run(empty_text, torch.ones(1, device=device), slice(None))[0]
                 for k in missing:
                     empty[k] = out[k]
 
@@ -655,7 +683,7 @@ class UnGuidePipeline(StableDiffusionPipeline):
             # prediction whatever its scale) and, rule calibrated, the concept's target prompts at the median scale.
             rows, row_scales = [cond], [scales_t]
             if missing:
-                rows.append(uncond)
+                rows.append(empty_text)
                 row_scales.append(torch.ones(1, device=device))
             guidance = float(np.median(scales))
             wanted = [k for k, on in enumerate(calibrated) if on and concept[k] is None]
@@ -917,14 +945,7 @@ class UnGuidePipeline(StableDiffusionPipeline):
                 z = scheduler.step(guided, t, z, eta=0.0, return_dict=False)[0]
                 progress.update()
 
-        nsfw = None
-        if output_type == "latent":
-            images = z
-        else:
-            decoded = self.vae.decode(z.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
-            decoded, nsfw = self.run_safety_checker(decoded, device, cond.dtype)
-            denormalize = [True] * n if nsfw is None else [not flagged for flagged in nsfw]
-            images = self.image_processor.postprocess(decoded, output_type=output_type, do_denormalize=denormalize)
+        images, nsfw = (z, None) if output_type == "latent" else self._decode(z, output_type, device, cond.dtype)
         self.maybe_free_model_hooks()
         images_d = np.repeat(prompt_d, k, axis=0)
         images_flags = None if prompt_flags is None else np.repeat(prompt_flags, k, axis=0)
@@ -954,3 +975,84 @@ class UnGuidePipeline(StableDiffusionPipeline):
         for j in range(n_adapters):
             guided = guided + (1.0 - w[:, j]).view(-1, 1, 1, 1) * cfg[1 + j]
         return guided
+
+
+class UnGuidePipeline(UnGuideMixin, StableDiffusionPipeline):
+    """``StableDiffusionPipeline`` (SD 1.x/2.x) + ``load_unguide(export_folder)``; calling it probes the prompts and
+    samples with UnGuidance. See the module docstring."""
+
+    unguide_family = "sd"
+
+    def _encode(self, prompts: list[str], device, empty_is_unconditional: bool = True) -> torch.Tensor:
+        embeds, _ = self.encode_prompt(prompts, device, 1, False)
+        return embeds
+
+    def _unet_output(self, z: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.unet(z, t, encoder_hidden_states=context, return_dict=False)[0]
+
+    def _decode(self, z: torch.Tensor, output_type: str, device, dtype) -> tuple:
+        decoded = self.vae.decode(z.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
+        decoded, nsfw = self.run_safety_checker(decoded, device, dtype)
+        denormalize = [True] * z.shape[0] if nsfw is None else [not flagged for flagged in nsfw]
+        return self.image_processor.postprocess(decoded, output_type=output_type, do_denormalize=denormalize), nsfw
+
+
+class UnGuideXLPipeline(UnGuideMixin, StableDiffusionXLPipeline):
+    """``StableDiffusionXLPipeline`` + ``load_unguide(export_folder)`` of an SDXL export; calling it probes the
+    prompts and samples with UnGuidance, as ``UnGuidePipeline`` does. See the module docstring."""
+
+    unguide_family = "sdxl"
+
+    @property
+    def _pooled_width(self) -> int:
+        """The pooled text embedding's width, as the UNet's add-embedding reads it beside the time ids."""
+        config = self.unet.config
+        return int(config.projection_class_embeddings_input_dim) - TIME_IDS * int(config.addition_time_embed_dim)
+
+    def _encode(self, prompts: list[str], device, empty_is_unconditional: bool = True) -> torch.Tensor:
+        """Both encoders' states (B, 77, D) and one more token [pooled (P), 0...]: (B, 78, D)."""
+        embeds, _, pooled, _ = self.encode_prompt(prompts, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        if self.config.force_zeros_for_empty_prompt and empty_is_unconditional:
+            keep = torch.tensor([p != "" for p in prompts], device=embeds.device)
+            embeds = embeds * keep.view(-1, 1, 1).to(embeds.dtype)
+            pooled = pooled * keep.view(-1, 1).to(pooled.dtype)
+        width = embeds.shape[-1]
+        if pooled.shape[-1] != self._pooled_width or pooled.shape[-1] > width:
+            raise RuntimeError(f"a pooled text embedding of {pooled.shape[-1]} values: the UNet's add-embedding reads "
+                               f"{self._pooled_width}, and it must fit in one context token of {width}")
+        token = torch.nn.functional.pad(pooled.to(embeds.dtype), (0, width - pooled.shape[-1]))
+        return torch.cat([embeds, token[:, None]], dim=1)
+
+    def _unet_output(self, z: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        # The time ids diffusers' pipeline makes for an image of the latents' size: original size, crop (0, 0),
+        # target size; our sampler stamps the same ones.
+        height, width = z.shape[-2] * self.vae_scale_factor, z.shape[-1] * self.vae_scale_factor
+        time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=context.dtype, device=z.device)
+        added = {"text_embeds": context[:, -1, :self._pooled_width], "time_ids": time_ids.expand(z.shape[0], -1)}
+        return self.unet(z, t, encoder_hidden_states=context[:, :-1], added_cond_kwargs=added, return_dict=False)[0]
+
+    def _decode(self, z: torch.Tensor, output_type: str, device, dtype) -> tuple:
+        """As ``StableDiffusionXLPipeline`` decodes: a float16 VAE with ``force_upcast`` decodes in float32, and the
+        latents' mean/std of the VAE's config where it has them."""
+        vae_dtype = self.vae.dtype
+        upcast = vae_dtype == torch.float16 and self.vae.config.force_upcast
+        if upcast:
+            self.vae.to(dtype=torch.float32)
+        config = self.vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        latents = z.to(self.vae.dtype)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean, device=z.device, dtype=latents.dtype).view(1, -1, 1, 1)
+            std = torch.tensor(std, device=z.device, dtype=latents.dtype).view(1, -1, 1, 1)
+            latents = latents * std / config.scaling_factor + mean
+        else:
+            latents = latents / config.scaling_factor
+        try:
+            decoded = self.vae.decode(latents, return_dict=False)[0]
+        finally:
+            if upcast:
+                self.vae.to(dtype=vae_dtype)
+        if getattr(self, "watermark", None) is not None:
+            decoded = self.watermark.apply_watermark(decoded)
+        return self.image_processor.postprocess(decoded, output_type=output_type), None
