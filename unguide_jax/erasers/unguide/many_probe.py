@@ -32,6 +32,7 @@ from unguide_jax.erasers.unguide.probe import (
     decide,
     edit_minus_base,
     probe_draws,
+    sized_for_probe,
 )
 from unguide_jax.parallel.batches import padded_rows
 from unguide_jax.parallel.hosts import to_numpy
@@ -155,7 +156,10 @@ class ManyProbe:
         self.concept_prompts = concepts
         self.latent_shape = latent_shape or sd.latent_shape(None, None)
         self.x_T, self.t = probe_draws(config, sd.scheduler, self.latent_shape)
-        self._uncond = sd.put_replicated(sd.encode_prompts([""]))
+        self._uncond = sd.put_replicated(self._encode([""]))
+        # D("")'s row: the text "" (for SD 1.x/2.x the unconditional branch itself; for SDXL, whose unconditional
+        # branch is zeros that no K/V LoRA changes, D of zeros would be 0 and every prompt would pass any bar).
+        self._empty_text = sd.put_replicated(self._encode([""], empty_is_unconditional=False))
         self._edits = sd.put_replicated(stack_edits(edits) if mode == "stacked" else tuple(edits))
         self._empty: np.ndarray | None = None        # (K, R)
         self._thresholds: np.ndarray | None = None   # (K,)
@@ -164,6 +168,12 @@ class ManyProbe:
     @property
     def k(self) -> int:
         return len(self.edits)
+
+    def _sized(self, encoded):
+        return sized_for_probe(self.sd, self.latent_shape, encoded)
+
+    def _encode(self, prompts, **kw):
+        return self._sized(self.sd.encode_prompts(list(prompts), **kw))
 
     def _distances(self, cond, scales: np.ndarray) -> np.ndarray:
         """(P, K, R) in padded chunks of ``prompt_chunk`` prompts, each chunk split over the model's mesh."""
@@ -199,10 +209,10 @@ class ManyProbe:
     def _distances_with_references(self, cond, scales: np.ndarray, guidance_scale: float) -> np.ndarray:
         """As WProbe: references not known yet ("" and, rule calibrated, the concept prompts of every edit) go in
         the same chunks as rows before the prompts; each concept prompt is probed once, against every edit."""
-        empty = [to_numpy(self._uncond)] if self._empty is None else []
+        empty = [to_numpy(self._empty_text)] if self._empty is None else []
         wants_concept = self.config.rule == "calibrated" and self._thresholds is None
         unique, rows = self._concept_rows()
-        concept = [to_numpy(self.sd.encode_prompts(unique))] if wants_concept else []
+        concept = [to_numpy(self._encode(unique))] if wants_concept else []
         if not empty and not concept:
             return self._distances(cond, scales)
         n_empty, n_concept = len(empty), len(unique) if concept else 0
@@ -222,7 +232,7 @@ class ManyProbe:
     def empty_distances(self) -> np.ndarray:
         """d_r,k("") for every edit and draw, (K, R), computed on first use."""
         if self._empty is None:
-            self._empty = self._distances(self._uncond, np.ones(1, np.float32))[0]
+            self._empty = self._distances(self._empty_text, np.ones(1, np.float32))[0]
         return self._empty
 
     def thresholds(self, guidance_scale: float) -> np.ndarray | None:
@@ -241,7 +251,7 @@ class ManyProbe:
         scales = np.broadcast_to(np.asarray(guidance_scales, np.float32), (len(prompts),)).copy()
         guidance = float(np.median(scales)) if prompts else 7.5
         if prompts:
-            cond = self.sd.encode_prompts(prompts) if prompt_embeddings is None else jnp.asarray(prompt_embeddings)
+            cond = self._encode(prompts) if prompt_embeddings is None else self._sized(jnp.asarray(prompt_embeddings))
             distances = self._distances_with_references(cond, scales, guidance)
         else:
             distances = np.zeros((0, self.k, self.config.draws), np.float32)

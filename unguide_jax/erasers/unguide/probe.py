@@ -213,6 +213,12 @@ class ProbeResult:
                      draws=int(n), **extra) for p, d, w, n in zip(self.prompts, self.d, self.w, self.draws_used)]
 
 
+def sized_for_probe(sd, latent_shape: tuple[int, int, int], encoded):
+    """SDXL: ``encoded`` with the time ids of the probed size (the draws' latent shape); SD 1.x/2.x: unchanged."""
+    f = sd.vae_scale_factor
+    return sd.sized_context(encoded, latent_shape[0] * f, latent_shape[1] * f)
+
+
 class WProbe:
     """The probe of one edit over one model: fixed draws, D("") computed once, prompts in chunks."""
 
@@ -228,10 +234,19 @@ class WProbe:
         self._threshold: float | None = None
         self.latent_shape = latent_shape or sd.latent_shape(None, None)
         self.x_T, self.t = probe_draws(config, sd.scheduler, self.latent_shape)
-        self._uncond = sd.put_replicated(sd.encode_prompts([""]))
+        self._uncond = sd.put_replicated(self._encode([""]))
+        # D("")'s row: the text "" (for SD 1.x/2.x the unconditional branch itself; for SDXL, whose unconditional
+        # branch is zeros that no K/V LoRA changes, D of zeros would be 0 and every prompt would pass any bar).
+        self._empty_text = sd.put_replicated(self._encode([""], empty_is_unconditional=False))
         self._edit = sd.put_replicated(edit)
         self._empty: np.ndarray | None = None
         self.unet_calls = 0  # UNet rows evaluated, for cost accounting
+
+    def _sized(self, encoded):
+        return sized_for_probe(self.sd, self.latent_shape, encoded)
+
+    def _encode(self, prompts, **kw):
+        return self._sized(self.sd.encode_prompts(list(prompts), **kw))
 
     def _distances(self, cond: jax.Array, scales: np.ndarray, draws: slice = slice(None)) -> np.ndarray:
         """(P, R') distances for the draws ``draws``, the prompts in padded chunks (one compile per shape),
@@ -255,9 +270,9 @@ class WProbe:
         """The prompts' (P, R) distances. The references not known yet, D("") and (rule calibrated) the concept
         prompts' distances, go in the same chunks as rows before the prompts: every prompt is its own row of the
         vmap, so they come out as their own calls would give them, and one compiled shape serves them all."""
-        empty = [to_numpy(self._uncond)] if self._empty is None else []
+        empty = [to_numpy(self._empty_text)] if self._empty is None else []
         wants_concept = self.config.rule == "calibrated" and self._threshold is None
-        concept = [to_numpy(self.sd.encode_prompts(self.concept_prompts))] if wants_concept else []
+        concept = [to_numpy(self._encode(self.concept_prompts))] if wants_concept else []
         if not empty and not concept:
             return self._distances(cond, scales)
         n_empty, n_concept = len(empty), len(self.concept_prompts) if concept else 0
@@ -275,7 +290,7 @@ class WProbe:
         """d_r("") for every draw, computed on first use (CFG on "" is the unconditional prediction whatever
         its scale, so one probe serves every prompt)."""
         if self._empty is None:
-            self._empty = self._distances(self._uncond, np.ones(1, np.float32))[0]
+            self._empty = self._distances(self._empty_text, np.ones(1, np.float32))[0]
         return self._empty
 
     @property
@@ -287,7 +302,7 @@ class WProbe:
         if self.config.rule != "calibrated":
             return None
         if self._threshold is None:
-            concept = self._distances(self.sd.encode_prompts(self.concept_prompts),
+            concept = self._distances(self._encode(self.concept_prompts),
                                       np.full(len(self.concept_prompts), guidance_scale, np.float32))
             self._threshold = calibrated_threshold(concept, self.empty_distances)
         return self._threshold
@@ -297,7 +312,7 @@ class WProbe:
         """D(p), D("") and w for ``prompts`` (``prompt_embeddings``: encoder outputs to use instead)."""
         prompts = list(prompts)
         scales = np.broadcast_to(np.asarray(guidance_scales, np.float32), (len(prompts),)).copy()
-        cond = self.sd.encode_prompts(prompts) if prompt_embeddings is None else jnp.asarray(prompt_embeddings)
+        cond = self._encode(prompts) if prompt_embeddings is None else self._sized(jnp.asarray(prompt_embeddings))
         r = self.config.draws
         guidance = float(np.median(scales)) if prompts else 0.0
         if not prompts:
