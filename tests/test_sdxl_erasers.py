@@ -78,12 +78,17 @@ def test_the_trained_lora_exported_for_diffusers_samples_as_our_lora_only_sample
     pipe = StableDiffusionXLPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(unguide_run / "export" / "diffusers")
-    with torch.no_grad():
-        theirs = pipe(PROMPTS, num_inference_steps=20, guidance_scale=5.0, output_type="latent",
-                      latents=torch.from_numpy(x_t.transpose(0, 3, 1, 2).copy())).images.numpy().transpose(0, 2, 3, 1)
-    np.testing.assert_allclose(ours.latents, theirs, atol=1e-3, rtol=0)
-    base = sd.generate(PROMPTS, [0, 1], guidance_scale=5.0, num_steps=20, latents=x_t).latents
-    assert np.abs(base - theirs).max() > 1e-2  # the LoRA is in the file and moves the sample
+
+    def theirs():
+        with torch.no_grad():
+            out = pipe(PROMPTS, num_inference_steps=20, guidance_scale=5.0, output_type="latent",
+                       latents=torch.from_numpy(x_t.transpose(0, 3, 1, 2).copy())).images.numpy()
+        return out.transpose(0, 2, 3, 1)
+
+    with_lora = theirs()
+    np.testing.assert_allclose(ours.latents, with_lora, atol=1e-3, rtol=0)
+    pipe.unload_lora_weights()
+    assert np.abs(theirs() - with_lora).max() > 1e-2  # the LoRA is in the file and moves the sample
 
 
 @pytest.mark.parametrize("method", ["learnable_prompts", "pure", "uce"])
