@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# One command for an accelerator host: every accelerator figure in one JSON file, in under 10 minutes on an
-# H100/H200-class GPU (the time bound is explained in bench/bench_accelerator.py).
+# One script for an accelerator host: the accelerator figures in one JSON file per run, each run in under
+# 10 minutes on an H100/H200-class GPU (the time bound is explained in bench/bench_accelerator.py): the
+# SD 1.5 sections in the first, the SDXL sections (2.6 B UNet at 1024 px) in a second.
 #
 #   bash bench/accelerator.sh [OUT.json]                # default OUT: bench-accelerator.json
-#   bash bench/accelerator.sh --tiny /tmp/acc.json      # a tiny UNet: checks the run on any host, CPU included
+#   bash bench/accelerator.sh --only sdxl sdxl.json     # the SDXL sections: forward and train step
+#   bash bench/accelerator.sh --tiny /tmp/acc.json      # tiny UNets: checks the run on any host, CPU included
 #
 # Other flags go to bench/bench_accelerator.py (--budget-s, --only; see its --help). Exit status 1 only
 # when no section ran; a failed section is recorded in the file with its error.

@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Every accelerator figure in one run, written to one JSON file (``bench/accelerator.sh`` runs this).
+"""Every accelerator figure, one JSON file per run: SD 1.5's in one run, SDXL's in a second
+(``bench/accelerator.sh`` runs this).
 
     bash bench/accelerator.sh                       # GPU/TPU: SD 1.5-size UNet, random weights; < 10 min
-    bash bench/accelerator.sh --tiny /tmp/acc.json  # any host, the CPU too: a tiny UNet, the same sections and keys
+    bash bench/accelerator.sh --only sdxl sdxl.json # GPU/TPU: the SDXL sections only; < 10 min
+    bash bench/accelerator.sh --tiny /tmp/acc.json  # any host, the CPU too: tiny UNets, the same sections and keys
 
 Sections, in this order (JAX only, one device, random weights: the values do not change the cost):
 - ``unet_forward_bfloat16``, ``unet_forward_float32``: one UNet forward over the CFG rows of a batch of
@@ -14,6 +16,13 @@ Sections, in this order (JAX only, one device, random weights: the values do not
   once, amortised over N = 32 images per prompt), bf16.
 - ``train_step``: the SD 1.5-size UnGuide training step (bench_memory.py's), bf16, seconds per
   iteration and the compiled step's memory_analysis bytes.
+- ``sdxl_unet_forward_bfloat16``: as ``unet_forward_bfloat16``, for SDXL base 1.0's UNet (2.6 B,
+  ``loading.sd_configs.SDXL_BASE``) at 128x128 latents (1024 px), the packed context (77 + 1 tokens of
+  2048: the pooled text embedding and the time ids of a 1024 px image in the last token), 4 prompts.
+- ``sdxl_train_step``: as ``train_step``, for the SDXL UNet at 128x128 latents, bf16, remat "blocks"
+  (bench_memory.py --model sdxl's step, on one device).
+
+``--only`` takes section names and the groups ``sd15`` (the first five) and ``sdxl`` (the last two).
 
 Each section runs in its own ``try``: a failure (out of memory, say) is recorded as that section's
 ``error`` and the next section runs. The file is rewritten after every section, so a run killed at a
@@ -22,10 +31,11 @@ time limit keeps what it finished. Exit status 1 only when no section ran.
 FLOPs and MFU. MFU = model FLOPs per call / seconds per call / the chip's bf16 dense peak (*_PEAK_BF16;
 for fp32 too, so fp32's MFU shows what fp32 costs against the chip's best; unknown chip: null). The
 model FLOPs are XLA's own count (HloCostAnalysis) of the fp32 forward, lowered for the CPU backend with
-the attention unchunked. Not each compile's ``compiled.cost_analysis()`` figure, which is also
-recorded (``compiled_flops``): that count takes a loop body once (the query-chunked attention is a
-``lax.map``: on SD 1.5 at 64x64 it misses 1.8 of 12.6 TFLOP), skips cuDNN's attention kernel (bf16
-on a GPU), and is not implemented before compilation by the GPU plugin.
+the attention unchunked (SDXL: on the packed context's 78 tokens). Not each compile's
+``compiled.cost_analysis()`` figure, which is also recorded (``compiled_flops``): that count takes a
+loop body once (the query-chunked attention is a ``lax.map``: on SD 1.5 at 64x64 it misses 1.8 of
+12.6 TFLOP), skips cuDNN's attention kernel (bf16 on a GPU), and is not implemented before
+compilation by the GPU plugin.
 
 Time on an H100/H200-class GPU (how the 10 minutes are kept). XLA counts 0.79 TFLOP per UNet row at
 64x64 (SD 1.5). At 30 % of the 989 TFLOP/s bf16 peak: a 16-row bf16 forward ~0.04 s, fp32 ("highest",
@@ -37,6 +47,17 @@ backward: small batches, far from peak) ~0.5 s. The timed calls of each section 
 Compiles cannot be cut short: seven programs (two forwards, two samplers, two probe shapes, the train
 step), perhaps 30-60 s each. A section is skipped when less of the run's budget (``--budget-s``, 540 s)
 is left than it needs to start (SECTION_START_S), so the later sections give way, not the limit.
+
+SDXL (``--only sdxl``, a second command: after the SD 1.5 sections the budget is expected to leave
+the SDXL ones too little to start, and they are skipped). XLA counts 6.77 TFLOP per SDXL UNet row at 128x128, 8.6x SD 1.5's
+0.79 at 64x64: an 8-row bf16 forward ~0.2 s at 30 % of peak; a training iteration (~25 CFG steps of
+2 rows, then 2 UNet calls and one backward, the UNet blocks recomputed) ~2-4 s (SD 1.5's ~0.5 s
+scaled by the FLOPs: 4 s; larger matmuls run nearer the peak). The timed calls stop at 15 s and 45
+s. The compiles are the cost: the random weights' draw (2.6 B parameters), the forward, and the train
+step (SDXL has 70 transformer blocks to SD 1.5's 16), perhaps 1-4 min each; the train step needs
+SECTION_START_S (300 s) of the budget left to start. Memory: the one-device bf16 step needs 43 GB
+by XLA CPU's analysis (docs/benchmarks.md), within an 80 GB GPU; on a smaller one it may run out of
+memory, which the section records as its error.
 """
 from __future__ import annotations
 
@@ -56,8 +77,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: makes bench.* importable
 
-from bench.bench_memory import unguide_train_step  # noqa: E402
-from bench.bench_train import CONTEXT_LENGTH  # noqa: E402
+from bench.bench_memory import CONTEXT_LENGTH, context_shape, unguide_train_step  # noqa: E402
 from bench.bench_unet import SD15_UNET, compile_forward  # noqa: E402
 from bench.bench_unguide import (  # noqa: E402
     interleaved,
@@ -65,6 +85,7 @@ from bench.bench_unguide import (  # noqa: E402
     jax_per_image,
     random_adapter,
 )
+from unguide_jax.loading.sd_configs import SDXL_BASE  # noqa: E402
 
 # bf16 dense peak FLOP/s per chip. Sources: NVIDIA's H100, H200 and A100 datasheets (the dense figure:
 # half the "with sparsity" one; H100 SXM and H200 1979/2, H100 PCIe 1513/2, H100/H200 NVL 1671/2, A100
@@ -77,11 +98,20 @@ GPU_PEAK_BF16 = (("h100 pcie", 756.5e12), ("h100 nvl", 835.5e12), ("h200 nvl", 8
 TPU_PEAK_BF16 = {"tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5": 459e12, "tpu v5p": 459e12,
                  "tpu v6 lite": 918e12, "tpu v6e": 918e12}
 
-SECTIONS = ("unet_forward_bfloat16", "unet_forward_float32", "sampling", "unguide", "train_step")
+SECTIONS = ("unet_forward_bfloat16", "unet_forward_float32", "sampling", "unguide", "train_step",
+            "sdxl_unet_forward_bfloat16", "sdxl_train_step")
+# --only's groups: the SD 1.5 sections and the SDXL ones.
+GROUPS = {"sd15": SECTIONS[:5], "sdxl": SECTIONS[5:]}
 # Seconds of timed calls per section, after its compile and warm-up (see the module docstring).
-SECTION_BUDGET_S = dict(unet_forward_bfloat16=15, unet_forward_float32=20, sampling=20, unguide=60, train_step=30)
+SECTION_BUDGET_S = dict(unet_forward_bfloat16=15, unet_forward_float32=20, sampling=20, unguide=60, train_step=30,
+                        sdxl_unet_forward_bfloat16=15, sdxl_train_step=45)
 # Seconds of the run's budget a section needs left to start: compile(s), warm-up and one timed round.
-SECTION_START_S = dict(unet_forward_bfloat16=45, unet_forward_float32=45, sampling=60, unguide=150, train_step=120)
+SECTION_START_S = dict(unet_forward_bfloat16=45, unet_forward_float32=45, sampling=60, unguide=150, train_step=120,
+                       sdxl_unet_forward_bfloat16=150, sdxl_train_step=300)
+# The SDXL UnGuide step's remat policy (the SD 1.5 step's is off).
+SDXL_TRAIN_REMAT = "blocks"
+# Most numbers in the random weights' one normal draw (Bench.params): 512 MB of fp32.
+MAX_DRAW = 2**27
 
 
 def peak_bf16_flops(device_kind: str) -> float | None:
@@ -110,6 +140,19 @@ class Settings:
 FULL = Settings(model="SD 1.5 UNet (860M), random weights", unet=SD15_UNET, latent=64, forward_batch=8,
                 sample_batch=16, steps=50, probe_prompts=4, probe_draws=30, images_per_prompt=32, repeats=20,
                 budget_scale=1.0)
+# The SDXL sections: a forward and the train step (the sampler fields are not used).
+FULL_SDXL = dataclasses.replace(FULL, model="SDXL base 1.0 UNet (2.6B), random weights", unet=SDXL_BASE.unet,
+                                latent=128, forward_batch=4)
+
+# A tiny UNet of SDXL's layout: a first level without attention, per-level transformer depth, linear
+# projections, the text_time add-embedding (pooled text 24 wide + 6 time ids of 8 features each).
+TINY_SDXL_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32, 32),
+    norm_num_groups=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+    attention_head_dim=(2, 2, 4), transformer_layers_per_block=(1, 2, 2), use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=24 + 6 * 8,
+)
 
 
 def tiny_settings() -> Settings:
@@ -121,6 +164,24 @@ def tiny_settings() -> Settings:
     return Settings(model="tiny random UNet (loading.random_model), random weights",
                     unet=component_config_dict("unet", tiny_configs()[0]), latent=8, forward_batch=2, sample_batch=2,
                     steps=4, probe_prompts=1, probe_draws=2, images_per_prompt=32, repeats=2, budget_scale=0.1)
+
+
+def tiny_sdxl_settings() -> Settings:
+    """The SDXL sections on a tiny UNet of SDXL's layout (TINY_SDXL_UNET)."""
+    return dataclasses.replace(tiny_settings(), model="tiny random SDXL-layout UNet, random weights",
+                               unet=TINY_SDXL_UNET)
+
+
+def selected_sections(only: str) -> list[str]:
+    """--only's comma-separated section names and groups (GROUPS) -> section names in SECTIONS' order
+    (empty: all); ValueError for an unknown name."""
+    names = [name.strip() for name in only.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(SECTIONS) - set(GROUPS))
+    if unknown:
+        raise ValueError(f"unknown section(s) {unknown}: choose from {', '.join(SECTIONS)} or the groups "
+                         f"{', '.join(GROUPS)}")
+    chosen = {section for name in names for section in GROUPS.get(name, (name,))}
+    return [name for name in SECTIONS if name in chosen]
 
 
 @contextlib.contextmanager
@@ -147,15 +208,26 @@ class Bench:
 
         self.dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-    def unet(self, dtype: str):
+    def unet(self, dtype: str, remat: str = ""):
         from unguide_jax.models.unet import UNet2DConditionModel, UNetConfig
 
         jdtype = self.dtypes[dtype]
-        return UNet2DConditionModel(UNetConfig.from_dict(self.s.unet), dtype=jdtype, param_dtype=jdtype)
+        return UNet2DConditionModel(UNetConfig.from_dict(self.s.unet), dtype=jdtype, param_dtype=jdtype, remat=remat)
 
     @property
     def width(self) -> int:
         return int(self.s.unet["cross_attention_dim"])
+
+    @property
+    def config(self):
+        from unguide_jax.models.unet import UNetConfig
+
+        return UNetConfig.from_dict(self.s.unet)
+
+    @property
+    def tokens(self) -> int:
+        """Context tokens: 77, and for an SDXL (text_time) UNet one more, the packed pooled text and time ids."""
+        return context_shape(self.config)[1]
 
     @property
     def channels(self) -> int:
@@ -164,7 +236,10 @@ class Bench:
     def params(self, dtype: str):
         """Random weights (N(0, 0.02) kernels, unit norm scales, zero biases), drawn on the device in one
         jitted call from one normal draw (a draw per leaf makes a program that compiles for a minute on
-        the CPU), and no UNet forward compiled for them, as ``unet.init`` would."""
+        the CPU), and no UNet forward compiled for them, as ``unet.init`` would. The draw holds at most
+        MAX_DRAW numbers, which the kernels reuse cyclically when they have more (SDXL's 2.6 B drawn at
+        once: an fp32 array of 10 GB with more elements than an int32 indexes, and a 22 GB peak on the
+        CPU, against 8 GB and half the time with the pool; the values do not change the cost)."""
         if dtype not in self._params:
             import jax
             import jax.numpy as jnp
@@ -175,16 +250,18 @@ class Bench:
             leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params(unet, *unet.init_inputs()))
             names = [str(getattr(path[-1], "key", path[-1])) for path, _ in leaves]
             drawn = sum(math.prod(leaf.shape) for (_, leaf), name in zip(leaves, names) if name not in ("scale", "bias"))
+            pool = min(drawn, MAX_DRAW)
 
             @jax.jit
             def draw(key):
-                flat, offset, out = 0.02 * jax.random.normal(key, (drawn,), jnp.float32), 0, []
+                flat, offset, out = 0.02 * jax.random.normal(key, (pool,), jnp.float32), 0, []
                 for (_, leaf), name in zip(leaves, names):
                     if name in ("scale", "bias"):
                         out.append((jnp.ones if name == "scale" else jnp.zeros)(leaf.shape, leaf.dtype))
                         continue
                     size = math.prod(leaf.shape)
-                    out.append(flat[offset:offset + size].reshape(leaf.shape).astype(leaf.dtype))
+                    start = offset % (pool - size + 1)  # fits: the largest kernel (SD 1.5, SDXL) has 29.5 M
+                    out.append(flat[start:start + size].reshape(leaf.shape).astype(leaf.dtype))
                     offset += size
                 return treedef.unflatten(out)
 
@@ -221,16 +298,31 @@ class Bench:
         params = jax.tree.map(lambda a: spec(a.shape), abstract_params(unet, *unet.init_inputs()))
         with unchunked_attention():
             lowered = jax.jit(lambda p, x, c: unet.apply({"params": p}, x, 500, c)).lower(
-                params, spec((rows, self.s.latent, self.s.latent, self.channels)), spec((rows, CONTEXT_LENGTH, self.width)))
+                params, spec((rows, self.s.latent, self.s.latent, self.channels)),
+                spec((rows, self.tokens, self.width)))
         return float(lowered.cost_analysis()["flops"]) / rows
 
+    def contexts(self, rng: np.random.Generator, batch: int) -> np.ndarray:
+        """Random text states (B, 77, D), fp32; for an SDXL UNet packed (``models.unet.pack_context``) with
+        a random pooled embedding and the time ids of a (latent x 8) px image, (B, 78, D)."""
+        from unguide_jax.models.unet import pack_context
+
+        states = rng.standard_normal((batch, CONTEXT_LENGTH, self.width), dtype=np.float32)
+        pooled = self.config.pooled_dim
+        if pooled is None:
+            return states
+        px = 8 * self.s.latent
+        time_ids = np.tile(np.array([px, px, 0, 0, px, px], np.float32), (batch, 1))
+        return np.asarray(pack_context(states, rng.standard_normal((batch, pooled), dtype=np.float32), time_ids))
+
     def prompts(self, batch: int):
-        """(cond (B, 77, D), uncond (B, 77, D): one row repeated, x_T (B, h, w, c)), fp32, fixed per batch."""
+        """(cond (B, T, D), uncond (B, T, D): one row repeated, x_T (B, h, w, c)), fp32, fixed per batch;
+        T = 77 (SDXL: 78, ``contexts``)."""
         import jax.numpy as jnp
 
         rng = np.random.default_rng(batch)
-        cond = rng.standard_normal((batch, CONTEXT_LENGTH, self.width), dtype=np.float32)
-        uncond = np.repeat(rng.standard_normal((1, CONTEXT_LENGTH, self.width), dtype=np.float32), batch, axis=0)
+        cond = self.contexts(rng, batch)
+        uncond = np.repeat(self.contexts(rng, 1), batch, axis=0)
         x_T = rng.standard_normal((batch, self.s.latent, self.s.latent, self.channels), dtype=np.float32)
         return jnp.asarray(cond), jnp.asarray(uncond), jnp.asarray(x_T)
 
@@ -264,8 +356,9 @@ def unet_forward(bench: Bench, dtype: str, budget_s: float, peak: float | None) 
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     first, timing = interleaved({"forward": lambda: compiled(params, sample, 500, context)}, s.repeats, budget_s)
     seconds = timing["forward"]["wall_median_s"]
-    return dict(dtype=dtype, matmul_precision=precision, batch=s.forward_batch, unet_rows=rows, latent=s.latent,
-                compile_s=compile_s, warmup_s=first["forward"], seconds_per_call=seconds,
+    return dict(model=s.model, dtype=dtype, matmul_precision=precision, batch=s.forward_batch, unet_rows=rows,
+                latent=s.latent, context_tokens=bench.tokens, compile_s=compile_s, warmup_s=first["forward"],
+                seconds_per_call=seconds,
                 calls=timing["forward"]["calls"], compiled_flops=float(cost["flops"]) if cost and "flops" in cost else None,
                 **throughput(bench, rows, seconds, peak))
 
@@ -316,7 +409,7 @@ def unguide(bench: Bench, budget_s: float) -> dict:
                 component_s=wall, calls=min(t["calls"] for t in timing.values()), first_call_s=first)
 
 
-def train_step(bench: Bench, budget_s: float) -> dict:
+def train_step(bench: Bench, budget_s: float, remat: str = "") -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -329,12 +422,12 @@ def train_step(bench: Bench, budget_s: float) -> dict:
     from unguide_jax.erasers.unguide.train_step import init_train_state
 
     s = bench.s
-    unet, params = bench.unet("bfloat16"), bench.params("bfloat16")
+    # remat changes what the backward pass recomputes, not the parameters: the same random weights serve.
+    unet, params = bench.unet("bfloat16", remat), bench.params("bfloat16")
     step, lora_config, optimizer, _ = unguide_train_step(unet, 1, s.latent)
     state = init_train_state(jax.random.key(0), params, lora_config, optimizer)
     rng = np.random.default_rng(1)
-    target, reference, uncond = (jnp.asarray(rng.standard_normal((1, CONTEXT_LENGTH, bench.width), dtype=np.float32))
-                                 for _ in range(3))
+    target, reference, uncond = (jnp.asarray(bench.contexts(rng, 1)) for _ in range(3))
     embeddings = ConceptEmbeddings(target=target, reference=reference, uncond=uncond)
     started = time.perf_counter()
     compiled = step.lower(state, params, embeddings).compile()
@@ -355,7 +448,8 @@ def train_step(bench: Bench, budget_s: float) -> dict:
     # The trajectory's length is drawn per iteration (t_enc): the mean of the timed ones says how much
     # sampling the median stands for.
     steps = [int(num_sampling_steps(ObjectiveConfig(), int(t))) for t in jax.device_get(t_enc[1:])]
-    return dict(dtype="bfloat16", batch=1, latent=s.latent, lora="rank 1, attn2 K/V (object)", compile_s=compile_s,
+    return dict(model=s.model, dtype="bfloat16", remat=remat or "off", batch=1, latent=s.latent,
+                context_tokens=bench.tokens, lora="rank 1, attn2 K/V (object)", compile_s=compile_s,
                 warmup_s=first["train step"], seconds_per_iteration=timing["train step"]["wall_median_s"],
                 seconds_per_iteration_mean=timing["train step"]["wall_mean_s"], calls=timing["train step"]["calls"],
                 mean_sampling_steps=float(np.mean(steps)), memory_analysis=memory)
@@ -375,7 +469,7 @@ def summary(name: str, entry: dict) -> str:
     if entry["status"] != "ok":
         return f"{name}: {entry['status']}: {entry.get('error')}"
     mfu = lambda e: "n/a" if e.get("mfu") is None else f"{100 * e['mfu']:.1f} %"  # noqa: E731
-    if name.startswith("unet_forward"):
+    if "unet_forward" in name:
         return (f"{name}: {entry['seconds_per_call']:.4f} s per call ({entry['unet_rows']} rows), "
                 f"{entry['tflops_per_s']:.1f} TFLOP/s, MFU {mfu(entry)}")
     if name == "sampling":
@@ -385,22 +479,23 @@ def summary(name: str, entry: dict) -> str:
                 f"{entry['unguide_over_plain']:.2f}x plain CFG ({entry['plain_cfg_s_per_image']:.4f} s)")
     memory = entry["memory_analysis"] or {}
     total = memory.get("total_bytes")
-    return (f"train_step: {entry['seconds_per_iteration']:.3f} s per iteration (median), "
+    return (f"{name}: {entry['seconds_per_iteration']:.3f} s per iteration (median), "
             f"{'n/a' if total is None else f'{total / 2**30:.2f} GiB'} per the memory analysis")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", nargs="?", default="bench-accelerator.json", help="the JSON file to write")
-    parser.add_argument("--tiny", action="store_true", help="a tiny UNet, 8x8 latents, 4 steps: checks the run anywhere")
+    parser.add_argument("--tiny", action="store_true", help="tiny UNets, 8x8 latents, 4 steps: checks the run anywhere")
     parser.add_argument("--budget-s", type=float, default=540.0,
                         help="the whole run's time budget: a section that would start with less left than it needs is skipped")
-    parser.add_argument("--only", default="", help=f"comma-separated sections to run (of {', '.join(SECTIONS)})")
+    parser.add_argument("--only", default="", help=f"comma-separated sections to run (of {', '.join(SECTIONS)}), "
+                                                   f"or groups of them ({', '.join(GROUPS)})")
     args = parser.parse_args()
-    only = [name for name in args.only.split(",") if name]
-    unknown = sorted(set(only) - set(SECTIONS))
-    if unknown:
-        parser.error(f"unknown section(s) {unknown}: choose from {', '.join(SECTIONS)}")
+    try:
+        only = selected_sections(args.only)
+    except ValueError as error:
+        parser.error(str(error))
     if args.budget_s <= 0:
         parser.error("--budget-s must be > 0")
     out = Path(args.out)
@@ -413,12 +508,12 @@ def main() -> None:
 
     from unguide_jax.diffusion.memory import bytes_per_device
 
-    settings = tiny_settings() if args.tiny else FULL
+    settings, sdxl_settings = (tiny_settings(), tiny_sdxl_settings()) if args.tiny else (FULL, FULL_SDXL)
     if args.tiny:
         # What the tiny run checks is the code path, not the figures: XLA's optimisations off roughly
         # halve its compiles, most of its time on a CPU (as tests/conftest.py does for the suite).
         jax.config.update("jax_disable_most_optimizations", True)
-    bench = Bench(settings)
+    bench, sdxl_bench = Bench(settings), Bench(sdxl_settings)
     device = jax.devices()[0]
     peak = peak_bf16_flops(device.device_kind)
     report = dict(
@@ -428,11 +523,12 @@ def main() -> None:
         jaxlib_version=jaxlib.version.__version__,
         device_memory_bytes=bytes_per_device(), peak_bf16_flops_per_device=peak,
         xla_flags=os.environ.get("XLA_FLAGS", ""),
-        xla_most_optimizations_disabled=bool(jax.config.read("jax_disable_most_optimizations")), model=settings.model, latent=settings.latent,
+        xla_most_optimizations_disabled=bool(jax.config.read("jax_disable_most_optimizations")), model=settings.model,
+        latent=settings.latent, sdxl_model=sdxl_settings.model, sdxl_latent=sdxl_settings.latent,
         budget_s=args.budget_s, wall_s=None, sections={name: dict(status="not run", error=None) for name in SECTIONS})
     print(f"JAX {jax.__version__} on {jax.device_count()} x {device.device_kind} ({device.platform}); "
           f"bf16 peak {'unknown' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}; {settings.model}; "
-          f"writing {out}", flush=True)
+          f"SDXL sections: {sdxl_settings.model}; writing {out}", flush=True)
     write(report, out)
 
     def budget(name: str) -> float:
@@ -447,6 +543,9 @@ def main() -> None:
         sampling=lambda: sampling(bench, budget("sampling"), peak),
         unguide=lambda: unguide(bench, budget("unguide")),
         train_step=lambda: train_step(bench, budget("train_step")),
+        sdxl_unet_forward_bfloat16=lambda: unet_forward(sdxl_bench, "bfloat16", budget("sdxl_unet_forward_bfloat16"),
+                                                        peak),
+        sdxl_train_step=lambda: train_step(sdxl_bench, budget("sdxl_train_step"), SDXL_TRAIN_REMAT),
     )
     for name in SECTIONS:
         if only and name not in only:
@@ -469,6 +568,8 @@ def main() -> None:
             report["sections"][name] = entry
         if name == "unet_forward_float32":
             bench.drop("float32")  # the later sections are bf16
+        if name == "train_step":
+            bench.drop("bfloat16")  # the SDXL sections have their own weights
         report["wall_s"] = time.perf_counter() - started
         write(report, out)
         print(summary(name, report["sections"][name]), flush=True)
