@@ -140,11 +140,15 @@ def flax_unet(context_dim: int = 16, context_len: int = 5, seed: int = 0):
 
 
 def flax_sdxl_unet(seed: int = 0, remat: str = ""):
-    """``SDXL_UNET`` in Flax with random parameters (as ``flax_unet``); it takes the packed context
-    (``models.unet.pack_context``) of width 64 with a pooled embedding of 24."""
+    """SDXL's layout at its smallest, in Flax with random parameters (as ``flax_unet``): two levels, the first
+    without attention, the second two transformer layers deep, and the text_time add-embedding. It takes the
+    packed context (``models.unet.pack_context``) of width 64 with a pooled embedding of 24."""
     from unguide_jax.models.unet import UNet2DConditionModel, UNetConfig
 
-    unet = UNet2DConditionModel(UNetConfig.from_dict(SDXL_UNET), remat=remat)
+    smallest = dict(SDXL_UNET, block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                    transformer_layers_per_block=(1, 2))
+    unet = UNet2DConditionModel(UNetConfig.from_dict(smallest), remat=remat)
     return unet, random_params(unet, seed)
 
 
