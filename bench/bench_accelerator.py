@@ -305,14 +305,14 @@ class Bench:
     def contexts(self, rng: np.random.Generator, batch: int) -> np.ndarray:
         """Random text states (B, 77, D), fp32; for an SDXL UNet packed (``models.unet.pack_context``) with
         a random pooled embedding and the time ids of a (latent x 8) px image, (B, 78, D)."""
-        from unguide_jax.models.unet import pack_context
+        from unguide_jax.models.unet import pack_context, size_time_ids
 
         states = rng.standard_normal((batch, CONTEXT_LENGTH, self.width), dtype=np.float32)
         pooled = self.config.pooled_dim
         if pooled is None:
             return states
         px = 8 * self.s.latent
-        time_ids = np.tile(np.array([px, px, 0, 0, px, px], np.float32), (batch, 1))
+        time_ids = np.tile(np.array(size_time_ids(px, px), np.float32), (batch, 1))
         return np.asarray(pack_context(states, rng.standard_normal((batch, pooled), dtype=np.float32), time_ids))
 
     def prompts(self, batch: int):

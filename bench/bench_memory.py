@@ -111,6 +111,12 @@ def measure(dtype: str, remat: str, devices: int, size: int | None = None, model
                 host_peak_rss_gb=round(peak_rss_gb(), 2))
 
 
+def ratio_table(numerators: dict, denominators: dict, field: str) -> dict[str, float]:
+    """"a/b" -> numerators[(a, b)][field] / denominators[(a, b)][field], for the keys measured in both."""
+    return {f"{a}/{b}": round(numerators[(a, b)][field] / denominators[(a, b)][field], 3)
+            for (a, b) in denominators if (a, b) in numerators}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="sd15", help="the UNet's size (default sd15)")
@@ -143,14 +149,11 @@ def main() -> None:
     fits = all(r["total_per_device_gb"] <= 16 for r in bf16_one) if bf16_one else None  # None: not measured
     one = {(r["dtype"], r["remat"]): r for r in rows if r["devices"] == 1}
     eight = {(r["dtype"], r["remat"]): r for r in rows if r["devices"] == 8}
-    ratios = {f"{d}/{m}": round(eight[(d, m)]["base_weights_per_device_gb"] / one[(d, m)]["base_weights_per_device_gb"], 3)
-              for (d, m) in one if (d, m) in eight}
-    total_ratios = {f"{d}/{m}": round(eight[(d, m)]["total_per_device_gb"] / one[(d, m)]["total_per_device_gb"], 3)
-                    for (d, m) in one if (d, m) in eight}
     off = {(r["dtype"], r["devices"]): r for r in rows if r["remat"] == "off"}
     blocks = {(r["dtype"], r["devices"]): r for r in rows if r["remat"] == "blocks"}
-    remat_ratios = {f"{d}/{n}": round(blocks[(d, n)]["total_per_device_gb"] / off[(d, n)]["total_per_device_gb"], 3)
-                    for (d, n) in off if (d, n) in blocks}
+    ratios = ratio_table(eight, one, "base_weights_per_device_gb")
+    total_ratios = ratio_table(eight, one, "total_per_device_gb")
+    remat_ratios = ratio_table(blocks, off, "total_per_device_gb")
     for name, table in (("fsdp 8 / 1 device, total per device", total_ratios),
                         ("remat blocks / off, total per device", remat_ratios)):
         if table:

@@ -17,7 +17,7 @@ from unguide_jax.diffusion.sampler import (
 )
 from unguide_jax.diffusion.schedulers import SchedulerConfig
 from unguide_jax.models.text_encoder import CLIPTextModel, CLIPTextModelWithProjection
-from unguide_jax.models.unet import UNet2DConditionModel, pack_context, with_time_ids
+from unguide_jax.models.unet import UNet2DConditionModel, pack_context, size_time_ids, with_time_ids
 from unguide_jax.models.vae import AutoencoderKL
 from unguide_jax.parallel.batches import (
     data_mesh,
@@ -114,8 +114,8 @@ class StableDiffusion:
         """``encoded`` with SDXL's time ids for an image of height x width (unchanged for SD 1.x/2.x)."""
         if not self.is_sdxl:
             return encoded
-        h, w = height or self.default_size, width or self.default_size
-        return with_time_ids(jnp.asarray(encoded), self.unet.config.pooled_dim, (h, w, 0, 0, h, w))
+        time_ids = size_time_ids(height or self.default_size, width or self.default_size)
+        return with_time_ids(jnp.asarray(encoded), self.unet.config.pooled_dim, time_ids)
 
     def on_mesh(self, mesh) -> "StableDiffusion":
         """This model with its weights replicated on ``mesh`` (``unguide_jax.parallel.batches.data_mesh``):
@@ -183,16 +183,15 @@ class StableDiffusion:
         """The text encoders' output for each prompt: (B, 77, D), SDXL's packed (B, 78, D). The empty prompt is
         the unconditional one, which an SDXL model with ``force_zeros_for_empty_prompt`` makes all zeros as its
         pipeline's negative branch does; ``empty_is_unconditional=False`` encodes "" as text."""
+        ids = self.tokenize(prompts)
         if not self.is_sdxl:
-            return encode_text(self.text_encoder, self.params["text_encoder"], self.tokenize(prompts), self.clip_skip)
-        prompts = list(prompts) if not isinstance(prompts, str) else prompts
+            return encode_text(self.text_encoder, self.params["text_encoder"], ids, self.clip_skip)
         zero = np.asarray([empty_is_unconditional and self.force_zeros_for_empty_prompt and p == "" for p in prompts],
                           bool)
-        size = self.default_size
+        time_ids = np.asarray(size_time_ids(self.default_size, self.default_size), np.float32)
         return encode_text_sdxl(self.text_encoder, self.text_encoder_2, self.params["text_encoder"],
-                                self.params["text_encoder_2"], self.tokenize(prompts),
-                                self.tokenize(prompts, self.tokenizer_2), zero,
-                                np.asarray([size, size, 0, 0, size, size], np.float32), self.clip_skip)
+                                self.params["text_encoder_2"], ids, self.tokenize(prompts, self.tokenizer_2), zero,
+                                time_ids, self.clip_skip)
 
     def latent_shape(self, height: int | None, width: int | None) -> tuple[int, int, int]:
         height, width = height or self.default_size, width or self.default_size

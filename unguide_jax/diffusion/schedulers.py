@@ -136,15 +136,22 @@ def ddim_timesteps(config: SchedulerConfig, num_steps: int) -> tuple[np.ndarray,
     for 'linspace' spacing); a negative value means ᾱ_prev = final_alpha_cumprod.
     """
     n = config.num_train_timesteps
+    ts = np.round(spaced_timesteps(config, num_steps)).astype(np.int64)  # only 'linspace' has fractions to round
+    return ts.astype(np.int32), (ts - n // num_steps).astype(np.int32)
+
+
+def spaced_timesteps(config: SchedulerConfig, num_steps: int) -> np.ndarray:
+    """The sampling timesteps, descending, as diffusers' schedulers space them (``timestep_spacing``), before DDIM
+    rounds them: 'linspace' spreads them over [0, n − 1] (fractional), 'leading' steps n // num_steps up from
+    ``steps_offset``, 'trailing' steps n / num_steps down from n − 1."""
+    n = config.num_train_timesteps
     if not 0 < num_steps <= n:
         raise ValueError(f"num_steps must be in [1, {n}], got {num_steps}")
     if config.timestep_spacing == "linspace":
-        ts = np.linspace(0, n - 1, num_steps).round()[::-1].astype(np.int64)
-    elif config.timestep_spacing == "leading":
-        ts = (np.arange(num_steps) * (n // num_steps)).round()[::-1].astype(np.int64) + config.steps_offset
-    else:
-        ts = np.round(np.arange(n, 0, -n / num_steps)).astype(np.int64) - 1
-    return ts.astype(np.int32), (ts - n // num_steps).astype(np.int32)
+        return np.linspace(0, n - 1, num_steps)[::-1].copy()
+    if config.timestep_spacing == "leading":
+        return (np.arange(num_steps) * (n // num_steps)).round()[::-1] + config.steps_offset
+    return np.round(np.arange(n, 0, -n / num_steps)) - 1
 
 
 def predict_x0_eps(prediction_type: str, model_output, sample, alpha_t) -> tuple[jax.Array, jax.Array]:
@@ -195,14 +202,7 @@ def euler_sigmas(config: SchedulerConfig, num_steps: int) -> tuple[np.ndarray, n
     ``EulerDiscreteScheduler.set_timesteps`` makes them with its defaults (linear interpolation of
     σ_t = √((1 − ᾱ_t)/ᾱ_t), no Karras sigmas, a zero final sigma): SDXL's default scheduler."""
     n = config.num_train_timesteps
-    if not 0 < num_steps <= n:
-        raise ValueError(f"num_steps must be in [1, {n}], got {num_steps}")
-    if config.timestep_spacing == "linspace":
-        ts = np.linspace(0, n - 1, num_steps, dtype=np.float32)[::-1].copy()
-    elif config.timestep_spacing == "leading":
-        ts = (np.arange(num_steps) * (n // num_steps)).round()[::-1].copy().astype(np.float32) + config.steps_offset
-    else:
-        ts = (np.arange(n, 0, -n / num_steps)).round().copy().astype(np.float32) - 1
+    ts = spaced_timesteps(config, num_steps).astype(np.float32)
     ac = np.cumprod(1.0 - betas(config), dtype=np.float32)
     sigmas = np.interp(ts, np.arange(n), ((1 - ac) / ac) ** 0.5).astype(np.float32)
     top = float(sigmas.max())

@@ -47,6 +47,17 @@ TEXT_TIME = "text_time"  # SDXL's addition_embed_type
 TIME_IDS = 6  # original size (h, w), crop top-left (y, x), target size (h, w)
 
 
+def size_time_ids(height: int, width: int) -> tuple[int, ...]:
+    """The time ids of an image of height x width, uncropped, as diffusers' SDXL pipeline makes them by default:
+    original size = target size = (height, width), crop (0, 0)."""
+    return (height, width, 0, 0, height, width)
+
+
+def pooled_width(projection_class_embeddings_input_dim: int, addition_time_embed_dim: int) -> int:
+    """The pooled text embedding's width a text_time UNet's add-embedding reads beside the embedded time ids."""
+    return projection_class_embeddings_input_dim - TIME_IDS * addition_time_embed_dim
+
+
 def pack_context(context: jax.Array, text_embeds: jax.Array, time_ids: jax.Array) -> jax.Array:
     """(B, L, D) context, (B, P) pooled text embedding, (B, 6) time ids -> (B, L + 1, D): the last token is
     [text_embeds, time_ids, 0...]. Needs P + 6 <= D (SDXL: 1280 + 6 <= 2048)."""
@@ -138,7 +149,7 @@ class UNetConfig:
         """The width of the pooled text embedding a text_time (SDXL) UNet takes; None for other UNets."""
         if self.addition_embed_type != TEXT_TIME:
             return None
-        return self.projection_class_embeddings_input_dim - TIME_IDS * self.addition_time_embed_dim
+        return pooled_width(self.projection_class_embeddings_input_dim, self.addition_time_embed_dim)
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "unet config") -> "UNetConfig":

@@ -79,7 +79,7 @@ from unguide_jax.erasers.unguide.probe import (
     sequential_distances,
 )
 from unguide_jax.loading.base_model import fingerprint_mismatches, weight_fingerprint
-from unguide_jax.models.unet import TIME_IDS
+from unguide_jax.models.unet import pooled_width, size_time_ids
 from unguide_jax.publishing.unguide_json import PIPELINE_CLASSES, read_unguide_json
 
 DEFAULT_ADAPTER_NAME = "unguide"
@@ -1007,7 +1007,7 @@ class UnGuideXLPipeline(UnGuideMixin, StableDiffusionXLPipeline):
     def _pooled_width(self) -> int:
         """The pooled text embedding's width, as the UNet's add-embedding reads it beside the time ids."""
         config = self.unet.config
-        return int(config.projection_class_embeddings_input_dim) - TIME_IDS * int(config.addition_time_embed_dim)
+        return pooled_width(int(config.projection_class_embeddings_input_dim), int(config.addition_time_embed_dim))
 
     def _encode(self, prompts: list[str], device, empty_is_unconditional: bool = True) -> torch.Tensor:
         """Both encoders' states (B, 77, D) and one more token [pooled (P), 0...]: (B, 78, D)."""
@@ -1025,10 +1025,9 @@ class UnGuideXLPipeline(UnGuideMixin, StableDiffusionXLPipeline):
         return torch.cat([embeds, token[:, None]], dim=1)
 
     def _unet_output(self, z: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        # The time ids diffusers' pipeline makes for an image of the latents' size: original size, crop (0, 0),
-        # target size; our sampler stamps the same ones.
+        # The time ids of an image of the latents' size, as our sampler stamps them.
         height, width = z.shape[-2] * self.vae_scale_factor, z.shape[-1] * self.vae_scale_factor
-        time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=context.dtype, device=z.device)
+        time_ids = torch.tensor(size_time_ids(height, width), dtype=context.dtype, device=z.device)
         added = {"text_embeds": context[:, -1, :self._pooled_width], "time_ids": time_ids.expand(z.shape[0], -1)}
         return self.unet(z, t, encoder_hidden_states=context[:, :-1], added_cond_kwargs=added, return_dict=False)[0]
 
